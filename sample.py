@@ -1,0 +1,341 @@
+"""Tokenize like the released Kimi tokenizer, generate through kimi.py's caches, stream the text.
+
+    python sample.py --demo                       # offline: tiny random-weight checkpoint, noise text
+    python sample.py --ckpt moonshotai/Kimi-Linear-48B-A3B-Instruct --chat "Is 123 a prime?"
+    python sample.py --ckpt DIR --max-new-tokens 64 "The capital of France is"   # Base: plain continuation
+
+Reading order: Tokenizer (tiktoken + Kimi's split regex + 258 specials), chat_prompt, sample and
+generate (one prefill, then one cached decode step per token), checkpoint checks, the demo writer, main.
+Tokenizer facts (tiktoken.model, pat_str, special ids, chat format): ../shared/docs/ARCHITECTURE.md §5.
+Official tokenizer: tokenization_kimi.py in moonshotai/Kimi-Linear-48B-A3B-Instruct.
+"""
+import argparse, base64, codecs, json, os, re, resource, sys, time
+
+import tiktoken
+import torch
+
+from kimi import CheckpointError, ModelArgs, Transformer
+
+# Kimi's pre-tokenisation regex, the eight alternatives of the release joined by "|". Han runs split off
+# first; words are case-aware (CamelCase splits) with English contractions; digits go in groups of <= 3.
+# `&&` is a class intersection: tiktoken's Rust engine (fancy-regex) supports it, Python's re does not.
+PAT_STR = "|".join([
+    r"[\p{Han}]+",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"\p{N}{1,3}",
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*",
+    r"\s*[\r\n]+",
+    r"\s+(?!\S)",
+    r"\s+",
+])
+NUM_SPECIAL = 258                 # 256 reserved + 2: ids 163584..163841, two past the model's 163840 rows
+EOS, IM_END = 163585, 163586      # generation stops at either; <|im_end|> is config.json's eos_token_id
+DEFAULT_SYSTEM = "You are a helpful assistant provided by Moonshot-AI."
+# Named specials of the K2-family tokenizer_config.json (the demo writes these; real folders bring theirs).
+KIMI_SPECIALS = {163584: "[BOS]", 163585: "[EOS]", 163586: "<|im_end|>", 163587: "<|im_user|>",
+                 163588: "<|im_assistant|>", 163590: "<|start_header_id|>", 163591: "<|end_header_id|>",
+                 163593: "[EOT]", 163594: "<|im_system|>", 163595: "<|tool_calls_section_begin|>",
+                 163596: "<|tool_calls_section_end|>", 163597: "<|tool_call_begin|>",
+                 163598: "<|tool_call_argument_begin|>", 163599: "<|tool_call_end|>",
+                 163601: "<|im_middle|>", 163838: "[UNK]", 163839: "[PAD]"}
+
+
+class Tokenizer:
+    """tiktoken BPE over tiktoken.model with Kimi's regex and 258 specials; no BOS/EOS is added."""
+
+    def __init__(self, ckpt_dir):
+        with open(os.path.join(ckpt_dir, "tiktoken.model"), "rb") as f:  # "<base64 bytes> <rank>" lines
+            ranks = {base64.b64decode(tok): int(rank) for tok, rank in (l.split() for l in f.read().splitlines() if l)}
+        with open(os.path.join(ckpt_dir, "tokenizer_config.json")) as f:
+            named = {int(i): t["content"] for i, t in json.load(f).get("added_tokens_decoder", {}).items()}
+        base = min(named, default=len(ranks))  # = len(ranks) = 163584 in the release; the demo's small vocab keeps the real ids
+        self.special = {named.get(i, f"<|reserved_token_{i}|>"): i for i in range(base, base + NUM_SPECIAL)}
+        self.enc = tiktoken.Encoding("kimi", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=self.special)
+        self.ids = sorted(ranks.values()) + sorted(self.special.values())  # every id decode knows
+
+    def encode(self, text):
+        # As the release: special-token strings become special ids (allowed_special="all"), and text is cut
+        # into <= 400k-char slices with no run of > 25k (non-)whitespace chars (tiktoken issue 195).
+        return [t for s in _slices(text) for t in self.enc.encode(s, allowed_special="all")]
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+    def stream(self, ids):
+        """Decode piece by piece, holding back an unfinished UTF-8 character; the pieces join to decode(ids)."""
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # same "replace" as tiktoken's decode
+        for t in ids:
+            if piece := utf8.decode(self.enc.decode_single_token_bytes(t)):
+                yield piece
+        if tail := utf8.decode(b"", final=True):
+            yield tail
+
+    def allowed(self, vocab_size, device=None):
+        """[V] bool mask of ids both the model and the tokenizer know (the release: all below 163840)."""
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        mask[torch.tensor([i for i in self.ids if i < vocab_size])] = True
+        return mask.to(device)
+
+
+def _slices(text, max_chars=400_000, max_run=25_000):
+    for i in range(0, len(text), max_chars):
+        s, start, run = text[i:i + max_chars], 0, 0
+        for j in range(len(s)):
+            run = run + 1 if j and s[j].isspace() == s[j - 1].isspace() else 1
+            if run > max_run:
+                yield s[start:j]
+                start, run = j, 1
+        yield s[start:]
+
+
+def chat_prompt(user, system=DEFAULT_SYSTEM):
+    """The Instruct format: turns concatenated with no newlines, then the assistant generation prompt."""
+    return (f"<|im_system|>system<|im_middle|>{system}<|im_end|>"
+            f"<|im_user|>user<|im_middle|>{user}<|im_end|><|im_assistant|>assistant<|im_middle|>")
+
+
+def sample(logits, temperature=0.0, top_k=None, top_p=None):
+    """[B, V] fp32 logits -> [B] ids. Temperature 0 is argmax; otherwise top-k, then top-p, then a draw."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:  # keep the k largest (ties at the k-th value stay too)
+        logits = logits.masked_fill(logits < logits.topk(min(top_k, logits.shape[-1])).values[:, -1:], float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p is not None and top_p < 1:  # keep the smallest prefix of the sorted probs that reaches top_p
+        p, idx = probs.sort(-1, descending=True)
+        probs = probs.scatter(-1, idx, p.masked_fill(p.cumsum(-1) - p >= top_p, 0))  # the top token always stays
+    return torch.multinomial(probs, 1).squeeze(-1)  # renormalises; never draws a zero-probability id
+
+
+@torch.inference_mode()
+def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None, allowed=None, stop=(IM_END, EOS)):
+    """Yield new ids: one prefill over the prompt ids, then one decode step per token through the caches."""
+    device = next(model.parameters()).device
+    tokens, pos = torch.tensor([prompt], device=device), 0
+    for _ in range(max_new_tokens):
+        logits = model(tokens, start_pos=pos)[:, -1].float()  # start_pos=0 resets the caches
+        if allowed is not None:  # ids past vocab_size never reach the model; ids the tokenizer lacks never leave it
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        pos += tokens.shape[1]
+        tok = sample(logits, temperature, top_k, top_p)
+        if (t := tok.item()) in stop:
+            return
+        yield t
+        tokens = tok.view(1, 1)
+
+
+# ---- checkpoints: clear one-line errors, the hub, and the offline demo ----
+class Fail(Exception):
+    """Bad input: main prints the message as one line and exits with status 2."""
+
+
+def resolve_ckpt(ckpt):
+    if os.path.isdir(ckpt):
+        return ckpt
+    if os.path.exists(ckpt) or not re.fullmatch(r"[\w.-]+/[\w.-]+", ckpt):
+        raise Fail(f"no checkpoint folder at {ckpt}")
+    try:  # an "org/name" hub repo id; huggingface_hub is optional
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise Fail(f"{ckpt} is not a local folder; to get the weights: pip install huggingface_hub and rerun, "
+                   f"or `hf download {ckpt} --local-dir DIR` and pass --ckpt DIR") from None
+    try:
+        return snapshot_download(ckpt)
+    except Exception as e:
+        raise Fail(f"could not download {ckpt}: {type(e).__name__}: {e}".splitlines()[0]) from None
+
+
+def check_ckpt(ckpt, device, dtype):
+    """Cheap checks before anything is loaded: required files, shards named by the index, memory."""
+    need = ["config.json", "model.safetensors.index.json", "tiktoken.model", "tokenizer_config.json"]
+    if missing := [f for f in need if not os.path.isfile(os.path.join(ckpt, f))]:
+        raise Fail(f"incomplete checkpoint folder {ckpt}: missing {', '.join(missing)}")
+    index = read_json(os.path.join(ckpt, "model.safetensors.index.json"))
+    shards = sorted(set(index.get("weight_map", {}).values()))
+    if missing := [s for s in shards if not os.path.isfile(os.path.join(ckpt, s))]:
+        raise Fail(f"incomplete checkpoint folder {ckpt}: missing {len(missing)} of {len(shards)} shards ({missing[0]}, ...)")
+    cfg = read_json(os.path.join(ckpt, "config.json"))
+    ckpt_bytes = {"float32": 4}.get(cfg.get("dtype") or cfg.get("torch_dtype"), 2)  # the release is bf16
+    need = index.get("metadata", {}).get("total_size", 0) * dtype.itemsize / ckpt_bytes
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise Fail(f"not enough memory on {device}: the weights need {need / 2**30:.1f} GiB as {dtype}, "
+                   f"{free / 2**30:.1f} GiB is free")
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise Fail(f"cannot read {path}: {e}") from None
+
+
+def free_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            return int(re.search(r"MemAvailable:\s+(\d+) kB", f.read())[1]) * 1024
+    return None  # unknown: skip the check
+
+
+def pick_device(name):
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise Fail(f"unknown device {name!r} (try cpu or cuda)") from None
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and not (backend and hasattr(backend, "is_available") and backend.is_available()):
+        raise Fail(f"device {name} is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise Fail(f"device {name} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    return device
+
+
+DEMO_WORDS = ("the of and to in is you that it was for on are as with his they at be this from have or by "
+              "one had not but what all were when we there can an your which their said if do will each "
+              "about how up out them then she many some so these would other into has more her two like "
+              "Kimi Linear attention delta model token 你好 世界 中文 模型 こんにちは 🙂 🚀")
+# Small enough to write in about a second, with the real 163840-row vocabulary so special ids line up.
+DEMO_ARGS = dict(vocab_size=163840, hidden_size=64, num_hidden_layers=4, full_attn_layers=(1, 3),
+                 kda_num_heads=2, kda_head_dim=32, num_attention_heads=2, kv_lora_rank=32, qk_nope_head_dim=16,
+                 qk_rope_head_dim=8, v_head_dim=16, intermediate_size=128, moe_intermediate_size=32,
+                 num_experts=8, num_experts_per_token=2)
+
+
+def demo_ranks():
+    """A toy tiktoken vocabulary: the 256 single bytes, then every prefix of DEMO_WORDS (also after a space)."""
+    toks = [bytes([b]) for b in range(256)]
+    for w in DEMO_WORDS.split():
+        for s in (w.encode(), b" " + w.encode()):
+            toks += [s[:i] for i in range(2, len(s) + 1)]  # partial UTF-8 characters included, on purpose
+    return {t: r for r, t in enumerate(dict.fromkeys(toks))}
+
+
+def write_tokenizer(folder, ranks, specials=KIMI_SPECIALS):
+    with open(os.path.join(folder, "tiktoken.model"), "w") as f:
+        f.writelines(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items())
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"added_tokens_decoder": {str(i): {"content": s, "special": True} for i, s in specials.items()}}, f, indent=1)
+
+
+def write_demo(folder):
+    """A random-weight checkpoint in the official layout: config.json, 3 shards + index, tokenizer files."""
+    os.makedirs(folder, exist_ok=True)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**DEMO_ARGS))
+    for name, p in model.named_parameters():  # bf16 like the release, except the fp32 A_log and dt_bias
+        if not name.endswith(("A_log", "dt_bias")):
+            p.data = p.data.to(torch.bfloat16)
+    model.save_pretrained(folder, num_shards=3)
+    write_tokenizer(folder, demo_ranks())
+    return folder
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated on {device}"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB process RSS"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("prompt", nargs="?", help="prompt text (else --prompt-file, else standard input)")
+    ap.add_argument("--ckpt", help="checkpoint folder or hub repo id, e.g. moonshotai/Kimi-Linear-48B-A3B-Instruct")
+    ap.add_argument("--demo", action="store_true", help="write and run a tiny random-weight checkpoint (offline)")
+    ap.add_argument("--prompt-file")
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt in the Instruct chat format")
+    ap.add_argument("--system", default=DEFAULT_SYSTEM, help="system turn for --chat")
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--top-p", type=float)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--device", help="default: cuda if present, else cpu")
+    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    ap.add_argument("--max-seq-len", type=int, default=4096)
+    args = ap.parse_args(argv)
+    try:
+        run(args)
+    except Fail as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(args):
+    if not args.demo and not args.ckpt:
+        raise Fail("give --ckpt DIR (or a hub repo id), or --demo to try a tiny random-weight model")
+    device = pick_device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
+    if args.demo:
+        cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kimi-minimal-demo")
+        ckpt = write_demo(cache)
+        print(f"demo: wrote a tiny random-weight checkpoint to {ckpt}", file=sys.stderr)
+    else:
+        ckpt = resolve_ckpt(args.ckpt)
+    check_ckpt(ckpt, device, dtype)
+
+    if args.prompt is not None:
+        text = args.prompt
+    elif args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise Fail(f"cannot read --prompt-file: {e}") from None
+    elif args.demo:
+        text = "Kimi Linear is"
+    elif not sys.stdin.isatty():
+        text = sys.stdin.read()
+    else:
+        raise Fail("no prompt: pass it as an argument, with --prompt-file, or on standard input")
+    tok = Tokenizer(ckpt)
+    prompt = tok.encode(chat_prompt(text, args.system) if args.chat else text)
+    if not prompt:
+        raise Fail("the prompt is empty")
+    if len(prompt) >= args.max_seq_len:
+        raise Fail(f"the prompt has {len(prompt)} tokens, --max-seq-len is {args.max_seq_len}: nothing left to generate")
+
+    t0 = time.perf_counter()
+    try:
+        model = Transformer.from_pretrained(ckpt, device=device, dtype=dtype, max_batch_size=1, max_seq_len=args.max_seq_len)
+    except CheckpointError as e:
+        raise Fail(str(e)) from None
+    except torch.OutOfMemoryError:
+        raise Fail(f"out of memory on {device} while loading {ckpt}") from None
+    print(f"loaded {ckpt} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+
+    stamps = []  # when each new token arrived: stamps[0] closes the prefill
+
+    def timed(ids):
+        for t in ids:
+            stamps.append(time.perf_counter())
+            yield t
+
+    max_new = min(args.max_new_tokens, args.max_seq_len - len(prompt))
+    ids = generate(model, prompt, max_new, args.temperature, args.top_k, args.top_p,
+                   allowed=tok.allowed(model.args.vocab_size, device))
+    print(text if not args.chat else "", end="", flush=True)
+    t0 = time.perf_counter()
+    for piece in tok.stream(timed(ids)):
+        print(piece, end="", flush=True)
+    print()
+    n = len(stamps)
+    prefill = len(prompt) / (stamps[0] - t0) if n else float("nan")
+    decode = (n - 1) / (stamps[-1] - stamps[0]) if n > 1 else float("nan")
+    print(f"prompt {len(prompt)} tokens, generated {n} tokens; prefill {prefill:.1f} tok/s, "
+          f"decode {decode:.1f} tok/s; peak memory {peak_memory(device)}", file=sys.stderr)
+    if args.demo:
+        print("note: the demo weights are random, so the text above is noise; "
+              "for real text run: python sample.py --ckpt moonshotai/Kimi-Linear-48B-A3B-Instruct --chat \"...\"",
+              file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
