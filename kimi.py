@@ -452,9 +452,10 @@ class Transformer(nn.Module):
             _check(path, "has tensors of the wrong shape", [
                 f"{n} {list(t.shape)} (expected {list(expected[n])})"
                 for n, t in state.items() if t.shape != expected[n]])
-            if dtype is not None:   # A_log and dt_bias stay fp32 whatever dtype is asked (trap 10)
-                state = {n: t if n.endswith(("A_log", "dt_bias")) else t.to(dtype)
-                         for n, t in state.items()}
+            if dtype is not None:   # A_log and dt_bias stay fp32 whatever dtype is asked (trap 10);
+                # copied, since a view into a cast shard would keep the whole shard mapped in memory
+                state = {n: t.to(torch.float32, copy=True) if n.endswith(("A_log", "dt_bias"))
+                         else t.to(dtype) for n, t in state.items()}
             model.load_state_dict(state, strict=False, assign=True)    # assign keeps their dtypes
             loaded_bytes += sum(t.numel() * t.element_size() for t in state.values())
             del state

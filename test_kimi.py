@@ -1,0 +1,314 @@
+"""Tests for kimi.py on a tiny random model (fp32, CPU), plus one CUDA-only Triton check."""
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import example, given, settings, strategies as st
+from safetensors.torch import load_file, save_file
+
+import kimi
+from kimi import CheckpointError, KimiDeltaAttention, ModelArgs, SparseMoeBlock, Transformer
+
+# Two KDA and two MLA layers: KDA + dense MLP, MLA + MoE, KDA + MoE, MLA + MoE.
+TINY = ModelArgs(vocab_size=128, hidden_size=64, num_hidden_layers=4, kda_num_heads=2, kda_head_dim=16,
+                 full_attn_layers=(1, 3), num_attention_heads=2, kv_lora_rank=32, qk_nope_head_dim=16,
+                 qk_rope_head_dim=8, v_head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+                 num_experts=8, num_experts_per_token=2)
+SEQ = 150       # > 2 chunks of 64, not a multiple of 64
+
+
+def randomize(module, seed=0):
+    """Make every parameter matter: norms, gate biases and the router bias get random values too."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            r = torch.rand(p.shape, generator=gen)
+            if name.endswith("A_log"):
+                p.copy_(torch.log(1 + 15 * r))                      # decay rates 1..16, as fla inits
+            elif name.endswith(("dt_bias", "e_score_correction_bias")):
+                p.copy_(r - 0.5)
+            elif p.dim() == 1:                                      # RMSNorm weights
+                p.copy_(0.5 + r)
+            else:
+                p.copy_((2 * r - 1) * p.shape[-1] ** -0.5)
+    return module
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = randomize(Transformer(TINY)).eval()
+    m.setup_cache(max_batch_size=2, max_seq_len=256)
+    return m
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, TINY.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def full(model, tokens):
+    return model(tokens[:1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Caches: one prefill == prefill in pieces == one token at a time; batch == each alone
+
+def test_token_by_token_equals_prefill(model, tokens, full):
+    steps = torch.cat([model(tokens[:1, t:t + 1], start_pos=t) for t in range(SEQ)], dim=1)
+    assert rel(steps, full) < 1e-4
+
+
+@settings(deadline=None, max_examples=8)
+@given(cuts=st.lists(st.integers(1, SEQ - 1), max_size=3, unique=True))
+@example(cuts=[5, 75])          # pieces of 70 and 75 tokens: the chunked path continuing from a cache
+@example(cuts=[64, 65])
+def test_prefill_in_pieces_equals_prefill(model, tokens, full, cuts):
+    bounds = [0, *sorted(cuts), SEQ]
+    pieces = [model(tokens[:1, a:b], start_pos=a) for a, b in zip(bounds, bounds[1:])]
+    assert rel(torch.cat(pieces, dim=1), full) < 1e-4
+
+
+def test_batch_of_two_equals_each_alone(model, tokens):
+    prompt, nxt = tokens[:, :100], tokens[:, 100:103]
+    both = torch.cat([model(prompt), *(model(nxt[:, i:i + 1], start_pos=100 + i) for i in range(3))], 1)
+    for b in range(2):
+        alone = torch.cat([model(prompt[b:b + 1]),
+                           *(model(nxt[b:b + 1, i:i + 1], start_pos=100 + i) for i in range(3))], 1)
+        assert rel(both[b:b + 1], alone) < 1e-5
+
+
+def test_cache_limits_raise_value_error(model, tokens):
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(tokens[:1, :10], start_pos=250)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        model(tokens[[0, 1, 0], :10])
+
+
+# ------------------------------------------------------------------------------------------------
+# MoE routing against a hand computation, one token and one expert at a time
+
+@pytest.mark.parametrize("biased", [True, False])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_moe_routing_matches_hand_computation(biased, groups):
+    args = replace(TINY, hidden_size=16, moe_intermediate_size=8, num_experts=8, num_experts_per_token=3,
+                   num_expert_group=groups, topk_group=2 if groups > 1 else 1,
+                   routing_weights_biased=biased)
+    moe = randomize(SparseMoeBlock(args), seed=2)
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias.copy_(torch.linspace(-0.4, 0.4, 8))   # changes the choices
+        x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(3))
+        out = moe(x)
+        ref = copy.deepcopy(moe).double()
+        expected = []
+        for xt in x.flatten(0, 1).double():
+            s = [torch.sigmoid(xt @ w).item() for w in ref.gate.weight]
+            sel = [si + b for si, b in zip(s, ref.gate.e_score_correction_bias.tolist())]
+            allowed = range(8)
+            if groups > 1:          # keep the 2 groups (of 2 experts) with the highest sum
+                best = sorted(range(groups), key=lambda g: -(sel[2 * g] + sel[2 * g + 1]))[:2]
+                allowed = [e for g in best for e in (2 * g, 2 * g + 1)]
+            top = sorted(allowed, key=lambda e: -sel[e])[:3]
+            w = [(sel if biased else s)[e] for e in top]            # released code: biased weights
+            w = [wi / sum(w) * 2.446 for wi in w]
+            y = sum(wi * ref.experts[e](xt) for wi, e in zip(w, top))
+            expected.append(y + ref.shared_experts(xt))
+    assert rel(out.flatten(0, 1), torch.stack(expected)) < 1e-5
+
+
+def test_biased_and_unbiased_routing_weights_differ():
+    x = torch.randn(6, TINY.hidden_size)
+    gates = [randomize(kimi.MoEGate(replace(TINY, routing_weights_biased=b))) for b in (True, False)]
+    (ids_b, w_b), (ids_u, w_u) = (g(x) for g in gates)
+    assert torch.equal(ids_b, ids_u) and not torch.allclose(w_b, w_u)      # same choice, other mix
+
+
+# ------------------------------------------------------------------------------------------------
+# Config, parameter count, checkpoints
+
+OFFICIAL_CONFIG = {
+    "architectures": ["KimiLinearForCausalLM"], "model_type": "kimi_linear", "dtype": "bfloat16",
+    "vocab_size": 163840, "hidden_size": 2304, "num_hidden_layers": 27, "num_attention_heads": 32,
+    "num_key_value_heads": 32, "head_dim": 72, "hidden_act": "silu", "intermediate_size": 9216,
+    "moe_intermediate_size": 1024, "num_experts": 256, "num_experts_per_token": 8,
+    "num_shared_experts": 1, "first_k_dense_replace": 1, "moe_layer_freq": 1, "moe_renormalize": True,
+    "moe_router_activation_func": "sigmoid", "routed_scaling_factor": 2.446, "use_grouped_topk": True,
+    "num_expert_group": 1, "topk_group": 1, "kv_lora_rank": 512, "q_lora_rank": None,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "mla_use_nope": True,
+    "rope_theta": 10000.0, "rope_scaling": None, "rms_norm_eps": 1e-05, "tie_word_embeddings": False,
+    "bos_token_id": 163584, "eos_token_id": 163586, "pad_token_id": 163839, "use_cache": True,
+    "linear_attn_config": {"kda_layers": [1, 2, 3, 5, 6, 7, 9, 10, 11, 13, 14, 15, 17, 18, 19, 21, 22,
+                                          23, 25, 26], "full_attn_layers": [4, 8, 12, 16, 20, 24, 27],
+                           "head_dim": 128, "num_heads": 32, "short_conv_kernel_size": 4}}
+
+
+def test_official_config_gives_default_args(tmp_path):
+    cfg = copy.deepcopy(OFFICIAL_CONFIG)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert ModelArgs.from_json(tmp_path / "config.json") == ModelArgs()
+    del cfg["linear_attn_config"]["num_heads"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="missing required key 'linear_attn_config.num_heads'"):
+        ModelArgs.from_json(tmp_path / "config.json")
+
+
+def test_parameter_count_of_default_args():
+    with torch.device("meta"):                                     # shapes only, no memory
+        model = Transformer(ModelArgs())
+    n = sum(p.numel() for p in model.parameters())
+    print(f"\nKimi-Linear-48B-A3B parameters: {n:,} in {len(model.state_dict()):,} tensors")
+    assert n == 49_122_681_728 and len(model.state_dict()) == 20_493
+
+
+@pytest.fixture(scope="module")
+def ckpt(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    model.save_pretrained(path, num_shards=3)
+    return path
+
+
+def test_checkpoint_round_trip(model, ckpt, tokens, tmp_path):
+    shards = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", *shards, "model.safetensors.index.json"]
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    state = model.state_dict()
+    assert set(index["weight_map"]) == set(state) and set(index["weight_map"].values()) == set(shards)
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in state.values())
+    linear = json.loads((ckpt / "config.json").read_text())["linear_attn_config"]
+    assert linear["full_attn_layers"] == [2, 4] and linear["kda_layers"] == [1, 3]      # 1-based
+    assert ModelArgs.from_json(ckpt / "config.json") == TINY
+
+    loaded = Transformer.from_pretrained(ckpt, device="cpu", max_batch_size=2, max_seq_len=256)
+    assert loaded.state_dict().keys() == state.keys()
+    assert all(torch.equal(loaded.state_dict()[n], t) for n, t in state.items())
+    assert torch.equal(loaded(tokens), model(tokens))
+
+    bf16 = Transformer.from_pretrained(ckpt, device="cpu", dtype=torch.bfloat16)
+    for n, t in bf16.state_dict().items():
+        assert t.dtype == (torch.float32 if n.endswith(("A_log", "dt_bias")) else torch.bfloat16), n
+    # bf16 runs on CPU too; the gap is bf16 rounding plus a few top-2 routing choices that flip
+    assert rel(bf16(tokens[:1, :80]), model(tokens[:1, :80])) < 0.2
+    bf16.save_pretrained(tmp_path, num_shards=2)                    # mixed dtypes survive a save too
+    saved = {**load_file(tmp_path / "model-00001-of-00002.safetensors"),
+             **load_file(tmp_path / "model-00002-of-00002.safetensors")}
+    assert all(saved[n].dtype == t.dtype for n, t in bf16.state_dict().items())
+
+
+def _break_shard(path, edit):
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+def _break_index(ckpt, edit):
+    index_path = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    edit(index["weight_map"])
+    index_path.write_text(json.dumps(index))
+
+
+SHARD2 = "model-00002-of-00003.safetensors"
+BREAKS = {   # how to break a checkpoint -> what the error message must name
+    "missing shard": (lambda c: (c / SHARD2).unlink(), SHARD2 + ": shard listed in the index is missing"),
+    "missing tensor": (lambda c: _break_shard(c / SHARD2, lambda t: t.pop(sorted(t)[0])),
+                       "lacks tensors the index lists in it"),
+    "extra tensor, not indexed": (lambda c: _break_shard(c / SHARD2, lambda t: t.update(bogus=torch.zeros(3))),
+                                  SHARD2 + ": holds tensors not listed for it in the index: bogus"),
+    "extra tensor, indexed": (lambda c: _break_index(c, lambda w: w.update(bogus=SHARD2)),
+                              "lists tensors this model does not have: bogus"),
+    "unindexed model tensor": (lambda c: _break_index(c, lambda w: w.pop("lm_head.weight")),
+                               "lacks tensors this model needs: lm_head.weight"),
+    "wrong shape": (lambda c: _break_shard(c / SHARD2, lambda t: t.update({k: t[k][:-1] for k in sorted(t)[:1]})),
+                    SHARD2 + ": has tensors of the wrong shape: "),
+    "truncated shard": (lambda c: (c / SHARD2).write_bytes((c / SHARD2).read_bytes()[:-100]),
+                        SHARD2 + ": unreadable or truncated shard"),
+    "missing config key": (lambda c: (c / "config.json").write_text(
+        (c / "config.json").read_text().replace('"kv_lora_rank"', '"kv_rank"')), "'kv_lora_rank'"),
+}
+
+
+@pytest.mark.parametrize("kind", BREAKS)
+def test_broken_checkpoint_raises_clear_error(ckpt, tmp_path, kind):
+    broken = shutil.copytree(ckpt, tmp_path / "broken")
+    breaker, message = BREAKS[kind]
+    breaker(broken)
+    with pytest.raises(CheckpointError) as err:
+        Transformer.from_pretrained(broken, device="cpu")
+    assert message in str(err.value) and "\n" not in str(err.value)
+    if kind in ("missing tensor", "wrong shape"):       # the offending tensor is named
+        assert sorted(load_file(ckpt / SHARD2))[0] in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Peak host memory while loading a multi-shard checkpoint (measured in a fresh process)
+
+MEASURE = """
+import re, sys, torch, kimi, test_kimi
+def peak():     # VmHWM: this process's peak resident set (ru_maxrss would inherit pytest's after fork)
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+with torch.device("meta"):
+    kimi.Transformer(test_kimi.TINY)            # warm up: the first meta build imports ~150 MB of torch
+before = peak()
+model = kimi.Transformer.from_pretrained(sys.argv[1], device="cpu", dtype=eval(sys.argv[2]))
+print(peak() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_peak_host_memory_while_loading(tmp_path):
+    args = replace(TINY, vocab_size=32768, hidden_size=512, num_experts=16, moe_intermediate_size=1024,
+                   intermediate_size=2048)
+    big = Transformer(args)                                         # ~75M parameters, ~300 MB in fp32
+    big.save_pretrained(tmp_path, num_shards=4)
+    size = sum(t.numel() * 4 for t in big.state_dict().values())
+    shard = max(p.stat().st_size for p in tmp_path.glob("*.safetensors"))
+    del big
+    delta = {}
+    for dtype in ("None", "torch.bfloat16"):
+        run = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path), dtype], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, check=True)
+        delta[dtype] = int(run.stdout.split()[-1])
+    print(f"\ncheckpoint {size / 2**20:.0f} MiB in 4 shards (largest {shard / 2**20:.0f} MiB); peak RSS "
+          f"growth while loading: fp32 memory-mapped {delta['None'] / 2**20:.0f} MiB, cast to bf16 "
+          f"{delta['torch.bfloat16'] / 2**20:.0f} MiB (the bf16 model itself is {size / 2**21:.0f} MiB)")
+    assert delta["None"] < shard / 2                                # weights stay on disk, mapped
+    assert delta["torch.bfloat16"] < size / 2 + 1.25 * shard        # the bf16 copy + about one shard
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA: the Triton KDA path of a layer equals the kda_ref path
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for the kda_triton path")
+def test_triton_kda_layer_matches_reference(monkeypatch):
+    if kimi._triton_chunk_kda() is None:
+        pytest.skip("kda_triton.chunk_kda does not import")
+    args = replace(TINY, hidden_size=256, kda_num_heads=4, kda_head_dim=128)
+    layer = randomize(KimiDeltaAttention(args)).cuda()
+    for n, p in layer.named_parameters():                          # bf16, except A_log and dt_bias
+        p.data = p.data if n in ("A_log", "dt_bias") else p.data.bfloat16()
+    layer.setup_cache(2, 512, torch.bfloat16, "cuda")
+    x = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16)
+
+    def run():      # one prefill, then a prefill in pieces (Triton with an initial state), then a step
+        with torch.no_grad():
+            whole = layer(x, 0)
+            pieces = torch.cat([layer(x[:, :10], 0), layer(x[:, 10:200], 10), layer(x[:, 200:299], 200),
+                                layer(x[:, 299:], 299)], dim=1)
+        return whole, pieces, layer.recurrent_state.clone()
+
+    fast = run()
+    monkeypatch.setattr(kimi, "_triton_chunk_kda", lambda: None)
+    ref = run()
+    for a, b in zip(fast, ref):
+        assert rel(a, b) < 5e-3
+    assert rel(fast[1], fast[0]) < 5e-3
