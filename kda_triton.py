@@ -1,0 +1,329 @@
+"""
+Chunked KDA forward in two Triton kernels. Read kda_ref.py first: chunk_kda here has the signature and
+the result of kda_ref.recurrent_kda, and its steps are chunk_kda_ref's steps, numbered the same way.
+
+Per chunk of C = 64 tokens, with S [K, V] the fp32 state entering it:
+  kernel 1, _kda_intra_kernel, grid (NT, B*H): everything that does not depend on S, all chunks at once
+    1. G = chunk-local cumsum of g, in log2 units; gamma = G at the last row
+    2. Aqk[i, j] = scale sum_c q_i k_j 2^(G_i - G_j)  (j <= i);  Akk[i, j] = beta_i sum_c k_i k_j 2^(G_i - G_j)  (j < i)
+    3. Tinv = (I + Akk)^-1 by (blocked) forward substitution
+    4. w = Tinv (beta k 2^G),  u = Tinv (beta v),  qg = scale q 2^G,  kg = k 2^(gamma - G)
+  kernel 2, _kda_scan_kernel, grid (V / BV, B*H): one program walks the chunks of one head in order,
+    holding a [K, BV] slice of S in fp32 registers (a V-slice of o needs only that slice of S)
+    5. v_new = u - w S
+    6. o = qg S + Aqk v_new                  (scale is already folded into qg and Aqk)
+    7. S = 2^gamma S + kg^T v_new
+
+No exponent is ever positive, whatever the gate (KERNELS.md section 4). Akk and Aqk are built from 16 x 16
+blocks (BC = 16): a block below the diagonal uses an anchor n = G at the last row before its row block,
+so both operands of its tl.dot carry 2^(<= 0); the diagonal blocks take every entry from its own
+exponent G_i - G_j, masked to -inf before exp2 where j > i. The inverse is done in fp32: the four
+diagonal blocks by row substitution, then the block-lower part with tl.dot.
+
+Intermediates (w, u, qg, kg, Aqk) are stored in bf16 when the inputs are bf16 or fp16 (fla does the
+same; ~3e-3 relative error), in fp32 otherwise; G, the inverse and the running state are always fp32.
+Supported: K and V powers of two from 16 to 256, any B, H (B*H <= 65535) and T >= 1, forward only.
+Layout: q, k, g [B, T, H, K]; v, o [B, T, H, V]; beta [B, T, H]; state [B, H, K, V] fp32 (K first).
+"""
+import os
+
+import torch
+
+# Without CUDA the kernels run in Triton's CPU interpreter, which must be chosen before @triton.jit runs.
+if not torch.cuda.is_available():
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
+C = 64                      # chunk size: tokens per program of kernel 1 and per step of kernel 2
+BC = 16                     # sub-block size of Akk / Aqk (smallest tl.dot tile)
+BK_DIAG = 16                # channels per pass of the exact diagonal blocks ([4, 16, 16, BK_DIAG] tiles)
+BD = 64                     # channel slice of step 4's [C, C] @ [C, BD] products
+BV_SCAN = 32                # V-slice per scan program: B*H*V/32 programs = 128 at B=1, H=32 (132 SMs)
+# Fixed configs instead of autotune: multi-config autotune breaks the CPU interpreter.
+INTRA_WARPS, SCAN_WARPS, SCAN_STAGES = 4, 4, 2
+RCP_LN2 = 1.4426950408889634  # 1 / ln 2: g is folded into log2 units once, so exp2 is used everywhere
+G_FLOOR = -128.0              # per-token gate floor (nats): see step 1
+SUPPORTED = (16, 32, 64, 128, 256)
+
+
+@triton.jit
+def _dot(a, b, DOT: tl.constexpr, PREC: tl.constexpr):
+    # Operands are cast to DOT first: bf16 on a GPU for speed, but fp32 under the interpreter, whose bf16
+    # tl.dot is silently wrong. PREC is 'ieee' for fp32 inputs: the GPU would otherwise use TF32.
+    return tl.dot(a.to(DOT), b.to(DOT), input_precision=PREC)
+
+
+@triton.jit
+def _block_diag(blocks, C: tl.constexpr, BC: tl.constexpr):
+    """[C // BC, BC, BC] diagonal blocks -> the [C, C] block-diagonal matrix (zeros elsewhere)."""
+    row_block = (tl.arange(0, C) // BC)[:, None, None]
+    col_block = tl.arange(0, C // BC)[None, :, None]
+    rows = tl.reshape(blocks, [C, 1, BC])                              # row i = block i // BC, row i % BC
+    return tl.reshape(tl.where(row_block == col_block, rows, 0.), [C, C])
+
+
+@triton.jit
+def _kda_intra_kernel(
+    # pointers
+    q, k, v, g, beta, w, u, qg, kg, Aqk, decay,
+    # sizes
+    T, H, scale,
+    # strides (per token, of the contiguous inputs)
+    s_qk, s_v, s_beta,
+    # meta
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    BD: tl.constexpr, PREC: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)          # chunk; int64 so that offsets cannot overflow
+    bh = tl.program_id(1).to(tl.int64)
+    NT = tl.num_programs(0)
+    b, h = bh // H, bh % H
+    NB: tl.constexpr = C // BC
+    i = tl.arange(0, C)                          # token within the chunk (rows)
+    t = n * C + i
+    valid = t < T                                # ragged last chunk: rows past T load 0 and write 0
+    bt = b * T + t                               # [C] row of token t in the [B*T, H, *] inputs
+    row = (bh * NT + n) * C + i                  # [C] row in the [B*H, NT*C, *] intermediates
+    b_beta = tl.load(beta + bt * s_beta + h, mask=valid, other=0.)                  # [C]
+    ii = tl.arange(0, BC)[None, :, None, None]   # row within a diagonal block
+    jj = tl.arange(0, BC)[None, None, :, None]   # column within a diagonal block
+
+    # ---- 1. + 2. G, then Aqk and Akk, accumulated over channel slices of width BK ----
+    Aqk_off = tl.zeros([C, C], dtype=tl.float32)       # blocks below the diagonal
+    Akk_off = tl.zeros([C, C], dtype=tl.float32)
+    Aqk_diag = tl.zeros([NB, BC, BC], dtype=tl.float32)     # the NB diagonal blocks
+    Akk_diag = tl.zeros([NB, BC, BC], dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BK):
+        c = k0 + tl.arange(0, BK)
+        mask = valid[:, None]
+        b_q = tl.load(q + bt[:, None] * s_qk + h * K + c[None, :], mask=mask, other=0.).to(tl.float32)
+        b_k = tl.load(k + bt[:, None] * s_qk + h * K + c[None, :], mask=mask, other=0.).to(tl.float32)
+        b_g = tl.load(g + bt[:, None] * s_qk + h * K + c[None, :], mask=mask, other=0.)
+        # a gate below G_FLOOR nats already wipes the state in fp32 (exp(-104) is below the smallest
+        # denormal); clamping it changes nothing but keeps -inf out of G, where -inf - -inf = NaN
+        b_G = tl.cumsum(tl.maximum(b_g, G_FLOOR), axis=0) * RCP_LN2        # [C, BK], non-increasing
+        # below the diagonal, row block r: anchor n_r = G at row r*BC - 1, so that the row operand
+        # 2^(G_i - n_r) (i in block r) and the column operand 2^(n_r - G_j) (j before it) are both <= 1
+        for r in tl.static_range(1, NB):
+            n_r = tl.sum(tl.where(i[:, None] == r * BC - 1, b_G, 0.), axis=0)     # [BK], exact copy
+            in_r = (i // BC == r)[:, None]
+            before = (i < r * BC)[:, None]
+            row_f = tl.exp2(tl.where(in_r, b_G - n_r[None, :], float('-inf')))  # mask, then exp2
+            col_f = tl.exp2(tl.where(before, n_r[None, :] - b_G, float('-inf')))
+            k_col = tl.trans(b_k * col_f)        # [BK, C]; a transposed *load result* is safe to dot
+            Aqk_off += _dot(b_q * row_f, k_col, tl.float32, PREC)
+            Akk_off += _dot(b_k * row_f, k_col, tl.float32, PREC)
+        # diagonal blocks: entry (i, j) from its own exponent G_i - G_j, -inf where j > i
+        G_i = tl.reshape(b_G, [NB, BC, 1, BK])
+        G_j = tl.reshape(b_G, [NB, 1, BC, BK])
+        decay_ij = tl.exp2(tl.where(jj <= ii, G_i - G_j, float('-inf')))          # [NB, BC, BC, BK]
+        k_j = tl.reshape(b_k, [NB, 1, BC, BK]) * decay_ij
+        Aqk_diag += tl.sum(tl.reshape(b_q, [NB, BC, 1, BK]) * k_j, axis=3)
+        Akk_diag += tl.sum(tl.reshape(b_k, [NB, BC, 1, BK]) * k_j, axis=3)
+    r3, c3 = tl.arange(0, BC)[None, :, None], tl.arange(0, BC)[None, None, :]   # [NB, BC, BC] indices
+    Akk_diag = tl.where(c3 < r3, Akk_diag, 0.) * tl.reshape(b_beta, [NB, BC, 1])  # strict: j < i
+    Akk_off = Akk_off * b_beta[:, None]
+    b_Aqk = (Aqk_off + _block_diag(Aqk_diag, C, BC)) * scale
+    tl.store(Aqk + row[:, None] * C + i[None, :], b_Aqk.to(Aqk.dtype.element_ty))
+
+    # ---- 3. Tinv = (I + Akk)^-1, unit lower triangular, in fp32 ----
+    # 3a. the diagonal blocks, all NB at once: row m = e_m - sum_{j<m} Akk[m, j] Tinv[j]
+    D_inv = tl.where(c3 == r3, 1., 0.) + tl.zeros([NB, BC, BC], dtype=tl.float32)
+    for m in tl.static_range(1, BC):
+        a_m = tl.sum(tl.where(r3 == m, Akk_diag, 0.), axis=1)                     # [NB, BC] row m
+        D_inv = tl.where(r3 == m, D_inv - tl.sum(a_m[:, :, None] * D_inv, axis=1)[:, None, :], D_inv)
+    D_inv = _block_diag(D_inv, C, BC)                                             # [C, C]
+    # 3b. the blocks below: I + Akk = D (I + M) with M = D^-1 Akk_off strictly block-lower, so
+    # Tinv = (I + M)^-1 D^-1 and (I + M)^-1 = I - M (I - M (I - M ...)): NB - 1 Horner steps, the same
+    # arithmetic as block forward substitution (not the unstable doubling product).
+    eye = tl.where(i[:, None] == i[None, :], 1., 0.)
+    M = _dot(D_inv, Akk_off, tl.float32, PREC)
+    X = eye - M
+    for _ in tl.static_range(NB - 2):
+        X = eye - _dot(M, X, tl.float32, PREC)
+    Tinv = _dot(X, D_inv, tl.float32, PREC)                                    # [C, C]
+
+    # ---- 4. w = Tinv (beta k 2^G), u = Tinv (beta v), qg = scale q 2^G, kg = k 2^(gamma - G) ----
+    for k0 in tl.static_range(0, K, BD):
+        c = k0 + tl.arange(0, BD)
+        mask = valid[:, None]
+        b_q = tl.load(q + bt[:, None] * s_qk + h * K + c[None, :], mask=mask, other=0.).to(tl.float32)
+        b_k = tl.load(k + bt[:, None] * s_qk + h * K + c[None, :], mask=mask, other=0.).to(tl.float32)
+        b_g = tl.load(g + bt[:, None] * s_qk + h * K + c[None, :], mask=mask, other=0.)
+        b_G = tl.cumsum(tl.maximum(b_g, G_FLOOR), axis=0) * RCP_LN2        # as in step 1
+        # padded rows have g = 0, so the last row holds G of the last valid token
+        gamma = tl.sum(tl.where(i[:, None] == C - 1, b_G, 0.), axis=0)           # [BD]
+        b_w = _dot(Tinv, b_k * b_beta[:, None] * tl.exp2(b_G), tl.float32, PREC)
+        out = row[:, None] * K + c[None, :]
+        tl.store(w + out, b_w.to(w.dtype.element_ty))
+        tl.store(qg + out, (b_q * tl.exp2(b_G) * scale).to(qg.dtype.element_ty))
+        tl.store(kg + out, (b_k * tl.exp2(gamma[None, :] - b_G)).to(kg.dtype.element_ty))
+        tl.store(decay + (bh * NT + n) * K + c, tl.exp2(gamma))                   # 2^gamma, fp32
+    for v0 in tl.static_range(0, V, BD):
+        c = v0 + tl.arange(0, BD)
+        b_v = tl.load(v + bt[:, None] * s_v + h * V + c[None, :], mask=valid[:, None], other=0.)
+        b_u = _dot(Tinv, b_v.to(tl.float32) * b_beta[:, None], tl.float32, PREC)
+        tl.store(u + row[:, None] * V + c[None, :], b_u.to(u.dtype.element_ty))
+
+
+@triton.jit
+def _kda_scan_kernel(
+    # pointers
+    w, u, qg, kg, Aqk, decay, o, h0, ht,
+    # sizes
+    T, H, NT,
+    # strides (per token, of o)
+    s_o,
+    # meta
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+):
+    iv = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    i = tl.arange(0, C)
+    ck = tl.arange(0, K)
+    cv = iv * BV + tl.arange(0, BV)
+    state = (bh * K + ck[:, None]) * V + cv[None, :]                      # [K, BV] in [B*H, K, V]
+    if HAS_H0:
+        S = tl.load(h0 + state)
+    else:
+        S = tl.zeros([K, BV], dtype=tl.float32)
+    for n in range(NT):  # runtime trip count: Triton 3.6's interpreter needs numpy < 2.4 for this
+        row = (bh * NT + n) * C + i                                      # [C] intermediate rows
+        b_w = tl.load(w + row[:, None] * K + ck[None, :])                 # [C, K]
+        b_qg = tl.load(qg + row[:, None] * K + ck[None, :])               # [C, K]
+        # kg^T is loaded transposed (swapped strides) rather than tl.trans'ed: never feed tl.trans of
+        # a tl.dot result into tl.dot (miscompiles on Hopper with Triton 3.4-3.7).
+        b_kgT = tl.load(kg + row[None, :] * K + ck[:, None])              # [K, C]
+        b_u = tl.load(u + row[:, None] * V + cv[None, :]).to(tl.float32)  # [C, BV]
+        b_A = tl.load(Aqk + row[:, None] * C + i[None, :])                # [C, C]
+        b_decay = tl.load(decay + (bh * NT + n) * K + ck)                 # [K] 2^gamma
+        # ---- 5. v_new = u - w S ----
+        v_new = b_u - _dot(b_w, S, DOT, PREC)                             # [C, BV]
+        # ---- 6. o = qg S + Aqk v_new (uses the state *entering* the chunk) ----
+        b_o = _dot(b_qg, S, DOT, PREC) + _dot(b_A, v_new, DOT, PREC)
+        t = n * C + i
+        tl.store(o + ((b * T + t) * s_o + h * V)[:, None] + cv[None, :],
+                 b_o.to(o.dtype.element_ty), mask=(t < T)[:, None])
+        # ---- 7. S = 2^gamma S + kg^T v_new ----
+        S = b_decay[:, None] * S + _dot(b_kgT, v_new, DOT, PREC)
+    if STORE_HT:
+        tl.store(ht + state, S)
+
+
+def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
+    """Chunked KDA forward. Same signature and result as kda_ref.recurrent_kda.
+
+    q, k, g [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; initial_state [B, H, K, V] fp32 or None.
+    Returns o [B, T, H, V] in v's dtype and the final state [B, H, K, V] fp32 (or None).
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if K not in SUPPORTED or V not in SUPPORTED:
+        raise ValueError(f'chunk_kda supports K and V in {SUPPORTED} (powers of two from 16 to 256), '
+                         f'got K = {K}, V = {V}')
+    assert T >= 1 and B * H <= 65535, 'need T >= 1 and B*H <= 65535 (the grid\'s second axis)'
+    assert k.shape == q.shape and g.shape == q.shape, 'q, k, g must all be [B, T, H, K]'
+    assert v.shape == (B, T, H, V) and beta.shape == (B, T, H), 'v must be [B, T, H, V], beta [B, T, H]'
+    scale = K ** -0.5 if scale is None else scale
+    # The kernels index contiguous tensors; .contiguous() is free when they already are.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    g, beta = g.float().contiguous(), beta.float().contiguous()
+    low = q.dtype in (torch.bfloat16, torch.float16)
+    # bf16 storage and bf16 scan dots only when compiled: the interpreter's bf16 tl.dot is wrong and
+    # its fp32 -> bf16 casts truncate instead of rounding to nearest (twice the error, and biased).
+    mid = torch.bfloat16 if low and not INTERPRET else torch.float32   # intermediate storage
+    dot = tl.bfloat16 if low and not INTERPRET else tl.float32         # scan dot operands
+    prec = 'tf32' if low else 'ieee'
+    NT = triton.cdiv(T, C)
+    dev = q.device
+    w, qg, kg = (torch.empty(B * H, NT * C, K, device=dev, dtype=mid) for _ in range(3))
+    u = torch.empty(B * H, NT * C, V, device=dev, dtype=mid)
+    Aqk = torch.empty(B * H, NT * C, C, device=dev, dtype=mid)
+    decay = torch.empty(B * H, NT, K, device=dev, dtype=torch.float32)
+    _kda_intra_kernel[(NT, B * H)](
+        q, k, v, g, beta, w, u, qg, kg, Aqk, decay,
+        T, H, scale,
+        H * K, H * V, H,
+        K=K, V=V, C=C, BC=BC, BK=min(BK_DIAG, K), BD=min(BD, K, V), PREC=prec,
+        num_warps=INTRA_WARPS)
+    o = torch.empty_like(v)
+    h0 = None
+    if initial_state is not None:
+        assert initial_state.shape == (B, H, K, V), 'initial_state must be [B, H, K, V]'
+        h0 = initial_state.float().contiguous()
+    ht = torch.empty(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
+    BV = min(BV_SCAN, V)
+    _kda_scan_kernel[(V // BV, B * H)](
+        w, u, qg, kg, Aqk, decay, o, h0, ht,
+        T, H, NT,
+        H * V,
+        K=K, V=V, C=C, BV=BV, HAS_H0=h0 is not None, STORE_HT=output_final_state,
+        DOT=dot, PREC=prec,
+        num_warps=SCAN_WARPS, num_stages=SCAN_STAGES)
+    return o, ht
+
+
+if __name__ == '__main__':
+    # Self-check against the recurrence and, on a GPU, a timing table (python kda_triton.py).
+    import math
+    import time
+    from kda_ref import kda_gate, l2norm, recurrent_kda
+
+    def make_inputs(B, T, H, K, V, dtype, device):
+        """Kimi-like inputs: L2-normalised q, k; softplus gate with exp(A_log) in [1, 16]; sigmoid beta."""
+        q, k = (l2norm(torch.randn(B, T, H, K, device=device)).to(dtype) for _ in range(2))
+        v = torch.randn(B, T, H, V, device=device).to(dtype)
+        A_log = torch.empty(H, device=device).uniform_(0, math.log(16))
+        g = kda_gate(torch.randn(B, T, H, K, device=device), A_log, torch.randn(H * K, device=device))
+        beta = torch.randn(B, T, H, device=device).sigmoid()
+        return q, k, v, g, beta
+
+    def errors(inputs):
+        """Relative L2 error of (o, final state) against the fp32 recurrence on the same rounded inputs."""
+        o, S = chunk_kda(*inputs, output_final_state=True)
+        o_ref, S_ref = recurrent_kda(*(x.float() for x in inputs), output_final_state=True)
+        assert torch.isfinite(o).all() and torch.isfinite(S).all()
+        return [((a.float() - b).norm() / b.norm()).item() for a, b in ((o, o_ref), (S, S_ref))]
+
+    torch.manual_seed(0)
+    if not torch.cuda.is_available():
+        print('no CUDA: self-check in the Triton CPU interpreter at small shapes; no timing was taken')
+        for B, T, H, K, V, dtype in [(1, 100, 2, 32, 32, torch.float32), (2, 130, 1, 16, 64, torch.float32),
+                                     (1, 100, 2, 32, 32, torch.bfloat16)]:
+            err_o, err_S = errors(make_inputs(B, T, H, K, V, dtype, 'cpu'))
+            print(f'B={B} T={T} H={H} K={K} V={V} {str(dtype)[6:]:>8}: err o {err_o:.1e}  err S {err_S:.1e}')
+        raise SystemExit
+    try:
+        from fla.ops.kda import chunk_kda as fla_chunk_kda
+    except Exception:  # fla is optional: only the comparison column needs it
+        fla_chunk_kda = None
+    lines = [f'{torch.cuda.get_device_name()}, bf16 inputs, H=32, K=V=128; error = ||x - ref|| / ||ref|| '
+             f'vs the fp32 recurrence on the same bf16 inputs, over the whole sequence',
+             f'{"shape":>16} {"ms":>7} {"GB/s":>6} {"err o":>8} {"err S":>8} {"fla ms":>7} {"ours/fla":>8}']
+    for B, T in [(1, 4096), (1, 16384), (1, 65536), (8, 4096)]:
+        H, K, V = 32, 128, 128
+        inputs = make_inputs(B, T, H, K, V, torch.bfloat16, 'cuda')
+        ms = triton.testing.do_bench(lambda: chunk_kda(*inputs), warmup=50, rep=200, return_mode='median')
+        io = B * T * H * (2 * K * 2 + V * 2 * 2 + K * 4 + 4)  # q, k, v, o in bf16; g, beta in fp32
+        fla_ms = fla_txt = '-'
+        if fla_chunk_kda is not None:
+            try:
+                q, k, v, g, beta = inputs
+                fla_ms = triton.testing.do_bench(lambda: fla_chunk_kda(
+                    q=q, k=k, v=v, g=g, beta=beta, scale=K ** -0.5, initial_state=None,
+                    output_final_state=False), warmup=50, rep=200, return_mode='median')
+                fla_txt, fla_ms = f'{ms / fla_ms:.2f}', f'{fla_ms:.3f}'
+            except Exception as e:
+                fla_ms = f'failed: {type(e).__name__}'
+        err_o, err_S = errors(inputs)
+        lines.append(f'{f"B={B} T={T}":>16} {ms:7.3f} {io / ms / 1e6:6.0f} {err_o:8.1e} {err_S:8.1e} '
+                     f'{fla_ms:>7} {fla_txt:>8}')
+        print(lines[-1] if len(lines) > 3 else '\n'.join(lines), flush=True)
+    if os.environ.get('KDA_BENCH_OUT'):
+        with open(os.environ['KDA_BENCH_OUT'], 'w') as f:
+            f.write('\n'.join(lines) + '\n')
