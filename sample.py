@@ -46,10 +46,12 @@ class Tokenizer:
 
     def __init__(self, ckpt_dir):
         with open(os.path.join(ckpt_dir, "tiktoken.model"), "rb") as f:  # "<base64 bytes> <rank>" lines
-            ranks = {base64.b64decode(tok): int(rank) for tok, rank in (l.split() for l in f.read().splitlines() if l)}
+            ranks = {base64.b64decode(t): int(r) for t, r in (ln.split() for ln in f.read().splitlines() if ln)}
         with open(os.path.join(ckpt_dir, "tokenizer_config.json")) as f:
             named = {int(i): t["content"] for i, t in json.load(f).get("added_tokens_decoder", {}).items()}
-        base = min(named, default=len(ranks))  # = len(ranks) = 163584 in the release; the demo's small vocab keeps the real ids
+        # The release starts the specials at len(ranks) = 163584, where its added_tokens_decoder starts too;
+        # taking the latter lets the demo's small vocabulary keep the real special ids.
+        base = min(named, default=len(ranks))
         self.special = {named.get(i, f"<|reserved_token_{i}|>"): i for i in range(base, base + NUM_SPECIAL)}
         self.enc = tiktoken.Encoding("kimi", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=self.special)
         self.ids = sorted(ranks.values()) + sorted(self.special.values())  # every id decode knows
@@ -63,7 +65,7 @@ class Tokenizer:
         return self.enc.decode(ids)
 
     def stream(self, ids):
-        """Decode piece by piece, holding back an unfinished UTF-8 character; the pieces join to decode(ids)."""
+        """Decode piece by piece, holding back an unfinished UTF-8 character; pieces join to decode(ids)."""
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # same "replace" as tiktoken's decode
         for t in ids:
             if piece := utf8.decode(self.enc.decode_single_token_bytes(t)):
@@ -101,22 +103,24 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None):
         return logits.argmax(-1)
     logits = logits / temperature
     if top_k:  # keep the k largest (ties at the k-th value stay too)
-        logits = logits.masked_fill(logits < logits.topk(min(top_k, logits.shape[-1])).values[:, -1:], float("-inf"))
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(-1)
-    if top_p is not None and top_p < 1:  # keep the smallest prefix of the sorted probs that reaches top_p
+    if top_p is not None and top_p < 1:  # keep the smallest prefix of the sorted probs reaching top_p
         p, idx = probs.sort(-1, descending=True)
-        probs = probs.scatter(-1, idx, p.masked_fill(p.cumsum(-1) - p >= top_p, 0))  # the top token always stays
+        probs = probs.scatter(-1, idx, p.masked_fill(p.cumsum(-1) - p >= top_p, 0))  # keeps the top one
     return torch.multinomial(probs, 1).squeeze(-1)  # renormalises; never draws a zero-probability id
 
 
 @torch.inference_mode()
-def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None, allowed=None, stop=(IM_END, EOS)):
+def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None, allowed=None,
+             stop=(IM_END, EOS)):
     """Yield new ids: one prefill over the prompt ids, then one decode step per token through the caches."""
     device = next(model.parameters()).device
     tokens, pos = torch.tensor([prompt], device=device), 0
     for _ in range(max_new_tokens):
         logits = model(tokens, start_pos=pos)[:, -1].float()  # start_pos=0 resets the caches
-        if allowed is not None:  # ids past vocab_size never reach the model; ids the tokenizer lacks never leave it
+        if allowed is not None:  # never emit an id the model (>= vocab_size) or the tokenizer lacks
             logits = logits.masked_fill(~allowed, float("-inf"))
         pos += tokens.shape[1]
         tok = sample(logits, temperature, top_k, top_p)
@@ -139,8 +143,8 @@ def resolve_ckpt(ckpt):
     try:  # an "org/name" hub repo id; huggingface_hub is optional
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise Fail(f"{ckpt} is not a local folder; to get the weights: pip install huggingface_hub and rerun, "
-                   f"or `hf download {ckpt} --local-dir DIR` and pass --ckpt DIR") from None
+        raise Fail(f"{ckpt} is not a local folder; to get the weights, pip install huggingface_hub and "
+                   f"rerun, or run `hf download {ckpt} --local-dir DIR` and pass --ckpt DIR") from None
     try:
         return snapshot_download(ckpt)
     except Exception as e:
@@ -152,25 +156,20 @@ def check_ckpt(ckpt, device, dtype):
     need = ["config.json", "model.safetensors.index.json", "tiktoken.model", "tokenizer_config.json"]
     if missing := [f for f in need if not os.path.isfile(os.path.join(ckpt, f))]:
         raise Fail(f"incomplete checkpoint folder {ckpt}: missing {', '.join(missing)}")
-    index = read_json(os.path.join(ckpt, "model.safetensors.index.json"))
+    try:
+        with open(os.path.join(ckpt, "model.safetensors.index.json")) as f:
+            index = json.load(f)
+    except ValueError as e:
+        raise Fail(f"cannot read {ckpt}/model.safetensors.index.json: {e}") from None
     shards = sorted(set(index.get("weight_map", {}).values()))
     if missing := [s for s in shards if not os.path.isfile(os.path.join(ckpt, s))]:
-        raise Fail(f"incomplete checkpoint folder {ckpt}: missing {len(missing)} of {len(shards)} shards ({missing[0]}, ...)")
-    cfg = read_json(os.path.join(ckpt, "config.json"))
-    ckpt_bytes = {"float32": 4}.get(cfg.get("dtype") or cfg.get("torch_dtype"), 2)  # the release is bf16
-    need = index.get("metadata", {}).get("total_size", 0) * dtype.itemsize / ckpt_bytes
+        raise Fail(f"incomplete checkpoint folder {ckpt}: missing {len(missing)} of {len(shards)} shards "
+                   f"({', '.join(missing[:3])})")
+    need = index.get("metadata", {}).get("total_size", 0) * dtype.itemsize / 2  # stored in bf16, as released
     free = free_memory(device)
     if free is not None and need > free:
         raise Fail(f"not enough memory on {device}: the weights need {need / 2**30:.1f} GiB as {dtype}, "
                    f"{free / 2**30:.1f} GiB is free")
-
-
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise Fail(f"cannot read {path}: {e}") from None
 
 
 def free_memory(device):
@@ -187,27 +186,25 @@ def pick_device(name):
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         raise Fail(f"unknown device {name!r} (try cpu or cuda)") from None
-    backend = getattr(torch, device.type, None)
-    if device.type != "cpu" and not (backend and hasattr(backend, "is_available") and backend.is_available()):
-        raise Fail(f"device {name} is not available on this machine")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise Fail(f"device {name} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    backend, count = getattr(torch, device.type, None), torch.cuda.device_count()
+    if device.type != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()
+                                     and (device.type != "cuda" or (device.index or 0) < count)):
+        raise Fail(f"device {name} is not available here ({count} CUDA GPUs visible)")
     return device
 
 
-DEMO_WORDS = ("the of and to in is you that it was for on are as with his they at be this from have or by "
-              "one had not but what all were when we there can an your which their said if do will each "
-              "about how up out them then she many some so these would other into has more her two like "
-              "Kimi Linear attention delta model token 你好 世界 中文 模型 こんにちは 🙂 🚀")
+DEMO_WORDS = ("the of and to in is you that it was for on are as with his they at be this from have or "
+              "by one had not but what all were when we there can Kimi Linear attention delta model "
+              "你好 世界 模型 🙂 🚀")
 # Small enough to write in about a second, with the real 163840-row vocabulary so special ids line up.
 DEMO_ARGS = dict(vocab_size=163840, hidden_size=64, num_hidden_layers=4, full_attn_layers=(1, 3),
-                 kda_num_heads=2, kda_head_dim=32, num_attention_heads=2, kv_lora_rank=32, qk_nope_head_dim=16,
-                 qk_rope_head_dim=8, v_head_dim=16, intermediate_size=128, moe_intermediate_size=32,
-                 num_experts=8, num_experts_per_token=2)
+                 kda_num_heads=2, kda_head_dim=32, num_attention_heads=2, kv_lora_rank=32,
+                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, intermediate_size=128,
+                 moe_intermediate_size=32, num_experts=8, num_experts_per_token=2)
 
 
 def demo_ranks():
-    """A toy tiktoken vocabulary: the 256 single bytes, then every prefix of DEMO_WORDS (also after a space)."""
+    """A toy tiktoken vocabulary: the 256 single bytes, then the prefixes of each word and " " + word."""
     toks = [bytes([b]) for b in range(256)]
     for w in DEMO_WORDS.split():
         for s in (w.encode(), b" " + w.encode()):
@@ -219,7 +216,8 @@ def write_tokenizer(folder, ranks, specials=KIMI_SPECIALS):
     with open(os.path.join(folder, "tiktoken.model"), "w") as f:
         f.writelines(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items())
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"added_tokens_decoder": {str(i): {"content": s, "special": True} for i, s in specials.items()}}, f, indent=1)
+        json.dump({"added_tokens_decoder": {str(i): {"content": s, "special": True}
+                                            for i, s in specials.items()}}, f, indent=1)
 
 
 def write_demo(folder):
@@ -244,8 +242,8 @@ def peak_memory(device):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("prompt", nargs="?", help="prompt text (else --prompt-file, else standard input)")
-    ap.add_argument("--ckpt", help="checkpoint folder or hub repo id, e.g. moonshotai/Kimi-Linear-48B-A3B-Instruct")
-    ap.add_argument("--demo", action="store_true", help="write and run a tiny random-weight checkpoint (offline)")
+    ap.add_argument("--ckpt", help="folder or hub id, e.g. moonshotai/Kimi-Linear-48B-A3B-Instruct")
+    ap.add_argument("--demo", action="store_true", help="write and run a tiny random-weight checkpoint")
     ap.add_argument("--prompt-file")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the Instruct chat format")
     ap.add_argument("--system", default=DEFAULT_SYSTEM, help="system turn for --chat")
@@ -268,12 +266,14 @@ def main(argv=None):
 def run(args):
     if not args.demo and not args.ckpt:
         raise Fail("give --ckpt DIR (or a hub repo id), or --demo to try a tiny random-weight model")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise Fail(f"--top-p must be in (0, 1], not {args.top_p}")
     device = pick_device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
     if args.demo:
-        cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kimi-minimal-demo")
-        ckpt = write_demo(cache)
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        ckpt = write_demo(os.path.join(cache, "kimi-minimal-demo"))
         print(f"demo: wrote a tiny random-weight checkpoint to {ckpt}", file=sys.stderr)
     else:
         ckpt = resolve_ckpt(args.ckpt)
@@ -293,16 +293,19 @@ def run(args):
         text = sys.stdin.read()
     else:
         raise Fail("no prompt: pass it as an argument, with --prompt-file, or on standard input")
-    tok = Tokenizer(ckpt)
+    try:
+        tok = Tokenizer(ckpt)
+    except (OSError, ValueError, KeyError) as e:
+        raise Fail(f"cannot read the tokenizer files in {ckpt}: {e}") from None
     prompt = tok.encode(chat_prompt(text, args.system) if args.chat else text)
     if not prompt:
         raise Fail("the prompt is empty")
     if len(prompt) >= args.max_seq_len:
-        raise Fail(f"the prompt has {len(prompt)} tokens, --max-seq-len is {args.max_seq_len}: nothing left to generate")
+        raise Fail(f"the prompt has {len(prompt)} tokens but --max-seq-len is {args.max_seq_len}")
 
     t0 = time.perf_counter()
     try:
-        model = Transformer.from_pretrained(ckpt, device=device, dtype=dtype, max_batch_size=1, max_seq_len=args.max_seq_len)
+        model = Transformer.from_pretrained(ckpt, device, dtype, max_seq_len=args.max_seq_len)
     except CheckpointError as e:
         raise Fail(str(e)) from None
     except torch.OutOfMemoryError:
@@ -311,19 +314,12 @@ def run(args):
     if args.seed is not None:
         torch.manual_seed(args.seed)
 
-    stamps = []  # when each new token arrived: stamps[0] closes the prefill
-
-    def timed(ids):
-        for t in ids:
-            stamps.append(time.perf_counter())
-            yield t
-
     max_new = min(args.max_new_tokens, args.max_seq_len - len(prompt))
     ids = generate(model, prompt, max_new, args.temperature, args.top_k, args.top_p,
                    allowed=tok.allowed(model.args.vocab_size, device))
-    print(text if not args.chat else "", end="", flush=True)
-    t0 = time.perf_counter()
-    for piece in tok.stream(timed(ids)):
+    print("" if args.chat else text, end="", flush=True)
+    t0, stamps = time.perf_counter(), []  # stamps: when each new token arrived; stamps[0] ends the prefill
+    for piece in tok.stream(stamps.append(time.perf_counter()) or t for t in ids):
         print(piece, end="", flush=True)
     print()
     n = len(stamps)
@@ -332,8 +328,8 @@ def run(args):
     print(f"prompt {len(prompt)} tokens, generated {n} tokens; prefill {prefill:.1f} tok/s, "
           f"decode {decode:.1f} tok/s; peak memory {peak_memory(device)}", file=sys.stderr)
     if args.demo:
-        print("note: the demo weights are random, so the text above is noise; "
-              "for real text run: python sample.py --ckpt moonshotai/Kimi-Linear-48B-A3B-Instruct --chat \"...\"",
+        print("note: the demo weights are random, so the text above is noise. For real text: python "
+              "sample.py --ckpt moonshotai/Kimi-Linear-48B-A3B-Instruct --chat \"Is 123 a prime?\"",
               file=sys.stderr)
 
 
