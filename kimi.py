@@ -23,7 +23,6 @@ References:
 """
 import functools
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -163,7 +162,8 @@ class ShortConv(nn.Conv1d):
         """x [B, T, C]; state [B, C, W-1]: the last W-1 inputs (zeros at the start), updated in place."""
         xs = torch.cat([state, x.transpose(1, 2)], dim=-1)         # [B, C, W-1+T]: left context
         state.copy_(xs[:, :, xs.shape[-1] - state.shape[-1]:])     # cache PRE-conv inputs (trap 7)
-        return F.silu(super().forward(xs)).transpose(1, 2).contiguous()    # [B, T, C]
+        y = F.conv1d(xs.float(), self.weight.float(), groups=self.groups)  # fp32, like fla's kernel
+        return F.silu(y).to(x.dtype).transpose(1, 2)               # [B, T, C], one rounding
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def kda_core(q, k, v, g, beta, initial_state):
 
 
 class KimiDeltaAttention(nn.Module):
-    """KDA mixer (section 2.3): project -> short conv -> fp32 gate, beta -> recurrence -> o_norm -> o_proj."""
+    """KDA mixer (section 2.3): project, short conv, fp32 gate and beta, recurrence, o_norm, o_proj."""
     def __init__(self, args: ModelArgs):
         super().__init__()
         D, H, K, W = args.hidden_size, args.kda_num_heads, args.kda_head_dim, args.short_conv_kernel_size
@@ -216,9 +216,10 @@ class KimiDeltaAttention(nn.Module):
         H, K = self.H, self.K
         if start_pos == 0:                                          # a new sequence: forget the past
             self.conv_state[:, :B].zero_()
-        convs = ((self.q_proj, self.q_conv1d), (self.k_proj, self.k_conv1d), (self.v_proj, self.v_conv1d))
-        q, k, v = (conv(proj(x), self.conv_state[i, :B]).view(B, T, H, K)
-                   for i, (proj, conv) in enumerate(convs))         # [B, T, H, K] each
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        q, k, v = (conv(proj(x), state).view(B, T, H, K)           # [B, T, H, K] each
+                   for proj, conv, state in zip(projs, convs, self.conv_state[:, :B]))
         # g = -exp(A_log) * softplus(f + dt_bias), fp32 and <= 0 (trap 3)
         g = kda_gate(self.f_b_proj(self.f_a_proj(x)).view(B, T, H, K), self.A_log, self.dt_bias)
         beta = self.b_proj(x).float().sigmoid()                     # [B, T, H], upcast first (trap 10)
@@ -244,7 +245,7 @@ class MLAAttention(nn.Module):
         self.nope, self.pe, self.v = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
         self.q_proj = nn.Linear(D, self.H * (self.nope + self.pe), bias=False)   # no q LoRA
         self.kv_a_proj_with_mqa = nn.Linear(D, self.R + self.pe, bias=False)
-        self.kv_a_layernorm = RMSNorm(self.R, eps=1e-6)    # 1e-6, the class default, not the config's 1e-5
+        self.kv_a_layernorm = RMSNorm(self.R, eps=1e-6)    # 1e-6, not the config's 1e-5 (trap 9)
         self.kv_b_proj = nn.Linear(self.R, self.H * (self.nope + self.v), bias=False)
         self.o_proj = nn.Linear(self.H * self.v, D, bias=False)
 
@@ -267,9 +268,10 @@ class MLAAttention(nn.Module):
         k_pe = self.pe_cache[:B, :end, None].expand(-1, -1, self.H, -1)    # one slot shared by heads
         k = torch.cat([k_nope, k_pe], dim=-1)                      # [B, L, H, 192]
         # NoPE: q_pe and k_pe are never rotated, and the scale is 1/sqrt(192) with no mscale (trap 2).
-        # Causal with an offset: query i (position start_pos + i) sees keys j <= start_pos + i.
-        mask = None if start_pos == 0 else torch.ones(T, end, dtype=torch.bool,
-                                                      device=x.device).tril(start_pos)
+        # Causal with an offset: query i (position start_pos + i) sees keys j <= start_pos + i; a fresh
+        # prompt is plain causal and a single new token sees everything.
+        mask = None if start_pos == 0 or T == 1 else torch.ones(T, end, dtype=torch.bool,
+                                                                device=x.device).tril(start_pos)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=mask, is_causal=start_pos == 0,
                                            scale=(self.nope + self.pe) ** -0.5)    # [B, H, T, 128]
@@ -308,8 +310,9 @@ class MoEGate(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.weight = nn.Parameter(torch.randn(args.num_experts, args.hidden_size) / math.sqrt(args.hidden_size))
-        self.e_score_correction_bias = nn.Parameter(torch.zeros(args.num_experts))
+        E, D = args.num_experts, args.hidden_size
+        self.weight = nn.Parameter(torch.randn(E, D) * D ** -0.5)
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(E))     # bf16 in the checkpoint
 
     def forward(self, x):
         """x [N, D] -> (expert ids [N, k], mixing weights fp32 [N, k])."""
@@ -317,7 +320,7 @@ class MoEGate(nn.Module):
         s = torch.sigmoid(F.linear(x.float(), self.weight.float()))        # [N, E], fp32
         biased = s + self.e_score_correction_bias.float()                  # used for selection only...
         choice = biased
-        if a.num_expert_group > 1:      # group-limited: keep the topk_group groups with the best top-2 sums
+        if a.num_expert_group > 1:      # group-limited: keep the topk_group groups of best top-2 sum
             grouped = biased.view(len(x), a.num_expert_group, -1)           # [N, G, E/G]
             best = grouped.topk(2, dim=-1).values.sum(-1).topk(a.topk_group, dim=-1).indices
             keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best, True)

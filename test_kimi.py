@@ -249,6 +249,20 @@ def test_broken_checkpoint_raises_clear_error(ckpt, tmp_path, kind):
         assert sorted(load_file(ckpt / SHARD2))[0] in str(err.value)
 
 
+def test_matches_native_transformers(ckpt, tokens, tmp_path):
+    """Optional oracle: transformers >= 5.17 has a native kimi_linear that loads the official layout.
+    It takes the routing weights from the unbiased sigmoid (trap 1), so compare with that flag."""
+    transformers = pytest.importorskip("transformers", minversion="5.17")
+    folder = shutil.copytree(ckpt, tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "pad_token_id": None}))   # tiny vocab
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ours = Transformer.from_pretrained(folder, device="cpu", max_batch_size=2, max_seq_len=256)
+    ours.args.routing_weights_biased = False                       # the gates share this args object
+    with torch.no_grad():
+        assert rel(ours(tokens), hf(tokens).logits) < 1e-4
+
+
 # ------------------------------------------------------------------------------------------------
 # Peak host memory while loading a multi-shard checkpoint (measured in a fresh process)
 
