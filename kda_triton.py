@@ -44,8 +44,8 @@ BD = 64                     # channel slice of step 4's [C, C] @ [C, BD] product
 BV_SCAN = 32                # V-slice per scan program: B*H*V/32 programs = 128 at B=1, H=32 (132 SMs)
 # Fixed configs instead of autotune: multi-config autotune breaks the CPU interpreter.
 INTRA_WARPS, SCAN_WARPS, SCAN_STAGES = 4, 4, 2
-RCP_LN2 = 1.4426950408889634  # 1 / ln 2: g is folded into log2 units once, so exp2 is used everywhere
-G_FLOOR = -128.0              # per-token gate floor (nats): see step 1
+RCP_LN2 = tl.constexpr(1.4426950408889634) # 1 / ln 2: g is folded into log2 units once, so exp2 is used everywhere
+G_FLOOR = tl.constexpr(-128.0)            # per-token gate floor (nats): see step 1
 SUPPORTED = (16, 32, 64, 128, 256)
 
 
@@ -57,12 +57,11 @@ def _dot(a, b, DOT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _block_diag(blocks, C: tl.constexpr, BC: tl.constexpr):
-    """[C // BC, BC, BC] diagonal blocks -> the [C, C] block-diagonal matrix (zeros elsewhere)."""
-    row_block = (tl.arange(0, C) // BC)[:, None, None]
-    col_block = tl.arange(0, C // BC)[None, :, None]
-    rows = tl.reshape(blocks, [C, 1, BC])                              # row i = block i // BC, row i % BC
-    return tl.reshape(tl.where(row_block == col_block, rows, 0.), [C, C])
+def _with_diag_blocks(diag, off, NB: tl.constexpr, BC: tl.constexpr):
+    """[C, C] matrix from its NB diagonal blocks [NB, BC, BC] and the rest, given as [NB, BC, C] rows."""
+    same = tl.arange(0, NB)[:, None, None, None] == tl.arange(0, NB)[None, None, :, None]
+    full = tl.where(same, diag[:, :, None, :], tl.reshape(off, [NB, BC, NB, BC]))
+    return tl.reshape(full, [NB * BC, NB * BC])
 
 
 @triton.jit
@@ -88,45 +87,51 @@ def _kda_intra_kernel(
     bt = b * T + t                               # [C] row of token t in the [B*T, H, *] inputs
     row = (bh * NT + n) * C + i                  # [C] row in the [B*H, NT*C, *] intermediates
     b_beta = tl.load(beta + bt * s_beta + h, mask=valid, other=0.)                  # [C]
+    blk = tl.arange(0, NB)[:, None, None]        # row block r, as a [NB, 1, 1] index
+    col = tl.arange(0, C)[None, None, :]         # column j, as a [1, 1, C] index
     ii = tl.arange(0, BC)[None, :, None, None]   # row within a diagonal block
     jj = tl.arange(0, BC)[None, None, :, None]   # column within a diagonal block
 
     # ---- 1. + 2. G, then Aqk and Akk, accumulated over channel slices of width BK ----
-    Aqk_off = tl.zeros([C, C], dtype=tl.float32)       # blocks below the diagonal
-    Akk_off = tl.zeros([C, C], dtype=tl.float32)
-    Aqk_diag = tl.zeros([NB, BC, BC], dtype=tl.float32)     # the NB diagonal blocks
+    # Rows are grouped by 16-row block: [NB, BC, *] is the [C, *] tile viewed as NB blocks.
+    Aqk_off = tl.zeros([NB, BC, C], dtype=tl.float32)   # entries left of the diagonal blocks
+    Akk_off = tl.zeros([NB, BC, C], dtype=tl.float32)
+    Aqk_diag = tl.zeros([NB, BC, BC], dtype=tl.float32)  # the NB diagonal blocks
     Akk_diag = tl.zeros([NB, BC, BC], dtype=tl.float32)
     for k0 in tl.static_range(0, K, BK):
         c = k0 + tl.arange(0, BK)
-        mask = valid[:, None]
-        b_q = tl.load(q + bt[:, None] * s_qk + h * K + c[None, :], mask=mask, other=0.).to(tl.float32)
-        b_k = tl.load(k + bt[:, None] * s_qk + h * K + c[None, :], mask=mask, other=0.).to(tl.float32)
-        b_g = tl.load(g + bt[:, None] * s_qk + h * K + c[None, :], mask=mask, other=0.)
+        p = bt[:, None] * s_qk + h * K + c[None, :]                     # [C, BK] offsets
+        pT = bt[None, :] * s_qk + h * K + c[:, None]                    # [BK, C] the same, transposed
+        b_q = tl.reshape(tl.load(q + p, mask=valid[:, None], other=0.).to(tl.float32), [NB, BC, BK])
+        b_k = tl.reshape(tl.load(k + p, mask=valid[:, None], other=0.).to(tl.float32), [NB, BC, BK])
+        b_kT = tl.load(k + pT, mask=valid[None, :], other=0.).to(tl.float32)          # [BK, C]
         # a gate below G_FLOOR nats already wipes the state in fp32 (exp(-104) is below the smallest
         # denormal); clamping it changes nothing but keeps -inf out of G, where -inf - -inf = NaN
-        b_G = tl.cumsum(tl.maximum(b_g, G_FLOOR), axis=0) * RCP_LN2        # [C, BK], non-increasing
-        # below the diagonal, row block r: anchor n_r = G at row r*BC - 1, so that the row operand
-        # 2^(G_i - n_r) (i in block r) and the column operand 2^(n_r - G_j) (j before it) are both <= 1
-        for r in tl.static_range(1, NB):
-            n_r = tl.sum(tl.where(i[:, None] == r * BC - 1, b_G, 0.), axis=0)     # [BK], exact copy
-            in_r = (i // BC == r)[:, None]
-            before = (i < r * BC)[:, None]
-            row_f = tl.exp2(tl.where(in_r, b_G - n_r[None, :], float('-inf')))  # mask, then exp2
-            col_f = tl.exp2(tl.where(before, n_r[None, :] - b_G, float('-inf')))
-            k_col = tl.trans(b_k * col_f)        # [BK, C]; a transposed *load result* is safe to dot
-            Aqk_off += _dot(b_q * row_f, k_col, tl.float32, PREC)
-            Akk_off += _dot(b_k * row_f, k_col, tl.float32, PREC)
+        b_g = tl.maximum(tl.load(g + p, mask=valid[:, None], other=0.), G_FLOOR)
+        # G_i - n_r for the rows of block r, n_r = G at the row before the block: a cumsum restarted
+        # at every block (smaller numbers, so the differences below lose less to rounding)
+        G_b = tl.cumsum(tl.reshape(b_g, [NB, BC, BK]), axis=1) * RCP_LN2  # [NB, BC, BK]
+        # left of the diagonal: 2^(G_i - G_j) = 2^(G_i - n_r) 2^(n_r - G_j), both factors <= 1 because
+        # i is in block r and j before it. n_r - G_j = g summed over tokens j+1 .. r*BC-1: a reverse
+        # cumsum of g shifted by one token (a direct sum, so no cancellation), -inf for j >= r*BC.
+        g_next = tl.load(g + pT + s_qk, mask=(t + 1 < T)[None, :] & (i < C - 1)[None, :], other=0.)
+        g_next = tl.where(col < blk * BC - 1, tl.maximum(g_next, G_FLOOR)[None, :, :], 0.)
+        n_minus_G = tl.cumsum(g_next, axis=2, reverse=True) * RCP_LN2      # [NB, BK, C]
+        k_col = b_kT[None, :, :] * tl.exp2(tl.where(col < blk * BC, n_minus_G, float('-inf')))
+        Aqk_off += _dot(b_q * tl.exp2(G_b), k_col, tl.float32, PREC)     # [NB, BC, C]
+        Akk_off += _dot(b_k * tl.exp2(G_b), k_col, tl.float32, PREC)
         # diagonal blocks: entry (i, j) from its own exponent G_i - G_j, -inf where j > i
-        G_i = tl.reshape(b_G, [NB, BC, 1, BK])
-        G_j = tl.reshape(b_G, [NB, 1, BC, BK])
+        G_i = tl.reshape(G_b, [NB, BC, 1, BK])
+        G_j = tl.reshape(G_b, [NB, 1, BC, BK])
         decay_ij = tl.exp2(tl.where(jj <= ii, G_i - G_j, float('-inf')))          # [NB, BC, BC, BK]
         k_j = tl.reshape(b_k, [NB, 1, BC, BK]) * decay_ij
         Aqk_diag += tl.sum(tl.reshape(b_q, [NB, BC, 1, BK]) * k_j, axis=3)
         Akk_diag += tl.sum(tl.reshape(b_k, [NB, BC, 1, BK]) * k_j, axis=3)
     r3, c3 = tl.arange(0, BC)[None, :, None], tl.arange(0, BC)[None, None, :]   # [NB, BC, BC] indices
-    Akk_diag = tl.where(c3 < r3, Akk_diag, 0.) * tl.reshape(b_beta, [NB, BC, 1])  # strict: j < i
-    Akk_off = Akk_off * b_beta[:, None]
-    b_Aqk = (Aqk_off + _block_diag(Aqk_diag, C, BC)) * scale
+    beta3 = tl.reshape(b_beta, [NB, BC, 1])
+    Akk_diag = tl.where(c3 < r3, Akk_diag, 0.) * beta3                         # strict: j < i
+    Akk_off = tl.reshape(Akk_off * beta3, [C, C])
+    b_Aqk = _with_diag_blocks(Aqk_diag, Aqk_off, NB, BC) * scale                 # [C, C]
     tl.store(Aqk + row[:, None] * C + i[None, :], b_Aqk.to(Aqk.dtype.element_ty))
 
     # ---- 3. Tinv = (I + Akk)^-1, unit lower triangular, in fp32 ----
@@ -135,7 +140,7 @@ def _kda_intra_kernel(
     for m in tl.static_range(1, BC):
         a_m = tl.sum(tl.where(r3 == m, Akk_diag, 0.), axis=1)                     # [NB, BC] row m
         D_inv = tl.where(r3 == m, D_inv - tl.sum(a_m[:, :, None] * D_inv, axis=1)[:, None, :], D_inv)
-    D_inv = _block_diag(D_inv, C, BC)                                             # [C, C]
+    D_inv = _with_diag_blocks(D_inv, tl.zeros([NB, BC, C], dtype=tl.float32), NB, BC)   # [C, C]
     # 3b. the blocks below: I + Akk = D (I + M) with M = D^-1 Akk_off strictly block-lower, so
     # Tinv = (I + M)^-1 D^-1 and (I + M)^-1 = I - M (I - M (I - M ...)): NB - 1 Horner steps, the same
     # arithmetic as block forward substitution (not the unstable doubling product).
@@ -149,18 +154,20 @@ def _kda_intra_kernel(
     # ---- 4. w = Tinv (beta k 2^G), u = Tinv (beta v), qg = scale q 2^G, kg = k 2^(gamma - G) ----
     for k0 in tl.static_range(0, K, BD):
         c = k0 + tl.arange(0, BD)
-        mask = valid[:, None]
-        b_q = tl.load(q + bt[:, None] * s_qk + h * K + c[None, :], mask=mask, other=0.).to(tl.float32)
-        b_k = tl.load(k + bt[:, None] * s_qk + h * K + c[None, :], mask=mask, other=0.).to(tl.float32)
-        b_g = tl.load(g + bt[:, None] * s_qk + h * K + c[None, :], mask=mask, other=0.)
-        b_G = tl.cumsum(tl.maximum(b_g, G_FLOOR), axis=0) * RCP_LN2        # as in step 1
-        # padded rows have g = 0, so the last row holds G of the last valid token
-        gamma = tl.sum(tl.where(i[:, None] == C - 1, b_G, 0.), axis=0)           # [BD]
+        p = bt[:, None] * s_qk + h * K + c[None, :]                     # [C, BD] offsets
+        b_q = tl.load(q + p, mask=valid[:, None], other=0.).to(tl.float32)
+        b_k = tl.load(k + p, mask=valid[:, None], other=0.).to(tl.float32)
+        b_g = tl.load(g + p, mask=valid[:, None], other=0.)
+        b_G = tl.cumsum(tl.maximum(b_g, G_FLOOR), axis=0) * RCP_LN2        # [C, BD], as in step 1
+        # gamma - G_j = g summed over the tokens after j: reverse cumsum of g shifted by one token
+        g_next = tl.load(g + p + s_qk, mask=(t + 1 < T)[:, None] & (i < C - 1)[:, None], other=0.)
+        gamma_minus_G = tl.cumsum(tl.maximum(g_next, G_FLOOR), axis=0, reverse=True) * RCP_LN2
+        gamma = tl.sum(tl.where(i[:, None] == C - 1, b_G, 0.), axis=0)   # [BD] G at the last row
         b_w = _dot(Tinv, b_k * b_beta[:, None] * tl.exp2(b_G), tl.float32, PREC)
         out = row[:, None] * K + c[None, :]
         tl.store(w + out, b_w.to(w.dtype.element_ty))
         tl.store(qg + out, (b_q * tl.exp2(b_G) * scale).to(qg.dtype.element_ty))
-        tl.store(kg + out, (b_k * tl.exp2(gamma[None, :] - b_G)).to(kg.dtype.element_ty))
+        tl.store(kg + out, (b_k * tl.exp2(gamma_minus_G)).to(kg.dtype.element_ty))
         tl.store(decay + (bh * NT + n) * K + c, tl.exp2(gamma))                   # 2^gamma, fp32
     for v0 in tl.static_range(0, V, BD):
         c = v0 + tl.arange(0, BD)
