@@ -168,8 +168,9 @@ def check_ckpt(ckpt, device, dtype):
     need = index.get("metadata", {}).get("total_size", 0) * dtype.itemsize / 2  # stored in bf16, as released
     free = free_memory(device)
     if free is not None and need > free:
+        hint = " (try --dtype bf16)" if dtype.itemsize > 2 else ""
         raise Fail(f"not enough memory on {device}: the weights need {need / 2**30:.1f} GiB as {dtype}, "
-                   f"{free / 2**30:.1f} GiB is free")
+                   f"{free / 2**30:.1f} GiB is free{hint}")
 
 
 def free_memory(device):
