@@ -69,7 +69,8 @@ def test_token_by_token_equals_prefill(model, tokens, full):
     assert rel(steps, full) < 1e-4
 
 
-@settings(deadline=None, max_examples=8)
+# derandomize: a near-tie in top-k routing may flip under 1e-7 rounding; keep CI runs reproducible
+@settings(deadline=None, max_examples=8, derandomize=True)
 @given(cuts=st.lists(st.integers(1, SEQ - 1), max_size=3, unique=True))
 @example(cuts=[5, 75])          # pieces of 70 and 75 tokens: the chunked path continuing from a cache
 @example(cuts=[64, 65])
@@ -218,22 +219,39 @@ def _break_index(ckpt, edit):
 
 
 SHARD2 = "model-00002-of-00003.safetensors"
-BREAKS = {   # how to break a checkpoint -> what the error message must name
+
+
+def _drop_first(tensors):
+    del tensors[sorted(tensors)[0]]
+
+
+def _shrink_first(tensors):
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name][:-1]
+
+
+def _rename_config_key(ckpt, old, new):
+    (ckpt / "config.json").write_text((ckpt / "config.json").read_text().replace(old, new))
+
+
+BREAKS = {   # how to break a checkpoint -> what the one-line error message must say
     "missing shard": (lambda c: (c / SHARD2).unlink(), SHARD2 + ": shard listed in the index is missing"),
-    "missing tensor": (lambda c: _break_shard(c / SHARD2, lambda t: t.pop(sorted(t)[0])),
-                       "lacks tensors the index lists in it"),
-    "extra tensor, not indexed": (lambda c: _break_shard(c / SHARD2, lambda t: t.update(bogus=torch.zeros(3))),
-                                  SHARD2 + ": holds tensors not listed for it in the index: bogus"),
-    "extra tensor, indexed": (lambda c: _break_index(c, lambda w: w.update(bogus=SHARD2)),
-                              "lists tensors this model does not have: bogus"),
-    "unindexed model tensor": (lambda c: _break_index(c, lambda w: w.pop("lm_head.weight")),
-                               "lacks tensors this model needs: lm_head.weight"),
-    "wrong shape": (lambda c: _break_shard(c / SHARD2, lambda t: t.update({k: t[k][:-1] for k in sorted(t)[:1]})),
-                    SHARD2 + ": has tensors of the wrong shape: "),
     "truncated shard": (lambda c: (c / SHARD2).write_bytes((c / SHARD2).read_bytes()[:-100]),
                         SHARD2 + ": unreadable or truncated shard"),
-    "missing config key": (lambda c: (c / "config.json").write_text(
-        (c / "config.json").read_text().replace('"kv_lora_rank"', '"kv_rank"')), "'kv_lora_rank'"),
+    "missing tensor": (lambda c: _break_shard(c / SHARD2, _drop_first),
+                       SHARD2 + ": lacks tensors the index lists in it: "),
+    "wrong shape": (lambda c: _break_shard(c / SHARD2, _shrink_first),
+                    SHARD2 + ": has tensors of the wrong shape: "),
+    "extra tensor": (lambda c: _break_shard(c / SHARD2, lambda t: t.update(bogus=torch.zeros(3))),
+                     SHARD2 + ": holds tensors not listed for it in the index: bogus"),
+    "extra tensor, indexed": (lambda c: _break_index(c, lambda w: w.update(bogus=SHARD2)),
+                              "lists tensors this model does not have: bogus"),
+    "unindexed tensor": (lambda c: _break_index(c, lambda w: w.pop("lm_head.weight")),
+                         "lacks tensors this model needs: lm_head.weight"),
+    "missing index": (lambda c: (c / "model.safetensors.index.json").unlink(),
+                      "model.safetensors.index.json: cannot read the index"),
+    "missing config key": (lambda c: _rename_config_key(c, '"kv_lora_rank"', '"kv_rank"'),
+                           "config.json: missing required key 'kv_lora_rank'"),
 }
 
 
