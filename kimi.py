@@ -134,6 +134,7 @@ class CheckpointError(Exception):
 # Leaves
 
 class RMSNorm(nn.Module):
+    """x / rms(x) in fp32, cast back, times the weight (no 1 + w offset)."""
     def __init__(self, dim, eps=1e-5):
         super().__init__()
         self.eps = eps
