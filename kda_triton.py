@@ -5,7 +5,8 @@ the result of kda_ref.recurrent_kda, and its steps are chunk_kda_ref's steps, nu
 Per chunk of C = 64 tokens, with S [K, V] the fp32 state entering it:
   kernel 1, _kda_intra_kernel, grid (NT, B*H): everything that does not depend on S, all chunks at once
     1. G = chunk-local cumsum of g, in log2 units; gamma = G at the last row
-    2. Aqk[i, j] = scale sum_c q_i k_j 2^(G_i - G_j)  (j <= i);  Akk[i, j] = beta_i sum_c k_i k_j 2^(G_i - G_j)  (j < i)
+    2. Aqk[i, j] = scale sum_c q_i k_j 2^(G_i - G_j)  (j <= i)
+       Akk[i, j] = beta_i sum_c k_i k_j 2^(G_i - G_j)  (j < i)
     3. Tinv = (I + Akk)^-1 by (blocked) forward substitution
     4. w = Tinv (beta k 2^G),  u = Tinv (beta v),  qg = scale q 2^G,  kg = k 2^(gamma - G)
   kernel 2, _kda_scan_kernel, grid (V / BV, B*H): one program walks the chunks of one head in order,
@@ -14,11 +15,13 @@ Per chunk of C = 64 tokens, with S [K, V] the fp32 state entering it:
     6. o = qg S + Aqk v_new                  (scale is already folded into qg and Aqk)
     7. S = 2^gamma S + kg^T v_new
 
-No exponent is ever positive, whatever the gate (KERNELS.md section 4). Akk and Aqk are built from 16 x 16
-blocks (BC = 16): a block below the diagonal uses an anchor n = G at the last row before its row block,
-so both operands of its tl.dot carry 2^(<= 0); the diagonal blocks take every entry from its own
-exponent G_i - G_j, masked to -inf before exp2 where j > i. The inverse is done in fp32: the four
-diagonal blocks by row substitution, then the block-lower part with tl.dot.
+No exponent is ever positive, whatever the gate (KERNELS.md section 4). Akk and Aqk are built from
+16 x 16 blocks (BC = 16): left of the diagonal blocks, row block r uses the anchor n_r = G at the row
+before it, so both operands of its tl.dot carry 2^(<= 0); the diagonal blocks take every entry from
+its own exponent G_i - G_j, masked to -inf before exp2 where j > i. Exponents are direct sums of g
+where possible (cumsums restarted per block, reverse cumsums for n_r - G_j and gamma - G_j) rather
+than differences of large cumsums, which keeps fp32 rounding small for large gates. The inverse is
+fp32: the four diagonal blocks by row substitution, then the block-lower part with tl.dot.
 
 Intermediates (w, u, qg, kg, Aqk) are stored in bf16 when the inputs are bf16 or fp16 (fla does the
 same; ~3e-3 relative error), in fp32 otherwise; G, the inverse and the running state are always fp32.
@@ -43,9 +46,10 @@ BK_DIAG = 16                # channels per pass of the exact diagonal blocks ([4
 BD = 64                     # channel slice of step 4's [C, C] @ [C, BD] products
 BV_SCAN = 32                # V-slice per scan program: B*H*V/32 programs = 128 at B=1, H=32 (132 SMs)
 # Fixed configs instead of autotune: multi-config autotune breaks the CPU interpreter.
-INTRA_WARPS, SCAN_WARPS, SCAN_STAGES = 4, 4, 2
-RCP_LN2 = tl.constexpr(1.4426950408889634) # 1 / ln 2: g is folded into log2 units once, so exp2 is used everywhere
-G_FLOOR = tl.constexpr(-128.0)            # per-token gate floor (nats): see step 1
+INTRA_WARPS, SCAN_WARPS, SCAN_STAGES = 8, 4, 2   # 8 warps: kernel 1 holds [4, 16, 16, 16] tiles
+# Globals read inside @triton.jit must be tl.constexpr (compiled Triton refuses plain globals).
+RCP_LN2 = tl.constexpr(1.4426950408889634)  # 1 / ln 2: g goes to log2 units once, then exp2 everywhere
+G_FLOOR = tl.constexpr(-128.0)              # per-token gate floor (nats): see step 1
 SUPPORTED = (16, 32, 64, 128, 256)
 
 
@@ -121,12 +125,10 @@ def _kda_intra_kernel(
         Aqk_off += _dot(b_q * tl.exp2(G_b), k_col, tl.float32, PREC)     # [NB, BC, C]
         Akk_off += _dot(b_k * tl.exp2(G_b), k_col, tl.float32, PREC)
         # diagonal blocks: entry (i, j) from its own exponent G_i - G_j, -inf where j > i
-        G_i = tl.reshape(G_b, [NB, BC, 1, BK])
-        G_j = tl.reshape(G_b, [NB, 1, BC, BK])
-        decay_ij = tl.exp2(tl.where(jj <= ii, G_i - G_j, float('-inf')))          # [NB, BC, BC, BK]
-        k_j = tl.reshape(b_k, [NB, 1, BC, BK]) * decay_ij
-        Aqk_diag += tl.sum(tl.reshape(b_q, [NB, BC, 1, BK]) * k_j, axis=3)
-        Akk_diag += tl.sum(tl.reshape(b_k, [NB, BC, 1, BK]) * k_j, axis=3)
+        G_ij = G_b[:, :, None, :] - G_b[:, None, :, :]                   # [NB, BC(i), BC(j), BK]
+        k_j = b_k[:, None, :, :] * tl.exp2(tl.where(jj <= ii, G_ij, float('-inf')))
+        Aqk_diag += tl.sum(b_q[:, :, None, :] * k_j, axis=3)
+        Akk_diag += tl.sum(b_k[:, :, None, :] * k_j, axis=3)
     r3, c3 = tl.arange(0, BC)[None, :, None], tl.arange(0, BC)[None, None, :]   # [NB, BC, BC] indices
     beta3 = tl.reshape(b_beta, [NB, BC, 1])
     Akk_diag = tl.where(c3 < r3, Akk_diag, 0.) * beta3                         # strict: j < i
@@ -271,14 +273,14 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
         H * V,
         K=K, V=V, C=C, BV=BV, HAS_H0=h0 is not None, STORE_HT=output_final_state,
         DOT=dot, PREC=prec,
-        num_warps=SCAN_WARPS, num_stages=SCAN_STAGES)
+        # prefetching the next chunk doubles the shared-memory tiles: only when small (bf16, K <= 128)
+        num_warps=SCAN_WARPS, num_stages=SCAN_STAGES if mid == torch.bfloat16 and K <= 128 else 1)
     return o, ht
 
 
 if __name__ == '__main__':
     # Self-check against the recurrence and, on a GPU, a timing table (python kda_triton.py).
     import math
-    import time
     from kda_ref import kda_gate, l2norm, recurrent_kda
 
     def make_inputs(B, T, H, K, V, dtype, device):
