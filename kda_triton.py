@@ -42,11 +42,11 @@ import triton.language as tl  # noqa: E402
 INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
 C = 64                      # chunk size: tokens per program of kernel 1 and per step of kernel 2
 BC = 16                     # sub-block size of Akk / Aqk (smallest tl.dot tile)
-BK_DIAG = 16                # channels per pass of the exact diagonal blocks ([4, 16, 16, BK_DIAG] tiles)
-BD = 64                     # channel slice of step 4's [C, C] @ [C, BD] products
+BK_DIAG = 16                # channels per pass of steps 1-2 (the exact diagonal blocks are costly)
+BD = 32                     # channel slice of step 4's [C, C] @ [C, BD] products (registers)
 BV_SCAN = 32                # V-slice per scan program: B*H*V/32 programs = 128 at B=1, H=32 (132 SMs)
 # Fixed configs instead of autotune: multi-config autotune breaks the CPU interpreter.
-INTRA_WARPS, SCAN_WARPS, SCAN_STAGES = 8, 4, 2   # 8 warps: kernel 1 holds [4, 16, 16, 16] tiles
+INTRA_WARPS, SCAN_WARPS, SCAN_STAGES = 8, 4, 2   # kernel 1 needs 8 warps not to spill (sm_90)
 # Globals read inside @triton.jit must be tl.constexpr (compiled Triton refuses plain globals).
 RCP_LN2 = tl.constexpr(1.4426950408889634)  # 1 / ln 2: g goes to log2 units once, then exp2 everywhere
 G_FLOOR = tl.constexpr(-128.0)              # per-token gate floor (nats): see step 1
@@ -93,8 +93,8 @@ def _kda_intra_kernel(
     b_beta = tl.load(beta + bt * s_beta + h, mask=valid, other=0.)                  # [C]
     blk = tl.arange(0, NB)[:, None, None]        # row block r, as a [NB, 1, 1] index
     col = tl.arange(0, C)[None, None, :]         # column j, as a [1, 1, C] index
-    ii = tl.arange(0, BC)[None, :, None, None]   # row within a diagonal block
-    jj = tl.arange(0, BC)[None, None, :, None]   # column within a diagonal block
+    r3 = tl.arange(0, BC)[None, :, None]         # row within a block, as a [1, BC, 1] index
+    c3 = tl.arange(0, BC)[None, None, :]         # column within a diagonal block, [1, 1, BC]
 
     # ---- 1. + 2. G, then Aqk and Akk, accumulated over channel slices of width BK ----
     # Rows are grouped by 16-row block: [NB, BC, *] is the [C, *] tile viewed as NB blocks.
@@ -102,7 +102,7 @@ def _kda_intra_kernel(
     Akk_off = tl.zeros([NB, BC, C], dtype=tl.float32)
     Aqk_diag = tl.zeros([NB, BC, BC], dtype=tl.float32)  # the NB diagonal blocks
     Akk_diag = tl.zeros([NB, BC, BC], dtype=tl.float32)
-    for k0 in tl.static_range(0, K, BK):
+    for k0 in range(0, K, BK):  # a loop, not unrolled: compile time
         c = k0 + tl.arange(0, BK)
         p = bt[:, None] * s_qk + h * K + c[None, :]                     # [C, BK] offsets
         pT = bt[None, :] * s_qk + h * K + c[:, None]                    # [BK, C] the same, transposed
@@ -124,12 +124,14 @@ def _kda_intra_kernel(
         k_col = b_kT[None, :, :] * tl.exp2(tl.where(col < blk * BC, n_minus_G, float('-inf')))
         Aqk_off += _dot(b_q * tl.exp2(G_b), k_col, tl.float32, PREC)     # [NB, BC, C]
         Akk_off += _dot(b_k * tl.exp2(G_b), k_col, tl.float32, PREC)
-        # diagonal blocks: entry (i, j) from its own exponent G_i - G_j, -inf where j > i
-        G_ij = G_b[:, :, None, :] - G_b[:, None, :, :]                   # [NB, BC(i), BC(j), BK]
-        k_j = b_k[:, None, :, :] * tl.exp2(tl.where(jj <= ii, G_ij, float('-inf')))
-        Aqk_diag += tl.sum(b_q[:, :, None, :] * k_j, axis=3)
-        Akk_diag += tl.sum(b_k[:, :, None, :] * k_j, axis=3)
-    r3, c3 = tl.arange(0, BC)[None, :, None], tl.arange(0, BC)[None, None, :]   # [NB, BC, BC] indices
+        # diagonal blocks: entry (i, j) from its own exponent G_i - G_j, -inf where j > i; one column
+        # j of every block at a time (a [NB, BC, BC, BK] tile would not fit in registers)
+        for j in tl.static_range(BC):
+            G_j = tl.sum(tl.where(r3 == j, G_b, 0.), axis=1)[:, None, :]          # [NB, 1, BK]
+            k_j = tl.sum(tl.where(r3 == j, b_k, 0.), axis=1)[:, None, :]
+            k_j = k_j * tl.exp2(tl.where(r3 >= j, G_b - G_j, float('-inf')))    # [NB, BC, BK]
+            Aqk_diag += tl.where(c3 == j, tl.sum(b_q * k_j, axis=2)[:, :, None], 0.)
+            Akk_diag += tl.where(c3 == j, tl.sum(b_k * k_j, axis=2)[:, :, None], 0.)
     beta3 = tl.reshape(b_beta, [NB, BC, 1])
     Akk_diag = tl.where(c3 < r3, Akk_diag, 0.) * beta3                         # strict: j < i
     Akk_off = tl.reshape(Akk_off * beta3, [C, C])
@@ -154,7 +156,7 @@ def _kda_intra_kernel(
     Tinv = _dot(X, D_inv, tl.float32, PREC)                                    # [C, C]
 
     # ---- 4. w = Tinv (beta k 2^G), u = Tinv (beta v), qg = scale q 2^G, kg = k 2^(gamma - G) ----
-    for k0 in tl.static_range(0, K, BD):
+    for k0 in range(0, K, BD):
         c = k0 + tl.arange(0, BD)
         p = bt[:, None] * s_qk + h * K + c[None, :]                     # [C, BD] offsets
         b_q = tl.load(q + p, mask=valid[:, None], other=0.).to(tl.float32)
@@ -171,7 +173,7 @@ def _kda_intra_kernel(
         tl.store(qg + out, (b_q * tl.exp2(b_G) * scale).to(qg.dtype.element_ty))
         tl.store(kg + out, (b_k * tl.exp2(gamma_minus_G)).to(kg.dtype.element_ty))
         tl.store(decay + (bh * NT + n) * K + c, tl.exp2(gamma))                   # 2^gamma, fp32
-    for v0 in tl.static_range(0, V, BD):
+    for v0 in range(0, V, BD):
         c = v0 + tl.arange(0, BD)
         b_v = tl.load(v + bt[:, None] * s_v + h * V + c[None, :], mask=valid[:, None], other=0.)
         b_u = _dot(Tinv, b_v.to(tl.float32) * b_beta[:, None], tl.float32, PREC)
