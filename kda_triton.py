@@ -26,6 +26,7 @@ fp32: the four diagonal blocks by row substitution, then the block-lower part wi
 Intermediates (w, u, qg, kg, Aqk) are stored in bf16 when the inputs are bf16 or fp16 (fla does the
 same; ~3e-3 relative error), in fp32 otherwise; G, the inverse and the running state are always fp32.
 Supported: K and V powers of two from 16 to 256, any B, H (B*H <= 65535) and T >= 1, forward only.
+Not here: backward, varlen (cu_seqlens), fused gate / l2norm / sigmoid(beta), a decode-step kernel.
 Layout: q, k, g [B, T, H, K]; v, o [B, T, H, V]; beta [B, T, H]; state [B, H, K, V] fp32 (K first).
 """
 import os
