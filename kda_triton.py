@@ -43,11 +43,11 @@ import triton.language as tl  # noqa: E402
 INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
 C = 64                      # chunk size: tokens per program of kernel 1 and per step of kernel 2
 BC = 16                     # sub-block size of Akk / Aqk (smallest tl.dot tile)
-BK_DIAG = 16                # channels per pass of steps 1-2 (the exact diagonal blocks are costly)
+BK_DIAG = 16                # channels per pass of steps 1-2 (16: no register spills on sm_90)
 BD = 32                     # channel slice of step 4's [C, C] @ [C, BD] products (registers)
-BV_SCAN = 32                # V-slice per scan program: B*H*V/32 programs = 128 at B=1, H=32 (132 SMs)
+BV_SCAN = 64                # V-slice per scan program (32 crashed with an initial state: Triton 3.6, H200)
 # Fixed configs instead of autotune: multi-config autotune breaks the CPU interpreter.
-INTRA_WARPS, SCAN_WARPS, SCAN_STAGES = 8, 4, 2   # kernel 1 needs 8 warps not to spill (sm_90)
+INTRA_WARPS, SCAN_WARPS, SCAN_STAGES = 4, 4, 2
 # Globals read inside @triton.jit must be tl.constexpr (compiled Triton refuses plain globals).
 RCP_LN2 = tl.constexpr(1.4426950408889634)  # 1 / ln 2: g goes to log2 units once, then exp2 everywhere
 G_FLOOR = tl.constexpr(-128.0)              # per-token gate floor (nats): see step 1
@@ -62,17 +62,17 @@ def _dot(a, b, DOT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _with_diag_blocks(diag, off, NB: tl.constexpr, BC: tl.constexpr):
-    """[C, C] matrix from its NB diagonal blocks [NB, BC, BC] and the rest, given as [NB, BC, C] rows."""
-    same = tl.arange(0, NB)[:, None, None, None] == tl.arange(0, NB)[None, None, :, None]
-    full = tl.where(same, diag[:, :, None, :], tl.reshape(off, [NB, BC, NB, BC]))
-    return tl.reshape(full, [NB * BC, NB * BC])
+def _to_full(diag, C: tl.constexpr, BC: tl.constexpr):
+    """[C, BC] diagonal blocks (row i holds its block's columns) -> [C, C], zeros off the blocks."""
+    NB: tl.constexpr = C // BC
+    same = (tl.arange(0, C) // BC)[:, None, None] == tl.arange(0, NB)[None, :, None]
+    return tl.reshape(tl.where(same, diag[:, None, :], 0.), [C, C])
 
 
 @triton.jit
 def _kda_intra_kernel(
     # pointers
-    q, k, v, g, beta, w, u, qg, kg, Aqk, decay,
+    q, k, v, g, beta, Gb, w, u, qg, kg, Aqk, decay,
     # sizes
     T, H, scale,
     # strides (per token, of the contiguous inputs)
@@ -86,66 +86,77 @@ def _kda_intra_kernel(
     NT = tl.num_programs(0)
     b, h = bh // H, bh % H
     NB: tl.constexpr = C // BC
-    i = tl.arange(0, C)                          # token within the chunk (rows)
+    i = tl.arange(0, C)                          # token within the chunk (rows; also columns j)
+    ib, ir = i // BC, i % BC                     # its 16-row block, and its row within the block
     t = n * C + i
-    valid = t < T                                # ragged last chunk: rows past T load 0 and write 0
+    valid = t < T                                # ragged last chunk: rows past T load 0 (g = 0 too)
     bt = b * T + t                               # [C] row of token t in the [B*T, H, *] inputs
     row = (bh * NT + n) * C + i                  # [C] row in the [B*H, NT*C, *] intermediates
     b_beta = tl.load(beta + bt * s_beta + h, mask=valid, other=0.)                  # [C]
-    blk = tl.arange(0, NB)[:, None, None]        # row block r, as a [NB, 1, 1] index
-    col = tl.arange(0, C)[None, None, :]         # column j, as a [1, 1, C] index
-    r3 = tl.arange(0, BC)[None, :, None]         # row within a block, as a [1, BC, 1] index
-    c3 = tl.arange(0, BC)[None, None, :]         # column within a diagonal block, [1, 1, BC]
+    jj = tl.arange(0, BC)[None, :]               # [1, BC] column within a diagonal block
+    blk_c = tl.arange(0, NB)[:, None, None]      # [NB, 1, 1] and [1, NB, 1]: block indices
+    blk_m = tl.arange(0, NB)[None, :, None]
+    r3 = tl.arange(0, BC)[None, :, None]         # [1, BC, 1] row within a block
 
-    # ---- 1. + 2. G, then Aqk and Akk, accumulated over channel slices of width BK ----
-    # Rows are grouped by 16-row block: [NB, BC, *] is the [C, *] tile viewed as NB blocks.
-    Aqk_off = tl.zeros([NB, BC, C], dtype=tl.float32)   # entries left of the diagonal blocks
-    Akk_off = tl.zeros([NB, BC, C], dtype=tl.float32)
-    Aqk_diag = tl.zeros([NB, BC, BC], dtype=tl.float32)  # the NB diagonal blocks
-    Akk_diag = tl.zeros([NB, BC, BC], dtype=tl.float32)
+    # ---- 1. + 2. G, Aqk and Akk, accumulated over channel slices of width BK ----
+    Aqk_off = tl.zeros([C, C], dtype=tl.float32)     # entries left of the diagonal blocks
+    Akk_off = tl.zeros([C, C], dtype=tl.float32)
+    Aqk_diag = tl.zeros([C, BC], dtype=tl.float32)   # diagonal blocks: row i, column ib*BC + jj
+    Akk_diag = tl.zeros([C, BC], dtype=tl.float32)
     for k0 in range(0, K, BK):  # a loop, not unrolled: compile time
         c = k0 + tl.arange(0, BK)
-        p = bt[:, None] * s_qk + h * K + c[None, :]                     # [C, BK] offsets
-        pT = bt[None, :] * s_qk + h * K + c[:, None]                    # [BK, C] the same, transposed
-        b_q = tl.reshape(tl.load(q + p, mask=valid[:, None], other=0.).to(tl.float32), [NB, BC, BK])
-        b_k = tl.reshape(tl.load(k + p, mask=valid[:, None], other=0.).to(tl.float32), [NB, BC, BK])
-        b_kT = tl.load(k + pT, mask=valid[None, :], other=0.).to(tl.float32)          # [BK, C]
+        p = bt[:, None] * s_qk + h * K + c[None, :]                        # [C, BK] offsets
+        b_q = tl.load(q + p, mask=valid[:, None], other=0.).to(tl.float32)
+        b_k = tl.load(k + p, mask=valid[:, None], other=0.).to(tl.float32)
         # a gate below G_FLOOR nats already wipes the state in fp32 (exp(-104) is below the smallest
         # denormal); clamping it changes nothing but keeps -inf out of G, where -inf - -inf = NaN
         b_g = tl.maximum(tl.load(g + p, mask=valid[:, None], other=0.), G_FLOOR)
-        # G_i - n_r for the rows of block r, n_r = G at the row before the block: a cumsum restarted
-        # at every block (smaller numbers, so the differences below lose less to rounding)
-        G_b = tl.cumsum(tl.reshape(b_g, [NB, BC, BK]), axis=1) * RCP_LN2  # [NB, BC, BK]
-        # left of the diagonal: 2^(G_i - G_j) = 2^(G_i - n_r) 2^(n_r - G_j), both factors <= 1 because
-        # i is in block r and j before it. n_r - G_j = g summed over tokens j+1 .. r*BC-1: a reverse
-        # cumsum of g shifted by one token (a direct sum, so no cancellation), -inf for j >= r*BC.
-        g_next = tl.load(g + pT + s_qk, mask=(t + 1 < T)[None, :] & (i < C - 1)[None, :], other=0.)
-        g_next = tl.where(col < blk * BC - 1, tl.maximum(g_next, G_FLOOR)[None, :, :], 0.)
-        n_minus_G = tl.cumsum(g_next, axis=2, reverse=True) * RCP_LN2      # [NB, BK, C]
-        k_col = b_kT[None, :, :] * tl.exp2(tl.where(col < blk * BC, n_minus_G, float('-inf')))
-        Aqk_off += _dot(b_q * tl.exp2(G_b), k_col, tl.float32, PREC)     # [NB, BC, C]
-        Akk_off += _dot(b_k * tl.exp2(G_b), k_col, tl.float32, PREC)
-        # diagonal blocks: entry (i, j) from its own exponent G_i - G_j, -inf where j > i; one column
-        # j of every block at a time (a [NB, BC, BC, BK] tile would not fit in registers)
-        for j in tl.static_range(BC):
-            G_j = tl.sum(tl.where(r3 == j, G_b, 0.), axis=1)[:, None, :]          # [NB, 1, BK]
-            k_j = tl.sum(tl.where(r3 == j, b_k, 0.), axis=1)[:, None, :]
-            k_j = k_j * tl.exp2(tl.where(r3 >= j, G_b - G_j, float('-inf')))    # [NB, BC, BK]
-            Aqk_diag += tl.where(c3 == j, tl.sum(b_q * k_j, axis=2)[:, :, None], 0.)
-            Akk_diag += tl.where(c3 == j, tl.sum(b_k * k_j, axis=2)[:, :, None], 0.)
-    beta3 = tl.reshape(b_beta, [NB, BC, 1])
-    Akk_diag = tl.where(c3 < r3, Akk_diag, 0.) * beta3                         # strict: j < i
-    Akk_off = tl.reshape(Akk_off * beta3, [C, C])
-    b_Aqk = _with_diag_blocks(Aqk_diag, Aqk_off, NB, BC) * scale                 # [C, C]
+        # 1. G restarted at every 16-row block, Gb (small numbers: differences lose little to
+        # rounding). G itself = Gb + the totals of the blocks before; gamma = the sum of all totals.
+        Gb3 = tl.cumsum(tl.reshape(b_g, [NB, BC, BK]), axis=1) * RCP_LN2     # [NB, BC, BK]
+        tot = tl.sum(tl.where(r3 == BC - 1, Gb3, 0.), axis=1)               # [NB, BK] block totals
+        b_Gb = tl.reshape(Gb3, [C, BK])
+        # The diagonal blocks below need G of *other* rows: go through memory (L1/L2), which is far
+        # cheaper than extracting rows from registers with reductions.
+        tl.store(Gb + row[:, None] * K + c[None, :], b_Gb)
+        tl.debug_barrier()                       # every thread's stores are visible after this
+        # 2a. diagonal blocks: entry (i, j) from its own exponent Gb_i - Gb_j, -inf where j > i, one
+        # column j = ib*BC + jj of every block at a time
+        for jc in tl.static_range(BC):
+            j = ib * BC + jc                                                # [C] column of row i
+            k_j = tl.load(k + ((b * T + n * C + j) * s_qk + h * K)[:, None] + c[None, :],
+                          mask=(n * C + j < T)[:, None], other=0.).to(tl.float32)
+            G_j = tl.load(Gb + ((bh * NT + n) * C + j)[:, None] * K + c[None, :])
+            kd_j = k_j * tl.exp2(tl.where((ir >= jc)[:, None], b_Gb - G_j, float('-inf')))
+            Aqk_diag += tl.where(jj == jc, tl.sum(b_q * kd_j, axis=1)[:, None], 0.)
+            Akk_diag += tl.where(jj == jc, tl.sum(b_k * kd_j, axis=1)[:, None], 0.)
+        # 2b. left of the diagonal, row block r: anchor n_r = G at the last row of block r-1. The row
+        # operand is x_i 2^(G_i - n_r) = x_i 2^Gb_i; the column operand k_j 2^(n_r - G_j), where
+        # n_r - G_j = (tot_c - Gb_j) + tot_{c+1} + ... + tot_{r-1} for j in block c < r: direct sums of
+        # g, every exponent <= 0, and their product is exactly 2^(G_i - G_j).
+        tail = tl.reshape(tot[:, None, :] - Gb3, [C, BK])                  # tot_c - Gb_j <= 0
+        q_row, k_row = b_q * tl.exp2(b_Gb), b_k * tl.exp2(b_Gb)
+        for r in tl.static_range(1, NB):
+            between = tl.sum(tl.where((blk_m > blk_c) & (blk_m < r), tot[None, :, :], 0.), axis=1)
+            col_e = tail + tl.reshape(tl.broadcast_to(between[:, None, :], [NB, BC, BK]), [C, BK])
+            k_col = tl.trans(b_k * tl.exp2(tl.where((i < r * BC)[:, None], col_e, float('-inf'))))
+            in_r = (ib == r)[:, None]            # (tl.trans of a load, not of a dot result: safe)
+            Aqk_off += _dot(tl.where(in_r, q_row, 0.), k_col, tl.float32, PREC)
+            Akk_off += _dot(tl.where(in_r, k_row, 0.), k_col, tl.float32, PREC)
+    Akk_diag = tl.where(jj < ir[:, None], Akk_diag, 0.) * b_beta[:, None]       # strict: j < i
+    Akk_off = Akk_off * b_beta[:, None]
+    b_Aqk = (Aqk_off + _to_full(Aqk_diag, C, BC)) * scale                         # [C, C]
     tl.store(Aqk + row[:, None] * C + i[None, :], b_Aqk.to(Aqk.dtype.element_ty))
 
     # ---- 3. Tinv = (I + Akk)^-1, unit lower triangular, in fp32 ----
     # 3a. the diagonal blocks, all NB at once: row m = e_m - sum_{j<m} Akk[m, j] Tinv[j]
+    c3 = tl.arange(0, BC)[None, None, :]
+    A3 = tl.reshape(Akk_diag, [NB, BC, BC])
     D_inv = tl.where(c3 == r3, 1., 0.) + tl.zeros([NB, BC, BC], dtype=tl.float32)
     for m in tl.static_range(1, BC):
-        a_m = tl.sum(tl.where(r3 == m, Akk_diag, 0.), axis=1)                     # [NB, BC] row m
+        a_m = tl.sum(tl.where(r3 == m, A3, 0.), axis=1)                           # [NB, BC] row m
         D_inv = tl.where(r3 == m, D_inv - tl.sum(a_m[:, :, None] * D_inv, axis=1)[:, None, :], D_inv)
-    D_inv = _with_diag_blocks(D_inv, tl.zeros([NB, BC, C], dtype=tl.float32), NB, BC)   # [C, C]
+    D_inv = _to_full(tl.reshape(D_inv, [C, BC]), C, BC)                           # [C, C]
     # 3b. the blocks below: I + Akk = D (I + M) with M = D^-1 Akk_off strictly block-lower, so
     # Tinv = (I + M)^-1 D^-1 and (I + M)^-1 = I - M (I - M (I - M ...)): NB - 1 Horner steps, the same
     # arithmetic as block forward substitution (not the unstable doubling product).
@@ -159,15 +170,16 @@ def _kda_intra_kernel(
     # ---- 4. w = Tinv (beta k 2^G), u = Tinv (beta v), qg = scale q 2^G, kg = k 2^(gamma - G) ----
     for k0 in range(0, K, BD):
         c = k0 + tl.arange(0, BD)
-        p = bt[:, None] * s_qk + h * K + c[None, :]                     # [C, BD] offsets
+        p = bt[:, None] * s_qk + h * K + c[None, :]                        # [C, BD] offsets
         b_q = tl.load(q + p, mask=valid[:, None], other=0.).to(tl.float32)
         b_k = tl.load(k + p, mask=valid[:, None], other=0.).to(tl.float32)
-        b_g = tl.load(g + p, mask=valid[:, None], other=0.)
-        b_G = tl.cumsum(tl.maximum(b_g, G_FLOOR), axis=0) * RCP_LN2        # [C, BD], as in step 1
-        # gamma - G_j = g summed over the tokens after j: reverse cumsum of g shifted by one token
-        g_next = tl.load(g + p + s_qk, mask=(t + 1 < T)[:, None] & (i < C - 1)[:, None], other=0.)
-        gamma_minus_G = tl.cumsum(tl.maximum(g_next, G_FLOOR), axis=0, reverse=True) * RCP_LN2
-        gamma = tl.sum(tl.where(i[:, None] == C - 1, b_G, 0.), axis=0)   # [BD] G at the last row
+        Gb3 = tl.reshape(tl.load(Gb + row[:, None] * K + c[None, :]), [NB, BC, BD])   # from step 1
+        tot = tl.sum(tl.where(r3 == BC - 1, Gb3, 0.), axis=1)               # [NB, BD]
+        before = tl.sum(tl.where(blk_m < blk_c, tot[None, :, :], 0.), axis=1)   # blocks before c
+        after = tl.sum(tl.where(blk_m > blk_c, tot[None, :, :], 0.), axis=1)    # blocks after c
+        b_G = tl.reshape(Gb3 + before[:, None, :], [C, BD])                    # G_i
+        gamma_minus_G = tl.reshape(tot[:, None, :] - Gb3 + after[:, None, :], [C, BD])
+        gamma = tl.sum(tot, axis=0)                                            # [BD]
         b_w = _dot(Tinv, b_k * b_beta[:, None] * tl.exp2(b_G), tl.float32, PREC)
         out = row[:, None] * K + c[None, :]
         tl.store(w + out, b_w.to(w.dtype.element_ty))
@@ -257,8 +269,9 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     u = torch.empty(B * H, NT * C, V, device=dev, dtype=mid)
     Aqk = torch.empty(B * H, NT * C, C, device=dev, dtype=mid)
     decay = torch.empty(B * H, NT, K, device=dev, dtype=torch.float32)
+    Gb = torch.empty(B * H, NT * C, K, device=dev, dtype=torch.float32)   # step 1's scratch
     _kda_intra_kernel[(NT, B * H)](
-        q, k, v, g, beta, w, u, qg, kg, Aqk, decay,
+        q, k, v, g, beta, Gb, w, u, qg, kg, Aqk, decay,
         T, H, scale,
         H * K, H * V, H,
         K=K, V=V, C=C, BC=BC, BK=min(BK_DIAG, K), BD=min(BD, K, V), PREC=prec,
