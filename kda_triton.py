@@ -18,10 +18,12 @@ Per chunk of C = 64 tokens, with S [K, V] the fp32 state entering it:
 No exponent is ever positive, whatever the gate (KERNELS.md section 4). Akk and Aqk are built from
 16 x 16 blocks (BC = 16): left of the diagonal blocks, row block r uses the anchor n_r = G at the row
 before it, so both operands of its tl.dot carry 2^(<= 0); the diagonal blocks take every entry from
-its own exponent G_i - G_j, masked to -inf before exp2 where j > i. Exponents are direct sums of g
-where possible (cumsums restarted per block, reverse cumsums for n_r - G_j and gamma - G_j) rather
-than differences of large cumsums, which keeps fp32 rounding small for large gates. The inverse is
-fp32: the four diagonal blocks by row substitution, then the block-lower part with tl.dot.
+its own exponent G_i - G_j, masked to -inf before exp2 where j > i. G is kept as a cumsum restarted at
+every 16-row block (Gb) plus whole-block totals, so exponents are differences of at most 16 tokens'
+worth of g plus direct sums of block totals, never differences of large chunk-wide cumsums: fp32
+rounding stays small for large gates. The diagonal blocks need G of other rows, which kernel 1 reads
+back from a small fp32 scratch (L2) rather than extracting rows from registers. The inverse is fp32:
+the four diagonal blocks by row substitution, then the block-lower part with tl.dot.
 
 Intermediates (w, u, qg, kg, Aqk) are stored in bf16 when the inputs are bf16 or fp16 (fla does the
 same; ~3e-3 relative error), in fp32 otherwise; G, the inverse and the running state are always fp32.
