@@ -95,7 +95,9 @@ class ModelArgs:
             cfg = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot read config ({e})") from None
-        linear = cfg.get("linear_attn_config") or {}
+        linear = cfg.get("linear_attn_config") if isinstance(cfg, dict) else None
+        if not isinstance(linear, dict):
+            raise CheckpointError(f"{path}: not a Kimi-Linear config (no linear_attn_config object)")
         kwargs = {}
         for f in fields(cls):
             src, key = (linear, cls.LINEAR_KEYS[f.name]) if f.name in cls.LINEAR_KEYS else (cfg, f.name)
@@ -104,9 +106,9 @@ class ModelArgs:
             elif f.name != "routing_weights_biased":      # ours, not a config.json key
                 where = "linear_attn_config." if src is linear else ""
                 raise CheckpointError(f"{path}: missing required key '{where}{key}'")
-        full = kwargs["full_attn_layers"]
-        kda = linear.get("kda_layers", [])
-        if kda and sorted([*full, *kda]) != list(range(1, kwargs["num_hidden_layers"] + 1)):
+        full, kda = kwargs["full_attn_layers"], linear.get("kda_layers") or []
+        ok = isinstance(full, list) and isinstance(kda, list) and all(isinstance(i, int) for i in full + kda)
+        if not ok or (kda and sorted(full + kda) != list(range(1, kwargs["num_hidden_layers"] + 1))):
             raise CheckpointError(f"{path}: kda_layers and full_attn_layers must split the layers 1..n")
         kwargs["full_attn_layers"] = tuple(i - 1 for i in full)     # 1-based in config.json (trap 11)
         return cls(**kwargs)
@@ -171,14 +173,17 @@ class ShortConv(nn.Conv1d):
 # Mixers: KDA (20 layers) and MLA (7 layers)
 
 def kda_core(q, k, v, g, beta, initial_state):
-    """Dispatch the KDA recurrence: q, k, v [B, T, H, K] -> (o [B, T, H, V], S fp32 [B, H, K, V])."""
+    """Dispatch the KDA recurrence: q, k, v [B, T, H, K] -> (o [B, T, H, V], S fp32 [B, H, K, V]).
+
+    As in the official code: the recurrent form for decode and inputs of <= 64 tokens, with the
+    normalised q and k in fp32; the chunked form (chunk 64) for longer prefill, with q and k rounded to
+    the model dtype first (trap 13) - in Triton on a GPU, in kda_ref elsewhere."""
     T, K = q.shape[1], q.shape[-1]
-    if q.is_cuda and T > 1 and _triton_chunk_kda() is not None:
-        kernel = _triton_chunk_kda()
-    elif T <= 64:           # like the official code: recurrent form for short inputs and decode,
+    if T <= 64:
         kernel = recurrent_kda
-    else:                   # chunked form (chunk 64) for longer prefill
-        kernel = chunk_kda_ref
+    else:
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        kernel = (q.is_cuda and _triton_chunk_kda()) or chunk_kda_ref
     return kernel(q, k, v, g, beta, scale=K ** -0.5, initial_state=initial_state,
                   output_final_state=True)
 
@@ -225,7 +230,7 @@ class KimiDeltaAttention(nn.Module):
         g = kda_gate(self.f_b_proj(self.f_a_proj(x)).view(B, T, H, K), self.A_log, self.dt_bias)
         beta = self.b_proj(x).float().sigmoid()                     # [B, T, H], upcast first (trap 10)
         # L2 norm with eps on the sum of squares (trap 6); the 1/sqrt(K) scale is applied by the kernel
-        o, S = kda_core(l2norm(q), l2norm(k), v, g, beta,
+        o, S = kda_core(l2norm(q.float()), l2norm(k.float()), v, g, beta,
                         None if start_pos == 0 else self.recurrent_state[:B])
         self.recurrent_state[:B] = S
         gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, K)
@@ -235,8 +240,8 @@ class KimiDeltaAttention(nn.Module):
 class MLAAttention(nn.Module):
     """Multi-head latent attention without positional encoding (section 2.4).
 
-    The cache holds the normalised latent [B, L, R] and the shared key slot k_pe [B, L, 64] (8 KiB per
-    token and layer, 17.8x less than per-head K and V); keys and values are re-expanded with kv_b_proj.
+    The cache holds the normalised latent [B, L, R] and the shared key slot k_pe [B, L, 64] (1,152 bytes
+    per token and layer in bf16, 17.8x less than per-head K and V); keys and values are re-expanded with kv_b_proj.
     (DeepSeek's "absorb" trick would fold kv_b_proj into q and o_proj instead and attend in latent
     space: cheaper for long decodes, same result.)
     """
@@ -330,7 +335,7 @@ class MoEGate(nn.Module):
         # ...but the released code adds the bias in place on a view of s, so its mixing weights are the
         # *biased* scores sigmoid + bias (trap 1). vLLM, SGLang and transformers use the unbiased s.
         w = (biased if a.routing_weights_biased else s).gather(-1, ids)    # [N, k]
-        if a.moe_renormalize:
+        if a.moe_renormalize and a.num_experts_per_token > 1:      # as the official code
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
         return ids, w * a.routed_scaling_factor
 
@@ -424,15 +429,16 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, ckpt_dir, device=None, dtype=None, max_batch_size=1, max_seq_len=4096):
         """Load an official checkpoint folder shard by shard straight onto `device` (host memory stays
-        about one shard; on CPU the weights stay memory-mapped). `dtype` casts every tensor except
-        A_log and dt_bias, which stay fp32. Raises CheckpointError naming the offending file/tensor."""
+        about one shard; on CPU without a dtype change the weights stay memory-mapped). `dtype` casts
+        every tensor except A_log and dt_bias, which stay fp32. Raises CheckpointError naming the
+        offending file/tensor."""
         ckpt_dir = Path(ckpt_dir)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         args = ModelArgs.from_json(ckpt_dir / "config.json")
         index_path = ckpt_dir / "model.safetensors.index.json"
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_path}: cannot read the index ({e!r})") from None
         with torch.device("meta"):                                  # no memory, no init
             model = cls(args)

@@ -152,25 +152,29 @@ def resolve_ckpt(ckpt):
 
 
 def check_ckpt(ckpt, device, dtype):
-    """Cheap checks before anything is loaded: required files, shards named by the index, memory."""
+    """Cheap checks before anything is loaded: files, shards named by the index, memory. -> ModelArgs"""
     need = ["config.json", "model.safetensors.index.json", "tiktoken.model", "tokenizer_config.json"]
     if missing := [f for f in need if not os.path.isfile(os.path.join(ckpt, f))]:
         raise Fail(f"incomplete checkpoint folder {ckpt}: missing {', '.join(missing)}")
     try:
+        args = ModelArgs.from_json(os.path.join(ckpt, "config.json"))
         with open(os.path.join(ckpt, "model.safetensors.index.json")) as f:
             index = json.load(f)
-    except ValueError as e:
-        raise Fail(f"cannot read {ckpt}/model.safetensors.index.json: {e}") from None
-    shards = sorted(set(index.get("weight_map", {}).values()))
+        shards, total = sorted(set(index["weight_map"].values())), index["metadata"]["total_size"]
+    except CheckpointError as e:
+        raise Fail(str(e)) from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise Fail(f"cannot read {ckpt}/model.safetensors.index.json: {e!r}") from None
     if missing := [s for s in shards if not os.path.isfile(os.path.join(ckpt, s))]:
         raise Fail(f"incomplete checkpoint folder {ckpt}: missing {len(missing)} of {len(shards)} shards "
                    f"({', '.join(missing[:3])})")
-    need = index.get("metadata", {}).get("total_size", 0) * dtype.itemsize / 2  # stored in bf16, as released
+    need = total * (dtype.itemsize / 2 if dtype else 1)  # stored in bf16, as released
     free = free_memory(device)
     if free is not None and need > free:
-        hint = " (try --dtype bf16)" if dtype.itemsize > 2 else ""
-        raise Fail(f"not enough memory on {device}: the weights need {need / 2**30:.1f} GiB as {dtype}, "
-                   f"{free / 2**30:.1f} GiB is free{hint}")
+        hint = " (try --dtype bf16)" if dtype and dtype.itemsize > 2 else ""
+        raise Fail(f"not enough memory on {device}: the weights need {need / 2**30:.1f} GiB as "
+                   f"{dtype or 'stored'}, {free / 2**30:.1f} GiB is free{hint}")
+    return args
 
 
 def free_memory(device):
@@ -254,7 +258,8 @@ def main(argv=None):
     ap.add_argument("--top-p", type=float)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--device", help="default: cuda if present, else cpu")
-    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                    help="default: bf16 on GPU; on CPU the checkpoint's own (bf16), memory-mapped")
     ap.add_argument("--max-seq-len", type=int, default=4096)
     args = ap.parse_args(argv)
     try:
@@ -269,40 +274,46 @@ def run(args):
         raise Fail("give --ckpt DIR (or a hub repo id), or --demo to try a tiny random-weight model")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise Fail(f"--top-p must be in (0, 1], not {args.top_p}")
+    if args.top_k is not None and args.top_k < 1:
+        raise Fail(f"--top-k must be at least 1, not {args.top_k}")
+    if not 0 <= args.temperature < float("inf"):  # also refuses nan
+        raise Fail(f"--temperature must be a finite number >= 0, not {args.temperature}")
+    if args.max_new_tokens < 1:
+        raise Fail(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
     device = pick_device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[
+        args.dtype or (None if device.type == "cpu" else "bf16")]  # None: keep the checkpoint's dtypes
     if args.demo:
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
         ckpt = write_demo(os.path.join(cache, "kimi-minimal-demo"))
         print(f"demo: wrote a tiny random-weight checkpoint to {ckpt}", file=sys.stderr)
     else:
         ckpt = resolve_ckpt(args.ckpt)
-    check_ckpt(ckpt, device, dtype)
+    model_args = check_ckpt(ckpt, device, dtype)
 
     if args.prompt is not None:
         text = args.prompt
-    elif args.prompt_file:
-        try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise Fail(f"cannot read --prompt-file: {e}") from None
-    elif args.demo:
+    elif args.demo and not args.prompt_file:
         text = "Kimi Linear is"
-    elif not sys.stdin.isatty():
-        text = sys.stdin.read()
+    elif args.prompt_file or not sys.stdin.isatty():
+        try:
+            with open(args.prompt_file, "rb") if args.prompt_file else sys.stdin.buffer as f:
+                text = f.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise Fail(f"cannot read the prompt from {args.prompt_file or 'standard input'}: {e}") from None
     else:
         raise Fail("no prompt: pass it as an argument, with --prompt-file, or on standard input")
     try:
         tok = Tokenizer(ckpt)
-    except (OSError, ValueError, KeyError) as e:
-        raise Fail(f"cannot read the tokenizer files in {ckpt}: {e}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise Fail(f"cannot read the tokenizer files in {ckpt}: {e!r}") from None
     prompt = tok.encode(chat_prompt(text, args.system) if args.chat else text)
     if not prompt:
         raise Fail("the prompt is empty")
-    if len(prompt) >= args.max_seq_len:
+    if len(prompt) > args.max_seq_len:
         raise Fail(f"the prompt has {len(prompt)} tokens but --max-seq-len is {args.max_seq_len}")
+    if unknown := sorted({t for t in prompt if t >= model_args.vocab_size}):  # e.g. 163840, 163841
+        raise Fail(f"the prompt holds special tokens the model has no embedding for: ids {unknown}")
 
     t0 = time.perf_counter()
     try:
@@ -315,7 +326,7 @@ def run(args):
     if args.seed is not None:
         torch.manual_seed(args.seed)
 
-    max_new = min(args.max_new_tokens, args.max_seq_len - len(prompt))
+    max_new = min(args.max_new_tokens, args.max_seq_len - len(prompt) + 1)  # the last is not fed back
     ids = generate(model, prompt, max_new, args.temperature, args.top_k, args.top_p,
                    allowed=tok.allowed(model.args.vocab_size, device))
     print("" if args.chat else text, end="", flush=True)

@@ -145,6 +145,8 @@ def broken(demo, tmp_path, how):
     shard = folder / "model-00002-of-00003.safetensors"
     if how == "no config":
         os.remove(folder / "config.json")
+    elif how == "config not an object":
+        (folder / "config.json").write_text("[1, 2]")
     elif how == "no shard":
         os.remove(shard)
     elif how == "truncated":
@@ -159,16 +161,32 @@ def broken(demo, tmp_path, how):
 @pytest.mark.parametrize("how, extra, message", [
     ("missing", [], "no checkpoint folder"),
     ("no config", [], "missing config.json"),
+    ("config not an object", [], "not a Kimi-Linear config"),
     ("no shard", [], "missing 1 of 3 shards"),
     ("truncated", [], "truncated"),
     ("huge", [], "not enough memory"),
     (None, ["--max-seq-len", "4"], "--max-seq-len is 4"),
     (None, ["--device", "nosuchdevice"], "unknown device"),
     (None, ["--device", "cuda:7"], "cuda:7"),
+    (None, ["--top-k", "0"], "--top-k must be at least 1"),
+    (None, ["--temperature", "nan"], "--temperature must be a finite number"),
+    (None, ["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
 ])
 def test_bad_input_exits_2(demo_ckpt, tmp_path, capsys, how, extra, message):
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", broken(demo_ckpt, tmp_path, how), *extra, "a prompt of several words"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: ") and message in err[-1]
+
+
+@pytest.mark.parametrize("prompt, message", [
+    (["x<|reserved_token_163841|>"], "no embedding for: ids [163841]"),   # a special id past the 163840 rows
+    (["--prompt-file", "not-utf8.txt"], "cannot read the prompt"),
+])
+def test_bad_prompt_exits_2(demo_ckpt, tmp_path, capsys, prompt, message):
+    (tmp_path / "not-utf8.txt").write_bytes(b"\xff\xfe not UTF-8")
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", demo_ckpt, *(str(tmp_path / p) if p.endswith(".txt") else p for p in prompt)])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err[-1].startswith("error: ") and message in err[-1]
 
