@@ -1,6 +1,7 @@
 """Tests for kimi.py on a tiny random model (fp32, CPU), plus one CUDA-only Triton check."""
 import copy
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -9,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import example, given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
+import kda_ref
 import kimi
 from kimi import CheckpointError, KimiDeltaAttention, ModelArgs, SparseMoeBlock, Transformer
 
@@ -132,6 +135,167 @@ def test_biased_and_unbiased_routing_weights_differ():
     gates = [randomize(kimi.MoEGate(replace(TINY, routing_weights_biased=b))) for b in (True, False)]
     (ids_b, w_b), (ids_u, w_u) = (g(x) for g in gates)
     assert torch.equal(ids_b, ids_u) and not torch.allclose(w_b, w_u)      # same choice, other mix
+
+
+# ------------------------------------------------------------------------------------------------
+# Layers against references written from the spec (ARCHITECTURE.md §2), in bf16 with its rounding
+# points. The tests above compare the code with itself; these pin the formulas.
+
+BF16 = torch.bfloat16
+
+
+def bf16_module(module, seed):
+    """randomize, then cast to bf16 except A_log and dt_bias, which stay fp32 (as from_pretrained)."""
+    randomize(module, seed)
+    for n, p in module.named_parameters():
+        if not n.endswith(("A_log", "dt_bias")):
+            p.data = p.data.to(BF16)
+    return module
+
+
+def linear(x, module):
+    return x @ module.weight.T          # a bias-free nn.Linear, same dtype in and out
+
+
+def kda_layer_ref(L, x, round_qk):
+    """§2.3 step by step; x [B, T, D] bf16. round_qk: q̂, k̂ rounded to bf16 (chunked path, T > 64)."""
+    B, T, _ = x.shape
+    H = L.A_log.numel()
+    K = L.dt_bias.numel() // H
+
+    def conv(u, w):     # y[t] = SiLU(sum_i w[:, 0, i] u[t - 3 + i]), zeros before the start, fp32 sums
+        W = w.shape[-1]
+        u = torch.cat([u.new_zeros(B, W - 1, u.shape[-1]), u], 1).float()
+        return F.silu(sum(w[:, 0, i].float() * u[:, i:i + T] for i in range(W))).to(BF16)
+
+    q, k, v = (conv(linear(x, proj), c.weight).view(B, T, H, K) for proj, c in
+               ((L.q_proj, L.q_conv1d), (L.k_proj, L.k_conv1d), (L.v_proj, L.v_conv1d)))
+    z = (linear(linear(x, L.f_a_proj), L.f_b_proj).float() + L.dt_bias).view(B, T, H, K)
+    g = -L.A_log.view(H, 1).exp() * torch.where(z > 20, z, torch.log1p(z.exp()))
+    beta = linear(x, L.b_proj).float().sigmoid()                           # [B, T, H]
+
+    def unit(u):        # L2 norm with eps on the sum of squares
+        u = u.float() / (u.float().square().sum(-1, keepdim=True) + 1e-6).sqrt()
+        return u.to(BF16).float() if round_qk else u
+
+    q, k, v = unit(q) * K ** -0.5, unit(k), v.float()
+    S = torch.zeros(B, H, K, K)
+    o = torch.zeros(B, T, H, K)
+    for t in range(T):  # decay, delta write on the decayed state, read the updated state
+        S = S * g[:, t, :, :, None].exp()
+        err = v[:, t] - torch.einsum("bhk,bhkv->bhv", k[:, t], S)
+        S = S + k[:, t, :, :, None] * (beta[:, t, :, None] * err)[:, :, None]
+        o[:, t] = torch.einsum("bhk,bhkv->bhv", q[:, t], S)
+    o = o.to(BF16).float()
+    r = linear(linear(x, L.g_a_proj), L.g_b_proj).view(B, T, H, K).float()
+    y = o * torch.rsqrt(o.square().mean(-1, keepdim=True) + 1e-5) * L.o_norm.weight.float() * r.sigmoid()
+    return linear(y.to(BF16).view(B, T, H * K), L.o_proj), S
+
+
+def mla_layer_ref(m, x):
+    """§2.4 on a prompt, TINY's dims (scale (16 + 8)^-0.5); x [B, T, D] bf16. P stays fp32 for P·V."""
+    B, T, _ = x.shape
+    H, R, nope, pe = (getattr(TINY, n) for n in ("num_attention_heads", "kv_lora_rank",
+                                                  "qk_nope_head_dim", "qk_rope_head_dim"))
+    q = linear(x, m.q_proj).view(B, T, H, nope + pe)
+    ckv = linear(x, m.kv_a_proj_with_mqa)
+    c, k_pe = ckv[..., :R], ckv[..., R:]
+    c32 = c.float()
+    c = (c32 * torch.rsqrt(c32.square().mean(-1, keepdim=True) + 1e-6)).to(BF16) * m.kv_a_layernorm.weight
+    kv = linear(c, m.kv_b_proj).view(B, T, H, -1)
+    k_nope, v = kv[..., :nope], kv[..., nope:]
+    k = torch.cat([k_nope, k_pe[:, :, None].expand(B, T, H, pe)], -1)
+    s = torch.einsum("bihd,bjhd->bhij", q.float(), k.float()) * (nope + pe) ** -0.5
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -torch.inf)
+    o = torch.einsum("bhij,bjhd->bihd", s.softmax(-1), v.float()).to(BF16)
+    return linear(o.reshape(B, T, -1), m.o_proj)
+
+
+def moe_block_ref(moe, x, k, scale=2.446):
+    """§2.5 (released code: biased mixing weights); x [N, D] bf16."""
+    s = torch.sigmoid(x.float() @ moe.gate.weight.float().T)
+    s = s + moe.gate.e_score_correction_bias.float()       # the official in-place add aliases s (trap 1)
+    idx = s.topk(k, -1).indices
+    w = s.gather(-1, idx)
+    w = w / (w.sum(-1, keepdim=True) + 1e-20) * scale
+    out = []
+    for xt, ids, wt in zip(x, idx, w):
+        experts = [moe.experts[e] for e in ids]
+        y = sum(wj * linear(F.silu(linear(xt, e.w1)) * linear(xt, e.w3), e.w2).float()
+                for wj, e in zip(wt, experts))
+        out.append(y.to(BF16))
+    sh = moe.shared_experts
+    return torch.stack(out) + linear(F.silu(linear(x, sh.gate_proj)) * linear(x, sh.up_proj), sh.down_proj)
+
+
+@pytest.mark.parametrize("T", [40, 80])     # recurrent path (fp32 q̂, k̂) and chunked path (bf16 q̂, k̂)
+def test_kda_layer_matches_spec_reference_in_bf16(T):
+    layer = bf16_module(KimiDeltaAttention(TINY), seed=4)
+    with torch.no_grad():       # slow decay (rates 0.05 and 0.5, not 1..16): the state remembers more
+        layer.A_log.copy_(torch.tensor([0.05, 0.5]).log().view(1, 1, 2, 1))
+    layer.setup_cache(2, 128, BF16, "cpu")
+    x = torch.randn(2, T, TINY.hidden_size, generator=torch.Generator().manual_seed(5)).to(BF16)
+    with torch.no_grad():
+        out = layer(x, 0)
+        ref, S = kda_layer_ref(layer, x, round_qk=T > 64)
+        wrong_rounding = kda_layer_ref(layer, x, round_qk=T <= 64)[0]
+    # Bit-exact here (2e-5 on the chunked path). The other path's q̂/k̂ rounding (trap 13) alone gives
+    # ~4e-3; spec mutations give 4e-2 (β × 0.9) to 1.4 (conv taps reversed), SiLU for sigmoid 0.9.
+    assert rel(wrong_rounding, ref) > 2e-3
+    assert rel(out, ref) < 1e-3 and rel(layer.recurrent_state[:2], S) < 1e-3
+
+
+def test_mla_layer_matches_spec_reference_in_bf16():
+    m = bf16_module(kimi.MLAAttention(TINY), seed=7)
+    with torch.no_grad():       # a small latent c (mean c² ~ 3e-5) makes kv_a_layernorm's eps matter
+        m.kv_a_proj_with_mqa.weight[:TINY.kv_lora_rank] *= 0.01
+    m.setup_cache(2, 64, BF16, "cpu")
+    x = torch.randn(2, 30, TINY.hidden_size, generator=torch.Generator().manual_seed(8)).to(BF16)
+    with torch.no_grad():
+        assert rel(m(x, 0), mla_layer_ref(m, x)) < 1e-3
+
+
+def test_moe_block_matches_spec_reference_in_bf16():
+    moe = bf16_module(SparseMoeBlock(TINY), seed=3)
+    x = torch.randn(40, TINY.hidden_size, generator=torch.Generator().manual_seed(9)).to(BF16)
+    with torch.no_grad():
+        out, ref = moe(x[None])[0], moe_block_ref(moe, x, TINY.num_experts_per_token)
+    # the order of the final sum shows only as 1-ulp bf16 differences, so count them
+    assert rel(out, ref) < 1e-3 and (out != ref).float().mean() < 0.02
+
+
+def test_rmsnorm_casts_to_bf16_before_the_weight_multiply():
+    norm = bf16_module(kimi.RMSNorm(TINY.hidden_size), seed=10)
+    x = torch.randn(64, TINY.hidden_size, generator=torch.Generator().manual_seed(11)).to(BF16)
+    x32 = x.float()
+    x_hat = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + 1e-5)
+    with torch.no_grad():
+        assert torch.equal(norm(x), x_hat.to(BF16) * norm.weight)
+        assert not torch.equal(norm(x), (x_hat * norm.weight.float()).to(BF16))    # the test can tell
+
+
+def test_kda_gate_formula():
+    H, K = 3, 4
+    gen = torch.Generator().manual_seed(12)
+    f = torch.randn(2, 5, H, K, generator=gen) * 4
+    f[0, 0, 1] = torch.tensor([19.0, 25.0, 100.0, 1000.0])        # softplus(z) = z above 20: no inf
+    A_log = torch.tensor([-1.0, 0.0, 2.0]).view(1, 1, H, 1)        # one per head
+    dt_bias = torch.rand(H * K, generator=gen) - 0.5               # one per channel, c = h*K + d
+    g = kda_ref.kda_gate(f, A_log, dt_bias)
+    ref = []
+    for i, fi in enumerate(f.flatten().tolist()):
+        c = i % (H * K)                                             # channel c = h*K + d
+        z = fi + dt_bias[c].item()
+        ref.append(-math.exp(A_log.flatten()[c // K].item()) * (z if z > 20 else math.log1p(math.exp(z))))
+    ref = torch.tensor(ref, dtype=torch.float64).view(f.shape)
+    assert g.dtype == torch.float32 and torch.allclose(g.double(), ref, rtol=1e-6, atol=0)
+
+
+def test_l2norm_formula_puts_eps_on_the_sum_of_squares():
+    x = torch.randn(6, 128, generator=torch.Generator().manual_seed(13))
+    x = x / x.norm(dim=-1, keepdim=True) * torch.logspace(-4, 0, 6)[:, None]    # norms 1e-4 .. 1
+    ref = x.double() / (x.double().square().sum(-1, keepdim=True) + 1e-6).sqrt()
+    assert torch.allclose(kda_ref.l2norm(x).double(), ref, rtol=1e-5, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------
