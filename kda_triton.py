@@ -1,6 +1,7 @@
 """
-Chunked KDA forward in two Triton kernels. Read kda_ref.py first: chunk_kda here has the signature and
-the result of kda_ref.recurrent_kda, and its steps are chunk_kda_ref's steps, numbered the same way.
+Chunked KDA forward in two Triton kernels, plus a fused one-token step for decode. Read kda_ref.py first:
+chunk_kda and fused_recurrent_kda here have the signature and the result of kda_ref.recurrent_kda, and
+chunk_kda's steps are chunk_kda_ref's steps, numbered the same way.
 
 Per chunk of C = 64 tokens, with S [K, V] the fp32 state entering it:
   kernel 1, _kda_intra_kernel, grid (NT, B*H): everything that does not depend on S, all chunks at once
@@ -28,7 +29,9 @@ the four diagonal blocks by row substitution, then the block-lower part with tl.
 Intermediates (w, u, qg, kg, Aqk) are stored in bf16 when the inputs are bf16 or fp16 (fla does the
 same; ~3e-3 relative error), in fp32 otherwise; G, the inverse and the running state are always fp32.
 Supported: K and V powers of two from 16 to 256, any B, H (B*H <= 65535) and T >= 1, forward only.
-Not here: backward, varlen (cu_seqlens), fused gate / l2norm / sigmoid(beta), a decode-step kernel.
+fused_recurrent_kda, _kda_step_kernel, grid (B*H, V / BV): recurrent_kda's three steps token by token
+(decode, T = 1, and short inputs), the [K, BV] fp32 state slice in registers: read once, written once.
+Not here: backward, varlen (cu_seqlens), fused gate / l2norm / sigmoid(beta).
 Layout: q, k, g [B, T, H, K]; v, o [B, T, H, V]; beta [B, T, H]; state [B, H, K, V] fp32 (K first).
 """
 import os
@@ -48,8 +51,9 @@ BC = 16                     # sub-block size of Akk / Aqk (smallest tl.dot tile)
 BK_DIAG = 16                # channels per pass of steps 1-2 (16: no register spills on sm_90)
 BD = 32                     # channel slice of step 4's [C, C] @ [C, BD] products (registers)
 BV_SCAN = 64                # V-slice per scan program (32 crashed with an initial state: Triton 3.6, H200)
+BV_STEP = 32                # V-slice per decode-step program (fla's fused_recurrent_kda: 32, 4 warps)
 # Fixed configs instead of autotune: multi-config autotune breaks the CPU interpreter.
-INTRA_WARPS, SCAN_WARPS, SCAN_STAGES = 4, 4, 2
+INTRA_WARPS, SCAN_WARPS, SCAN_STAGES, STEP_WARPS = 4, 4, 2, 4
 # Globals read inside @triton.jit must be tl.constexpr (compiled Triton refuses plain globals).
 RCP_LN2 = tl.constexpr(1.4426950408889634)  # 1 / ln 2: g goes to log2 units once, then exp2 everywhere
 G_FLOOR = tl.constexpr(-128.0)              # per-token gate floor (nats): see step 1
@@ -241,20 +245,28 @@ def _kda_scan_kernel(
         tl.store(ht + state, S)
 
 
+def _check_shapes(name, q, k, v, g, beta, initial_state):
+    """The launchers' shared argument checks. Returns B, T, H, K, V."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if K not in SUPPORTED or V not in SUPPORTED:
+        raise ValueError(f'{name} supports K and V in {SUPPORTED} (powers of two from 16 to 256), '
+                         f'got K = {K}, V = {V}')
+    assert T >= 1, 'need T >= 1'
+    assert k.shape == q.shape and g.shape == q.shape, 'q, k, g must all be [B, T, H, K]'
+    assert v.shape == (B, T, H, V) and beta.shape == (B, T, H), 'v must be [B, T, H, V], beta [B, T, H]'
+    assert initial_state is None or initial_state.shape == (B, H, K, V), 'initial_state must be [B, H, K, V]'
+    return B, T, H, K, V
+
+
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
     """Chunked KDA forward. Same signature and result as kda_ref.recurrent_kda.
 
     q, k, g [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; initial_state [B, H, K, V] fp32 or None.
     Returns o [B, T, H, V] in v's dtype and the final state [B, H, K, V] fp32 (or None).
     """
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    if K not in SUPPORTED or V not in SUPPORTED:
-        raise ValueError(f'chunk_kda supports K and V in {SUPPORTED} (powers of two from 16 to 256), '
-                         f'got K = {K}, V = {V}')
-    assert T >= 1 and B * H <= 65535, 'need T >= 1 and B*H <= 65535 (the grid\'s second axis)'
-    assert k.shape == q.shape and g.shape == q.shape, 'q, k, g must all be [B, T, H, K]'
-    assert v.shape == (B, T, H, V) and beta.shape == (B, T, H), 'v must be [B, T, H, V], beta [B, T, H]'
+    B, T, H, K, V = _check_shapes('chunk_kda', q, k, v, g, beta, initial_state)
+    assert B * H <= 65535, 'need B*H <= 65535 (the grid\'s second axis)'
     scale = K ** -0.5 if scale is None else scale
     # The kernels index contiguous tensors; .contiguous() is free when they already are.
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -281,7 +293,6 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     o = torch.empty_like(v)
     h0 = None
     if initial_state is not None:
-        assert initial_state.shape == (B, H, K, V), 'initial_state must be [B, H, K, V]'
         h0 = initial_state.float().contiguous()
     ht = torch.empty(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     BV = min(BV_SCAN, V)
@@ -293,6 +304,74 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
         DOT=dot, PREC=prec,
         # prefetching the next chunk doubles the shared-memory tiles: only when small (bf16, K <= 128)
         num_warps=SCAN_WARPS, num_stages=SCAN_STAGES if mid == torch.bfloat16 and K <= 128 else 1)
+    return o, ht
+
+
+@triton.jit
+def _kda_step_kernel(
+    # pointers
+    q, k, v, g, beta, o, h0, ht,
+    # sizes
+    T, H, scale,
+    # strides (per token, of the contiguous inputs)
+    s_qk, s_v, s_beta,
+    # meta
+    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)          # (b, h) on the first axis: no 65535 limit on B*H
+    iv = tl.program_id(1).to(tl.int64)          # int64 so that offsets cannot overflow
+    b, h = bh // H, bh % H
+    ck = tl.arange(0, K)                        # whole K per program (v_old and o reduce over K)
+    cv = iv * BV + tl.arange(0, BV)
+    # the state slice as an int64 base plus int32 offsets within the head (< K*V): constant per thread,
+    # so the addresses fold into the loads; int64 [K, BV] addresses cost 64 registers kept until the store
+    base = bh * K * V + iv * BV
+    state = ck[:, None] * V + tl.arange(0, BV)[None, :]                  # [K, BV] in [K, V]
+    if HAS_H0:
+        S = tl.load(h0 + base + state)
+    else:
+        S = tl.zeros([K, BV], dtype=tl.float32)
+    for t in range(T):  # runtime trip count: Triton 3.6's interpreter needs numpy < 2.4 for this
+        bt = b * T + t
+        # any input dtype, upcast on load: no conversion kernels in front of a decode step
+        b_q = tl.load(q + bt * s_qk + h * K + ck).to(tl.float32) * scale      # [K]
+        b_k = tl.load(k + bt * s_qk + h * K + ck).to(tl.float32)              # [K]
+        b_g = tl.load(g + bt * s_qk + h * K + ck).to(tl.float32)              # [K]
+        b_v = tl.load(v + bt * s_v + h * V + cv).to(tl.float32)               # [BV]
+        b_beta = tl.load(beta + bt * s_beta + h).to(tl.float32)
+        # 1. decay rows; natural exp is safe here: one token's g, exponent <= 0 (-inf gives 0)
+        S = S * tl.exp(b_g)[:, None]
+        # 2. delta write with the decayed state: v_old = S^T k, S += k (beta (v - v_old))^T
+        delta = b_beta * (b_v - tl.sum(b_k[:, None] * S, axis=0))             # [BV]
+        S = S + b_k[:, None] * delta[None, :]
+        # 3. read the updated state: o = S^T (scale q); elementwise products and sums, no tl.dot
+        b_o = tl.sum(b_q[:, None] * S, axis=0)                                 # [BV]
+        tl.store(o + bt * s_v + h * V + cv, b_o.to(o.dtype.element_ty))
+    if STORE_HT:
+        tl.store(ht + base + state, S)
+
+
+def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
+    """Token-by-token KDA in one kernel, for decode (T = 1) and short inputs (long ones: chunk_kda).
+
+    Same signature and result as kda_ref.recurrent_kda: o [B, T, H, V] in v's dtype and the final state
+    [B, H, K, V] fp32 (or None). Inputs may be in any float dtype; all arithmetic is fp32.
+    """
+    B, T, H, K, V = _check_shapes('fused_recurrent_kda', q, k, v, g, beta, initial_state)
+    scale = K ** -0.5 if scale is None else scale
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))   # free when already contiguous
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    # A new final state, as recurrent_kda returns. Passing ht = h0 would update the state in place (each
+    # program reads its slice before writing it) and save this allocation; the caller would own that.
+    ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
+    o = torch.empty_like(v)
+    BV = min(BV_STEP, V)
+    _kda_step_kernel[(B * H, V // BV)](
+        q, k, v, g, beta, o, h0, ht,
+        T, H, scale,
+        H * K, H * V, H,
+        K=K, V=V, BV=BV, HAS_H0=h0 is not None, STORE_HT=output_final_state,
+        num_warps=STEP_WARPS)
     return o, ht
 
 
@@ -351,6 +430,14 @@ if __name__ == '__main__':
         lines.append(f'{f"B={B} T={T}":>16} {ms:7.3f} {io / ms / 1e6:6.0f} {err_o:8.1e} {err_S:8.1e} '
                      f'{fla_ms:>7} {fla_txt:>8}')
         print(lines[-1] if len(lines) > 3 else '\n'.join(lines), flush=True)
+    steps = []  # one decode step: the state is read once and written once, B*32*128*128*4 bytes each
+    for B in (1, 16):
+        x, h0 = make_inputs(B, 1, 32, 128, 128, torch.bfloat16, 'cuda'), torch.randn(B, 32, 128, 128).cuda()
+        step = lambda: fused_recurrent_kda(*x, initial_state=h0, output_final_state=True)  # noqa: E731
+        ms = triton.testing.do_bench(step, warmup=50, rep=200, return_mode='median')
+        steps.append(f'B={B} {ms:.3f} ms ({2 * h0.numel() * 4 / ms / 1e9:.2f} TB/s state traffic)')
+    lines.append(f'decode step, fused_recurrent_kda: {", ".join(steps)}; fla: 0.038 / 0.041 ms')
+    print(lines[-1], flush=True)
     if os.environ.get('KDA_BENCH_OUT'):
         with open(os.environ['KDA_BENCH_OUT'], 'w') as f:
             f.write('\n'.join(lines) + '\n')

@@ -1,5 +1,6 @@
 """
-Property tests for KDA: kda_triton.chunk_kda and kda_ref.chunk_kda_ref against kda_ref.recurrent_kda.
+Property tests for KDA: kda_triton.chunk_kda, kda_triton.fused_recurrent_kda and kda_ref.chunk_kda_ref
+against kda_ref.recurrent_kda.
 
 Without a GPU the Triton kernels run in the CPU interpreter (importing kda_triton sets TRITON_INTERPRET=1),
 which costs ~0.2 ms per 64x128 @ 128x64 dot, so CPU shapes stay small. Errors are relative L2 norms.
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from kda_triton import chunk_kda  # first: chooses the interpreter when there is no GPU
+from kda_triton import chunk_kda, fused_recurrent_kda  # first: chooses the interpreter without a GPU
 from kda_ref import chunk_kda_ref, kda_gate, l2norm, recurrent_kda
 
 CUDA = torch.cuda.is_available()
@@ -110,13 +111,14 @@ def test_delta_rule_retrieval(seed, N):
     torch.testing.assert_close(o[0, N:, 0].cpu(), values, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize('kernel', [chunk_kda, fused_recurrent_kda])
 @pytest.mark.parametrize('g_value', [0.0, -85.0, -1e4, -math.inf])
-def test_extreme_gates_stay_finite(g_value):
+def test_extreme_gates_stay_finite(kernel, g_value):
     q, k, v, g, beta = make_inputs(0, 1, 100, 2, 16, 16, 'softplus')
     g = g.clone()
     g[:, ::3] = g_value                        # mixes the extreme value with Kimi gates near -85
     h0 = torch.randn(1, 2, 16, 16, device=DEV)
-    o, S = chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    o, S = kernel(q, k, v, g, beta, initial_state=h0, output_final_state=True)
     o_ref, S_ref = recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
     check(o, S, o_ref, S_ref, 1e-4, 1e-4)
 
@@ -136,8 +138,60 @@ def test_bf16_on_gpu(seed, T, gate, has_h0):
     check(o, S, o_ref, S_ref, 5e-3, 1e-2)
 
 
+@settings(deadline=None, max_examples=25)
+@given(seed=st.integers(0, 2**31), B=st.integers(1, 2), T=st.integers(1, 8), H=st.integers(1, 2),
+       K=st.sampled_from(DIMS), V=st.sampled_from(DIMS), gate=st.sampled_from(GATES),
+       has_h0=st.booleans())
+def test_fused_recurrent_matches_recurrence(seed, B, T, H, K, V, gate, has_h0):
+    q, k, v, g, beta = make_inputs(seed, B, T, H, K, V, gate)
+    h0 = torch.randn(B, H, K, V, device=DEV) if has_h0 else None
+    h0_before = None if h0 is None else h0.clone()
+    o, S = fused_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    o_ref, S_ref = recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    check(o, S, o_ref, S_ref, 1e-5, 1e-5)      # the same arithmetic, token by token
+    assert o.dtype == v.dtype
+    assert h0 is None or torch.equal(h0, h0_before)          # functional, like recurrent_kda: h0 untouched
+    assert fused_recurrent_kda(q, k, v, g, beta, initial_state=h0)[1] is None
+
+
+@settings(deadline=None, max_examples=10)
+@given(seed=st.integers(0, 2**31), T=st.integers(2, 24), data=st.data(), gate=st.sampled_from(GATES))
+def test_decode_steps_match_one_pass(seed, T, data, gate):
+    """Prefill with chunk_kda, then T = 1 steps carrying the state == one call over the whole sequence."""
+    prefill = data.draw(st.integers(0, T - 1), label='prefill')
+    x = make_inputs(seed, 2, T, 2, 16, 32, gate)
+    h0 = torch.randn(2, 2, 16, 32, device=DEV)
+    o, S = fused_recurrent_kda(*x, initial_state=h0, output_final_state=True)
+    o_chunk, S_chunk = chunk_kda(*x, initial_state=h0, output_final_state=True)
+    check(o_chunk, S_chunk, o, S, 1e-4, 1e-4)
+    outs, state = [], h0
+    if prefill:
+        o_p, state = chunk_kda(*(t[:, :prefill] for t in x), initial_state=h0, output_final_state=True)
+        outs.append(o_p)
+    for t in range(prefill, T):
+        o_t, state = fused_recurrent_kda(*(y[:, t:t + 1] for y in x), initial_state=state,
+                                         output_final_state=True)
+        outs.append(o_t)
+    check(torch.cat(outs, 1), state, o, S, 1e-4 if prefill else 1e-6, 1e-4 if prefill else 1e-6)
+
+
+@pytest.mark.skipif(not CUDA, reason='bf16 kernels need CUDA: the interpreter has no correct bf16 dot')
+@settings(deadline=None, max_examples=6)
+@given(seed=st.integers(0, 2**31), B=st.integers(1, 16), T=st.integers(1, 64), gate=st.sampled_from(GATES),
+       has_h0=st.booleans())
+def test_fused_recurrent_bf16_on_gpu(seed, B, T, gate, has_h0):
+    q, k, v, g, beta = make_inputs(seed, B, T, 4, 128, 128, gate, dtype=torch.bfloat16)
+    h0 = torch.randn(B, 4, 128, 128, device=DEV) if has_h0 else None
+    o, S = fused_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    o_ref, S_ref = recurrent_kda(q.float(), k.float(), v.float(), g, beta, initial_state=h0,
+                                 output_final_state=True)
+    assert o.dtype == torch.bfloat16
+    check(o, S, o_ref, S_ref, 5e-3, 1e-2)
+
+
+@pytest.mark.parametrize('kernel', [chunk_kda, fused_recurrent_kda])
 @pytest.mark.parametrize('K, V', [(48, 32), (32, 512), (8, 16), (16, 100)])
-def test_unsupported_dims_raise(K, V):
+def test_unsupported_dims_raise(kernel, K, V):
     q, k, v, g, beta = make_inputs(0, 1, 4, 1, K, V, 'logsigmoid')
     with pytest.raises(ValueError, match='powers of two from 16 to 256'):
-        chunk_kda(q, k, v, g, beta)
+        kernel(q, k, v, g, beta)
