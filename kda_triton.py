@@ -246,16 +246,19 @@ def _kda_scan_kernel(
 
 
 def _check_shapes(name, q, k, v, g, beta, initial_state):
-    """The launchers' shared argument checks. Returns B, T, H, K, V."""
+    """The launchers' shared argument checks: a ValueError saying what is wrong. Returns B, T, H, K, V."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    if K not in SUPPORTED or V not in SUPPORTED:
-        raise ValueError(f'{name} supports K and V in {SUPPORTED} (powers of two from 16 to 256), '
-                         f'got K = {K}, V = {V}')
-    assert T >= 1, 'need T >= 1'
-    assert k.shape == q.shape and g.shape == q.shape, 'q, k, g must all be [B, T, H, K]'
-    assert v.shape == (B, T, H, V) and beta.shape == (B, T, H), 'v must be [B, T, H, V], beta [B, T, H]'
-    assert initial_state is None or initial_state.shape == (B, H, K, V), 'initial_state must be [B, H, K, V]'
+    for bad, what in [
+            (K not in SUPPORTED or V not in SUPPORTED,
+             f'supports K and V in {SUPPORTED} (powers of two from 16 to 256), got K = {K}, V = {V}'),
+            (T < 1, 'needs T >= 1'),
+            (k.shape != q.shape or g.shape != q.shape, 'needs q, k and g all [B, T, H, K]'),
+            (v.shape != (B, T, H, V) or beta.shape != (B, T, H), 'needs v [B, T, H, V] and beta [B, T, H]'),
+            (initial_state is not None and initial_state.shape != (B, H, K, V),
+             'needs initial_state [B, H, K, V]')]:
+        if bad:
+            raise ValueError(f'{name} {what}')
     return B, T, H, K, V
 
 
@@ -266,7 +269,8 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     Returns o [B, T, H, V] in v's dtype and the final state [B, H, K, V] fp32 (or None).
     """
     B, T, H, K, V = _check_shapes('chunk_kda', q, k, v, g, beta, initial_state)
-    assert B * H <= 65535, 'need B*H <= 65535 (the grid\'s second axis)'
+    if B * H > 65535:
+        raise ValueError(f'chunk_kda needs B*H <= 65535 (the grid\'s second axis), got {B * H}')
     scale = K ** -0.5 if scale is None else scale
     # The kernels index contiguous tensors; .contiguous() is free when they already are.
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
