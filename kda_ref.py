@@ -86,7 +86,8 @@ def chunk_kda_ref(q, k, v, g, beta, scale=None, initial_state=None, output_final
     Per chunk of C tokens, with S the state entering it (KERNELS.md section 3 derives each line):
       kernel 1 (no dependence on S, parallel over chunks)
         1. G = chunk-local cumsum of g, in log2 units; gamma = G at the last row
-        2. Aqk[i, j] = scale sum_c q_i k_j 2^(G_i - G_j)  (j <= i);  Akk[i, j] = beta_i sum_c k_i k_j 2^(G_i - G_j)  (j < i)
+        2. Aqk[i, j] = scale sum_c q_i k_j 2^(G_i - G_j)  (j <= i)
+           Akk[i, j] = beta_i sum_c k_i k_j 2^(G_i - G_j)  (j < i)
         3. Tinv = (I + Akk)^-1 by forward substitution
         4. w = Tinv (beta k 2^G),  u = Tinv (beta v),  qg = q 2^G,  kg = k 2^(gamma - G)
       kernel 2 (sequential over chunks)
