@@ -14,7 +14,7 @@ import argparse, base64, codecs, json, os, re, resource, sys, time
 import tiktoken
 import torch
 
-from kimi import CheckpointError, ModelArgs, Transformer
+from kimi import CheckpointError, CUDAGraphDecoder, ModelArgs, Transformer
 
 # Kimi's pre-tokenisation regex, the eight alternatives of the release joined by "|". Han runs split off
 # first; words are case-aware (CamelCase splits) with English contractions; digits go in groups of <= 3.
@@ -114,12 +114,14 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None):
 
 @torch.inference_mode()
 def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None, allowed=None,
-             stop=(IM_END, EOS)):
-    """Yield new ids: one prefill over the prompt ids, then one decode step per token through the caches."""
+             stop=(IM_END, EOS), compile=False):
+    """Yield new ids: one prefill over the prompt ids, then one decode step per token through the caches
+    (on a GPU, a CUDA-graph replay, captured before the prefill resets the caches the capture used)."""
     device = next(model.parameters()).device
+    step = CUDAGraphDecoder(model, 1, compile) if device.type == "cuda" and max_new_tokens > 1 else None
     tokens, pos = torch.tensor([prompt], device=device), 0
     for _ in range(max_new_tokens):
-        logits = model(tokens, start_pos=pos)[:, -1].float()  # start_pos=0 resets the caches
+        logits = (step(tokens, pos) if step and pos else model(tokens, pos, last_only=True))[:, -1]
         if allowed is not None:  # never emit an id the model (>= vocab_size) or the tokenizer lacks
             logits = logits.masked_fill(~allowed, float("-inf"))
         pos += tokens.shape[1]
@@ -261,6 +263,10 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
                     help="default: bf16 on GPU; on CPU the checkpoint's own (bf16), memory-mapped")
     ap.add_argument("--max-seq-len", type=int, default=4096)
+    ap.add_argument("--bench", action="store_true", help="time the full-size model (random weights, GPU)")
+    ap.add_argument("--config", help="for --bench: a config.json instead of the 48B-A3B defaults")
+    ap.add_argument("--peer", action="store_true", help="for --bench: time transformers' model too")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
     args = ap.parse_args(argv)
     try:
         run(args)
@@ -270,6 +276,14 @@ def main(argv=None):
 
 
 def run(args):
+    if args.bench:
+        if not torch.cuda.is_available():
+            raise Fail("--bench needs a CUDA GPU")
+        import bench
+        try:
+            return bench.main(args.config, args.peer, args.compile)
+        except CheckpointError as e:
+            raise Fail(str(e)) from None
     if not args.demo and not args.ckpt:
         raise Fail("give --ckpt DIR (or a hub repo id), or --demo to try a tiny random-weight model")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -328,7 +342,7 @@ def run(args):
 
     max_new = min(args.max_new_tokens, args.max_seq_len - len(prompt) + 1)  # the last is not fed back
     ids = generate(model, prompt, max_new, args.temperature, args.top_k, args.top_p,
-                   allowed=tok.allowed(model.args.vocab_size, device))
+                   allowed=tok.allowed(model.args.vocab_size, device), compile=args.compile)
     print("" if args.chat else text, end="", flush=True)
     t0, stamps = time.perf_counter(), []  # stamps: when each new token arrived; stamps[0] ends the prefill
     for piece in tok.stream(stamps.append(time.perf_counter()) or t for t in ids):

@@ -92,6 +92,20 @@ def test_batch_of_two_equals_each_alone(model, tokens):
         assert rel(both[b:b + 1], alone) < 1e-5
 
 
+def test_decode_with_tensor_position_and_stacked_experts(model, tokens, full):
+    """The CUDA-graph decode path, run eagerly: start_pos as a tensor (MLA reads the whole cache buffer,
+    masked), the experts as two grouped matmuls over stacked weights, only the last logits."""
+    fast = copy.deepcopy(model)
+    fast.stack_experts()
+    assert fast.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), model.state_dict().values()))
+    out = [fast(tokens[:1, :100], last_only=True)] + [
+        fast(tokens[:1, t:t + 1], start_pos=torch.tensor(t), last_only=True) for t in range(100, SEQ)]
+    assert rel(torch.cat(out, dim=1), full[:, 99:]) < 1e-4
+    with pytest.raises(ValueError, match="one token"):
+        fast(tokens[:1, :2], start_pos=torch.tensor(3))
+
+
 def test_cache_limits_raise_value_error(model, tokens):
     with pytest.raises(ValueError, match="max_seq_len"):
         model(tokens[:1, :10], start_pos=250)
@@ -255,8 +269,26 @@ def test_mla_layer_matches_spec_reference_in_bf16():
         assert rel(m(x, 0), mla_layer_ref(m, x)) < 1e-3
 
 
-def test_moe_block_matches_spec_reference_in_bf16():
+def test_absorbed_mla_decode_is_as_accurate_as_the_expanded_form_in_bf16():
+    """A decode step folds kv_b_proj into q and the output, so it rounds other products to bf16 than
+    the spec's expanded form: both are compared with the exact (fp64) layer on the same weights."""
+    m = bf16_module(kimi.MLAAttention(TINY), seed=7)
+    m64 = copy.deepcopy(m).double()
+    m.setup_cache(2, 64, BF16, "cpu")
+    m64.setup_cache(2, 64, torch.float64, "cpu")
+    x = torch.randn(2, 30, TINY.hidden_size, generator=torch.Generator().manual_seed(8)).to(BF16)
+    with torch.no_grad():
+        exact, expanded = m64(x.double(), 0)[:, -1], mla_layer_ref(m, x)[:, -1]
+        m(x[:, :29], 0)
+        absorbed = m(x[:, 29:], 29)[:, 0]
+    assert rel(absorbed, exact) < 1.5 * rel(expanded, exact)       # measured: 1.0-1.2x, both ~4e-3
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_moe_block_matches_spec_reference_in_bf16(stacked):
     moe = bf16_module(SparseMoeBlock(TINY), seed=3)
+    if stacked:
+        moe.stack_experts()
     x = torch.randn(40, TINY.hidden_size, generator=torch.Generator().manual_seed(9)).to(BF16)
     with torch.no_grad():
         out, ref = moe(x[None])[0], moe_block_ref(moe, x, TINY.num_experts_per_token)
@@ -486,8 +518,8 @@ def test_peak_host_memory_while_loading(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for the kda_triton path")
 def test_triton_kda_layer_matches_reference(monkeypatch):
-    if kimi._triton_chunk_kda() is None:
-        pytest.skip("kda_triton.chunk_kda does not import")
+    if kimi._kda_triton() is None:
+        pytest.skip("kda_triton does not import")
     args = replace(TINY, hidden_size=256, kda_num_heads=4, kda_head_dim=128)
     layer = randomize(KimiDeltaAttention(args)).cuda()
     for n, p in layer.named_parameters():                          # bf16, except A_log and dt_bias
@@ -503,8 +535,25 @@ def test_triton_kda_layer_matches_reference(monkeypatch):
         return whole, pieces, layer.recurrent_state.clone()
 
     fast = run()
-    monkeypatch.setattr(kimi, "_triton_chunk_kda", lambda: None)
+    monkeypatch.setattr(kimi, "_kda_triton", lambda: None)
     ref = run()
     for a, b in zip(fast, ref):
         assert rel(a, b) < 5e-3
     assert rel(fast[1], fast[0]) < 5e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for CUDA graphs")
+def test_cuda_graph_decode_equals_eager_decode(tokens):
+    model = bf16_module(Transformer(TINY), seed=12).cuda().eval()
+    model.stack_experts()
+    model.setup_cache(max_batch_size=2, max_seq_len=160)
+    graph = kimi.CUDAGraphDecoder(model, batch_size=2)             # before the prefill, as documented
+    tok = tokens[:, :110].cuda()
+
+    def run(step):                                                  # a prefill, then 10 decode steps
+        out = [model(tok[:, :100], last_only=True)]
+        return torch.cat(out + [step(tok[:, t:t + 1], t).clone() for t in range(100, 110)], dim=1)
+
+    eager = run(lambda t, pos: model(t, torch.tensor(pos, device="cuda"), last_only=True))
+    graphed = run(graph)
+    assert rel(graphed, eager) < 1e-3
