@@ -83,10 +83,9 @@ class ModelArgs:
     routed_scaling_factor: float = 2.446
     routing_weights_biased: bool = True     # released code's quirk (trap 1); False = vLLM/DeepSeek rule
 
-    # ModelArgs field -> key inside config.json's linear_attn_config (every other field is top level)
+    # field -> key inside config.json's linear_attn_config (every other field is top level)
     LINEAR_KEYS = {"kda_num_heads": "num_heads", "kda_head_dim": "head_dim",
-                   "short_conv_kernel_size": "short_conv_kernel_size",
-                   "full_attn_layers": "full_attn_layers"}
+                   "short_conv_kernel_size": "short_conv_kernel_size", "full_attn_layers": "full_attn_layers"}
 
     @classmethod
     def from_json(cls, path):
@@ -117,15 +116,13 @@ class ModelArgs:
         """The official config.json layout (1-based layer lists), as written by save_pretrained."""
         cfg = {f.name: getattr(self, f.name) for f in fields(self)
                if f.name not in self.LINEAR_KEYS and f.name != "routing_weights_biased"}
-        full = [i + 1 for i in self.full_attn_layers]
-        kda = [i for i in range(1, self.num_hidden_layers + 1) if i not in full]
+        linear = {key: getattr(self, f) for f, key in self.LINEAR_KEYS.items()}
+        linear["full_attn_layers"] = full = [i + 1 for i in self.full_attn_layers]
+        linear["kda_layers"] = [i for i in range(1, self.num_hidden_layers + 1) if i not in full]
         return {"architectures": ["KimiLinearForCausalLM"], "model_type": "kimi_linear", "dtype": dtype,
                 **cfg, "num_key_value_heads": self.num_attention_heads, "q_lora_rank": None,
                 "mla_use_nope": True, "hidden_act": "silu", "moe_router_activation_func": "sigmoid",
-                "use_grouped_topk": True, "tie_word_embeddings": False,
-                "linear_attn_config": {"kda_layers": kda, "full_attn_layers": full,
-                                       "head_dim": self.kda_head_dim, "num_heads": self.kda_num_heads,
-                                       "short_conv_kernel_size": self.short_conv_kernel_size}}
+                "use_grouped_topk": True, "tie_word_embeddings": False, "linear_attn_config": linear}
 
 
 class CheckpointError(Exception):
@@ -211,12 +208,10 @@ class KimiDeltaAttention(nn.Module):
         self.o_proj = nn.Linear(H * K, D, bias=False)
 
     def setup_cache(self, max_batch_size, max_seq_len, dtype, device):
-        B, H, K = max_batch_size, self.H, self.K
-        # the last W-1 pre-conv projections of q, k and v, and the recurrent state S (always fp32)
-        self.register_buffer("conv_state", torch.zeros(3, B, H * K, self.W - 1, dtype=dtype,
-                                                       device=device), persistent=False)
-        self.register_buffer("recurrent_state", torch.zeros(B, H, K, K, dtype=torch.float32,
-                                                            device=device), persistent=False)
+        B, H, K = max_batch_size, self.H, self.K    # the last W-1 pre-conv inputs of q, k, v; S in fp32
+        conv, S = torch.zeros(3, B, H * K, self.W - 1, dtype=dtype), torch.zeros(B, H, K, K)
+        self.register_buffer("conv_state", conv.to(device), persistent=False)
+        self.register_buffer("recurrent_state", S.to(device), persistent=False)
 
     def forward(self, x, start_pos):                                # x [B, T, D]
         B, T, _ = x.shape
@@ -224,10 +219,10 @@ class KimiDeltaAttention(nn.Module):
         new = not torch.is_tensor(start_pos) and start_pos == 0    # (a tensor: a CUDA graph's decode)
         if new:                                                     # a new sequence: forget the past
             self.conv_state[:, :B].zero_()
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
         q, k, v = (conv(proj(x), state).view(B, T, H, K)           # [B, T, H, K] each
-                   for proj, conv, state in zip(projs, convs, self.conv_state[:, :B]))
+                   for proj, conv, state in zip((self.q_proj, self.k_proj, self.v_proj),
+                                                (self.q_conv1d, self.k_conv1d, self.v_conv1d),
+                                                self.conv_state[:, :B]))
         # g = -exp(A_log) * softplus(f + dt_bias), fp32 and <= 0 (trap 3)
         g = kda_gate(self.f_b_proj(self.f_a_proj(x)).view(B, T, H, K), self.A_log, self.dt_bias)
         beta = self.b_proj(x).float().sigmoid()                     # [B, T, H], upcast first (trap 10)
@@ -240,14 +235,11 @@ class KimiDeltaAttention(nn.Module):
 
 
 class MLAAttention(nn.Module):
-    """Multi-head latent attention without positional encoding (section 2.4).
-
-    The cache holds, per token, the normalised latent c [R] and the shared key slot k_pe [64], side by
-    side: 1,152 bytes per token and layer in bf16, 17.8x less than per-head K and V. A prefill expands
-    keys and values with kv_b_proj; a decode step folds kv_b_proj into the query and the output instead
-    ("absorbed", as DeepSeek-V3 and vLLM decode) and attends in the latent space: the same attention,
-    without re-expanding the whole cache for every new token.
-    """
+    """Multi-head latent attention without positional encoding (section 2.4). The cache holds, per token,
+    the normalised latent c [R] and the shared key slot k_pe [64]: 1,152 bytes per token and layer in
+    bf16, 17.8x less than per-head K and V. A prefill expands keys and values with kv_b_proj; a decode
+    step folds kv_b_proj into the query and the output instead ("absorbed", as DeepSeek-V3 and vLLM
+    decode) and attends in the latent space: the same attention, without re-expanding the cache."""
     def __init__(self, args: ModelArgs):
         super().__init__()
         D, self.H, self.R = args.hidden_size, args.num_attention_heads, args.kv_lora_rank
@@ -285,11 +277,9 @@ class MLAAttention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.H * self.v))   # o [B, H, T, 128]
 
     def decode(self, q, ckv, pos):
-        """One new token per sequence: q [B, H, 192], ckv [B, 1, R + 64] -> [B, H, 128].
-
-        Absorbed: q_nope . (W_uk c) = (q_nope W_uk) . c, and sum_j p_j (W_uv c_j) = W_uv (sum_j p_j c_j),
-        so the heads become the query rows of one attention over the cache, keys [c, k_pe] and values c.
-        pos is an int or, in a CUDA graph, a device tensor; then the whole buffer is read, masked."""
+        """q [B, H, 192], ckv [B, 1, R + 64] -> [B, H, 128]. Absorbed: q_nope . (W_uk c) = (q_nope W_uk) . c
+        and sum_j p_j W_uv c_j = W_uv sum_j p_j c_j, so the heads are the query rows of one attention over
+        the cache. pos: an int, or a CUDA graph's device tensor (then the whole buffer is read, masked)."""
         B = q.shape[0]
         L = pos + 1 if isinstance(pos, int) else self.kv_cache.shape[1]
         pos = torch.as_tensor(pos, device=q.device).view(1)
@@ -305,9 +295,8 @@ class MLAAttention(nn.Module):
 
 def _bmm_fp32(a, b):
     """a @ b with an fp32 result: scores are not rounded to bf16 (flash attention keeps them fp32)."""
-    if a.is_cuda and a.dtype != torch.float32:
-        return torch.bmm(a, b, out_dtype=torch.float32)            # bf16 operands, fp32 accumulate
-    return torch.bmm(a.float(), b.float())
+    cuda_bf16 = a.is_cuda and a.dtype != torch.float32              # (no out_dtype on CPU)
+    return torch.bmm(a, b, out_dtype=torch.float32) if cuda_bf16 else torch.bmm(a.float(), b.float())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -367,9 +356,8 @@ class MoEGate(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """Routed experts plus the always-on shared expert. Two ways to run the routed experts, same result:
-    a loop over the experts that received tokens (CPU), or two grouped matmuls over stacked weights
-    (GPU, after stack_experts()), which need no host sync and so fit in a CUDA graph."""
+    """Routed experts plus the always-on shared expert. The routed experts run as a loop over those that
+    got tokens (CPU), or as two grouped matmuls over stacked weights (GPU): no host sync, graph-safe."""
     def __init__(self, args: ModelArgs):
         super().__init__()
         D, F_ = args.hidden_size, args.moe_intermediate_size
@@ -379,10 +367,10 @@ class SparseMoeBlock(nn.Module):
         self.w13 = self.w2 = None                                   # set by stack_experts()
 
     def stack_experts(self):
-        """Copy the experts' weights into w13 [E, 2F, D] (w1 over w3) and w2 [E, D, F], and make each
-        expert's weights views of them: names and state_dict stay the checkpoint's. Call it once the
-        model is on its device (a memory-mapped CPU model would copy every expert into RAM)."""
-        if self.w13 is not None:
+        """Copy the experts into w13 [E, 2F, D] (w1 over w3) and w2 [E, D, F], each expert's weights now
+        views of them (same names and state_dict). Call it on the device (mmapped CPU weights: copies)."""
+        w = self.experts[0].w1.weight
+        if self.w13 is not None or (w.is_cuda and w.dtype != torch.bfloat16):   # CUDA: bf16 only
             return
         w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in self.experts])
         w2 = torch.stack([e.w2.weight for e in self.experts])
@@ -419,8 +407,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         D = args.hidden_size
         self.input_layernorm = RMSNorm(D, args.rms_norm_eps)
-        mla = i in args.full_attn_layers
-        self.self_attn = MLAAttention(args) if mla else KimiDeltaAttention(args)
+        self.self_attn = MLAAttention(args) if i in args.full_attn_layers else KimiDeltaAttention(args)
         self.post_attention_layernorm = RMSNorm(D, args.rms_norm_eps)
         # The one irregular name: layer 0's FFN is `mlp`, the MoE layers' is `block_sparse_moe`.
         self.is_moe = (args.num_experts > 0 and i >= args.first_k_dense_replace
@@ -456,30 +443,27 @@ class Transformer(nn.Module):
 
     def stack_experts(self):
         """Stack each MoE layer's experts for the grouped-matmul path (see SparseMoeBlock)."""
-        for layer in self.model.layers:
-            if layer.is_moe:
-                layer.block_sparse_moe.stack_experts()
+        for moe in (layer.block_sparse_moe for layer in self.model.layers if layer.is_moe):
+            moe.stack_experts()
 
     @torch.no_grad()        # not inference_mode: torch.compile fails on its tensors (torch 2.13)
     def forward(self, tokens, start_pos=0, last_only=False):
-        """tokens [B, T] int64 -> logits [B, T, vocab] fp32 ([B, 1, vocab] with last_only, all that
-        generation needs). start_pos = 0 starts new sequences; start_pos > 0 continues them from the
-        caches (position start_pos is the first new token). In a CUDA graph, start_pos is a device
-        tensor and T = 1 (see CUDAGraphDecoder)."""
+        """tokens [B, T] int64 -> logits [B, T, vocab] fp32 (last_only: [B, 1, vocab]). start_pos = 0
+        starts new sequences; start_pos > 0 continues them from the caches. In a CUDA graph start_pos
+        is a device tensor and T = 1 (bench.cuda_graph_decoder)."""
         B, T = tokens.shape
         if B > self.max_batch_size:
             raise ValueError(f"batch of {B} exceeds max_batch_size={self.max_batch_size} "
                              "(call setup_cache with a larger one)")
         if torch.is_tensor(start_pos) and T != 1:
             raise ValueError("a tensor start_pos is for decode steps of one token")
-        if not torch.is_tensor(start_pos) and start_pos + T > self.max_seq_len:
+        elif not torch.is_tensor(start_pos) and start_pos + T > self.max_seq_len:
             raise ValueError(f"start_pos {start_pos} + {T} tokens exceeds max_seq_len="
                              f"{self.max_seq_len} (call setup_cache with a larger one)")
         h = self.model.embed_tokens(tokens)                         # [B, T, D]; no positional encoding
         for layer in self.model.layers:
             h = layer(h, start_pos)
-        h = h[:, -1:] if last_only else h
-        return self.lm_head(self.model.norm(h)).float()
+        return self.lm_head(self.model.norm(h[:, -1:] if last_only else h)).float()
 
     # ------------------------------------------------------------------------------------------------
     # Checkpoints: config.json + model-0000i-of-0000n.safetensors + model.safetensors.index.json
@@ -487,9 +471,8 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, ckpt_dir, device=None, dtype=None, max_batch_size=1, max_seq_len=4096):
         """Load an official checkpoint folder shard by shard straight onto `device` (host memory stays
-        about one shard; on CPU without a dtype change the weights stay memory-mapped). `dtype` casts
-        every tensor except A_log and dt_bias, which stay fp32. Raises CheckpointError naming the
-        offending file/tensor."""
+        about one shard; on CPU without a dtype change the weights stay memory-mapped). `dtype` casts all
+        but A_log and dt_bias, which stay fp32. Raises CheckpointError naming the file/tensor."""
         ckpt_dir = Path(ckpt_dir)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         args = ModelArgs.from_json(ckpt_dir / "config.json")
@@ -528,20 +511,18 @@ class Transformer(nn.Module):
             loaded_bytes += sum(t.numel() * t.element_size() for t in state.values())
             del state
             dt = time.perf_counter() - t0
-            print(f"shard {i}/{len(shards)}: {loaded_bytes / 1e9:.2f} GB loaded in {dt:.1f} s "
-                  f"({loaded_bytes / 1e9 / max(dt, 1e-9):.2f} GB/s)", file=sys.stderr)
+            print(f"shard {i}/{len(shards)}: {loaded_bytes / 1e9:.2f} GB loaded in {dt:.1f} s", file=sys.stderr)
         _check(ckpt_dir, "left parameters unloaded", [n for n, p in model.state_dict().items()
                                                      if p.is_meta])
         model.requires_grad_(False).eval()
-        if device.type == "cuda":
+        if device.type == "cuda":                       # the grouped-matmul MoE (SparseMoeBlock)
             model.stack_experts()
         model.setup_cache(max_batch_size, max_seq_len)
         return model
 
     def save_pretrained(self, ckpt_dir, num_shards=2):
         """Write config.json, num_shards safetensors shards and the index, in the official layout."""
-        ckpt_dir = Path(ckpt_dir)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (ckpt_dir := Path(ckpt_dir)).mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
         sizes = {n: t.numel() * t.element_size() for n, t in state.items()}
         total, done, groups = sum(sizes.values()), 0, [[] for _ in range(num_shards)]
@@ -560,37 +541,6 @@ class Transformer(nn.Module):
         (ckpt_dir / "config.json").write_text(json.dumps(self.args.to_config(dtype), indent=2) + "\n")
 
 
-class CUDAGraphDecoder:
-    """model(tokens [B, 1], start_pos, last_only=True) replayed from a CUDA graph: a decode step's
-    ~3,000 small kernels cost one launch. The position lives in a device tensor, so one graph serves
-    every step; MLA then reads its whole cache buffer (max_seq_len), masked. Create it before the
-    prefill: warming up and capturing run real decode steps on the caches, which a prefill resets.
-    compile=True first fuses the step's elementwise work with torch.compile (minutes to compile)."""
-    def __init__(self, model, batch_size, compile=False):
-        device = model.lm_head.weight.device
-        model.stack_experts()                           # the expert loop syncs with the host: not capturable
-        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-        self.pos = torch.ones((), dtype=torch.long, device=device)
-        # emulate_precision_casts: round to bf16 wherever eager does, so compiled and eager agree
-        step = torch.compile(model, dynamic=False, options={"emulate_precision_casts": True}) \
-            if compile else model
-        stream = torch.cuda.Stream(device)              # warm up off the default stream, as torch asks:
-        stream.wait_stream(torch.cuda.current_stream(device))       # compiles, cuBLAS plans
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                step(self.tokens, self.pos, last_only=True)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = step(self.tokens, self.pos, last_only=True)    # [B, 1, vocab], overwritten
-
-    def __call__(self, tokens, start_pos):
-        self.tokens.copy_(tokens)
-        self.pos.fill_(start_pos)
-        self.graph.replay()
-        return self.logits
-
-
 def _check(where, problem, offenders, shown=8):
     """Raise a one-line CheckpointError naming the offending tensors, if there are any."""
     offenders = sorted(offenders)
@@ -599,20 +549,13 @@ def _check(where, problem, offenders, shown=8):
         raise CheckpointError(f"{where}: {problem}: {', '.join(offenders[:shown])}{more}")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Smoke run: a tiny random model; one prefill must equal a prefill in two pieces and token-by-token.
-
-if __name__ == "__main__":
-    torch.manual_seed(0)
-    args = ModelArgs(vocab_size=256, hidden_size=64, num_hidden_layers=4, kda_num_heads=2,
-                     kda_head_dim=16, full_attn_layers=(1, 3), num_attention_heads=2, kv_lora_rank=32,
-                     qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, intermediate_size=128,
-                     moe_intermediate_size=32, num_experts=8, num_experts_per_token=2)
-    model = Transformer(args).eval()
-    model.setup_cache(max_batch_size=1, max_seq_len=128)
-    tokens = torch.randint(0, args.vocab_size, (1, 100))
-    full = model(tokens)
-    pieces = torch.cat([model(tokens[:, :70]), model(tokens[:, 70:], start_pos=70)], dim=1)
-    steps = torch.cat([model(tokens[:, t:t + 1], start_pos=t) for t in range(100)], dim=1)
-    for name, other in (("prefill in pieces", pieces), ("token by token", steps)):
-        print(f"{name}: max |diff| = {(other - full).abs().max():.2e} (logits scale {full.std():.2f})")
+if __name__ == "__main__":      # smoke run: a tiny random model, one prefill vs token by token
+    args = ModelArgs(vocab_size=256, hidden_size=64, num_hidden_layers=4, kda_num_heads=2, kda_head_dim=16,
+                     full_attn_layers=(1, 3), num_attention_heads=2, kv_lora_rank=32, qk_nope_head_dim=16,
+                     qk_rope_head_dim=8, v_head_dim=16, intermediate_size=128, moe_intermediate_size=32,
+                     num_experts=8, num_experts_per_token=2)
+    (model := Transformer(args).eval()).setup_cache(max_batch_size=1, max_seq_len=128)
+    tokens = torch.randint(0, args.vocab_size, (1, 100), generator=torch.Generator().manual_seed(0))
+    full, steps = model(tokens), torch.cat([model(tokens[:, t:t + 1], t) for t in range(100)], dim=1)
+    print(f"token by token vs one prefill: max |diff| {(steps - full).abs().max():.2e} "
+          f"(logits scale {full.std():.2f})")

@@ -4,17 +4,18 @@
     python sample.py --ckpt moonshotai/Kimi-Linear-48B-A3B-Instruct --chat "Is 123 a prime?"
     python sample.py --ckpt DIR --max-new-tokens 64 "The capital of France is"   # Base: plain continuation
 
-Reading order: Tokenizer (tiktoken + Kimi's split regex + 258 specials), chat_prompt, sample and
-generate (one prefill, then one cached decode step per token), checkpoint checks, the demo writer, main.
-Tokenizer facts (tiktoken.model, pat_str, special ids, chat format): ../shared/docs/ARCHITECTURE.md §5.
-Official tokenizer: tokenization_kimi.py in moonshotai/Kimi-Linear-48B-A3B-Instruct.
+    python sample.py --bench                      # GPU: speed of the full-size model, random weights
+Reading order: Tokenizer (tiktoken + Kimi's split regex + 258 specials), chat_prompt, sample, generate
+(a prefill, then cached decode steps), checks, the demo writer, main. Tokenizer facts: ARCHITECTURE.md §5
+(../shared/docs); the official tokenizer is tokenization_kimi.py in moonshotai/Kimi-Linear-48B-A3B-*.
 """
 import argparse, base64, codecs, json, os, re, resource, sys, time
 
 import tiktoken
 import torch
 
-from kimi import CheckpointError, CUDAGraphDecoder, ModelArgs, Transformer
+import bench
+from kimi import CheckpointError, ModelArgs, Transformer
 
 # Kimi's pre-tokenisation regex, the eight alternatives of the release joined by "|". Han runs split off
 # first; words are case-aware (CamelCase splits) with English contractions; digits go in groups of <= 3.
@@ -118,7 +119,8 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=N
     """Yield new ids: one prefill over the prompt ids, then one decode step per token through the caches
     (on a GPU, a CUDA-graph replay, captured before the prefill resets the caches the capture used)."""
     device = next(model.parameters()).device
-    step = CUDAGraphDecoder(model, 1, compile) if device.type == "cuda" and max_new_tokens > 1 else None
+    fast = device.type == "cuda" and model.lm_head.weight.dtype == torch.bfloat16 and max_new_tokens > 1
+    step = bench.cuda_graph_decoder(model, 1, compile) if fast else None
     tokens, pos = torch.tensor([prompt], device=device), 0
     for _ in range(max_new_tokens):
         logits = (step(tokens, pos) if step and pos else model(tokens, pos, last_only=True))[:, -1]
@@ -266,7 +268,7 @@ def main(argv=None):
     ap.add_argument("--bench", action="store_true", help="time the full-size model (random weights, GPU)")
     ap.add_argument("--config", help="for --bench: a config.json instead of the 48B-A3B defaults")
     ap.add_argument("--peer", action="store_true", help="for --bench: time transformers' model too")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the GPU decode step (slow start)")
     args = ap.parse_args(argv)
     try:
         run(args)
@@ -276,14 +278,8 @@ def main(argv=None):
 
 
 def run(args):
-    if args.bench:
-        if not torch.cuda.is_available():
-            raise Fail("--bench needs a CUDA GPU")
-        import bench
-        try:
-            return bench.main(args.config, args.peer, args.compile)
-        except CheckpointError as e:
-            raise Fail(str(e)) from None
+    if args.bench:                  # bench.py: the full-size model with random weights
+        return bench.main(args.config, args.peer, args.compile)
     if not args.demo and not args.ckpt:
         raise Fail("give --ckpt DIR (or a hub repo id), or --demo to try a tiny random-weight model")
     if args.top_p is not None and not 0 < args.top_p <= 1:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hypothesis import example, given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
+import bench
 import kda_ref
 import kimi
 from kimi import CheckpointError, KimiDeltaAttention, ModelArgs, SparseMoeBlock, Transformer
@@ -547,7 +548,7 @@ def test_cuda_graph_decode_equals_eager_decode(tokens):
     model = bf16_module(Transformer(TINY), seed=12).cuda().eval()
     model.stack_experts()
     model.setup_cache(max_batch_size=2, max_seq_len=160)
-    graph = kimi.CUDAGraphDecoder(model, batch_size=2)             # before the prefill, as documented
+    graph = bench.cuda_graph_decoder(model, batch_size=2)          # before the prefill, as documented
     tok = tokens[:, :110].cuda()
 
     def run(step):                                                  # a prefill, then 10 decode steps
