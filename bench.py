@@ -1,6 +1,7 @@
 """Decode at GPU speed (one CUDA graph per step), and the speed benchmark of the full-size model.
 
     python sample.py --bench [--config config.json] [--compile] [--peer]
+    python sample.py --bench --context 4096,131072,1048576 [--out DIR]   # TPOT vs an all-MLA twin
 
 The benchmark builds the model with random weights (speed does not depend on their values) and prints
 prefill tokens/s at B = 1 and decode tokens/s after a 4096-token prompt, each next to its ceiling on
@@ -8,8 +9,12 @@ this GPU: the bf16 matmul rate over 2 FLOP per active parameter for prefill; for
 rate over the bytes a step must read (active weights, MLA caches, KDA states). --peer also times Hugging
 Face transformers' KimiLinearForCausalLM (peer_hf.py) on random weights of the same shapes.
 """
+import argparse
+import json
+import os
 import statistics
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -90,6 +95,14 @@ def active_params(a):
     return total - moe_layers * (a.num_experts - a.num_experts_per_token) * expert_bytes(a) // 2
 
 
+def cache_bytes(a, B, context):
+    """Bytes of the caches of B sequences: MLA latent + k_pe per token; KDA conv inputs and fp32 state."""
+    mla, kda = len(a.full_attn_layers), a.num_hidden_layers - len(a.full_attn_layers)
+    P = a.kda_num_heads * a.kda_head_dim
+    return B * (mla * context * (a.kv_lora_rank + a.qk_rope_head_dim) * 2
+                + kda * (3 * P * (a.short_conv_kernel_size - 1) * 2 + P * a.kda_head_dim * 4))
+
+
 def decode_bytes(a, B, context):
     """Bytes one decode step reads at batch B: the shared weights once, each distinct expert once
     (expected count under uniform routing), every sequence's MLA cache and KDA state (read + write)."""
@@ -166,22 +179,101 @@ def bench_peer(args, device):
     return rows
 
 
-def main(config=None, peer=False, compile=False):
+def bench_context(args, device, contexts, steps=16, prefill=65536):
+    """Decode time per output token (TPOT) at B = 1 after `contexts` tokens, for the model and its
+    all-MLA twin (every layer MLA, all else equal). The caches are filled with random values, not by a
+    prefill: a decode step's time does not depend on the cached values. -> list of result dicts."""
+    results = []
+    twin = replace(args, full_attn_layers=tuple(range(args.num_hidden_layers)))
+    for variant, a in (("Kimi Linear", args), ("all-MLA twin", twin)):
+        model = random_model(a, device, 1, 1)
+        for L in contexts:
+            row = dict(variant=variant, context=L, formula_bytes=cache_bytes(a, 1, L))
+            try:
+                model.setup_cache(0, 0)                 # free the last caches, then measure the new ones
+                torch.cuda.empty_cache()
+                before = torch.cuda.memory_allocated(device)
+                model.setup_cache(1, L)
+                row["allocated_bytes"] = torch.cuda.memory_allocated(device) - before
+                for name, buf in model.named_buffers():
+                    buf.normal_().mul_(0.1 if name.endswith("recurrent_state") else 1.0)
+                step = cuda_graph_decoder(model, 1)     # reads the whole cache of L tokens
+                tok = torch.zeros(1, 1, dtype=torch.long, device=device)
+                row["tpot_ms"] = cuda_time(lambda: step(tok, L - 1), runs=steps, warmup=4)
+            except torch.OutOfMemoryError:
+                row["tpot_ms"] = None                   # the twin's cache may not fit next to 98 GB
+            step = None
+            results.append(row)
+            print(f"{variant:12} context {L:>8}: cache {row['formula_bytes'] / 2**30:7.3f} GiB "
+                  f"(allocated {row.get('allocated_bytes', 0) / 2**30:7.3f}), TPOT "
+                  + (f"{row['tpot_ms']:.2f} ms" if row["tpot_ms"] else "out of memory"), flush=True)
+            if L == prefill:                            # bonus: the prefill that fills such a cache
+                tokens = torch.randint(0, a.vocab_size, (1, L), device=device)
+                row["prefill_s"] = cuda_time(lambda: model(tokens, last_only=True), runs=1) / 1e3
+                print(f"{variant:12} prefill of {L} tokens: {row['prefill_s']:.2f} s", flush=True)
+        model = None
+        torch.cuda.empty_cache()
+    return results
+
+
+def plot(results, path):
+    """TPOT against context for both variants (matplotlib, optional) -> PNG at `path`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for variant in dict.fromkeys(r["variant"] for r in results):
+        pts = [(r["context"], r["tpot_ms"]) for r in results if r["variant"] == variant and r["tpot_ms"]]
+        ax.plot(*zip(*pts), marker="o", label=variant)
+    ax.set(xscale="log", xlabel="context (tokens)", ylabel="decode time per token, B = 1 (ms)",
+           title="Kimi Linear 48B-A3B vs an all-MLA twin, one H200, bf16")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def main(argv=()):
+    ap = argparse.ArgumentParser(prog="sample.py --bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", help="a config.json instead of the 48B-A3B defaults")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile + CUDA graph decode")
+    ap.add_argument("--peer", action="store_true", help="also time transformers' KimiLinearForCausalLM")
+    ap.add_argument("--context", help="comma-separated contexts: TPOT and cache size vs an all-MLA twin")
+    ap.add_argument("--out", help="with --context: write the results (JSON) and a plot (PNG) here")
+    opts = ap.parse_args(argv)
+    try:
+        contexts = [int(c) for c in opts.context.split(",")] if opts.context else []
+    except ValueError:
+        ap.error(f"--context takes comma-separated token counts, not {opts.context!r}")
+    if any(c < 1 for c in contexts):
+        ap.error("--context lengths must be positive")
     if not torch.cuda.is_available():
         sys.exit("error: --bench needs a CUDA GPU")
     try:
-        args = ModelArgs.from_json(config) if config else ModelArgs()
+        args = ModelArgs.from_json(opts.config) if opts.config else ModelArgs()
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     device = torch.device("cuda")
     print(f"{active_params(args) / 1e9:.2f} B active parameters per token; random bf16 weights on "
           f"{torch.cuda.get_device_name(device)}", flush=True)
-    ours = bench_ours(args, device, compile)
+    if contexts:
+        results = bench_context(args, device, contexts)
+        if opts.out:
+            os.makedirs(opts.out, exist_ok=True)
+            with open(os.path.join(opts.out, "tpot.json"), "w") as f:
+                json.dump(results, f, indent=1)
+            plot(results, os.path.join(opts.out, "tpot.png"))
+        return
+    ours = bench_ours(args, device, opts.compile)
     peak = torch.cuda.max_memory_allocated(device) / 2**30
     torch.cuda.empty_cache()
-    theirs = bench_peer(args, device) if peer else {}
+    theirs = bench_peer(args, device) if opts.peer else {}
     print(f"{'':46} {'tok/s':>8} {'ceiling':>8} {'of ceiling':>10} {'transformers':>18}")
     for name, (tps, ceiling) in ours.items():
         other = theirs.get(name.split(",")[0], "") if "eager" not in name else ""
         print(f"{name:46} {tps:8.1f} {ceiling:8.0f} {tps / ceiling:10.1%} {other:>18}")
     print(f"peak GPU memory (ours): {peak:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

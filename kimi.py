@@ -209,9 +209,9 @@ class KimiDeltaAttention(nn.Module):
 
     def setup_cache(self, max_batch_size, max_seq_len, dtype, device):
         B, H, K = max_batch_size, self.H, self.K    # the last W-1 pre-conv inputs of q, k, v; S in fp32
-        conv, S = torch.zeros(3, B, H * K, self.W - 1, dtype=dtype), torch.zeros(B, H, K, K)
-        self.register_buffer("conv_state", conv.to(device), persistent=False)
-        self.register_buffer("recurrent_state", S.to(device), persistent=False)
+        conv = torch.zeros(3, B, H * K, self.W - 1, dtype=dtype, device=device)
+        self.register_buffer("conv_state", conv, persistent=False)
+        self.register_buffer("recurrent_state", torch.zeros(B, H, K, K, device=device), persistent=False)
 
     def forward(self, x, start_pos):                                # x [B, T, D]
         B, T, _ = x.shape

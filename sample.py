@@ -265,10 +265,12 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
                     help="default: bf16 on GPU; on CPU the checkpoint's own (bf16), memory-mapped")
     ap.add_argument("--max-seq-len", type=int, default=4096)
-    ap.add_argument("--bench", action="store_true", help="time the full-size model (random weights, GPU)")
-    ap.add_argument("--config", help="for --bench: a config.json instead of the 48B-A3B defaults")
-    ap.add_argument("--peer", action="store_true", help="for --bench: time transformers' model too")
     ap.add_argument("--compile", action="store_true", help="torch.compile the GPU decode step (slow start)")
+    ap.add_argument("--bench", action="store_true", help="time the full-size model on a GPU (random "
+                    "weights); every other option is then bench.py's (python bench.py --help)")
+    argv = sys.argv[1:] if argv is None else argv
+    if "--bench" in argv:
+        return bench.main([a for a in argv if a != "--bench"])
     args = ap.parse_args(argv)
     try:
         run(args)
@@ -278,8 +280,6 @@ def main(argv=None):
 
 
 def run(args):
-    if args.bench:                  # bench.py: the full-size model with random weights
-        return bench.main(args.config, args.peer, args.compile)
     if not args.demo and not args.ckpt:
         raise Fail("give --ckpt DIR (or a hub repo id), or --demo to try a tiny random-weight model")
     if args.top_p is not None and not 0 < args.top_p <= 1:
