@@ -511,7 +511,8 @@ class Transformer(nn.Module):
             loaded_bytes += sum(t.numel() * t.element_size() for t in state.values())
             del state
             dt = time.perf_counter() - t0
-            print(f"shard {i}/{len(shards)}: {loaded_bytes / 1e9:.2f} GB loaded in {dt:.1f} s", file=sys.stderr)
+            print(f"shard {i}/{len(shards)}: {loaded_bytes / 1e9:.2f} GB loaded in {dt:.1f} s",
+                  file=sys.stderr)
         _check(ckpt_dir, "left parameters unloaded", [n for n, p in model.state_dict().items()
                                                      if p.is_meta])
         model.requires_grad_(False).eval()
@@ -532,8 +533,9 @@ class Transformer(nn.Module):
         weight_map = {}
         for i, names in enumerate(groups, 1):
             shard = f"model-{i:05d}-of-{num_shards:05d}.safetensors"
-            save_file({n: state[n].detach().cpu().contiguous() for n in names}, ckpt_dir / shard,
-                      metadata={"format": "pt"})
+            # copies: stacked experts (SparseMoeBlock.stack_experts) are views of one shared tensor
+            tensors = {n: state[n].detach().cpu().clone(memory_format=torch.contiguous_format) for n in names}
+            save_file(tensors, ckpt_dir / shard, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(names, shard))
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (ckpt_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -93,7 +93,7 @@ def test_batch_of_two_equals_each_alone(model, tokens):
         assert rel(both[b:b + 1], alone) < 1e-5
 
 
-def test_decode_with_tensor_position_and_stacked_experts(model, tokens, full):
+def test_decode_with_tensor_position_and_stacked_experts(model, tokens, full, tmp_path):
     """The CUDA-graph decode path, run eagerly: start_pos as a tensor (MLA reads the whole cache buffer,
     masked), the experts as two grouped matmuls over stacked weights, only the last logits."""
     fast = copy.deepcopy(model)
@@ -105,6 +105,9 @@ def test_decode_with_tensor_position_and_stacked_experts(model, tokens, full):
     assert rel(torch.cat(out, dim=1), full[:, 99:]) < 1e-4
     with pytest.raises(ValueError, match="one token"):
         fast(tokens[:1, :2], start_pos=torch.tensor(3))
+    fast.save_pretrained(tmp_path)                  # stacked experts share storage: still saves
+    reloaded = Transformer.from_pretrained(tmp_path, device="cpu").state_dict()
+    assert all(torch.equal(reloaded[n], t) for n, t in model.state_dict().items())
 
 
 def test_cache_limits_raise_value_error(model, tokens):
