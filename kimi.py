@@ -15,11 +15,9 @@ Layer map (0-based): MLA at 3, 7, 11, 15, 19, 23, 26; KDA everywhere else. Layer
 (`mlp`), layers 1..26 a MoE (`block_sparse_moe`). There is no positional encoding at all: order enters
 only through the KDA recurrence, the short convs and the MLA causal mask.
 
-References:
-    Kimi Linear tech report, arXiv 2510.26692
-    official code: huggingface.co/moonshotai/Kimi-Linear-48B-A3B-Instruct, modeling_kimi.py
-    fla-org/flash-linear-attention: fla/ops/kda/naive.py, fla/layers/kda.py
-    ../shared/docs/ARCHITECTURE.md (section numbers and "trap n" below refer to it)
+References: the Kimi Linear tech report (arXiv 2510.26692); the official modeling_kimi.py in
+huggingface.co/moonshotai/Kimi-Linear-48B-A3B-Instruct; fla's fla/ops/kda/naive.py and fla/layers/kda.py;
+../shared/docs/ARCHITECTURE.md (section numbers and "trap n" below refer to it).
 """
 import functools
 import json
@@ -170,11 +168,9 @@ class ShortConv(nn.Conv1d):
 # Mixers: KDA (20 layers) and MLA (7 layers)
 
 def kda_core(q, k, v, g, beta, initial_state):
-    """Dispatch the KDA recurrence: q, k, v [B, T, H, K] -> (o [B, T, H, V], S fp32 [B, H, K, V]).
-
-    As in the official code: the recurrent form for decode and inputs of <= 64 tokens, with the
-    normalised q and k in fp32; the chunked form (chunk 64) for longer prefill, with q and k rounded to
-    the model dtype first (trap 13). Triton kernels on a GPU, kda_ref elsewhere."""
+    """q, k, v [B, T, H, K] -> (o [B, T, H, V], S fp32 [B, H, K, V]). As the official code: the recurrent
+    form for decode and inputs of <= 64 tokens, with the normalised q and k in fp32; the chunked form for
+    longer prefill, with q and k rounded to the model dtype first (trap 13). Triton on a GPU."""
     T, K = q.shape[1], q.shape[-1]
     fast = q.is_cuda and _kda_triton()
     if T <= 64:
@@ -201,8 +197,7 @@ class KimiDeltaAttention(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(1, 1, H, 1, dtype=torch.float32))
         self.dt_bias = nn.Parameter(torch.zeros(H * K, dtype=torch.float32))
         self.b_proj = nn.Linear(D, H, bias=False)
-        # Output gate, low rank as well, no bias
-        self.g_a_proj = nn.Linear(D, K, bias=False)
+        self.g_a_proj = nn.Linear(D, K, bias=False)                # output gate, low rank as well
         self.g_b_proj = nn.Linear(K, H * K, bias=False)
         self.o_norm = GatedRMSNorm(K, eps=args.rms_norm_eps)
         self.o_proj = nn.Linear(H * K, D, bias=False)
@@ -268,8 +263,7 @@ class MLAAttention(nn.Module):
         kv = self.kv_b_proj(c).view(B, end, self.H, self.nope + self.v)
         k_nope, v = kv.split([self.nope, self.v], dim=-1)          # [B, L, H, 128] each
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.H, -1)], dim=-1)  # [B, L, H, 192]
-        # NoPE: q_pe and k_pe are never rotated; k_pe is one slot shared by all heads.
-        # Causal with an offset: query i (position start_pos + i) sees keys j <= start_pos + i.
+        # NoPE: q_pe, k_pe never rotated. Causal with an offset: query i sees keys j <= start_pos + i.
         mask = None if start_pos == 0 else torch.ones(T, end, dtype=torch.bool,
                                                       device=x.device).tril(start_pos)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -295,8 +289,9 @@ class MLAAttention(nn.Module):
 
 def _bmm_fp32(a, b):
     """a @ b with an fp32 result: scores are not rounded to bf16 (flash attention keeps them fp32)."""
-    cuda_bf16 = a.is_cuda and a.dtype != torch.float32              # (no out_dtype on CPU)
-    return torch.bmm(a, b, out_dtype=torch.float32) if cuda_bf16 else torch.bmm(a.float(), b.float())
+    if a.is_cuda and a.dtype != torch.float32:                      # (no out_dtype on CPU)
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -559,5 +554,4 @@ if __name__ == "__main__":      # smoke run: a tiny random model, one prefill vs
     (model := Transformer(args).eval()).setup_cache(max_batch_size=1, max_seq_len=128)
     tokens = torch.randint(0, args.vocab_size, (1, 100), generator=torch.Generator().manual_seed(0))
     full, steps = model(tokens), torch.cat([model(tokens[:, t:t + 1], t) for t in range(100)], dim=1)
-    print(f"token by token vs one prefill: max |diff| {(steps - full).abs().max():.2e} "
-          f"(logits scale {full.std():.2f})")
+    print(f"token by token vs one prefill: max |diff| {(steps - full).abs().max():.2e} of {full.std():.2f}")
