@@ -113,7 +113,7 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None):
     return torch.multinomial(probs, 1).squeeze(-1)  # renormalises; never draws a zero-probability id
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: torch.compile (--compile) fails on inference tensors
 def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None, allowed=None,
              stop=(IM_END, EOS), compile=False):
     """Yield new ids: one prefill over the prompt ids, then one decode step per token through the caches
