@@ -26,8 +26,9 @@ from kimi import CheckpointError, ModelArgs, Transformer
 def cuda_graph_decoder(model, batch_size, compile=False):
     """decode(tokens [B, 1], start_pos) -> logits [B, 1, vocab]: a decode step replayed from a CUDA graph,
     so its ~3,000 small kernels cost one launch (compile=True first fuses them with torch.compile: about
-    a minute for the 48B model on an H200). The position is a device tensor, so one graph serves every step, and MLA reads its
-    whole cache buffer, masked. Make it before a prefill: capturing runs decode steps on the caches."""
+    a minute for the 48B model on an H200). The position is a device tensor, so one graph serves every
+    step, and MLA reads its whole cache buffer, masked. Make it before a prefill: capturing runs decode
+    steps on the caches."""
     device = model.lm_head.weight.device
     model.stack_experts()                               # the expert loop syncs with the host
     tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
@@ -86,13 +87,17 @@ def expert_bytes(a):
     return 3 * a.hidden_size * a.moe_intermediate_size * 2          # w1, w2, w3 in bf16
 
 
-def active_params(a):
-    """Parameters a token's forward touches (the lm_head included, the embedding table not)."""
-    with torch.device("meta"):
-        model = Transformer(a)
-    total = sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()
-    moe_layers = sum(layer.is_moe for layer in model.model.layers)
-    return total - moe_layers * (a.num_experts - a.num_experts_per_token) * expert_bytes(a) // 2
+def active_params(a, _counted={}):
+    """Parameters a token's forward touches (the lm_head included, the embedding table not). Counted on
+    a meta-device model (3 s at full size), once per config: the ceilings ask for it often."""
+    if repr(a) not in _counted:                     # ModelArgs is not hashable; its repr has every field
+        with torch.device("meta"):
+            model = Transformer(a)
+        total = sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()
+        moe_layers = sum(layer.is_moe for layer in model.model.layers)
+        unused = moe_layers * (a.num_experts - a.num_experts_per_token) * expert_bytes(a) // 2
+        _counted[repr(a)] = total - unused
+    return _counted[repr(a)]
 
 
 def cache_bytes(a, B, context):

@@ -274,24 +274,20 @@ class MLAAttention(nn.Module):
         """q [B, H, 192], ckv [B, 1, R + 64] -> [B, H, 128]. Absorbed: q_nope . (W_uk c) = (q_nope W_uk) . c
         and sum_j p_j W_uv c_j = W_uv sum_j p_j c_j, so the heads are the query rows of one attention over
         the cache. pos: an int, or a CUDA graph's device tensor (then the whole buffer is read, masked)."""
-        B = q.shape[0]
-        L = pos + 1 if isinstance(pos, int) else self.kv_cache.shape[1]
+        B, L = q.shape[0], self.kv_cache.shape[1] if torch.is_tensor(pos) else pos + 1
         pos = torch.as_tensor(pos, device=q.device).view(1)
         cache = self.kv_cache[:B].index_copy_(1, pos, ckv)[:, :L]   # [B, L, R + 64]
         w = self.kv_b_proj.weight.view(self.H, self.nope + self.v, self.R)   # [H, 256, R]
         q_nope, q_pe = q.split([self.nope, self.pe], dim=-1)       # [B, H, 128], [B, H, 64]
         q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w[:, :self.nope])     # [B, H, R]
-        scores = _bmm_fp32(torch.cat([q_lat, q_pe], dim=-1), cache.mT) * self.scale     # [B, H, L]
-        scores = scores.masked_fill(torch.arange(L, device=q.device) > pos, float("-inf"))
+        qc = torch.cat([q_lat, q_pe], dim=-1)                      # [B, H, R + 64]
+        if q.is_cuda and q.dtype != torch.float32:     # fp32 scores, as flash attention keeps them
+            scores = torch.bmm(qc, cache.mT, out_dtype=torch.float32)      # (no out_dtype on CPU)
+        else:
+            scores = torch.bmm(qc.float(), cache.float().mT)        # [B, H, L]
+        scores = (scores * self.scale).masked_fill(torch.arange(L, device=q.device) > pos, float("-inf"))
         o_lat = torch.bmm(scores.softmax(dim=-1).to(q.dtype), cache[..., :self.R])     # [B, H, R]
         return torch.einsum("bhr,hdr->bhd", o_lat, w[:, self.nope:])   # [B, H, 128]
-
-
-def _bmm_fp32(a, b):
-    """a @ b with an fp32 result: scores are not rounded to bf16 (flash attention keeps them fp32)."""
-    if a.is_cuda and a.dtype != torch.float32:                      # (no out_dtype on CPU)
-        return torch.bmm(a, b, out_dtype=torch.float32)
-    return torch.bmm(a.float(), b.float())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -369,24 +365,23 @@ class SparseMoeBlock(nn.Module):
             return
         w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in self.experts])
         w2 = torch.stack([e.w2.weight for e in self.experts])
-        F_ = w2.shape[-1]
         for e, a, b in zip(self.experts, w13, w2):
-            e.w1.weight, e.w3.weight, e.w2.weight = (nn.Parameter(t, False) for t in (a[:F_], a[F_:], b))
+            e.w1.weight, e.w3.weight, e.w2.weight = (nn.Parameter(t, False) for t in (*a.chunk(2), b))
         self.w13, self.w2 = w13, w2
 
     def forward(self, x):                                           # x [B, T, D]
         shape, x = x.shape, x.flatten(0, 1)                         # [N, D]
         ids, w = self.gate(x)                                       # [N, k] each
         # Sort the N*k (token, slot) pairs by expert, so that each expert's rows are one slice.
-        order = ids.flatten().argsort()
+        expert_of_row, order = ids.flatten().sort()                 # [N*k] each
         xs = x[order // ids.shape[1]]                               # [N*k, D]
         if self.w13 is not None:                                    # ends: [E] cumulative row counts
-            ends = torch.searchsorted(ids.flatten()[order], torch.arange(len(self.experts),
-                                      device=x.device), right=True).int()
+            experts = torch.arange(len(self.experts), device=x.device)
+            ends = torch.searchsorted(expert_of_row, experts, right=True).int()
             gate, up = torch._grouped_mm(xs, self.w13.mT, offs=ends).chunk(2, dim=-1)
             out = torch._grouped_mm(F.silu(gate) * up, self.w2.mT, offs=ends)
         else:
-            counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()  # host sync
+            counts = torch.bincount(expert_of_row, minlength=len(self.experts)).tolist()  # host sync
             out = torch.cat([expert(rows) if len(rows) else rows      # skip experts with no tokens
                              for expert, rows in zip(self.experts, xs.split(counts))])
         out = torch.empty_like(out).index_copy_(0, order, out).view(*ids.shape, -1)   # [N, k, D]
@@ -448,8 +443,7 @@ class Transformer(nn.Module):
         is a device tensor and T = 1 (bench.cuda_graph_decoder)."""
         B, T = tokens.shape
         if B > self.max_batch_size:
-            raise ValueError(f"batch of {B} exceeds max_batch_size={self.max_batch_size} "
-                             "(call setup_cache with a larger one)")
+            raise ValueError(f"batch of {B} exceeds max_batch_size={self.max_batch_size} (see setup_cache)")
         if torch.is_tensor(start_pos) and T != 1:
             raise ValueError("a tensor start_pos is for decode steps of one token")
         elif not torch.is_tensor(start_pos) and start_pos + T > self.max_seq_len:
@@ -505,9 +499,8 @@ class Transformer(nn.Module):
             model.load_state_dict(state, strict=False, assign=True)    # assign keeps their dtypes
             loaded_bytes += sum(t.numel() * t.element_size() for t in state.values())
             del state
-            dt = time.perf_counter() - t0
-            print(f"shard {i}/{len(shards)}: {loaded_bytes / 1e9:.2f} GB loaded in {dt:.1f} s",
-                  file=sys.stderr)
+            print(f"shard {i}/{len(shards)}: {loaded_bytes / 1e9:.2f} GB loaded in "
+                  f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
         _check(ckpt_dir, "left parameters unloaded", [n for n, p in model.state_dict().items()
                                                      if p.is_meta])
         model.requires_grad_(False).eval()
@@ -529,8 +522,8 @@ class Transformer(nn.Module):
         for i, names in enumerate(groups, 1):
             shard = f"model-{i:05d}-of-{num_shards:05d}.safetensors"
             # copies: stacked experts (SparseMoeBlock.stack_experts) are views of one shared tensor
-            tensors = {n: state[n].detach().cpu().clone(memory_format=torch.contiguous_format) for n in names}
-            save_file(tensors, ckpt_dir / shard, metadata={"format": "pt"})
+            save_file({n: state[n].detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+                       for n in names}, ckpt_dir / shard, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(names, shard))
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (ckpt_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -5,9 +5,8 @@
     python sample.py --ckpt DIR --max-new-tokens 64 "The capital of France is"   # Base: plain continuation
 
     python sample.py --bench                      # GPU: speed of the full-size model, random weights
-Reading order: Tokenizer (tiktoken + Kimi's split regex + 258 specials), chat_prompt, sample, generate
-(a prefill, then cached decode steps), checks, the demo writer, main. Tokenizer facts: ARCHITECTURE.md §5
-(../shared/docs); the official tokenizer is tokenization_kimi.py in moonshotai/Kimi-Linear-48B-A3B-*.
+Reading order: Tokenizer, chat_prompt, sample, generate, checkpoint checks, the demo writer, main. Tokenizer
+facts: ../shared/docs/ARCHITECTURE.md §5; the official one: tokenization_kimi.py in the model repositories.
 """
 import argparse, base64, codecs, json, os, re, resource, sys, time
 
@@ -37,9 +36,9 @@ DEFAULT_SYSTEM = "You are a helpful assistant provided by Moonshot-AI."
 KIMI_SPECIALS = {163584: "[BOS]", 163585: "[EOS]", 163586: "<|im_end|>", 163587: "<|im_user|>",
                  163588: "<|im_assistant|>", 163590: "<|start_header_id|>", 163591: "<|end_header_id|>",
                  163593: "[EOT]", 163594: "<|im_system|>", 163595: "<|tool_calls_section_begin|>",
-                 163596: "<|tool_calls_section_end|>", 163597: "<|tool_call_begin|>",
-                 163598: "<|tool_call_argument_begin|>", 163599: "<|tool_call_end|>",
-                 163601: "<|im_middle|>", 163838: "[UNK]", 163839: "[PAD]"}
+                 163596: "<|tool_calls_section_end|>", 163597: "<|tool_call_begin|>", 163598:
+                 "<|tool_call_argument_begin|>", 163599: "<|tool_call_end|>", 163601: "<|im_middle|>",
+                 163838: "[UNK]", 163839: "[PAD]"}
 
 
 class Tokenizer:
@@ -115,15 +114,13 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None):
 
 @torch.no_grad()  # not inference_mode: torch.compile (--compile) fails on inference tensors
 def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None, allowed=None,
-             stop=(IM_END, EOS), compile=False):
-    """Yield new ids: one prefill over the prompt ids, then one decode step per token through the caches
-    (on a GPU, a CUDA-graph replay, captured before the prefill resets the caches the capture used)."""
+             stop=(IM_END, EOS), decoder=None):
+    """Yield new ids: one prefill over the prompt ids, then one decode step per token through the caches,
+    by `decoder` if given (e.g. bench.cuda_graph_decoder(model, 1): a CUDA-graph replay per token)."""
     device = next(model.parameters()).device
-    fast = device.type == "cuda" and model.lm_head.weight.dtype == torch.bfloat16 and max_new_tokens > 1
-    step = bench.cuda_graph_decoder(model, 1, compile) if fast else None
     tokens, pos = torch.tensor([prompt], device=device), 0
     for _ in range(max_new_tokens):
-        logits = (step(tokens, pos) if step and pos else model(tokens, pos, last_only=True))[:, -1]
+        logits = (decoder(tokens, pos) if decoder and pos else model(tokens, pos, last_only=True))[:, -1]
         if allowed is not None:  # never emit an id the model (>= vocab_size) or the tokenizer lacks
             logits = logits.masked_fill(~allowed, float("-inf"))
         pos += tokens.shape[1]
@@ -231,25 +228,15 @@ def write_tokenizer(folder, ranks, specials=KIMI_SPECIALS):
 
 def write_demo(folder):
     """A random-weight checkpoint in the official layout: config.json, 3 shards + index, tokenizer files."""
-    os.makedirs(folder, exist_ok=True)
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(**DEMO_ARGS))
-    for name, p in model.named_parameters():  # bf16 like the release, except the fp32 A_log and dt_bias
-        if not name.endswith(("A_log", "dt_bias")):
-            p.data = p.data.to(torch.bfloat16)
-    model.save_pretrained(folder, num_shards=3)
+    os.makedirs(folder, exist_ok=True)  # bf16 like the release, except the fp32 A_log and dt_bias
+    bench.random_model(ModelArgs(**DEMO_ARGS), torch.device("cpu"), 1, 1).save_pretrained(folder, num_shards=3)
     write_tokenizer(folder, demo_ranks())
     return folder
 
 
-def peak_memory(device):
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated on {device}"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB process RSS"
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="--bench [...]: time the full-size "
+                                 "model on a GPU, random weights (bench.py; --bench --help lists its options)")
     ap.add_argument("prompt", nargs="?", help="prompt text (else --prompt-file, else standard input)")
     ap.add_argument("--ckpt", help="folder or hub id, e.g. moonshotai/Kimi-Linear-48B-A3B-Instruct")
     ap.add_argument("--demo", action="store_true", help="write and run a tiny random-weight checkpoint")
@@ -266,8 +253,6 @@ def main(argv=None):
                     help="default: bf16 on GPU; on CPU the checkpoint's own (bf16), memory-mapped")
     ap.add_argument("--max-seq-len", type=int, default=4096)
     ap.add_argument("--compile", action="store_true", help="torch.compile the GPU decode step (slow start)")
-    ap.add_argument("--bench", action="store_true", help="time the full-size model on a GPU (random "
-                    "weights); every other option is then bench.py's (python bench.py --help)")
     argv = sys.argv[1:] if argv is None else argv
     if "--bench" in argv:
         return bench.main([a for a in argv if a != "--bench"])
@@ -337,8 +322,10 @@ def run(args):
         torch.manual_seed(args.seed)
 
     max_new = min(args.max_new_tokens, args.max_seq_len - len(prompt) + 1)  # the last is not fed back
+    fast = device.type == "cuda" and model.lm_head.weight.dtype == torch.bfloat16 and max_new > 1
+    decoder = bench.cuda_graph_decoder(model, 1, args.compile) if fast else None   # before the clock
     ids = generate(model, prompt, max_new, args.temperature, args.top_k, args.top_p,
-                   allowed=tok.allowed(model.args.vocab_size, device), compile=args.compile)
+                   allowed=tok.allowed(model.args.vocab_size, device), decoder=decoder)
     print("" if args.chat else text, end="", flush=True)
     t0, stamps = time.perf_counter(), []  # stamps: when each new token arrived; stamps[0] ends the prefill
     for piece in tok.stream(stamps.append(time.perf_counter()) or t for t in ids):
@@ -347,12 +334,14 @@ def run(args):
     n = len(stamps)
     prefill = len(prompt) / (stamps[0] - t0) if n else float("nan")
     decode = (n - 1) / (stamps[-1] - stamps[0]) if n > 1 else float("nan")
+    peak = (f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated on {device}"
+            if device.type == "cuda" else
+            f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB process RSS")
     print(f"prompt {len(prompt)} tokens, generated {n} tokens; prefill {prefill:.1f} tok/s, "
-          f"decode {decode:.1f} tok/s; peak memory {peak_memory(device)}", file=sys.stderr)
+          f"decode {decode:.1f} tok/s; peak memory {peak}", file=sys.stderr)
     if args.demo:
-        print("note: the demo weights are random, so the text above is noise. For real text: python "
-              "sample.py --ckpt moonshotai/Kimi-Linear-48B-A3B-Instruct --chat \"Is 123 a prime?\"",
-              file=sys.stderr)
+        print("note: the demo weights are random, so the text above is noise. For real text: python sample.py "
+              "--ckpt moonshotai/Kimi-Linear-48B-A3B-Instruct --chat \"Is 123 a prime?\"", file=sys.stderr)
 
 
 if __name__ == "__main__":
