@@ -124,9 +124,12 @@ def chunk_kda_ref(q, k, v, g, beta, scale=None, initial_state=None, output_final
         Aqk = scale * torch.einsum('bhik,bhjk,bhijk->bhij', q_n, k_n, decay_qk)
         Akk = b_n[..., None] * torch.einsum('bhik,bhjk,bhijk->bhij', k_n, k_n, decay_kk)
         # 3. Tinv = (I + Akk)^-1, unit lower triangular: row i = e_i - sum_{j<i} Akk[i, j] Tinv[j]
-        Tinv = eye.expand_as(Akk).clone()                              # [B, H, C, C]
+        # (rows collected in a list, not written in place, so that autograd can differentiate it)
+        rows = [eye[0].expand_as(Akk[:, :, 0])]                        # [B, H, C] each
         for i in range(1, C):
-            Tinv[:, :, i] -= torch.einsum('bhj,bhjc->bhc', Akk[:, :, i, :i], Tinv[:, :, :i])
+            done = torch.stack(rows, dim=-2)                           # [B, H, i, C]
+            rows.append(eye[i] - torch.einsum('bhj,bhjc->bhc', Akk[:, :, i, :i], done))
+        Tinv = torch.stack(rows, dim=-2)                               # [B, H, C, C]
         # 4. the WY representation and the pre-decayed operands
         w = Tinv @ (b_n[..., None] * k_n * torch.exp2(G))              # [B, H, C, K]
         u = Tinv @ (b_n[..., None] * v_n)                              # [B, H, C, V]
