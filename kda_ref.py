@@ -2,12 +2,15 @@
 Kimi Delta Attention (KDA), the readable reference. Read this file first.
 
 KDA is a linear attention whose state is a fast-weight matrix S [K, V] per head, updated token by
-token with a gated delta rule (Kimi Linear tech report, arXiv 2510.26692, eq. 1):
+token with a gated delta rule (Kimi Linear tech report, https://arxiv.org/abs/2510.26692, eq. 1):
 
-    S_t = (I - beta_t k_t k_t^T) Diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T        o_t = S_t^T (scale q_t)
+    S_t = (I - beta_t k_t k_t^T) Diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T
+    o_t = S_t^T (scale q_t)
 
-that is, for every token in order: 1. decay each row c of S by exp(g_t[c]); 2. delta write, using the
-*decayed* state: S += k_t (beta_t (v_t - S^T k_t))^T; 3. read the *updated* state: o_t = S^T (scale q_t).
+that is, for every token in order (docs/kda.md §2):
+    1. decay each row c of S by exp(g_t[c]);
+    2. delta write, using the *decayed* state: S += k_t (beta_t (v_t - S^T k_t))^T;
+    3. read the *updated* state: o_t = S^T (scale q_t).
 
 Two forms with one signature (fla's convention, kept by kda_triton.chunk_kda too):
     recurrent_kda   the three steps above, one token at a time: the definition
@@ -17,10 +20,11 @@ Two forms with one signature (fla's convention, kept by kda_triton.chunk_kda too
 Glossary and layout:
     B batch, T tokens, H heads, K key/query dim, V value dim (Kimi-Linear: H = 32, K = V = 128)
     q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H, K] natural-log decay <= 0; beta [B, T, H]
-    state S [B, H, K, V] float32 (K first; fla's own layer and vLLM store [V, K]: mind the layout)
+    state S [B, H, K, V] float32 (K first; fla's own layer and vLLM store [V, K]: docs/kda.md §1)
     q and k are used as given: the caller L2-normalises them (see l2norm).
 
-Official implementation: fla-org/flash-linear-attention, fla/ops/kda/naive.py.
+Official implementation (fla's naive reference):
+https://github.com/fla-org/flash-linear-attention/blob/main/fla/ops/kda/naive.py
 """
 import math
 
@@ -31,19 +35,21 @@ import torch.nn.functional as F
 def l2norm(x, eps=1e-6):
     """x / sqrt(sum(x^2) + eps) over the last dim, computed in fp32, returned in x's dtype."""
     x32 = x.float()
-    # eps is added to the *sum* of squares, not the mean: an rms_norm here would be off by K in eps.
+    # eps is added to the *sum* of squares, not the mean: an rms_norm here would be off by K in eps
+    # (trap 6 in docs/architecture.md).
     return (x32 * torch.rsqrt(x32.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def kda_gate(f, A_log, dt_bias):
     """Kimi's forget gate g = -exp(A_log) * softplus(f + dt_bias) in fp32.
 
-    f [..., H, K] (the f_b_proj output viewed per head); A_log has H values (one per head, any shape);
-    dt_bias has H*K values (one per channel). Unbounded below: per-token g of -85 is normal.
+    f [..., H, K] (the f_b_proj output viewed per head); A_log has H values (one per head, any
+    shape); dt_bias has H*K values (one per channel). Unbounded below: per-token g of -85 is normal.
     """
     H, K = f.shape[-2:]
     z = f.float() + dt_bias.float().view(H, K)
-    # softplus(z) = z for z > 20 (torch's default threshold, as in the released code); no clamp.
+    # softplus(z) = z for z > 20 (torch's default threshold, as in the released code); no clamp
+    # (trap 3 in docs/architecture.md).
     return -A_log.float().view(H, 1).exp() * F.softplus(z)
 
 
@@ -70,7 +76,7 @@ def recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final
     q, k, v, g, beta, scale, S = _prepare(q, k, v, g, beta, scale, initial_state)
     o = torch.empty_like(v)                                            # [B, T, H, V]
     for t in range(q.shape[1]):
-        S = S * g[:, t, :, :, None].exp()                              # 1. decay rows:   [B, H, K, V]
+        S = S * g[:, t, :, :, None].exp()                              # 1. decay rows [B, H, K, V]
         k_t = k[:, t]                                                  # [B, H, K]
         v_old = torch.einsum('bhk,bhkv->bhv', k_t, S)                  # what S recalls for k_t
         delta = beta[:, t, :, None] * (v[:, t] - v_old)                # [B, H, V]
@@ -83,7 +89,7 @@ def chunk_kda_ref(q, k, v, g, beta, scale=None, initial_state=None, output_final
                   chunk_size=64):
     """Chunked KDA (WY / UT transform) in plain PyTorch; same signature and result as recurrent_kda.
 
-    Per chunk of C tokens, with S the state entering it (KERNELS.md section 3 derives each line):
+    Per chunk of C tokens, with S the state entering it (docs/kda.md §3 derives each line):
       kernel 1 (no dependence on S, parallel over chunks)
         1. G = chunk-local cumsum of g, in log2 units; gamma = G at the last row
         2. Aqk[i, j] = scale sum_c q_i k_j 2^(G_i - G_j)  (j <= i)
@@ -94,14 +100,14 @@ def chunk_kda_ref(q, k, v, g, beta, scale=None, initial_state=None, output_final
         5. v_new = u - w S                                  (the pseudo-values, one per token)
         6. o = scale qg S + Aqk v_new
         7. S = 2^gamma S + kg^T v_new
-    Every exponent above is <= 0, so nothing overflows whatever the gate (KERNELS.md section 4).
+    Every exponent above is <= 0, so nothing overflows whatever the gate (docs/kda.md §4).
     """
     out_dtype = v.dtype
     q, k, v, g, beta, scale, S = _prepare(q, k, v, g, beta, scale, initial_state)
     B, T, H, K = q.shape
     C = chunk_size
-    # Pad the tail chunk with zeros: k = v = beta = 0 writes nothing and g = 0 decays nothing, so the
-    # padded rows leave the state and the real outputs untouched.
+    # Pad the tail chunk with zeros: k = v = beta = 0 writes nothing and g = 0 decays nothing, so
+    # the padded rows leave the state and the real outputs untouched.
     pad = (-T) % C
     q, k, v, g = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v, g))
     beta = F.pad(beta, (0, 0, 0, pad))
@@ -117,7 +123,8 @@ def chunk_kda_ref(q, k, v, g, beta, scale=None, initial_state=None, output_final
         # 1. chunk-local cumulative decay in log2 units (fold 1/ln 2 once, then exp2 everywhere)
         G = g[:, :, n].cumsum(-2) / math.log(2)                        # [B, H, C, K]
         gamma = G[:, :, -1]                                            # [B, H, K]
-        # 2. pairwise decay 2^(G_i - G_j), exponent masked to -inf *before* exp2 (j > i would be > 0)
+        # 2. pairwise decay 2^(G_i - G_j), the exponent masked to -inf *before* exp2 (for j > i it
+        # would be > 0 and could overflow)
         diff = G[:, :, :, None, :] - G[:, :, None, :, :]               # [B, H, C(i), C(j), K]
         decay_qk = torch.exp2(diff.masked_fill(~causal[..., None], -math.inf))
         decay_kk = torch.exp2(diff.masked_fill(~strict[..., None], -math.inf))

@@ -1,44 +1,38 @@
 """
-Chunked KDA forward in two Triton kernels, plus a fused one-token step for decode. Read kda_ref.py first:
-chunk_kda and fused_recurrent_kda here have the signature and the result of kda_ref.recurrent_kda, and
-chunk_kda's steps are chunk_kda_ref's steps, numbered the same way.
+Chunked KDA forward in two Triton kernels, plus a fused one-token step for decode.
+Read kda_ref.py first: chunk_kda and fused_recurrent_kda here have the signature and the result
+of kda_ref.recurrent_kda, and chunk_kda's steps are chunk_kda_ref's, numbered the same way.
 
-Per chunk of C = 64 tokens, with S [K, V] the fp32 state entering it:
-  kernel 1, _kda_intra_kernel, grid (NT, B*H): everything that does not depend on S, all chunks at once
+Per chunk of C = 64 tokens, with S [K, V] the fp32 state entering it (docs/kda.md §3, §5):
+  kernel 1, _kda_intra_kernel, grid (NT, B*H): all that does not depend on S, every chunk at once
     1. G = chunk-local cumsum of g, in log2 units; gamma = G at the last row
     2. Aqk[i, j] = scale sum_c q_i k_j 2^(G_i - G_j)  (j <= i)
        Akk[i, j] = beta_i sum_c k_i k_j 2^(G_i - G_j)  (j < i)
     3. Tinv = (I + Akk)^-1 by (blocked) forward substitution
     4. w = Tinv (beta k 2^G),  u = Tinv (beta v),  qg = scale q 2^G,  kg = k 2^(gamma - G)
-  kernel 2, _kda_scan_kernel, grid (V / BV, B*H): one program walks the chunks of one head in order,
+  kernel 2, _kda_scan_kernel, grid (V / BV, B*H): one program walks one head's chunks in order,
     holding a [K, BV] slice of S in fp32 registers (a V-slice of o needs only that slice of S)
     5. v_new = u - w S
     6. o = qg S + Aqk v_new                  (scale is already folded into qg and Aqk)
     7. S = 2^gamma S + kg^T v_new
 
-No exponent is ever positive, whatever the gate (KERNELS.md section 4). Akk and Aqk are built from
-16 x 16 blocks (BC = 16): left of the diagonal blocks, row block r uses the anchor n_r = G at the row
-before it, so both operands of its tl.dot carry 2^(<= 0); the diagonal blocks take every entry from
-its own exponent G_i - G_j, masked to -inf before exp2 where j > i. G is kept as a cumsum restarted at
-every 16-row block (Gb) plus whole-block totals, so exponents are differences of at most 16 tokens'
-worth of g plus direct sums of block totals, never differences of large chunk-wide cumsums: fp32
-rounding stays small for large gates. The diagonal blocks need G of other rows, which kernel 1 reads
-back from a small fp32 scratch (L2) rather than extracting rows from registers. The inverse is fp32:
-the four diagonal blocks by row substitution, then the block-lower part with tl.dot.
+No exponent is ever positive, whatever the gate: blocks of Akk and Aqk left of the 16 x 16
+diagonal split 2^(G_i - G_j) at an anchor row between i and j, diagonal blocks mask the exponent
+to -inf before exp2, and G is a cumsum restarted every 16 rows plus block totals (docs/kda.md
+§4, §5; steps 1-3 below). w, u, qg, kg, Aqk are stored in bf16 for bf16/fp16 inputs (as fla
+does; ~3e-3 relative error), in fp32 otherwise; G, the inverse and the running state: fp32.
 
-Intermediates (w, u, qg, kg, Aqk) are stored in bf16 when the inputs are bf16 or fp16 (fla does the
-same; ~3e-3 relative error), in fp32 otherwise; G, the inverse and the running state are always fp32.
-Supported: K and V powers of two from 16 to 256, any B, H (B*H <= 65535) and T >= 1, forward only.
-fused_recurrent_kda, _kda_step_kernel, grid (B*H, V / BV): recurrent_kda's three steps token by token
-(decode, T = 1, and short inputs), the [K, BV] fp32 state slice in registers: read once, written once.
+fused_recurrent_kda, _kda_step_kernel, grid (B*H, V / BV): recurrent_kda's three steps token by
+token (decode, T = 1, short inputs); the [K, BV] fp32 state slice is read once, written once.
+Supported: K and V powers of two from 16 to 256, any B, H (chunk_kda: B*H <= 65535), T >= 1.
 Not here: backward, varlen (cu_seqlens), fused gate / l2norm / sigmoid(beta).
-Layout: q, k, g [B, T, H, K]; v, o [B, T, H, V]; beta [B, T, H]; state [B, H, K, V] fp32 (K first).
+Layout: q, k, g [B, T, H, K]; v, o [B, T, H, V]; beta [B, T, H]; state [B, H, K, V] fp32.
 """
 import os
 
 import torch
 
-# Without CUDA the kernels run in Triton's CPU interpreter, which must be chosen before @triton.jit runs.
+# Without CUDA the kernels run in Triton's CPU interpreter, chosen before any @triton.jit runs.
 if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
 
@@ -50,20 +44,21 @@ C = 64                      # chunk size: tokens per program of kernel 1 and per
 BC = 16                     # sub-block size of Akk / Aqk (smallest tl.dot tile)
 BK_DIAG = 16                # channels per pass of steps 1-2 (16: no register spills on sm_90)
 BD = 32                     # channel slice of step 4's [C, C] @ [C, BD] products (registers)
-BV_SCAN = 64                # V-slice per scan program (32 crashed with an initial state: Triton 3.6, H200)
-BV_STEP = 32                # V-slice per decode-step program (fla's fused_recurrent_kda: 32, 4 warps)
+BV_SCAN = 64                # V-slice per scan program (32 crashed with h0 on Triton 3.6, H200)
+BV_STEP = 32                # V-slice per decode-step program (as fla's fused_recurrent_kda)
 # Fixed configs instead of autotune: multi-config autotune breaks the CPU interpreter.
 INTRA_WARPS, SCAN_WARPS, SCAN_STAGES, STEP_WARPS = 4, 4, 2, 4
 # Globals read inside @triton.jit must be tl.constexpr (compiled Triton refuses plain globals).
-RCP_LN2 = tl.constexpr(1.4426950408889634)  # 1 / ln 2: g goes to log2 units once, then exp2 everywhere
+# 1 / ln 2: g goes to log2 units once, then exp2 everywhere (docs/kda.md §4)
+RCP_LN2 = tl.constexpr(1.4426950408889634)
 G_FLOOR = tl.constexpr(-128.0)              # per-token gate floor (nats): see step 1
 SUPPORTED = (16, 32, 64, 128, 256)
 
 
 @triton.jit
 def _dot(a, b, DOT: tl.constexpr, PREC: tl.constexpr):
-    # Operands are cast to DOT first: bf16 on a GPU for speed, but fp32 under the interpreter, whose bf16
-    # tl.dot is silently wrong. PREC is 'ieee' for fp32 inputs: the GPU would otherwise use TF32.
+    # Operands are cast to DOT: bf16 on a GPU for speed, fp32 in the interpreter, whose bf16 tl.dot
+    # is silently wrong. PREC is 'ieee' for fp32 inputs, else a GPU uses TF32 (docs/kda.md §6).
     return tl.dot(a.to(DOT), b.to(DOT), input_precision=PREC)
 
 
@@ -136,10 +131,10 @@ def _kda_intra_kernel(
             kd_j = k_j * tl.exp2(tl.where((ir >= jc)[:, None], b_Gb - G_j, float('-inf')))
             Aqk_diag += tl.where(jj == jc, tl.sum(b_q * kd_j, axis=1)[:, None], 0.)
             Akk_diag += tl.where(jj == jc, tl.sum(b_k * kd_j, axis=1)[:, None], 0.)
-        # 2b. left of the diagonal, row block r: anchor n_r = G at the last row of block r-1. The row
-        # operand is x_i 2^(G_i - n_r) = x_i 2^Gb_i; the column operand k_j 2^(n_r - G_j), where
-        # n_r - G_j = (tot_c - Gb_j) + tot_{c+1} + ... + tot_{r-1} for j in block c < r: direct sums of
-        # g, every exponent <= 0, and their product is exactly 2^(G_i - G_j).
+        # 2b. left of the diagonal, row block r: anchor n_r = G at the last row of block r-1.
+        # Row operand x_i 2^(G_i - n_r) = x_i 2^Gb_i; column operand k_j 2^(n_r - G_j), where
+        # n_r - G_j = (tot_c - Gb_j) + tot_{c+1} + ... + tot_{r-1} for j in block c < r: direct
+        # sums of g, every exponent <= 0, and their product is exactly 2^(G_i - G_j).
         tail = tl.reshape(tot[:, None, :] - Gb3, [C, BK])                  # tot_c - Gb_j <= 0
         q_row, k_row = b_q * tl.exp2(b_Gb), b_k * tl.exp2(b_Gb)
         for r in tl.static_range(1, NB):
@@ -161,11 +156,12 @@ def _kda_intra_kernel(
     D_inv = tl.where(c3 == r3, 1., 0.) + tl.zeros([NB, BC, BC], dtype=tl.float32)
     for m in tl.static_range(1, BC):
         a_m = tl.sum(tl.where(r3 == m, A3, 0.), axis=1)                           # [NB, BC] row m
-        D_inv = tl.where(r3 == m, D_inv - tl.sum(a_m[:, :, None] * D_inv, axis=1)[:, None, :], D_inv)
+        new_row = D_inv - tl.sum(a_m[:, :, None] * D_inv, axis=1)[:, None, :]
+        D_inv = tl.where(r3 == m, new_row, D_inv)
     D_inv = _to_full(tl.reshape(D_inv, [C, BC]), C, BC)                           # [C, C]
     # 3b. the blocks below: I + Akk = D (I + M) with M = D^-1 Akk_off strictly block-lower, so
-    # Tinv = (I + M)^-1 D^-1 and (I + M)^-1 = I - M (I - M (I - M ...)): NB - 1 Horner steps, the same
-    # arithmetic as block forward substitution (not the unstable doubling product).
+    # Tinv = (I + M)^-1 D^-1 and (I + M)^-1 = I - M (I - M (I - M ...)): NB - 1 Horner steps, the
+    # same arithmetic as block forward substitution (not the unstable doubling product).
     eye = tl.where(i[:, None] == i[None, :], 1., 0.)
     M = _dot(D_inv, Akk_off, tl.float32, PREC)
     X = eye - M
@@ -226,8 +222,8 @@ def _kda_scan_kernel(
         row = (bh * NT + n) * C + i                                      # [C] intermediate rows
         b_w = tl.load(w + row[:, None] * K + ck[None, :])                 # [C, K]
         b_qg = tl.load(qg + row[:, None] * K + ck[None, :])               # [C, K]
-        # kg^T is loaded transposed (swapped strides) rather than tl.trans'ed: never feed tl.trans of
-        # a tl.dot result into tl.dot (miscompiles on Hopper with Triton 3.4-3.7).
+        # kg^T is loaded transposed (swapped strides), not tl.trans'ed: tl.trans of a tl.dot result
+        # fed into tl.dot miscompiles on Hopper with Triton 3.4-3.7 (docs/kda.md §6).
         b_kgT = tl.load(kg + row[None, :] * K + ck[:, None])              # [K, C]
         b_u = tl.load(u + row[:, None] * V + cv[None, :]).to(tl.float32)  # [C, BV]
         b_A = tl.load(Aqk + row[:, None] * C + i[None, :])                # [C, C]
@@ -246,15 +242,17 @@ def _kda_scan_kernel(
 
 
 def _check_shapes(name, q, k, v, g, beta, initial_state):
-    """The launchers' shared argument checks: a ValueError saying what is wrong. Returns B, T, H, K, V."""
+    """The launchers' argument checks (a ValueError saying what is wrong) -> B, T, H, K, V."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     for bad, what in [
             (K not in SUPPORTED or V not in SUPPORTED,
-             f'supports K and V in {SUPPORTED} (powers of two from 16 to 256), got K = {K}, V = {V}'),
+             f'supports K and V in {SUPPORTED} (powers of two from 16 to 256), '
+             f'got K = {K}, V = {V}'),
             (T < 1, 'needs T >= 1'),
             (k.shape != q.shape or g.shape != q.shape, 'needs q, k and g all [B, T, H, K]'),
-            (v.shape != (B, T, H, V) or beta.shape != (B, T, H), 'needs v [B, T, H, V] and beta [B, T, H]'),
+            (v.shape != (B, T, H, V) or beta.shape != (B, T, H),
+             'needs v [B, T, H, V] and beta [B, T, H]'),
             (initial_state is not None and initial_state.shape != (B, H, K, V),
              'needs initial_state [B, H, K, V]')]:
         if bad:
@@ -295,19 +293,17 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
         K=K, V=V, C=C, BC=BC, BK=min(BK_DIAG, K), BD=min(BD, K, V), PREC=prec,
         num_warps=INTRA_WARPS)
     o = torch.empty_like(v)
-    h0 = None
-    if initial_state is not None:
-        h0 = initial_state.float().contiguous()
+    h0 = None if initial_state is None else initial_state.float().contiguous()
     ht = torch.empty(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     BV = min(BV_SCAN, V)
+    # prefetching the next chunk doubles the shared-memory tiles: only when small (bf16, K <= 128)
+    stages = SCAN_STAGES if mid == torch.bfloat16 and K <= 128 else 1
     _kda_scan_kernel[(V // BV, B * H)](
         w, u, qg, kg, Aqk, decay, o, h0, ht,
         T, H, NT,
         H * V,
         K=K, V=V, C=C, BV=BV, HAS_H0=h0 is not None, STORE_HT=output_final_state,
-        DOT=dot, PREC=prec,
-        # prefetching the next chunk doubles the shared-memory tiles: only when small (bf16, K <= 128)
-        num_warps=SCAN_WARPS, num_stages=SCAN_STAGES if mid == torch.bfloat16 and K <= 128 else 1)
+        DOT=dot, PREC=prec, num_warps=SCAN_WARPS, num_stages=stages)
     return o, ht
 
 
@@ -320,15 +316,17 @@ def _kda_step_kernel(
     # strides (per token, of the contiguous inputs)
     s_qk, s_v, s_beta,
     # meta
-    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)          # (b, h) on the first axis: no 65535 limit on B*H
     iv = tl.program_id(1).to(tl.int64)          # int64 so that offsets cannot overflow
     b, h = bh // H, bh % H
     ck = tl.arange(0, K)                        # whole K per program (v_old and o reduce over K)
     cv = iv * BV + tl.arange(0, BV)
-    # the state slice as an int64 base plus int32 offsets within the head (< K*V): constant per thread,
-    # so the addresses fold into the loads; int64 [K, BV] addresses cost 64 registers kept until the store
+    # the state slice as an int64 base plus int32 offsets within the head (< K*V), constant per
+    # thread: the addresses fold into the loads, where int64 [K, BV] addresses would hold 64
+    # registers until the store
     base = bh * K * V + iv * BV
     state = ck[:, None] * V + tl.arange(0, BV)[None, :]                  # [K, BV] in [K, V]
     if HAS_H0:
@@ -358,16 +356,17 @@ def _kda_step_kernel(
 def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
     """Token-by-token KDA in one kernel, for decode (T = 1) and short inputs (long ones: chunk_kda).
 
-    Same signature and result as kda_ref.recurrent_kda: o [B, T, H, V] in v's dtype and the final state
-    [B, H, K, V] fp32 (or None). Inputs may be in any float dtype; all arithmetic is fp32.
+    Same signature and result as kda_ref.recurrent_kda: o [B, T, H, V] in v's dtype and the final
+    state [B, H, K, V] fp32 (or None). Inputs may be in any float dtype; all arithmetic is fp32.
     """
     B, T, H, K, V = _check_shapes('fused_recurrent_kda', q, k, v, g, beta, initial_state)
     scale = K ** -0.5 if scale is None else scale
-    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))   # free when already contiguous
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))   # free if they already are
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    # A new final state, as recurrent_kda returns. Passing ht = h0 would update the state in place (each
-    # program reads its slice before writing it) and save this allocation; the caller would own that.
-    ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
+    # A new final state, as recurrent_kda returns. Passing ht = h0 would update the state in place
+    # (each program reads its slice before writing it) and save this allocation; the caller's call.
+    dev = q.device
+    ht = torch.empty(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     o = torch.empty_like(v)
     BV = min(BV_STEP, V)
     _kda_step_kernel[(B * H, V // BV)](
@@ -385,63 +384,66 @@ if __name__ == '__main__':
     from kda_ref import kda_gate, l2norm, recurrent_kda
 
     def make_inputs(B, T, H, K, V, dtype, device):
-        """Kimi-like inputs: L2-normalised q, k; softplus gate with exp(A_log) in [1, 16]; sigmoid beta."""
+        """Kimi-like inputs: L2-normed q, k; softplus gate, exp(A_log) in [1, 16]; sigmoid beta."""
         q, k = (l2norm(torch.randn(B, T, H, K, device=device)).to(dtype) for _ in range(2))
         v = torch.randn(B, T, H, V, device=device).to(dtype)
         A_log = torch.empty(H, device=device).uniform_(0, math.log(16))
-        g = kda_gate(torch.randn(B, T, H, K, device=device), A_log, torch.randn(H * K, device=device))
+        f = torch.randn(B, T, H, K, device=device)
+        g = kda_gate(f, A_log, torch.randn(H * K, device=device))
         beta = torch.randn(B, T, H, device=device).sigmoid()
         return q, k, v, g, beta
 
     def errors(inputs):
-        """Relative L2 error of (o, final state) against the fp32 recurrence on the same rounded inputs."""
+        """Relative L2 errors of (o, final state) vs the fp32 recurrence on the same inputs."""
         o, S = chunk_kda(*inputs, output_final_state=True)
         o_ref, S_ref = recurrent_kda(*(x.float() for x in inputs), output_final_state=True)
         assert torch.isfinite(o).all() and torch.isfinite(S).all()
         return [((a.float() - b).norm() / b.norm()).item() for a, b in ((o, o_ref), (S, S_ref))]
 
+    def median_ms(fn):
+        return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode='median')
+
     torch.manual_seed(0)
     if not torch.cuda.is_available():
-        print('no CUDA: self-check in the Triton CPU interpreter at small shapes; no timing was taken')
-        for B, T, H, K, V, dtype in [(1, 100, 2, 32, 32, torch.float32), (2, 130, 1, 16, 64, torch.float32),
-                                     (1, 100, 2, 32, 32, torch.bfloat16)]:
+        print('no CUDA: self-check in the Triton CPU interpreter at small shapes, no timing')
+        shapes = [(1, 100, 2, 32, 32, torch.float32), (2, 130, 1, 16, 64, torch.float32),
+                  (1, 100, 2, 32, 32, torch.bfloat16)]
+        for B, T, H, K, V, dtype in shapes:
             err_o, err_S = errors(make_inputs(B, T, H, K, V, dtype, 'cpu'))
-            print(f'B={B} T={T} H={H} K={K} V={V} {str(dtype)[6:]:>8}: err o {err_o:.1e}  err S {err_S:.1e}')
+            name = f'B={B} T={T} H={H} K={K} V={V} {str(dtype)[6:]:>8}'
+            print(f'{name}: err o {err_o:.1e}  err S {err_S:.1e}')
         raise SystemExit
     try:
         from fla.ops.kda import chunk_kda as fla_chunk_kda
     except Exception:  # fla is optional: only the comparison column needs it
         fla_chunk_kda = None
-    lines = [f'{torch.cuda.get_device_name()}, bf16 inputs, H=32, K=V=128; error = ||x - ref|| / ||ref|| '
-             f'vs the fp32 recurrence on the same bf16 inputs, over the whole sequence',
-             f'{"shape":>16} {"ms":>7} {"GB/s":>6} {"err o":>8} {"err S":>8} {"fla ms":>7} {"ours/fla":>8}']
+    print(f'{torch.cuda.get_device_name()}, bf16 inputs, H=32, K=V=128; error = ||x - ref|| / '
+          '||ref|| vs the fp32 recurrence on the same bf16 inputs, over the whole sequence')
+    print(f'{"shape":>16} {"ms":>7} {"GB/s":>6} {"err o":>8} {"err S":>8} {"fla ms":>7} '
+          f'{"ours/fla":>8}', flush=True)
     for B, T in [(1, 4096), (1, 16384), (1, 65536), (8, 4096)]:
         H, K, V = 32, 128, 128
         inputs = make_inputs(B, T, H, K, V, torch.bfloat16, 'cuda')
-        ms = triton.testing.do_bench(lambda: chunk_kda(*inputs), warmup=50, rep=200, return_mode='median')
+        ms = median_ms(lambda: chunk_kda(*inputs))
         io = B * T * H * (2 * K * 2 + V * 2 * 2 + K * 4 + 4)  # q, k, v, o in bf16; g, beta in fp32
         fla_ms = fla_txt = '-'
         if fla_chunk_kda is not None:
             try:
                 q, k, v, g, beta = inputs
-                fla_ms = triton.testing.do_bench(lambda: fla_chunk_kda(
+                fla_ms = median_ms(lambda: fla_chunk_kda(
                     q=q, k=k, v=v, g=g, beta=beta, scale=K ** -0.5, initial_state=None,
-                    output_final_state=False), warmup=50, rep=200, return_mode='median')
+                    output_final_state=False))
                 fla_txt, fla_ms = f'{ms / fla_ms:.2f}', f'{fla_ms:.3f}'
             except Exception as e:
                 fla_ms = f'failed: {type(e).__name__}'
         err_o, err_S = errors(inputs)
-        lines.append(f'{f"B={B} T={T}":>16} {ms:7.3f} {io / ms / 1e6:6.0f} {err_o:8.1e} {err_S:8.1e} '
-                     f'{fla_ms:>7} {fla_txt:>8}')
-        print(lines[-1] if len(lines) > 3 else '\n'.join(lines), flush=True)
-    steps = []  # one decode step: the state is read once and written once, B*32*128*128*4 bytes each
+        shape = f'B={B} T={T}'
+        print(f'{shape:>16} {ms:7.3f} {io / ms / 1e6:6.0f} {err_o:8.1e} {err_S:8.1e} '
+              f'{fla_ms:>7} {fla_txt:>8}', flush=True)
+    steps = []  # a decode step reads and writes the state once: B*32*128*128*4 bytes each way
     for B in (1, 16):
-        x, h0 = make_inputs(B, 1, 32, 128, 128, torch.bfloat16, 'cuda'), torch.randn(B, 32, 128, 128).cuda()
-        step = lambda: fused_recurrent_kda(*x, initial_state=h0, output_final_state=True)  # noqa: E731
-        ms = triton.testing.do_bench(step, warmup=50, rep=200, return_mode='median')
+        x = make_inputs(B, 1, 32, 128, 128, torch.bfloat16, 'cuda')
+        h0 = torch.randn(B, 32, 128, 128, device='cuda')
+        ms = median_ms(lambda: fused_recurrent_kda(*x, initial_state=h0, output_final_state=True))
         steps.append(f'B={B} {ms:.3f} ms ({2 * h0.numel() * 4 / ms / 1e9:.2f} TB/s state traffic)')
-    lines.append(f'decode step, fused_recurrent_kda: {", ".join(steps)}; fla: 0.038 / 0.041 ms')
-    print(lines[-1], flush=True)
-    if os.environ.get('KDA_BENCH_OUT'):
-        with open(os.environ['KDA_BENCH_OUT'], 'w') as f:
-            f.write('\n'.join(lines) + '\n')
+    print(f'decode step, fused_recurrent_kda: {", ".join(steps)}; fla: 0.038 / 0.041 ms')
