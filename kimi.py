@@ -14,13 +14,7 @@ Glossary (sizes for 48B-A3B):
 Layer map (0-based): MLA at 3, 7, 11, 15, 19, 23, 26; KDA everywhere else. Layer 0 has a dense MLP
 (`mlp`), layers 1..26 a MoE (`block_sparse_moe`). There is no positional encoding at all: order
 enters only through the KDA recurrence, the short convs and the MLA causal mask.
-
-Two ways to call the model:
-    model(tokens)                      stateless: whole sequences in, logits out; gradients flow
-    model(tokens, start_pos=n)         generation: continue the sequences held in the caches
-                                       (allocated by setup_cache, or by from_pretrained)
-The layers are written as the math first. The fast paths come last, in "Fast paths", each equal to
-the definition it replaces (test_kimi.py proves each equality).
+Each layer is written as the math; the fast paths are listed in "Fast paths" at the end.
 
 References: the Kimi Linear tech report (https://arxiv.org/abs/2510.26692); the official
 modeling_kimi.py at https://huggingface.co/moonshotai/Kimi-Linear-48B-A3B-Instruct; fla's
@@ -28,19 +22,18 @@ fla/ops/kda/naive.py (https://github.com/fla-org/flash-linear-attention). docs/a
 this repository's own specification: "§n" and "trap n" below refer to it.
 """
 import functools
-import json
 import math
 import sys
-import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+import checkpoint
+import moe_fast
+from checkpoint import CheckpointError
 from kda_ref import chunk_kda_ref, kda_gate, l2norm, recurrent_kda
 
 
@@ -89,12 +82,7 @@ class ModelArgs:
     topk_group: int = 1
     moe_renormalize: bool = True
     routed_scaling_factor: float = 2.446
-    routing_weights_biased: bool = True     # the release's quirk (trap 1); False: vLLM/DeepSeek rule
-
-    # field -> key inside config.json's linear_attn_config (every other field is top level)
-    LINEAR_KEYS = {"kda_num_heads": "num_heads", "kda_head_dim": "head_dim",
-                   "short_conv_kernel_size": "short_conv_kernel_size",
-                   "full_attn_layers": "full_attn_layers"}
+    routing_weights_biased: bool = True     # the release's quirk (trap 1); False: DeepSeek's rule
 
     def __post_init__(self):
         """Refuse impossible sizes with one line naming the field, before any tensor is made."""
@@ -115,65 +103,24 @@ class ModelArgs:
         _require(ok and len(set(layers)) == len(layers), "full_attn_layers must be distinct layer "
                  f"numbers below num_hidden_layers={self.num_hidden_layers}, not {layers!r}")
         object.__setattr__(self, "full_attn_layers", tuple(layers))     # hashable, comparable
-        if self.num_experts:
-            k, E, G = self.num_experts_per_token, self.num_experts, self.num_expert_group
-            _require(E % G == 0 and (G == 1 or E // G >= 2),
-                     f"num_expert_group={G} must divide num_experts={E} into groups of >= 2")
-            _require(self.topk_group <= G, f"topk_group={self.topk_group} exceeds "
-                     f"num_expert_group={G}")
-            _require(k <= E // G * self.topk_group, f"num_experts_per_token={k} exceeds the "
-                     f"{E // G * self.topk_group} experts that routing can choose from")
+        k, E = self.num_experts_per_token, self.num_experts
+        _require(E == 0 or k <= E, f"num_experts_per_token={k} exceeds num_experts={E}")
+        # Group-limited routing with one group (the release's setting) chooses from all experts.
+        groups = (self.num_expert_group, self.topk_group)
+        _require(groups == (1, 1), f"num_expert_group, topk_group = {groups}: only (1, 1) is built")
 
     @classmethod
     def from_json(cls, path):
-        """Read an official config.json. Its layer lists are 1-based; unknown keys are ignored."""
-        try:
-            cfg = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: cannot read config ({e})") from None
-        linear = cfg.get("linear_attn_config") if isinstance(cfg, dict) else None
-        if not isinstance(linear, dict):
-            raise CheckpointError(f"{path}: not a Kimi-Linear config (no linear_attn_config object)")
-        kwargs = {}
-        for f in fields(cls):
-            if f.name == "routing_weights_biased":         # ours, not a config.json key
-                continue
-            src, key, where = cfg, f.name, ""
-            if f.name in cls.LINEAR_KEYS:
-                src, key, where = linear, cls.LINEAR_KEYS[f.name], "linear_attn_config."
-            if key not in src:
-                raise CheckpointError(f"{path}: missing required key '{where}{key}'")
-            kwargs[f.name] = src[key]
-        full, kda = kwargs["full_attn_layers"], linear.get("kda_layers") or []
-        lists = isinstance(full, list) and isinstance(kda, list)
-        if not lists or not all(type(i) is int for i in full + kda):
-            raise CheckpointError(f"{path}: kda_layers and full_attn_layers must be lists of ints")
-        n = kwargs["num_hidden_layers"]
-        if kda and type(n) is int and sorted(full + kda) != list(range(1, n + 1)):
-            raise CheckpointError(f"{path}: kda_layers and full_attn_layers must split 1..{n}")
-        kwargs["full_attn_layers"] = tuple(i - 1 for i in full)    # 1-based in config.json (trap 11)
-        try:
-            return cls(**kwargs)
-        except ValueError as e:
-            raise CheckpointError(f"{path}: {e}") from None
+        """Read an official config.json (checkpoint.read_config); raises CheckpointError."""
+        return checkpoint.read_config(cls, path)
 
     def to_config(self, dtype="bfloat16"):
-        """The official config.json layout (1-based layer lists), as written by save_pretrained."""
-        cfg = {f.name: getattr(self, f.name) for f in fields(self)
-               if f.name not in self.LINEAR_KEYS and f.name != "routing_weights_biased"}
-        full = [i + 1 for i in self.full_attn_layers]
-        kda = [i for i in range(1, self.num_hidden_layers + 1) if i not in full]
-        linear = {key: getattr(self, f) for f, key in self.LINEAR_KEYS.items()}
-        linear.update(full_attn_layers=full, kda_layers=kda)
-        fixed = {"num_key_value_heads": self.num_attention_heads, "q_lora_rank": None,
-                 "mla_use_nope": True, "hidden_act": "silu", "moe_router_activation_func": "sigmoid",
-                 "use_grouped_topk": True, "tie_word_embeddings": False}
-        return {"architectures": ["KimiLinearForCausalLM"], "model_type": "kimi_linear",
-                "dtype": dtype, **cfg, **fixed, "linear_attn_config": linear}
+        """The official config.json as a dict (checkpoint.config_json)."""
+        return checkpoint.config_json(self, dtype)
 
     def cache_bytes(self, batch_size, seq_len, dtype=torch.bfloat16):
         """Bytes that setup_cache(batch_size, seq_len) allocates: per MLA layer the latent + k_pe of
-        every position; per KDA layer W-1 pre-conv inputs of q, k, v and the fp32 state [H, K, V]."""
+        each position; per KDA layer W-1 pre-conv inputs of q, k, v and the fp32 S [H, K, V]."""
         mla = len(self.full_attn_layers)
         kda = self.num_hidden_layers - mla
         P, K = self.kda_num_heads * self.kda_head_dim, self.kda_head_dim
@@ -187,11 +134,7 @@ def _require(ok, message):
         raise ValueError(message)
 
 
-class CheckpointError(Exception):
-    """A checkpoint folder that does not match the model; the message names the file or tensor."""
-
-
-# Named configurations: the released model, the `python sample.py --demo` model (the real vocabulary,
+# Named configurations: the released model, the `python sample.py --demo` model (the real vocabulary
 # so the tokenizer's special ids line up; tiny everything else) and a classroom model that trains on
 # a CPU in minutes. Each keeps the real structure: KDA and MLA layers, a dense layer 0, then MoE.
 _SMALL = dict(hidden_size=64, num_hidden_layers=4, full_attn_layers=(1, 3), kda_num_heads=2,
@@ -231,7 +174,7 @@ class GatedRMSNorm(RMSNorm):
 
 
 class ShortConv(nn.Conv1d):
-    """Depthwise causal conv over time, then SiLU. Weight [C, 1, W]; tap W-1 is the current token."""
+    """Depthwise causal conv in time, then SiLU. Weight [C, 1, W]; tap W-1 is the newest token."""
     def __init__(self, channels, width):
         super().__init__(channels, channels, width, groups=channels, bias=False)
 
@@ -281,8 +224,8 @@ class KimiDeltaAttention(nn.Module):
         self.k_conv1d = ShortConv(H * K, self.W)
         self.v_conv1d = ShortConv(H * K, self.W)
         # Forget gate, low rank (D -> K -> P, no activation in between); A_log per head, dt_bias per
-        # channel (trap 4). Both stay fp32 whatever the model dtype (assign=True loading keeps them).
-        # Initialised as fla does (decay rates exp(A_log) in 1..16), which only matters for training.
+        # channel (trap 4). Both stay fp32 whatever the model dtype (loading with assign=True keeps
+        # them). Initialised as fla does (decay rates exp(A_log) in 1..16): it matters for training.
         self.f_a_proj = nn.Linear(D, K, bias=False)
         self.f_b_proj = nn.Linear(K, H * K, bias=False)
         self.A_log = nn.Parameter(torch.empty(1, 1, H, 1).uniform_(1, 16).log())
@@ -305,8 +248,8 @@ class KimiDeltaAttention(nn.Module):
     def forward(self, x, start_pos=None):                           # x [B, T, D]
         B, T, _ = x.shape
         H, K = self.H, self.K
-        # start_pos None: stateless. 0: a new sequence in the cache. Otherwise continue the cached one
-        # (an int, or a CUDA graph's device tensor; a tensor is never 0 here: see sample.py).
+        # start_pos None: stateless. 0: a new sequence in the cache. Otherwise continue the cached
+        # one (an int, or a CUDA graph's device tensor, which is never 0: see sample.py).
         cached = start_pos is not None
         new = not cached or (isinstance(start_pos, int) and start_pos == 0)
         states = [None, None, None]
@@ -319,7 +262,7 @@ class KimiDeltaAttention(nn.Module):
         v = self.v_conv1d(self.v_proj(x), states[2]).view(B, T, H, K)
         # g = -exp(A_log) * softplus(f + dt_bias), fp32 and <= 0 (trap 3)
         g = kda_gate(self.f_b_proj(self.f_a_proj(x)).view(B, T, H, K), self.A_log, self.dt_bias)
-        beta = self.b_proj(x).float().sigmoid()                     # [B, T, H], upcast first (trap 10)
+        beta = self.b_proj(x).float().sigmoid()             # [B, T, H], upcast first (trap 10)
         # L2 norm with eps on the sum of squares (trap 6); the kernel applies the 1/sqrt(K) scale
         S0 = None if new else self.recurrent_state[:B]
         o, S = kda_core(l2norm(q.float()), l2norm(k.float()), v, g, beta, S0)
@@ -376,7 +319,7 @@ class MLAAttention(nn.Module):
         k_nope, v = kv.split([self.nope, self.v], dim=-1)          # [B, L, H, 128] each
         k_pe = k_pe[:, :, None].expand(-1, -1, self.H, -1)         # one slot shared by all heads
         k = torch.cat([k_nope, k_pe], dim=-1)                      # [B, L, H, 192]
-        # NoPE: q_pe and k_pe are never rotated. Causal with an offset: query i sees j <= start_pos+i
+        # NoPE: q_pe and k_pe are never rotated. Causal with an offset: query i sees j <= pos + i
         mask = None                                                 # square: is_causal below
         if start_pos > 0:                                           # (keeps flash attention)
             mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(start_pos)
@@ -447,13 +390,7 @@ class MoEGate(nn.Module):
         a = self.args
         s = torch.sigmoid(F.linear(x.float(), self.weight.float()))        # [N, E], fp32
         biased = s + self.e_score_correction_bias.float()                  # chooses the experts
-        choice = biased
-        if a.num_expert_group > 1:      # keep the topk_group groups with the best top-2 sums
-            grouped = biased.view(len(x), a.num_expert_group, -1)           # [N, G, E/G]
-            best = grouped.topk(2, dim=-1).values.sum(-1).topk(a.topk_group, dim=-1).indices
-            keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter(1, best, True)
-            choice = grouped.masked_fill(~keep[..., None], 0.0).flatten(1)  # 0.0 as the release
-        ids = choice.topk(a.num_experts_per_token, dim=-1, sorted=False).indices     # [N, k]
+        ids = biased.topk(a.num_experts_per_token, dim=-1, sorted=False).indices     # [N, k]
         # The mixing weights: the release adds the bias in place on a view of s, so by default they
         # are the *biased* scores too (trap 1). vLLM, SGLang and transformers use the unbiased s.
         w = (biased if a.routing_weights_biased else s).gather(-1, ids)    # [N, k]
@@ -470,15 +407,15 @@ class SparseMoeBlock(nn.Module):
         self.gate = MoEGate(args)
         self.experts = nn.ModuleList(Expert(D, F_) for _ in range(args.num_experts))
         self.shared_experts = MLP(D, F_ * args.num_shared_experts)
-        self.w13 = self.w2 = None           # stacked weights, set by stack_experts() (Fast paths)
+        self.w13 = self.w2 = None           # stacked weights (moe_fast.stack_experts)
 
     def forward(self, x):                                           # x [B, T, D]
         shape, x = x.shape, x.flatten(0, 1)                         # [N, D]
         ids, w = self.gate(x)                                       # [N, k] each
         if self.w13 is None:
             out = self.run_experts(x, ids)                          # [N, k, D]
-        else:
-            out = grouped_experts(x, ids, self.w13, self.w2)       # the same, faster on a GPU
+        else:                                                       # the same, fast (moe_fast.py)
+            out = moe_fast.grouped_experts(x, ids, self.w13, self.w2)
         y = torch.einsum("nk,nkd->nd", w, out.float())              # weighted sum in fp32
         return (y.to(x.dtype) + self.shared_experts(x)).view(shape)
 
@@ -490,21 +427,6 @@ class SparseMoeBlock(nn.Module):
             if len(token):                                          # skip experts with none
                 out[token, slot] = expert(x[token])
         return out
-
-    def stack_experts(self):
-        """Fast path: copy the experts into w13 [E, 2F, D] (w1 over w3) and w2 [E, D, F] for
-        grouped_experts; each expert's weights become views of them, so names and state_dict stay
-        the checkpoint's. Call it on the device (on mmapped CPU weights it makes copies)."""
-        if self.w13 is not None:
-            return
-        w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in self.experts])
-        w2 = torch.stack([e.w2.weight for e in self.experts])
-        for e, gate_up, down in zip(self.experts, w13, w2):
-            w1, w3 = gate_up.chunk(2)
-            e.w1.weight = nn.Parameter(w1, requires_grad=False)
-            e.w3.weight = nn.Parameter(w3, requires_grad=False)
-            e.w2.weight = nn.Parameter(down, requires_grad=False)
-        self.w13, self.w2 = w13, w2
 
 
 # -------------------------------------------------------------------------------------------------
@@ -555,8 +477,8 @@ class Transformer(nn.Module):
         self.max_batch_size = self.max_seq_len = 0                 # no caches until setup_cache
 
     def setup_cache(self, max_batch_size, max_seq_len):
-        """(Re)allocate every layer's cache (non-persistent buffers) in the model's dtype and device:
-        args.cache_bytes(max_batch_size, max_seq_len) bytes. Needed only for start_pos calls."""
+        """(Re)allocate every layer's cache (non-persistent buffers) in the model's dtype and
+        device: args.cache_bytes(max_batch_size, max_seq_len) bytes. Needed by start_pos calls."""
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         w = self.model.embed_tokens.weight
         for layer in self.model.layers:
@@ -592,46 +514,25 @@ class Transformer(nn.Module):
                              f"{self.max_seq_len} (call setup_cache with a larger one)")
 
     def stack_experts(self):
-        """Stack each MoE layer's experts for the grouped-matmul path (see Fast paths)."""
+        """Stack each MoE layer's experts for moe_fast's grouped matmuls (see Fast paths)."""
         for layer in self.model.layers:
             if layer.is_moe:
-                layer.block_sparse_moe.stack_experts()
+                moe_fast.stack_experts(layer.block_sparse_moe)
 
     # ---------------------------------------------------------------------------------------------
-    # Checkpoints: config.json + model-0000i-of-0000n.safetensors + model.safetensors.index.json
+    # Checkpoints in the official layout (the file format is in checkpoint.py)
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device=None, dtype=None, max_batch_size=1, max_seq_len=4096):
-        """Load an official checkpoint folder shard by shard straight onto `device` (host memory
-        stays about one shard; on a CPU without a dtype change the weights stay memory-mapped).
-        `dtype` casts all but A_log and dt_bias, which stay fp32. The model comes back in eval mode
-        without gradients, its caches set up for generation. Raises CheckpointError (one line)."""
-        ckpt_dir = Path(ckpt_dir)
+        """Load an official checkpoint folder shard by shard onto `device` (checkpoint.load_into:
+        every name and shape checked, one-line CheckpointError otherwise). `dtype` casts all but
+        A_log and dt_bias, which stay fp32. The model comes back in eval mode without gradients,
+        its caches set up for generation."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        args = ModelArgs.from_json(ckpt_dir / "config.json")
-        index_path = ckpt_dir / "model.safetensors.index.json"
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_path}: cannot read the index ({e!r})") from None
+        args = ModelArgs.from_json(Path(ckpt_dir) / "config.json")
         with torch.device("meta"):                                  # no memory, no init
             model = cls(args)
-        expected = {name: t.shape for name, t in model.state_dict().items()}
-        _check(index_path, "lists tensors this model does not have", set(weight_map) - set(expected))
-        _check(index_path, "lacks tensors this model needs", set(expected) - set(weight_map))
-        shards = sorted(set(weight_map.values()))
-        loaded_bytes, t0 = 0, time.perf_counter()
-        for i, shard in enumerate(shards, 1):
-            state = _read_shard(ckpt_dir / shard, weight_map, expected, device)
-            if dtype is not None:
-                state = {n: _cast(n, t, dtype) for n, t in state.items()}
-            model.load_state_dict(state, strict=False, assign=True)    # assign keeps dtypes
-            loaded_bytes += sum(t.numel() * t.element_size() for t in state.values())
-            del state
-            print(f"shard {i}/{len(shards)}: {loaded_bytes / 1e9:.2f} GB loaded in "
-                  f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        unloaded = [n for n, p in model.state_dict().items() if p.is_meta]
-        _check(ckpt_dir, "left parameters unloaded", unloaded)
+        checkpoint.load_into(model, ckpt_dir, device, dtype)
         model.requires_grad_(False).eval()
         if device.type == "cuda":                       # the grouped-matmul MoE (Fast paths)
             model.stack_experts()
@@ -639,107 +540,32 @@ class Transformer(nn.Module):
         return model
 
     def save_pretrained(self, ckpt_dir, num_shards=2):
-        """Write config.json, num_shards safetensors shards and the index, in the official layout."""
-        ckpt_dir = Path(ckpt_dir)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        state = self.state_dict()
-        sizes = {n: t.numel() * t.element_size() for n, t in state.items()}
-        total, done = sum(sizes.values()), 0
-        groups = [[] for _ in range(num_shards)]
-        for n in state:                     # contiguous runs of tensors, balanced by bytes
-            groups[min(num_shards - 1, (done + sizes[n] // 2) * num_shards // total)].append(n)
-            done += sizes[n]
-        weight_map = {}
-        for i, names in enumerate(groups, 1):
-            shard = f"model-{i:05d}-of-{num_shards:05d}.safetensors"
-            # copies: stacked experts (stack_experts) are views of one shared tensor
-            tensors = {n: state[n].detach().to("cpu", copy=True,
-                                               memory_format=torch.contiguous_format)
-                       for n in names}
-            save_file(tensors, ckpt_dir / shard, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(names, shard))
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (ckpt_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        dtype = str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
-        config = json.dumps(self.args.to_config(dtype), indent=2)
-        (ckpt_dir / "config.json").write_text(config + "\n")
-
-
-def _read_shard(path, weight_map, expected, device):
-    """The tensors of one shard, checked against the index and the model's shapes."""
-    listed = {n for n, s in weight_map.items() if s == path.name}
-    if not path.is_file():
-        raise CheckpointError(f"{path}: shard listed in the index is missing")
-    try:
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            names = set(f.keys())
-            _check(path, "holds tensors not listed for it in the index", names - listed)
-            _check(path, "lacks tensors the index lists in it", listed - names)
-            state = {n: f.get_tensor(n) for n in sorted(names)}
-    except SafetensorError as e:
-        raise CheckpointError(f"{path}: unreadable or truncated shard ({e})") from None
-    _check(path, "has tensors of the wrong shape", [
-        f"{n} {list(t.shape)} (expected {list(expected[n])})"
-        for n, t in state.items() if t.shape != expected[n]])
-    return state
-
-
-def _cast(name, t, dtype):
-    """A_log and dt_bias stay fp32 whatever dtype is asked (trap 10). Copied: a view into a cast
-    shard would keep the whole shard mapped in memory."""
-    if name.endswith(("A_log", "dt_bias")):
-        return t.to(torch.float32, copy=True)
-    return t.to(dtype)
-
-
-def _check(where, problem, offenders, shown=8):
-    """Raise a one-line CheckpointError naming the offending tensors, if there are any."""
-    offenders = sorted(offenders)
-    if offenders:
-        more = f" and {len(offenders) - shown} more" if len(offenders) > shown else ""
-        raise CheckpointError(f"{where}: {problem}: {', '.join(offenders[:shown])}{more}")
+        """Write the official layout: config.json, num_shards safetensors shards and the index."""
+        checkpoint.save(self, ckpt_dir, num_shards)
 
 
 # -------------------------------------------------------------------------------------------------
-# Fast paths. Each computes what a definition above computes; test_kimi.py checks each equality.
-#   - KDA on a GPU: kda_triton's kernels (kda_core picks them; kda_triton.py, test_kda.py)
-#   - MLA decode: attend_absorbed (above, part of the MLA idea) instead of attend
-#   - MoE: grouped_experts over stacked weights instead of the loop in run_experts
-#   - CUDA-graph decode: sample.cuda_graph_decoder replays one step; a tensor start_pos lets one
-#     graph serve every position (attend_absorbed then reads the whole cache buffer, masked)
-
-def grouped_experts(x, ids, w13, w2):
-    """= SparseMoeBlock.run_experts, as two grouped matmuls over the stacked weights: no loop and
-    no host sync, so it fits in a CUDA graph. x [N, D], ids [N, k] -> [N, k, D]."""
-    expert_of_row, order = ids.flatten().sort()             # (token, slot) pairs grouped by expert
-    xs = x[order // ids.shape[1]]                           # [N*k, D], expert e's rows contiguous
-    experts = torch.arange(len(w13), device=x.device)
-    ends = torch.searchsorted(expert_of_row, experts, right=True).int()     # [E] row ends
-    gate, up = F.grouped_mm(xs, w13.mT, offs=ends).chunk(2, dim=-1)         # [N*k, F] each
-    out = F.grouped_mm(F.silu(gate) * up, w2.mT, offs=ends)                 # [N*k, D]
-    unsorted = torch.empty_like(out)
-    unsorted[order] = out                                   # back to (token, slot) order
-    return unsorted.view(*ids.shape, -1)
-
+# Fast paths. Each computes what a definition above computes; the tests check each equality.
+#   - KDA on a GPU without gradients: kda_triton.py's kernels, chosen in kda_core
+#   - MLA decode: attend_absorbed (part of the MLA idea) instead of attend
+#   - MoE: moe_fast.grouped_experts over stacked weights instead of run_experts' loop, once
+#     Transformer.stack_experts has run (from_pretrained does it on a GPU)
+#   - decode steps replayed from one CUDA graph (sample.cuda_graph_decoder): a tensor start_pos
+#     serves every position; attend_absorbed then reads the whole cache buffer, masked
 
 def _bmm_fp32(a, b):
-    """a @ b with fp32 results. On CUDA the bf16 operands stay bf16 (out_dtype: fp32 accumulation
-    and output, as flash attention keeps its scores); the CPU has no out_dtype, so upcast there."""
-    if a.is_cuda and a.dtype != torch.float32:
+    """a @ b with fp32 (or wider) results. On CUDA, bf16 operands stay bf16 (out_dtype: fp32
+    accumulation and output, as flash attention keeps its scores); elsewhere upcast them."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
         return torch.bmm(a, b, out_dtype=torch.float32)
-    return torch.bmm(a.float(), b.float())
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    return torch.bmm(a.to(dtype), b.to(dtype))
 
 
-if __name__ == "__main__":      # smoke run: a tiny random model, stateless vs cached, and a gradient
-    model = Transformer(CONFIGS["tiny"]).eval()
-    model.setup_cache(max_batch_size=1, max_seq_len=128)
-    tokens = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(0))
+if __name__ == "__main__":      # smoke run: a tiny random model, stateless vs token by token
+    model = Transformer(CONFIGS["tiny"])
+    model.setup_cache(max_batch_size=1, max_seq_len=100)
+    tokens = torch.randint(0, 256, (1, 100))
     full = model(tokens)
-    with torch.no_grad():
-        steps = torch.cat([model(tokens[:, t:t + 1], start_pos=t) for t in range(100)], dim=1)
-    print(f"token by token vs stateless: max |diff| {(steps - full).abs().max():.2e} "
-          f"of {full.std():.2f}")
-    loss = F.cross_entropy(full[0, :-1], tokens[0, 1:])
-    loss.backward()
-    print(f"loss {loss.item():.3f}; |grad of embed_tokens| "
-          f"{model.model.embed_tokens.weight.grad.norm():.3e}")
+    steps = torch.cat([model(tokens[:, t:t + 1], start_pos=t) for t in range(100)], dim=1)
+    print(f"max |difference| {(steps - full).abs().max():.1e} in logits of std {full.std():.2f}")

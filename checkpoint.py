@@ -1,0 +1,163 @@
+"""
+The official checkpoint layout, read and written: config.json, model-0000i-of-0000n.safetensors
+shards and model.safetensors.index.json (the layout of moonshotai/Kimi-Linear-48B-A3B-*). kimi.py
+calls these from ModelArgs.from_json, Transformer.from_pretrained and save_pretrained; here is only
+the file format and its checks, so that every broken folder gets one line naming the file and the
+tensor at fault (CheckpointError), never a traceback from deep inside torch.
+"""
+import json
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+# ModelArgs field -> key inside config.json's linear_attn_config (every other field is top level)
+LINEAR_KEYS = {"kda_num_heads": "num_heads", "kda_head_dim": "head_dim",
+               "short_conv_kernel_size": "short_conv_kernel_size",
+               "full_attn_layers": "full_attn_layers"}
+OURS = ("routing_weights_biased",)          # ModelArgs fields that config.json does not have
+
+
+class CheckpointError(Exception):
+    """A checkpoint folder that does not match the model; the message names the file or tensor."""
+
+
+def read_config(args_cls, path):
+    """config.json -> args_cls (kimi.ModelArgs). Its layer lists are 1-based; unknown keys are
+    ignored; a missing key or an invalid value raises CheckpointError naming it."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read config ({e})") from None
+    linear = cfg.get("linear_attn_config") if isinstance(cfg, dict) else None
+    if not isinstance(linear, dict):
+        raise CheckpointError(f"{path}: not a Kimi-Linear config (no linear_attn_config object)")
+    kwargs = {}
+    for f in fields(args_cls):
+        src, key, where = cfg, f.name, ""
+        if f.name in LINEAR_KEYS:
+            src, key, where = linear, LINEAR_KEYS[f.name], "linear_attn_config."
+        if f.name in OURS:
+            continue
+        if key not in src:
+            raise CheckpointError(f"{path}: missing required key '{where}{key}'")
+        kwargs[f.name] = src[key]
+    full, kda = kwargs["full_attn_layers"], linear.get("kda_layers", [])
+    n = kwargs["num_hidden_layers"]
+    ints = all(isinstance(x, list) and all(type(i) is int for i in x) for x in (full, kda))
+    if not ints or (kda and type(n) is int and sorted(full + kda) != list(range(1, n + 1))):
+        raise CheckpointError(f"{path}: linear_attn_config's kda_layers {kda!r} and "
+                              f"full_attn_layers {full!r} must split the layers 1..{n}")
+    kwargs["full_attn_layers"] = tuple(i - 1 for i in full)   # 1-based in config.json (trap 11)
+    try:
+        return args_cls(**kwargs)
+    except ValueError as e:                                  # ModelArgs' own validation
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def config_json(args, dtype="bfloat16"):
+    """args -> the official config.json dict (1-based layer lists)."""
+    cfg = {f.name: getattr(args, f.name) for f in fields(args)
+           if f.name not in LINEAR_KEYS and f.name not in OURS}
+    full = [i + 1 for i in args.full_attn_layers]
+    kda = [i for i in range(1, args.num_hidden_layers + 1) if i not in full]
+    linear = {key: getattr(args, name) for name, key in LINEAR_KEYS.items()}
+    linear.update(full_attn_layers=full, kda_layers=kda)
+    fixed = {"num_key_value_heads": args.num_attention_heads, "q_lora_rank": None,
+             "mla_use_nope": True, "hidden_act": "silu", "moe_router_activation_func": "sigmoid",
+             "use_grouped_topk": True, "tie_word_embeddings": False}
+    return {"architectures": ["KimiLinearForCausalLM"], "model_type": "kimi_linear",
+            "dtype": dtype, **cfg, **fixed, "linear_attn_config": linear}
+
+
+def load_into(model, ckpt_dir, device, dtype=None):
+    """Fill a meta-device model from the folder, shard by shard, straight onto `device`: host memory
+    stays about one shard (on a CPU without a dtype change the weights stay memory-mapped).
+    `dtype` casts all but A_log and dt_bias, which stay fp32 (trap 10)."""
+    ckpt_dir = Path(ckpt_dir)
+    index_path = ckpt_dir / "model.safetensors.index.json"
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path}: cannot read the index ({e!r})") from None
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    _check(index_path, "lists tensors this model does not have", set(weight_map) - set(expected))
+    _check(index_path, "lacks tensors this model needs", set(expected) - set(weight_map))
+    shards = sorted(set(weight_map.values()))
+    loaded_bytes, t0 = 0, time.perf_counter()
+    for i, shard in enumerate(shards, 1):
+        state = _read_shard(ckpt_dir / shard, weight_map, expected, device)
+        if dtype is not None:
+            state = {n: _cast(n, t, dtype) for n, t in state.items()}
+        model.load_state_dict(state, strict=False, assign=True)    # assign keeps their dtypes
+        loaded_bytes += sum(t.numel() * t.element_size() for t in state.values())
+        del state
+        print(f"shard {i}/{len(shards)}: {loaded_bytes / 1e9:.2f} GB loaded in "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    unloaded = [n for n, p in model.state_dict().items() if p.is_meta]
+    _check(ckpt_dir, "left parameters unloaded", unloaded)
+
+
+def _read_shard(path, weight_map, expected, device):
+    """The tensors of one shard, checked against the index and the model's shapes."""
+    listed = {n for n, s in weight_map.items() if s == path.name}
+    if not path.is_file():
+        raise CheckpointError(f"{path}: shard listed in the index is missing")
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            names = set(f.keys())
+            _check(path, "holds tensors not listed for it in the index", names - listed)
+            _check(path, "lacks tensors the index lists in it", listed - names)
+            state = {n: f.get_tensor(n) for n in sorted(names)}
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: unreadable or truncated shard ({e})") from None
+    _check(path, "has tensors of the wrong shape", [
+        f"{n} {list(t.shape)} (expected {list(expected[n])})"
+        for n, t in state.items() if t.shape != expected[n]])
+    return state
+
+
+def _cast(name, t, dtype):
+    """A_log and dt_bias stay fp32. Copied: a view into a cast shard would keep the whole shard
+    mapped in memory."""
+    if name.endswith(("A_log", "dt_bias")):
+        return t.to(torch.float32, copy=True)
+    return t.to(dtype)
+
+
+def _check(where, problem, offenders, shown=8):
+    """Raise a one-line CheckpointError naming the offending tensors, if there are any."""
+    offenders = sorted(offenders)
+    if offenders:
+        more = f" and {len(offenders) - shown} more" if len(offenders) > shown else ""
+        raise CheckpointError(f"{where}: {problem}: {', '.join(offenders[:shown])}{more}")
+
+
+def save(model, ckpt_dir, num_shards=2):
+    """Write config.json, num_shards safetensors shards and the index, in the official layout."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    sizes = {n: t.numel() * t.element_size() for n, t in state.items()}
+    total, done = sum(sizes.values()), 0
+    groups = [[] for _ in range(num_shards)]
+    for n in state:                         # contiguous runs of tensors, balanced by bytes
+        groups[min(num_shards - 1, (done + sizes[n] // 2) * num_shards // total)].append(n)
+        done += sizes[n]
+    weight_map = {}
+    for i, names in enumerate(groups, 1):
+        shard = f"model-{i:05d}-of-{num_shards:05d}.safetensors"
+        # copies: stacked experts (moe_fast.stack_experts) are views of one shared tensor
+        tensors = {n: state[n].detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+                   for n in names}
+        save_file(tensors, ckpt_dir / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, shard))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (ckpt_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    config = json.dumps(config_json(model.args, dtype), indent=2)
+    (ckpt_dir / "config.json").write_text(config + "\n")
