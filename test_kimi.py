@@ -412,8 +412,12 @@ def test_rmsnorm_casts_to_bf16_before_the_weight_multiply():
     x32 = x.float()
     x_hat = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + 1e-5)
     with torch.no_grad():
-        assert torch.equal(norm(x), x_hat.to(BF16) * norm.weight)
-        assert not torch.equal(norm(x), (x_hat * norm.weight.float()).to(BF16))    # the test can tell
+        out = norm(x)
+        right = x_hat.to(BF16) * norm.weight
+        wrong = (x_hat * norm.weight.float()).to(BF16)
+    # Computed floats: another CPU may sum the fp32 mean in another order and flip a rare bf16
+    # rounding, so allow 1 % of elements to differ. The other rounding point differs in ~27 %.
+    assert (out != right).float().mean() < 0.01 and (out != wrong).float().mean() > 0.1
 
 
 def test_kda_gate_formula():
