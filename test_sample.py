@@ -1,11 +1,21 @@
-"""Tests for sample.py: tokenizer, chat prompt, streaming, sampling, generation, the demo and bad input."""
-import json, os, shutil, subprocess, sys
+"""Tests for sample.py: tokenizer, chat prompt, streaming, sampling, generation, the demo, and every
+bad input of the command line (one `error:` line, status 2, no traceback, no file touched)."""
+import ast
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import replace
 
-import pytest, tiktoken, torch
+import pytest
+import tiktoken
+import torch
 from hypothesis import given, settings, strategies as st
 
 import sample
-from kimi import ModelArgs, Transformer
+from kimi import CONFIGS, Transformer
 from sample import PAT_STR, Tokenizer, chat_prompt, demo_ranks, generate, write_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -14,13 +24,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tok")
-    write_tokenizer(folder, demo_ranks())  # 256 bytes + prefixes of a few words, partial UTF-8 included
+    write_tokenizer(folder, demo_ranks(), special_base=163584)  # the demo's: real special ids
     return Tokenizer(folder)
 
 
-pieces = st.sampled_from(["a", "Z", "the", " of", "Kimi", "'s", "I'M", "7", "2024", " ", "  ", "\t", "\n",
-                          "\r\n", "\r", ".", "!?", "你好", "模型", "世界", "こんにちは", "🙂", "🚀", "👍🏽", "é",
-                          "ß", "<|im_end|>"])
+pieces = st.sampled_from(["a", "Z", "the", " of", "Kimi", "'s", "I'M", "7", "2024", " ", "  ", "\t",
+                          "\n", "\r\n", "\r", ".", "!?", "你好", "模型", "世界", "こんにちは", "🙂",
+                          "🚀", "👍🏽", "é", "ß", "<|im_end|>"])
 texts = st.lists(pieces, max_size=30).map("".join) | st.text(max_size=60)
 
 
@@ -31,7 +41,7 @@ def test_round_trip_and_streaming(tok, text):
     assert tok.decode(ids) == text
     streamed = list(tok.stream(ids))
     assert "".join(streamed) == text
-    assert all("\ufffd" not in p for p in streamed) or "\ufffd" in text  # no character is ever cut in two
+    assert all("\ufffd" not in p for p in streamed) or "\ufffd" in text  # no character cut in two
 
 
 @settings(deadline=None, max_examples=200)
@@ -55,6 +65,39 @@ def test_special_tokens(tok):
     assert ids[1] == 163586 and ids[0] == ids[2] and len(ids) == 3
     mask = tok.allowed(163840)
     assert mask[163586] and mask[163839] and mask[:256].all() and not mask[len(demo_ranks())]
+    assert tok.stop_ids == (163585, 163586)
+
+
+def test_real_layout_numbers_specials_from_the_rank_count(tmp_path):
+    ranks = {bytes([b]): b for b in range(256)}
+    write_tokenizer(tmp_path, ranks)                # no stated base: as a release folder
+    t = Tokenizer(tmp_path)
+    assert t.special["[BOS]"] == 256 and t.special["<|im_end|>"] == 258 and max(t.ids) == 256 + 257
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert sample.DEMO_BASE_KEY not in config
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["added_tokens_decoder"].update({"255": {"content": "<|x|>"}}), "must lie in 256"),
+    (lambda c: c["added_tokens_decoder"].update({"600": {"content": "<|x|>"}}), "must lie in 256"),
+    (lambda c: c.update({sample.DEMO_BASE_KEY: 100}), "is not an int past the ranks"),
+    (lambda c: c.update({sample.DEMO_BASE_KEY: "300"}), "is not an int past the ranks"),
+    (lambda c: c.update({"added_tokens_decoder": [1]}), "no added_tokens_decoder"),
+])
+def test_tokenizer_refuses_specials_that_do_not_follow_the_ranks(tmp_path, change, message):
+    write_tokenizer(tmp_path, {bytes([b]): b for b in range(256)})
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    change(config)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        Tokenizer(tmp_path)
+
+
+def test_tokenizer_refuses_a_malformed_rank_file(tmp_path):
+    write_tokenizer(tmp_path, {bytes([b]): b for b in range(256)})
+    (tmp_path / "tiktoken.model").write_text("YQ== 0\nnot-base64! 1\n")
+    with pytest.raises(ValueError, match="tiktoken.model: not '<base64 bytes> <rank>' lines"):
+        Tokenizer(tmp_path)
 
 
 # Hand-checked splits of the released pat_str.
@@ -74,8 +117,8 @@ SPLITS = {
 
 @pytest.mark.parametrize("text", SPLITS)
 def test_regex_splits(text):
-    # A vocabulary holding every prefix of each expected piece and of each piece joined to the next: tiktoken
-    # returns exactly the expected pieces as tokens only if its regex cuts the text at those places.
+    # A vocabulary holding every prefix of each expected piece and of each piece joined to the
+    # next: tiktoken returns exactly the expected pieces only if its regex cuts the text there.
     expected, toks = SPLITS[text], [bytes([b]) for b in range(256)]
     for a, b in zip(expected, expected[1:] + [""]):
         toks += [s[:i] for s in (a.encode(), (a + b).encode()) for i in range(2, len(s) + 1)]
@@ -85,41 +128,90 @@ def test_regex_splits(text):
 
 
 def test_chat_prompt(tok):
-    expected = ("<|im_system|>system<|im_middle|>You are a helpful assistant provided by Moonshot-AI.<|im_end|>"
-                "<|im_user|>user<|im_middle|>Is 123 a prime?<|im_end|><|im_assistant|>assistant<|im_middle|>")
+    expected = ("<|im_system|>system<|im_middle|>You are a helpful assistant provided by "
+                "Moonshot-AI.<|im_end|><|im_user|>user<|im_middle|>Is 123 a prime?<|im_end|>"
+                "<|im_assistant|>assistant<|im_middle|>")
     assert chat_prompt("Is 123 a prime?") == expected
     ids = tok.encode(expected)
     assert ids[0] == 163594 and ids[-1] == 163601 and ids.count(163586) == 2
+    # no system turn, as Kimi-Linear's chat template renders a conversation without one
+    no_system = expected[expected.index("<|im_user|>"):]
+    assert chat_prompt("Is 123 a prime?", "") == chat_prompt("Is 123 a prime?", None) == no_system
 
 
 @settings(deadline=None, max_examples=100)
-@given(st.lists(st.floats(-8, 8), min_size=2, max_size=40), st.integers(1, 5), st.floats(0.05, 1.0),
-       st.floats(0.3, 3.0), st.integers(0, 2**31))
+@given(st.lists(st.floats(-8, 8), min_size=2, max_size=40), st.integers(1, 5),
+       st.floats(0.05, 1.0), st.floats(0.3, 3.0), st.integers(0, 2**31))
 def test_top_k_top_p_stay_in_their_set(logits, k, p, temperature, seed):
     torch.manual_seed(seed)
     x = torch.tensor([logits]).repeat(16, 1)
     kth = x[0].topk(min(k, len(logits))).values[-1]
-    assert (x[0, sample.sample(x, temperature, top_k=k)] >= kth).all()
-    probs = (x[0] / temperature).softmax(-1)  # the same fp32 values sample() sees
+    assert (x[0, sample.sample(x, temperature, top_k=k)] >= kth).all()     # stored values: exact
+    probs = (x[0].double() / temperature).softmax(-1)   # fp64, as sample() computes them
     for t in sample.sample(x, temperature, top_p=p):
-        assert probs[probs > probs[t]].sum() < p + 1e-5  # the mass strictly above t is short of p
+        # the mass strictly above t is short of p; 1e-12 >> fp64 rounding of a 40-term sum (~1e-15)
+        assert probs[probs > probs[t]].sum() < p + 1e-12
     assert (sample.sample(x, 0.0) == x[0].argmax()).all()
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-320, 1e300, 1.7e308])
+def test_extreme_temperatures_draw_valid_ids(temperature):
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.5, 3.0, -2.0, 1.0, float("-inf")]]).repeat(64, 1)
+    ids = sample.sample(logits, temperature)
+    assert ids.min() >= 0 and ids.max() <= 3                # never the -inf (disallowed) id
+    if temperature < 1:                                     # ~ argmax: one maximum, so exact
+        assert (ids == 1).all()
+    else:                                                   # ~ uniform over the allowed four
+        assert len(set(ids.tolist())) > 1
 
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(**dict(sample.DEMO_ARGS, vocab_size=320))).eval()
-    model.setup_cache(1, 64)
-    return model
+    return Transformer(replace(CONFIGS["demo"], vocab_size=320)).eval()   # no caches yet
 
 
 @settings(deadline=None, max_examples=6)
 @given(st.lists(st.integers(0, 319), min_size=1, max_size=20))
-def test_greedy_equals_full_forward_argmax(tiny, prompt):
-    new = list(generate(tiny, prompt, 10, stop=()))
-    logits = tiny(torch.tensor([prompt + new[:-1]]), start_pos=0)  # one full re-forward, no cache reuse
-    assert logits[0, len(prompt) - 1:].argmax(-1).tolist() == new
+def test_greedy_picks_the_argmax_of_full_re_forwards(tiny, prompt):
+    new = list(generate(tiny, None, prompt, 10, stop=()))
+    assert len(new) == 10
+    with torch.no_grad():
+        logits = tiny(torch.tensor([prompt + new[:-1]]))[0, len(prompt) - 1:]   # stateless
+    # Each greedy id's logit is the row's maximum, up to the rounding by which cached decoding
+    # and one full forward differ: fp32 eps (1.2e-7) x logits of ~1 x a few hundred sums < 1e-4.
+    chosen = logits[torch.arange(10), torch.tensor(new)]
+    assert (chosen >= logits.max(-1).values - 1e-4).all()
+
+
+def test_generate_takes_text_lists_and_tensors_and_sets_up_caches(tok, tiny):
+    tiny.setup_cache(0, 0)                                  # as a fresh model: no caches
+    prompt = tok.encode("the of and")
+    assert max(prompt) < 320
+    as_list = list(generate(tiny, None, prompt, 6, stop=()))
+    assert tiny.max_batch_size == 1 and tiny.max_seq_len == len(prompt) + 5
+    assert list(generate(tiny, None, torch.tensor(prompt), 6, stop=())) == as_list
+    tiny.setup_cache(1, 2)                                  # too small: generate grows it
+    assert list(generate(tiny, None, torch.tensor(prompt, dtype=torch.int32), 6, stop=())) == as_list
+    assert list(generate(tiny, tok, "the of and", 6, stop=())) == as_list
+    for bad in ([], [[1, 2]], [1.5], [320], [-1]):
+        with pytest.raises(ValueError, match="prompt"):
+            list(generate(tiny, None, bad, 2))
+
+
+def test_generate_emits_only_ids_the_tokenizer_decodes(tmp_path):
+    write_tokenizer(tmp_path, {bytes([b]): b for b in range(256)}, special_base=300)
+    t = Tokenizer(tmp_path)                                 # ids 256..299 decode to nothing
+    torch.manual_seed(0)
+    model = Transformer(replace(CONFIGS["demo"], vocab_size=320)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[256:300] *= 100                # the model prefers the unknown ids
+    for temperature in (0.0, 1e300):                        # greedy; then uniform over allowed
+        torch.manual_seed(1)
+        ids = list(generate(model, t, [1, 2, 3], 40, temperature=temperature, stop=()))
+        assert len(ids) == 40 and not any(256 <= i < 300 for i in ids)
+        t.decode(ids)                                       # decodes without a KeyError
 
 
 @pytest.fixture(scope="module")
@@ -127,15 +219,34 @@ def demo_ckpt(tmp_path_factory):
     return sample.write_demo(str(tmp_path_factory.mktemp("demo")))
 
 
-def test_demo_end_to_end(tmp_path):
+def run_cli(*argv, stdin=subprocess.DEVNULL, env=None, timeout=120):
+    return subprocess.run([sys.executable, "sample.py", *argv], cwd=HERE, stdin=stdin, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_demo_end_to_end_writes_once_then_reuses(tmp_path):
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
-    r = subprocess.run([sys.executable, "sample.py", "--demo", "--max-new-tokens", "12", "The answer is"],
-                       cwd=HERE, env=env, capture_output=True, text=True, timeout=120)  # as README runs it
+    r = run_cli("--demo", "--max-new-tokens", "4", "The answer is", env=env)    # as README runs it
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("The answer is") and "tok/s" in r.stderr and "random" in r.stderr
-    files = os.listdir(tmp_path / "kimi-minimal-demo")
-    assert {"config.json", "model.safetensors.index.json", "tiktoken.model", "tokenizer_config.json"} < {*files}
+    assert r.stdout.startswith("The answer is") and "tok/s" in r.stderr and "wrote" in r.stderr
+    folder = tmp_path / "kimi-minimal-demo"
+    files = os.listdir(folder)
+    assert {"config.json", "model.safetensors.index.json", "tiktoken.model",
+            "tokenizer_config.json", sample.DEMO_MARKER} < {*files}
     assert sum(f.endswith(".safetensors") for f in files) == 3
+    before = {f: (folder / f).read_bytes() for f in files}
+    r2 = run_cli("--demo", "--max-new-tokens", "4", "The answer is", env=env)
+    assert r2.returncode == 0 and "wrote" not in r2.stderr and r2.stdout == r.stdout
+    assert {f: (folder / f).read_bytes() for f in os.listdir(folder)} == before    # untouched
+
+
+def error_line(capsys, code):
+    """The one line of a refused run: status 2, one 'error:' line, nothing on stdout."""
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith("error: ") and out == ""
+    assert sum(line.startswith("error") for line in lines) == 1 and "Traceback" not in err
+    return lines[-1]
 
 
 def broken(demo, tmp_path, how):
@@ -143,10 +254,15 @@ def broken(demo, tmp_path, how):
         return demo if how is None else str(tmp_path / "nothing")
     folder = shutil.copytree(demo, tmp_path / "ckpt")
     shard = folder / "model-00002-of-00003.safetensors"
+    config = json.loads((folder / "config.json").read_text())
     if how == "no config":
         os.remove(folder / "config.json")
     elif how == "config not an object":
         (folder / "config.json").write_text("[1, 2]")
+    elif how == "hidden_size a string":
+        (folder / "config.json").write_text(json.dumps(dict(config, hidden_size="64")))
+    elif how == "top-k above experts":
+        (folder / "config.json").write_text(json.dumps(dict(config, num_experts_per_token=20)))
     elif how == "no shard":
         os.remove(shard)
     elif how == "truncated":
@@ -155,6 +271,12 @@ def broken(demo, tmp_path, how):
         index = json.loads((folder / "model.safetensors.index.json").read_text())
         index["metadata"]["total_size"] = 2**60
         (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    elif how == "no chat tokens":
+        write_tokenizer(folder, demo_ranks(), 163584, {0: "[BOS]", 1: "[EOS]", 2: "<|im_end|>"})
+    elif how == "specials below the ranks":             # a release-like config, one id too low
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config["added_tokens_decoder"]["5"] = {"content": "<|low|>", "special": True}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return str(folder)
 
 
@@ -162,45 +284,194 @@ def broken(demo, tmp_path, how):
     ("missing", [], "no checkpoint folder"),
     ("no config", [], "missing config.json"),
     ("config not an object", [], "not a Kimi-Linear config"),
+    ("hidden_size a string", [], "hidden_size must be an integer >= 1, not '64'"),
+    ("top-k above experts", [], "num_experts_per_token=20 exceeds"),
     ("no shard", [], "missing 1 of 3 shards"),
     ("truncated", [], "truncated"),
     ("huge", [], "not enough memory"),
-    (None, ["--max-seq-len", "4"], "--max-seq-len is 4"),
+    ("no chat tokens", ["--chat"], "--chat needs <|im_system|>, <|im_user|>, <|im_assistant|>, "
+                                   "<|im_middle|>: not in"),
+    ("specials below the ranks", [], "special ids must lie in 163584..163841, after the"),
+    (None, ["--max-seq-len", "4"], "tokens but --max-seq-len is 4"),
+    (None, ["--max-seq-len", str(10**12)], "the cache for --max-seq-len 1000000000000"),
+    (None, ["--max-seq-len", "0"], "--max-seq-len must be at least 1"),
+    (None, ["--max-seq-len", "-3"], "--max-seq-len must be at least 1"),
+    (None, ["--max-seq-len", "x"], "argument --max-seq-len: invalid int value: 'x'"),
     (None, ["--device", "nosuchdevice"], "unknown device"),
-    (None, ["--device", "cuda:7"], "cuda:7"),
+    (None, ["--device", "cuda:7"], "--device cuda:7 is not available here"),
+    (None, ["--device", "meta"], "--device meta is not available here"),
+    (None, ["--device", "cpu:3"], "the CPU is one device, with no index"),
     (None, ["--top-k", "0"], "--top-k must be at least 1"),
+    (None, ["--top-p", "nan"], "--top-p must be in (0, 1]"),
+    (None, ["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (None, ["--top-k", "5", "--temperature", "0"], "--temperature 0 is greedy"),
     (None, ["--temperature", "nan"], "--temperature must be a finite number"),
+    (None, ["--temperature", "inf"], "--temperature must be a finite number"),
+    (None, ["--temperature", "-1"], "--temperature must be a finite number"),
+    (None, ["--seed", str(2**70)], "--seed must be in 0 .. 2**64 - 1"),
+    (None, ["--seed", "-1"], "--seed must be in 0 .. 2**64 - 1"),
     (None, ["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (None, ["--system", "Be brief."], "--system is for --chat"),
+    (None, ["--demo"], "either --ckpt"),
+    (None, ["--prompt-file", "p.txt"], "not both"),
+    (None, ["--compile"], "--compile compiles the CUDA-graph decode step: it needs CUDA and bf16"),
+    (None, ["--bench"], "the benchmark is its own program now: python bench.py"),
+    (None, ["--chat", "--system", "a<|im_end|>b"], "holds <|im_end|>, which would end or start"),
 ])
-def test_bad_input_exits_2(demo_ckpt, tmp_path, capsys, how, extra, message):
+def test_bad_input_exits_2_with_one_line(demo_ckpt, tmp_path, capsys, how, extra, message):
+    if "--compile" in extra and torch.cuda.is_available():
+        extra = [*extra, "--device", "cpu"]
+    folder = broken(demo_ckpt, tmp_path, how)
     with pytest.raises(SystemExit) as e:
-        sample.main(["--ckpt", broken(demo_ckpt, tmp_path, how), *extra, "a prompt of several words"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err[-1].startswith("error: ") and message in err[-1]
+        sample.main(["--ckpt", folder, *extra, "a prompt of several words"])
+    assert message in error_line(capsys, e.value.code)
 
 
-@pytest.mark.parametrize("prompt, message", [
-    (["x<|reserved_token_163841|>"], "no embedding for: ids [163841]"),   # a special id past the 163840 rows
-    (["--prompt-file", "not-utf8.txt"], "cannot read the prompt"),
+@pytest.mark.parametrize("argv, message", [
+    (["x<|reserved_token_163841|>"], "no embedding for: ids [163841]"),   # past the 163840 rows
+    (["--prompt-file", "not-utf8.txt"], "cannot read the prompt from"),
+    (["--prompt-file", "absent.txt"], "absent.txt: No such file or directory"),
+    (["--prompt-file", "."], "cannot read the prompt from .: Is a directory"),
+    ([""], "the prompt is empty"),
+    (["--chat", "hi <|im_assistant|>"], "holds <|im_assistant|>"),
 ])
-def test_bad_prompt_exits_2(demo_ckpt, tmp_path, capsys, prompt, message):
+def test_bad_prompt_exits_2(demo_ckpt, tmp_path, capsys, monkeypatch, argv, message):
     (tmp_path / "not-utf8.txt").write_bytes(b"\xff\xfe not UTF-8")
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
-        sample.main(["--ckpt", demo_ckpt, *(str(tmp_path / p) if p.endswith(".txt") else p for p in prompt)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err[-1].startswith("error: ") and message in err[-1]
+        sample.main(["--ckpt", demo_ckpt, *argv])
+    assert message in error_line(capsys, e.value.code)
 
 
-def test_chat_from_prompt_file_with_sampling(demo_ckpt, tmp_path, capsys):
+def test_closed_standard_input_is_no_prompt(demo_ckpt, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", None)                 # what Python sets for a closed fd 0
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", demo_ckpt])
+    assert "no prompt" in error_line(capsys, e.value.code)
+
+
+def test_out_of_memory_while_allocating_is_one_line(demo_ckpt, capsys, monkeypatch):
+    monkeypatch.setattr(sample, "free_memory", lambda device: None)   # free memory unknown
+    with pytest.raises(SystemExit) as e:        # so the 1.6e14-byte cache is really attempted
+        sample.main(["--ckpt", demo_ckpt, "--max-seq-len", str(10**12), "hi"])
+    assert "error: out of memory on cpu" in error_line(capsys, e.value.code)
+
+
+def demo_env(tmp_path):
+    return dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+
+
+def test_demo_refuses_a_cache_home_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("mine")
+    r = run_cli("--demo", env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "file")))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: cannot write the demo checkpoint: {tmp_path / 'file'} (XDG_CACHE_HOME) is not a "
+        "folder"]
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_demo_refuses_an_unwritable_cache_folder(tmp_path):
+    if os.geteuid() == 0:
+        root = "/proc/self"                             # root writes anywhere but in /proc
+    else:
+        root = str(tmp_path / "ro")
+        os.mkdir(root, 0o500)
+    r = run_cli("--demo", env=dict(os.environ, XDG_CACHE_HOME=root))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1
+    assert lines[0].startswith(f"error: cannot write the demo checkpoint in {root}: ")
+
+
+@pytest.mark.parametrize("foreign", ["notes.txt", "config.json"])
+def test_demo_never_touches_files_it_did_not_write(tmp_path, foreign):
+    folder = tmp_path / "kimi-minimal-demo"
+    folder.mkdir()
+    (folder / foreign).write_text("precious")
+    r = run_cli("--demo", env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path)))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1
+    assert lines[0].startswith(f"error: {folder} holds files that are not this version's demo")
+    assert os.listdir(folder) == [foreign] and (folder / foreign).read_text() == "precious"
+
+
+def test_flags_that_change_the_meaning(demo_ckpt, tmp_path, capsys):
+    args = sample.parser().parse_args(["--demo", "--top-k", "5"])
+    sample.check_flags(args)
+    assert args.temperature == 1.0                      # --top-k alone samples at temperature 1
     (tmp_path / "p.txt").write_text("Is 123 a prime?")
     sample.main(["--ckpt", demo_ckpt, "--chat", "--prompt-file", str(tmp_path / "p.txt"),
-                 "--max-new-tokens", "4", "--temperature", "0.8", "--top-k", "50", "--top-p", "0.9", "--seed", "1"])
+                 "--max-new-tokens", "3", "--temperature", "0.8", "--top-k", "50", "--top-p", "0.9",
+                 "--seed", str(2**64 - 1)])
     n = len(Tokenizer(demo_ckpt).encode(chat_prompt("Is 123 a prime?")))
     assert f"prompt {n} tokens" in capsys.readouterr().err
+    sample.main(["--ckpt", demo_ckpt, "--chat", "--system", "", "--max-new-tokens", "3", "hi"])
+    n = len(Tokenizer(demo_ckpt).encode(chat_prompt("hi", "")))
+    assert f"prompt {n} tokens" in capsys.readouterr().err
+    sample.main(["--ckpt", demo_ckpt, "--max-seq-len", "3", "--max-new-tokens", str(10**30), "hi"])
+    err = capsys.readouterr().err               # "hi" is 1 token: 3 fit (the last is not fed back)
+    assert "note: --max-new-tokens cut to 3 to fit --max-seq-len 3" in err
+
+
+def test_tiny_and_huge_temperatures_run(demo_ckpt, capsys):
+    texts = []
+    for extra in ([], ["--temperature", "1e-45"], ["--temperature", "1e300"]):
+        sample.main(["--ckpt", demo_ckpt, "--max-new-tokens", "4", "--seed", "3", *extra, "hi"])
+        texts.append(capsys.readouterr().out)
+    assert texts[1] == texts[0]             # temperature -> 0: the argmax, as greedy (ids: exact)
+    assert texts[2].startswith("hi")
+
+
+def test_help_documents_every_flag_and_its_default():
+    text = sample.parser().format_help()
+    for action in sample.parser()._actions:
+        assert action.help, action.dest
+    for words in ("default: 200", "default: 4096", "default: 0, or 1 with --top-k", "\"\" = none",
+                  "refused with --temperature 0", "0 .. 2**64 - 1", "python bench.py"):
+        assert "".join(words.split()) in "".join(text.split()), words   # wrapping aside
 
 
 def test_hub_id_without_huggingface_hub(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if it were not installed
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails, as if not installed
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", "moonshotai/Kimi-Linear-48B-A3B-Instruct", "--device", "cpu", "hi"])
-    assert e.value.code == 2 and "pip install huggingface_hub" in capsys.readouterr().err
+    assert "hf download moonshotai/Kimi-Linear-48B-A3B-Instruct" in error_line(capsys, e.value.code)
+
+
+def test_broken_pipe_exits_quietly(demo_ckpt):
+    p = subprocess.Popen([sys.executable, "sample.py", "--ckpt", demo_ckpt, "--max-new-tokens",
+                          "2000", "--max-seq-len", "2048", "a b c"], cwd=HERE,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(8)                                    # `| head -c 8`: read a little, then leave
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err and "error" not in err
+
+
+def test_ctrl_c_exits_130_with_one_short_line(demo_ckpt):
+    p = subprocess.Popen([sys.executable, "sample.py", "--ckpt", demo_ckpt, "--max-new-tokens",
+                          "2000", "--max-seq-len", "2048", "a b c"], cwd=HERE,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(5)                                    # generating: the prompt is echoed
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err.decode()
+    assert err.decode().splitlines()[-1] == "interrupted"
+
+
+def test_sample_imports_only_the_model_tokenizer_torch_and_stdlib():
+    tree = ast.parse(open(os.path.join(HERE, "sample.py"), encoding="utf-8").read())
+    top = {n.module if isinstance(n, ast.ImportFrom) else a.name
+           for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
+           for a in n.names}
+    assert {m.split(".")[0] for m in top} - set(sys.stdlib_module_names) == {"kimi", "tiktoken",
+                                                                             "torch"}
+    r = subprocess.run([sys.executable, "-c", "import sys, sample; print('bench' in sys.modules)"],
+                       cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "False"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path (warm-up, graph) needs a GPU")
+def test_demo_on_cuda_warms_up_before_the_clock(demo_ckpt):
+    r = run_cli("--ckpt", demo_ckpt, "--max-new-tokens", "8", "--device", "cuda", "hello")
+    assert r.returncode == 0, r.stderr
+    assert "warm-up" in r.stderr and "tok/s" in r.stderr and r.stdout.startswith("hello")
