@@ -1,15 +1,17 @@
-"""Decode at GPU speed (one CUDA graph per step), and the speed benchmark of the full-size model.
+"""The speed benchmark of the full-size model on one GPU, random weights.
 
-    python sample.py --bench [--config config.json] [--compile] [--peer]
-    python sample.py --bench --context 4096,131072,1048576 [--out DIR]   # TPOT vs an all-MLA twin
+    python bench.py [--config NAME_OR_CONFIG_JSON] [--compile] [--peer]
+    python bench.py --context 4096,131072,1048576 [--out DIR]      # TPOT vs an all-MLA twin
 
-The benchmark builds the model with random weights (speed does not depend on their values) and prints
-prefill tokens/s at B = 1 and decode tokens/s after a 4096-token prompt, each next to its ceiling on
-this GPU: the bf16 matmul rate over 2 FLOP per active parameter for prefill; for decode, the HBM copy
-rate over the bytes a step must read (active weights, MLA caches, KDA states). --peer also times Hugging
-Face transformers' KimiLinearForCausalLM (peer_hf.py) on random weights of the same shapes.
+It builds the model with random weights (speed does not depend on their values) and prints
+prefill tokens/s at B = 1 and decode tokens/s after a 4096-token prompt, each next to its ceiling
+on this GPU: the bf16 matmul rate over 2 FLOP per active parameter for prefill; for decode, the HBM
+copy rate over the bytes a step must read (active weights, MLA caches, KDA states). Decode runs
+eager, as one CUDA graph per step (sample.cuda_graph_decoder, as sample.py runs it) and, with
+--compile, fused by torch.compile first. --peer also times Hugging Face transformers'
+KimiLinearForCausalLM (peer_hf.py) on random weights of the same shapes.
 """
-import argparse
+import functools
 import json
 import os
 import statistics
@@ -18,61 +20,29 @@ from dataclasses import replace
 
 import torch
 
-from kimi import CheckpointError, ModelArgs, Transformer
+from kimi import CONFIGS, CheckpointError, ModelArgs, Transformer
+from sample import Parser, cuda_graph_decoder
 
-# --------------------------------------------------------------------------------------------------
-# Decode at GPU speed (sample.generate uses it too)
-
-def cuda_graph_decoder(model, batch_size, compile=False):
-    """decode(tokens [B, 1], start_pos) -> logits [B, 1, vocab]: a decode step replayed from a CUDA graph,
-    so its ~3,000 small kernels cost one launch (compile=True first fuses them with torch.compile: about
-    a minute for the 48B model on an H200). The position is a device tensor, so one graph serves every
-    step, and MLA reads its whole cache buffer, masked. Make it before a prefill: capturing runs decode
-    steps on the caches."""
-    device = model.lm_head.weight.device
-    model.stack_experts()                               # the expert loop syncs with the host
-    tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-    pos = torch.ones((), dtype=torch.long, device=device)
-    step = torch.compile(model, dynamic=False, options={"emulate_precision_casts": True}) \
-        if compile else model                           # (round to bf16 where eager does)
-    stream = torch.cuda.Stream(device)                  # warm up (compile, plan) off the main stream
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step(tokens, pos, last_only=True)
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits = step(tokens, pos, last_only=True)      # overwritten by every replay
-
-    def decode(new_tokens, start_pos):
-        tokens.copy_(new_tokens)
-        pos.fill_(start_pos)
-        graph.replay()
-        return logits
-    return decode
-
-
-# --------------------------------------------------------------------------------------------------
-# The benchmark
-
-# Measured on the H200 these numbers were written for (KERNELS.md): device copy and bf16 matmul.
+# Measured on one H200 (docs/kda.md §8): device-to-device copy 4.27 TB/s, bf16 matmul 702 TFLOP/s.
 COPY_BYTES_PER_S, MATMUL_FLOP_PER_S = 4.27e12, 702e12
 PREFILL_T, DECODE_B, CONTEXT, STEPS = (8192, 32768), (1, 16), 4096, 32
 
 
 def random_model(args, device, max_batch_size, max_seq_len, seed=0):
-    """The model on `device` in bf16 (A_log, dt_bias fp32), random weights, experts stacked."""
+    """The model on `device` in bf16 (A_log, dt_bias fp32), random weights, experts stacked, caches
+    set up. Made on `device` directly: no fp32 copy (the 48B model fits an H200 in bf16 only)."""
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = Transformer(args)
     state = {}
     for name, p in model.named_parameters():
-        if name.endswith(("A_log", "dt_bias")):     # decay rates exp(A_log) in 1..16, as fla inits
-            t = torch.rand(p.shape, device=device).mul(15).add(1).log() if name.endswith("A_log") \
-                else torch.zeros(p.shape, device=device)
-        elif p.dim() == 1 or name.endswith("e_score_correction_bias"):
-            t = torch.full(p.shape, float(not name.endswith("bias")), device=device, dtype=torch.bfloat16)
+        if name.endswith("A_log"):                  # decay rates exp(A_log) in 1..16, as fla inits
+            t = torch.rand(p.shape, device=device).mul(15).add(1).log()
+        elif name.endswith("dt_bias"):
+            t = torch.zeros(p.shape, device=device)
+        elif p.dim() == 1 or name.endswith("e_score_correction_bias"):   # norms 1, router bias 0
+            fill = 0.0 if name.endswith("bias") else 1.0
+            t = torch.full(p.shape, fill, device=device, dtype=torch.bfloat16)
         else:
             t = torch.randn(p.shape, device=device, dtype=torch.bfloat16) * p.shape[-1] ** -0.5
         state[name] = t
@@ -87,30 +57,22 @@ def expert_bytes(a):
     return 3 * a.hidden_size * a.moe_intermediate_size * 2          # w1, w2, w3 in bf16
 
 
-def active_params(a, _counted={}):
-    """Parameters a token's forward touches (the lm_head included, the embedding table not). Counted on
-    a meta-device model (3 s at full size), once per config: the ceilings ask for it often."""
-    if repr(a) not in _counted:                     # ModelArgs is not hashable; its repr has every field
-        with torch.device("meta"):
-            model = Transformer(a)
-        total = sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()
-        moe_layers = sum(layer.is_moe for layer in model.model.layers)
-        unused = moe_layers * (a.num_experts - a.num_experts_per_token) * expert_bytes(a) // 2
-        _counted[repr(a)] = total - unused
-    return _counted[repr(a)]
-
-
-def cache_bytes(a, B, context):
-    """Bytes of the caches of B sequences: MLA latent + k_pe per token; KDA conv inputs and fp32 state."""
-    mla, kda = len(a.full_attn_layers), a.num_hidden_layers - len(a.full_attn_layers)
-    P = a.kda_num_heads * a.kda_head_dim
-    return B * (mla * context * (a.kv_lora_rank + a.qk_rope_head_dim) * 2
-                + kda * (3 * P * (a.short_conv_kernel_size - 1) * 2 + P * a.kda_head_dim * 4))
+@functools.cache                                    # 3 s at full size; the ceilings ask often
+def active_params(a):
+    """Parameters a token's forward touches (the lm_head included, the embedding table not),
+    counted on a meta-device model."""
+    with torch.device("meta"):
+        model = Transformer(a)
+    total = sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()
+    moe_layers = sum(layer.is_moe for layer in model.model.layers)
+    unused = moe_layers * (a.num_experts - a.num_experts_per_token) * expert_bytes(a) // 2
+    return total - unused
 
 
 def decode_bytes(a, B, context):
     """Bytes one decode step reads at batch B: the shared weights once, each distinct expert once
-    (expected count under uniform routing), every sequence's MLA cache and KDA state (read + write)."""
+    (expected count under uniform routing), every sequence's MLA cache and KDA state (read and
+    write)."""
     moe_layers = a.num_hidden_layers - a.first_k_dense_replace
     k, E = a.num_experts_per_token, a.num_experts
     distinct = E * (1 - (1 - k / E) ** B)
@@ -142,19 +104,23 @@ def bench_ours(args, device, compile):
     model = random_model(args, device, 1, max(PREFILL_T))
     for T in PREFILL_T:
         tokens = torch.randint(0, args.vocab_size, (1, T), device=device)
-        ms = cuda_time(lambda: model(tokens, last_only=True), runs=3)
+        ms = cuda_time(lambda: model(tokens, start_pos=0, last_only=True), runs=3)
         rows[f"prefill B=1 T={T}"] = (T / ms * 1e3, MATMUL_FLOP_PER_S / (2 * active_params(args)))
         print(f"prefill B=1 T={T}: {T / ms * 1e3:.1f} tok/s", flush=True)
-    model.setup_cache(max(DECODE_B), CONTEXT + STEPS + 16)     # the graph's MLA reads the whole buffer
+    model.setup_cache(max(DECODE_B), CONTEXT + STEPS + 16)  # the graph's MLA reads all the buffer
+    hows = ["eager", "CUDA graph"] + (["torch.compile + graph"] if compile else [])
     for B in DECODE_B:
         ceiling = B * COPY_BYTES_PER_S / decode_bytes(args, B, CONTEXT)
-        for how in ("eager", "CUDA graph") + (("torch.compile + graph",) if compile else ()):
-            step = None if how == "eager" else cuda_graph_decoder(model, B, compile=how != "CUDA graph")
+        for how in hows:
+            step = None
+            if how != "eager":
+                step = cuda_graph_decoder(model, B, compile=how != "CUDA graph")
             prompt = torch.randint(0, args.vocab_size, (B, CONTEXT), device=device)
-            tok = model(prompt, last_only=True)[:, -1].argmax(-1, keepdim=True)     # the prefill
+            tok = model(prompt, start_pos=0, last_only=True)[:, -1].argmax(-1, keepdim=True)
             pos = iter(range(CONTEXT, CONTEXT + STEPS + 16))
             if step is None:                            # eager: launch-bound, a few steps suffice
-                ms = cuda_time(lambda: model(tok, next(pos), last_only=True), runs=3, warmup=2)
+                ms = cuda_time(lambda: model(tok, start_pos=next(pos), last_only=True), runs=3,
+                               warmup=2)
             else:
                 ms = cuda_time(lambda: step(tok, next(pos)), runs=STEPS, warmup=8)
             name = f"decode B={B} context {CONTEXT}, {how}"
@@ -173,29 +139,31 @@ def bench_peer(args, device):
         tokens = torch.randint(0, args.vocab_size, (1, T), device=device)
         piece = 8192 if T > 8192 else None
         tps = T / cuda_time(lambda: peer_prefill(model, tokens, piece), runs=1) * 1e3
-        rows[f"prefill B=1 T={T}"] = f"{tps:.1f}" + (" (pieces)" if piece else "")
-        print(f"transformers prefill B=1 T={T}: {rows[f'prefill B=1 T={T}']} tok/s", flush=True)
+        name = f"prefill B=1 T={T}"
+        rows[name] = f"{tps:.1f}" + (" (pieces)" if piece else "")
+        print(f"transformers {name}: {rows[name]} tok/s", flush=True)
     for B in DECODE_B:
         prompt = torch.randint(0, args.vocab_size, (B, CONTEXT), device=device)
         step = peer_decoder(model, prompt, piece=8192 // B)
-        rows[f"decode B={B} context {CONTEXT}"] = f"{B / cuda_time(step, runs=5, warmup=2) * 1e3:.1f}"
-        print(f"transformers decode B={B}: {rows[f'decode B={B} context {CONTEXT}']} tok/s", flush=True)
+        name = f"decode B={B} context {CONTEXT}"
+        rows[name] = f"{B / cuda_time(step, runs=5, warmup=2) * 1e3:.1f}"
+        print(f"transformers {name}: {rows[name]} tok/s", flush=True)
         step = None
     return rows
 
 
 def bench_context(args, device, contexts, steps=16, prefill=65536):
     """Decode time per output token (TPOT) at B = 1 after `contexts` tokens, for the model and its
-    all-MLA twin (every layer MLA, all else equal). The caches are filled with random values, not by a
-    prefill: a decode step's time does not depend on the cached values. -> list of result dicts."""
+    all-MLA twin (every layer MLA, all else equal). The caches are filled with random values, not
+    by a prefill: a decode step's time does not depend on the cached values. -> list of dicts."""
     results = []
     twin = replace(args, full_attn_layers=tuple(range(args.num_hidden_layers)))
     for variant, a in (("Kimi Linear", args), ("all-MLA twin", twin)):
         model = random_model(a, device, 1, 1)
         for L in contexts:
-            row = dict(variant=variant, context=L, formula_bytes=cache_bytes(a, 1, L))
+            row = dict(variant=variant, context=L, formula_bytes=a.cache_bytes(1, L))
             try:
-                model.setup_cache(0, 0)                 # free the last caches, then measure the new ones
+                model.setup_cache(0, 0)                 # free the last caches, measure the new ones
                 torch.cuda.empty_cache()
                 before = torch.cuda.memory_allocated(device)
                 model.setup_cache(1, L)
@@ -209,12 +177,14 @@ def bench_context(args, device, contexts, steps=16, prefill=65536):
                 row["tpot_ms"] = None                   # the twin's cache may not fit next to 98 GB
             step = None
             results.append(row)
+            tpot = f"{row['tpot_ms']:.2f} ms" if row["tpot_ms"] else "out of memory"
             print(f"{variant:12} context {L:>8}: cache {row['formula_bytes'] / 2**30:7.3f} GiB "
-                  f"(allocated {row.get('allocated_bytes', 0) / 2**30:7.3f}), TPOT "
-                  + (f"{row['tpot_ms']:.2f} ms" if row["tpot_ms"] else "out of memory"), flush=True)
+                  f"(allocated {row.get('allocated_bytes', 0) / 2**30:7.3f}), TPOT {tpot}",
+                  flush=True)
             if L == prefill:                            # bonus: the prefill that fills such a cache
                 tokens = torch.randint(0, a.vocab_size, (1, L), device=device)
-                row["prefill_s"] = cuda_time(lambda: model(tokens, last_only=True), runs=1) / 1e3
+                prefill_ms = cuda_time(lambda: model(tokens, start_pos=0, last_only=True), runs=1)
+                row["prefill_s"] = prefill_ms / 1e3
                 print(f"{variant:12} prefill of {L} tokens: {row['prefill_s']:.2f} s", flush=True)
         model = None
         torch.cuda.empty_cache()
@@ -228,7 +198,8 @@ def plot(results, path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for variant in dict.fromkeys(r["variant"] for r in results):
-        pts = [(r["context"], r["tpot_ms"]) for r in results if r["variant"] == variant and r["tpot_ms"]]
+        pts = [(r["context"], r["tpot_ms"]) for r in results
+               if r["variant"] == variant and r["tpot_ms"]]
         ax.plot(*zip(*pts), marker="o", label=variant)
     ax.set(xscale="log", xlabel="context (tokens)", ylabel="decode time per token, B = 1 (ms)",
            title="Kimi Linear 48B-A3B vs an all-MLA twin, one H200, bf16")
@@ -238,13 +209,17 @@ def plot(results, path):
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
-def main(argv=()):
-    ap = argparse.ArgumentParser(prog="sample.py --bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", help="a config.json instead of the 48B-A3B defaults")
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile + CUDA graph decode")
-    ap.add_argument("--peer", action="store_true", help="also time transformers' KimiLinearForCausalLM")
-    ap.add_argument("--context", help="comma-separated contexts: TPOT and cache size vs an all-MLA twin")
-    ap.add_argument("--out", help="with --context: write the results (JSON) and a plot (PNG) here")
+def parse(argv):
+    """The options, checked before any GPU work: (options, ModelArgs, contexts)."""
+    ap = Parser(prog="bench.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="kimi-linear-48b-a3b", help="a configuration name (" +
+                    ", ".join(CONFIGS) + ") or a config.json path (default: %(default)s)")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile + CUDA graph")
+    ap.add_argument("--peer", action="store_true", help="also time transformers' model "
+                    "(peer_hf.py)")
+    ap.add_argument("--context", help="comma-separated context lengths: decode time per token and "
+                    "cache size against an all-MLA twin, instead of the speed table")
+    ap.add_argument("--out", help="with --context: write tpot.json and tpot.png into this folder")
     opts = ap.parse_args(argv)
     try:
         contexts = [int(c) for c in opts.context.split(",")] if opts.context else []
@@ -252,19 +227,41 @@ def main(argv=()):
         ap.error(f"--context takes comma-separated token counts, not {opts.context!r}")
     if any(c < 1 for c in contexts):
         ap.error("--context lengths must be positive")
-    if not torch.cuda.is_available():
-        sys.exit("error: --bench needs a CUDA GPU")
+    if opts.out and not contexts:
+        ap.error("--out writes the --context results: add --context")
+    if contexts and (opts.compile or opts.peer):
+        ap.error("--context replaces the speed table: --compile and --peer do not apply")
     try:
-        args = ModelArgs.from_json(opts.config) if opts.config else ModelArgs()
+        if opts.config in CONFIGS:
+            args = CONFIGS[opts.config]
+        else:
+            args = ModelArgs.from_json(opts.config)
     except CheckpointError as e:
-        sys.exit(f"error: {e}")
+        ap.error(str(e))
+    try:
+        if opts.peer:
+            import peer_hf  # noqa: F401 (transformers >= 5.17)
+        if opts.out:
+            import matplotlib  # noqa: F401
+            os.makedirs(opts.out, exist_ok=True)
+    except ImportError as e:
+        ap.error(f"{'--peer' if opts.peer else '--out'} needs a missing module: {e}")
+    except OSError as e:
+        ap.error(f"cannot make --out {opts.out}: {e.strerror or e}")
+    if not torch.cuda.is_available():
+        ap.error("the benchmark needs a CUDA GPU")
+    return opts, args, contexts
+
+
+@torch.no_grad()
+def main(argv=()):
+    opts, args, contexts = parse(argv)
     device = torch.device("cuda")
     print(f"{active_params(args) / 1e9:.2f} B active parameters per token; random bf16 weights on "
           f"{torch.cuda.get_device_name(device)}", flush=True)
     if contexts:
         results = bench_context(args, device, contexts)
         if opts.out:
-            os.makedirs(opts.out, exist_ok=True)
             with open(os.path.join(opts.out, "tpot.json"), "w") as f:
                 json.dump(results, f, indent=1)
             plot(results, os.path.join(opts.out, "tpot.png"))

@@ -1,15 +1,16 @@
-"""Speed peer: transformers' native KimiLinearForCausalLM (model_type "kimi_linear", transformers >= 5.17)
-on random weights, built from our ModelArgs. Without fla it runs transformers' pure-PyTorch KDA
-(chunk_kimi_delta_attention for prefill, recurrent_kimi_delta_attention for 1-token decode). That
-chunked fallback holds ~3 MB of fp32 temporaries per token (a [B, H, T/64, 64, 64, K] decay mask): on an
-H200 next to the 91.5 GiB of 48B weights one prefill fits T = 8192, not 16384; use peer_prefill's piece.
+"""Speed peer for bench.py: transformers' native KimiLinearForCausalLM (model_type "kimi_linear",
+transformers >= 5.17) on random weights, built from our ModelArgs. Without fla it runs transformers'
+pure-PyTorch KDA (chunk_kimi_delta_attention for prefill, recurrent_kimi_delta_attention for 1-token
+decode). That chunked fallback holds ~3 MB of fp32 temporaries per token (a [B, H, T/64, 64, 64, K]
+decay mask): on an H200 next to the 91.5 GiB of 48B weights one prefill fits T = 8192, not 16384;
+use peer_prefill's piece. `python peer_hf.py` checks it against kimi.py on a tiny model (CPU, fp32).
 """
 import torch
 from transformers import DynamicCache, KimiLinearConfig, KimiLinearForCausalLM
 
 
 def peer_model(args, device, dtype=torch.bfloat16):
-    """KimiLinearForCausalLM for `args`, allocated once, directly on `device`, with random weights."""
+    """KimiLinearForCausalLM for `args`, allocated once, directly on `device`, random weights."""
     config = KimiLinearConfig(**args.to_config(str(dtype).removeprefix("torch.")),
                               pad_token_id=None, bos_token_id=None, eos_token_id=None)
     with torch.device("meta"):                                  # no memory, no init
@@ -38,59 +39,67 @@ def peer_prefill(model, tokens, piece=None):
         return model(input_ids=tokens, use_cache=False, logits_to_keep=1).logits[:, -1]
     cache = DynamicCache(config=model.config)
     for chunk in tokens.split(piece, dim=1):
-        logits = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=chunk, past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits
     return logits[:, -1]
 
 
 def peer_decoder(model, tokens, piece=None):
-    """Prefill tokens [B, T] into a cache (in slices of `piece`, if given); return step(), which feeds
-    each sequence its argmax token, updates the cache and returns the new logits [B, vocab]."""
+    """Prefill tokens [B, T] into a cache (in slices of `piece`, if given); return step(), which
+    feeds each sequence its argmax token, updates the cache and returns new logits [B, vocab]."""
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         for chunk in tokens.split(piece or tokens.shape[1], dim=1):
-            logits = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            logits = model(input_ids=chunk, past_key_values=cache, use_cache=True,
+                           logits_to_keep=1).logits
 
     @torch.inference_mode()
     def step():
         nonlocal logits
         nxt = logits[:, -1].argmax(-1, keepdim=True)                        # [B, 1]
-        logits = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=nxt, past_key_values=cache, use_cache=True,
+                       logits_to_keep=1).logits
         return logits[:, -1]
     return step
 
 
 if __name__ == "__main__":      # tiny fp32 checks on CPU against kimi.py
     import tempfile
-    from kimi import ModelArgs, Transformer
+    from dataclasses import replace
+
+    from kimi import CONFIGS, Transformer
 
     torch.manual_seed(0)
-    args = ModelArgs(vocab_size=256, hidden_size=64, num_hidden_layers=4, kda_num_heads=2, kda_head_dim=16,
-                     full_attn_layers=(1, 3), num_attention_heads=2, kv_lora_rank=32, qk_nope_head_dim=16,
-                     qk_rope_head_dim=8, v_head_dim=16, intermediate_size=128, moe_intermediate_size=32,
-                     num_experts=8, num_experts_per_token=2, routing_weights_biased=False)
-    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
-    B, T, STEPS = 2, 150, 6                                     # T > 2 KDA chunks, not a multiple of 64
+    torch.set_grad_enabled(False)
+    args = replace(CONFIGS["tiny"], routing_weights_biased=False)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    B, T, STEPS = 2, 150, 6                             # T > 2 KDA chunks, not a multiple of 64
     tokens = torch.randint(0, args.vocab_size, (B, T))
     peer = peer_model(args, "cpu", torch.float32)               # (a) builds and runs
     print("(a) peer_model: logits finite:", peer_prefill(peer, tokens).isfinite().all().item())
     ours = Transformer(args).eval()                             # (b) same weights, same logits
-    with torch.no_grad():
-        for p in ours.parameters():             # norms, dt_bias, router bias, A_log: random too
-            if p.dim() == 1 or p.shape[-1] == 1:
-                p.uniform_(0.5, 1.5)
+    for p in ours.parameters():                 # norms, dt_bias, router bias, A_log: random too
+        if p.dim() == 1 or p.shape[-1] == 1:
+            p.uniform_(0.5, 1.5)
     ours.setup_cache(B, T + STEPS)
-    with tempfile.TemporaryDirectory() as tmp:                  # HF's loader fuses convs and experts
+    with tempfile.TemporaryDirectory() as tmp:          # HF's loader fuses convs and experts
         ours.save_pretrained(tmp)
-        hf = KimiLinearForCausalLM.from_pretrained(tmp, dtype=torch.float32, pad_token_id=None).eval()
-    shapes = lambda m: {n: t.shape for n, t in m.state_dict().items()}
-    assert shapes(hf) == shapes(peer), "peer_model's layout differs from the loaded checkpoint's"
-    ref = ours(tokens)[:, -1]
+        hf = KimiLinearForCausalLM.from_pretrained(tmp, dtype=torch.float32, pad_token_id=None)
+        hf.eval()
+    shapes_hf = {n: t.shape for n, t in hf.state_dict().items()}
+    shapes_peer = {n: t.shape for n, t in peer.state_dict().items()}
+    assert shapes_hf == shapes_peer, "peer_model's layout differs from the loaded checkpoint's"
+    ref = ours(tokens, start_pos=0)[:, -1]                     # fills the caches for (c)
     print(f"(b) prefill last logits vs kimi.py: rel err {rel(peer_prefill(hf, tokens), ref):.2e}; "
           f"in pieces of 40: {rel(peer_prefill(hf, tokens, piece=40), ref):.2e}")
-    step, errs = peer_decoder(hf, tokens, piece=64), []           # (c) decode = ours token by token
+    step, errs = peer_decoder(hf, tokens, piece=64), []         # (c) decode = ours token by token
     fed = peer_prefill(hf, tokens).argmax(-1)                   # what step() feeds first
     for i in range(STEPS):
-        got, want = step(), ours(fed[:, None], start_pos=T + i)[:, -1]
+        got = step()
+        want = ours(fed[:, None], start_pos=T + i)[:, -1]
         errs.append(rel(got, want))
         fed = got.argmax(-1)
     print(f"(c) {STEPS} decode steps (B={B}, prefill in pieces of 64) vs kimi.py token by token: "

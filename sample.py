@@ -60,7 +60,7 @@ class Tokenizer:
         try:
             named = {int(i): t["content"] for i, t in config["added_tokens_decoder"].items()}
         except (KeyError, TypeError, ValueError, AttributeError):
-            raise ValueError(f"{path}: no added_tokens_decoder {{id: {{'content': ...}}}}") from None
+            raise ValueError(f"{path}: no added_tokens_decoder {{id: {{'content': ..}}}}") from None
         # The release numbers its specials from len(ranks). The demo's toy vocabulary is small, so
         # it states the real base, 163584, under DEMO_BASE_KEY (write_demo); releases lack the key.
         base = config.get(DEMO_BASE_KEY, len(ranks))

@@ -1,23 +1,18 @@
-"""Tests for bench.py's CPU-checkable parts: the byte and parameter counts behind its ceilings, the random
-model, the command line. (The timings themselves need a GPU; cuda_graph_decoder is tested in test_kimi.)"""
-from dataclasses import replace
+"""Tests for bench.py's CPU-checkable parts: the byte and parameter counts behind its ceilings, the
+random model, the command line. (The timings need a GPU; cuda_graph_decoder, now in sample.py, is
+tested in test_kimi.py; args.cache_bytes, which the --context sweep reports, too.)"""
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import bench
-from kimi import Transformer
-from test_kimi import TINY
+from kimi import CONFIGS, Transformer
 
-
-@pytest.mark.parametrize("mla_layers", [TINY.full_attn_layers, tuple(range(TINY.num_hidden_layers))])
-@pytest.mark.parametrize("B, L", [(1, 7), (3, 50)])
-def test_cache_bytes_equal_the_buffers_setup_cache_allocates(mla_layers, B, L):
-    args = replace(TINY, full_attn_layers=mla_layers)
-    model = Transformer(args).to(torch.bfloat16)
-    model.setup_cache(B, L)
-    allocated = sum(b.numel() * b.element_size() for b in model.buffers())
-    assert bench.cache_bytes(args, B, L) == allocated
+TINY = CONFIGS["tiny"]
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_active_params_count_what_one_token_touches():
@@ -34,33 +29,71 @@ def test_decode_bytes_grow_by_cached_tokens_and_distinct_experts():
     one = bench.decode_bytes(TINY, 1, 100)
     assert bench.decode_bytes(TINY, 1, 101) - one == \
         len(TINY.full_attn_layers) * (TINY.kv_lora_rank + TINY.qk_rope_head_dim) * 2
-    # B = 16 sequences read the shared weights once and each distinct expert once: over 16 separate
-    # B = 1 steps, that saves 15 copies of the shared weights and the repeats among 16 x k experts
+    # B = 16 sequences read the shared weights once and each distinct expert once: over 16
+    # separate B = 1 steps, that saves 15 copies of the shared weights and the repeats among
+    # 16 x k experts
     moe_layers = TINY.num_hidden_layers - TINY.first_k_dense_replace
     extra = (bench.decode_bytes(TINY, 16, 0) - 16 * bench.decode_bytes(TINY, 1, 0)
              + 15 * 2 * bench.active_params(TINY))                 # = experts beyond the first k
-    assert 0 < extra <= moe_layers * (TINY.num_experts - TINY.num_experts_per_token) * bench.expert_bytes(TINY)
+    most = moe_layers * (TINY.num_experts - TINY.num_experts_per_token) * bench.expert_bytes(TINY)
+    # decode_bytes is a float (expected distinct experts); the sum above is exact to fp64 rounding
+    assert 0 < extra <= most * (1 + 1e-12)
 
 
 def test_random_model_is_bf16_with_fp32_decay_stacked_and_finite():
     model = bench.random_model(TINY, torch.device("cpu"), max_batch_size=2, max_seq_len=32)
     for name, p in model.named_parameters():
-        assert p.dtype == (torch.float32 if name.endswith(("A_log", "dt_bias")) else torch.bfloat16), name
-    assert all(layer.block_sparse_moe.w13 is not None for layer in model.model.layers if layer.is_moe)
-    logits = model(torch.randint(0, TINY.vocab_size, (2, 20)), last_only=True)
-    assert logits.shape == (2, 1, TINY.vocab_size) and logits.isfinite().all()
+        assert p.dtype == (torch.float32 if name.endswith(("A_log", "dt_bias")) else torch.bfloat16)
+    assert model.max_batch_size == 2 and model.max_seq_len == 32
+    assert all(layer.block_sparse_moe.w13 is not None for layer in model.model.layers
+               if layer.is_moe)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 20))
+    with torch.no_grad():
+        stateless = model(tokens, last_only=True)
+        cached = model(tokens, start_pos=0, last_only=True)
+    assert stateless.shape == (2, 1, TINY.vocab_size) and stateless.isfinite().all()
+    # the same computation with and without caches: equal to bf16 rounding of O(1) logits
+    torch.testing.assert_close(cached, stateless, rtol=2 ** -7, atol=2 ** -7)
 
 
-@pytest.mark.parametrize("argv, message", [(["--context", "4,x"], "comma-separated"),
-                                           (["--context", "0"], "positive"),
-                                           (["--frobnicate"], "unrecognized")])
+@pytest.mark.parametrize("argv, message", [
+    (["--context", "4,x"], "--context takes comma-separated token counts, not '4,x'"),
+    (["--context", "0"], "--context lengths must be positive"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--out", "somewhere"], "--out writes the --context results: add --context"),
+    (["--context", "8", "--peer"], "--compile and --peer do not apply"),
+    (["--config", "no/such/config.json"], "cannot read config"),
+    (["--config", "tiny", "--context", "8", "--out", "/proc/self/x"], "cannot make --out"),
+])
 def test_bad_bench_arguments_exit_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(argv)
-    assert e.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: ") and message in err[0]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
-def test_bench_without_gpu_says_so():
-    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
-        bench.main([])
+def test_bench_without_gpu_says_so_in_one_line():
+    r = subprocess.run([sys.executable, "bench.py", "--config", "tiny"], cwd=HERE,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: the benchmark needs a CUDA GPU (see --help)"]
+
+
+def test_sample_py_no_longer_runs_the_benchmark(capsys):
+    import sample
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--bench"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: the benchmark is its own program now: python bench.py\n"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the benchmark needs a CUDA GPU")
+def test_bench_runs_the_tiny_config_on_cuda(tmp_path):
+    r = subprocess.run([sys.executable, "bench.py", "--config", "tiny", "--context", "64,256",
+                        "--out", str(tmp_path)], cwd=HERE, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "TPOT" in r.stdout and (tmp_path / "tpot.json").exists()

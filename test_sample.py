@@ -56,10 +56,11 @@ def test_streaming_random_ids(tok, data):
 
 def test_special_tokens(tok):
     assert len(tok.special) == 258 and sorted(tok.special.values()) == list(range(163584, 163842))
-    for name, i in {"[BOS]": 163584, "[EOS]": 163585, "<|im_end|>": 163586, "<|im_user|>": 163587,
-                    "<|im_assistant|>": 163588, "<|im_system|>": 163594, "<|im_middle|>": 163601,
-                    "[UNK]": 163838, "[PAD]": 163839, "<|reserved_token_163589|>": 163589,
-                    "<|reserved_token_163600|>": 163600, "<|reserved_token_163841|>": 163841}.items():
+    named = {"[BOS]": 163584, "[EOS]": 163585, "<|im_end|>": 163586, "<|im_user|>": 163587,
+             "<|im_assistant|>": 163588, "<|im_system|>": 163594, "<|im_middle|>": 163601,
+             "[UNK]": 163838, "[PAD]": 163839, "<|reserved_token_163589|>": 163589,
+             "<|reserved_token_163600|>": 163600, "<|reserved_token_163841|>": 163841}
+    for name, i in named.items():
         assert tok.encode(name) == [i] and tok.decode([i]) == name
     ids = tok.encode("the<|im_end|>the")
     assert ids[1] == 163586 and ids[0] == ids[2] and len(ids) == 3
@@ -124,7 +125,8 @@ def test_regex_splits(text):
         toks += [s[:i] for s in (a.encode(), (a + b).encode()) for i in range(2, len(s) + 1)]
     ranks = {t: r for r, t in enumerate(dict.fromkeys(toks))}
     enc = tiktoken.Encoding("t", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens={})
-    assert [enc.decode_single_token_bytes(t).decode() for t in enc.encode_ordinary(text)] == expected
+    got = [enc.decode_single_token_bytes(t).decode() for t in enc.encode_ordinary(text)]
+    assert got == expected
 
 
 def test_chat_prompt(tok):
@@ -193,7 +195,8 @@ def test_generate_takes_text_lists_and_tensors_and_sets_up_caches(tok, tiny):
     assert tiny.max_batch_size == 1 and tiny.max_seq_len == len(prompt) + 5
     assert list(generate(tiny, None, torch.tensor(prompt), 6, stop=())) == as_list
     tiny.setup_cache(1, 2)                                  # too small: generate grows it
-    assert list(generate(tiny, None, torch.tensor(prompt, dtype=torch.int32), 6, stop=())) == as_list
+    as_int32 = torch.tensor(prompt, dtype=torch.int32)
+    assert list(generate(tiny, None, as_int32, 6, stop=())) == as_list
     assert list(generate(tiny, tok, "the of and", 6, stop=())) == as_list
     for bad in ([], [[1, 2]], [1.5], [320], [-1]):
         with pytest.raises(ValueError, match="prompt"):
@@ -470,7 +473,7 @@ def test_sample_imports_only_the_model_tokenizer_torch_and_stdlib():
     assert r.stdout.strip() == "False"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path (warm-up, graph) needs a GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path needs a GPU")
 def test_demo_on_cuda_warms_up_before_the_clock(demo_ckpt):
     r = run_cli("--ckpt", demo_ckpt, "--max-new-tokens", "8", "--device", "cuda", "hello")
     assert r.returncode == 0, r.stderr
