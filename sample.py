@@ -338,6 +338,16 @@ def write_demo(folder):
     return folder
 
 
+def is_demo(folder):
+    """Does `folder` hold exactly the files its DEMO_MARKER lists, of this DEMO_VERSION?"""
+    try:
+        with open(os.path.join(folder, DEMO_MARKER)) as f:
+            marker = json.load(f)
+        return marker == {"version": DEMO_VERSION, "files": sorted(os.listdir(folder))}
+    except (OSError, ValueError):
+        return False
+
+
 def demo_checkpoint():
     """The demo's folder in $XDG_CACHE_HOME (or ~/.cache): reused if it holds exactly what its
     DEMO_MARKER lists, else written whole in a fresh folder that then takes its name (replacing at
@@ -347,13 +357,7 @@ def demo_checkpoint():
     if os.path.exists(root) and not os.path.isdir(root):
         raise Fail(f"cannot write the demo checkpoint: {root} (XDG_CACHE_HOME) is not a folder")
     if os.path.lexists(folder) and not (os.path.isdir(folder) and not os.listdir(folder)):
-        try:
-            with open(os.path.join(folder, DEMO_MARKER)) as f:
-                marker = json.load(f)
-            ours = marker == {"version": DEMO_VERSION, "files": sorted(os.listdir(folder))}
-        except (OSError, ValueError):
-            ours = False
-        if not ours:
+        if not is_demo(folder):
             raise Fail(f"{folder} holds files that are not this version's demo checkpoint; move "
                        f"them away (or set XDG_CACHE_HOME elsewhere) and the demo writes a new one")
         print(f"demo: the tiny random-weight checkpoint in {folder}", file=sys.stderr)
@@ -364,7 +368,8 @@ def demo_checkpoint():
         tmp = tempfile.mkdtemp(prefix=".kimi-minimal-demo-", dir=root)
         os.rename(write_demo(tmp), folder)
     except OSError as e:
-        raise Fail(f"cannot write the demo checkpoint in {root}: {e.strerror or e}") from None
+        if not is_demo(folder):                 # (else another run has just written it)
+            raise Fail(f"cannot write the demo checkpoint in {root}: {e.strerror or e}") from None
     finally:
         if tmp and os.path.isdir(tmp):          # ours, left by a failure
             shutil.rmtree(tmp, ignore_errors=True)
