@@ -59,6 +59,16 @@ def read_config(args_cls, path):
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def read_quantization(ckpt_dir):
+    """config.json's quantization_config (an FP8 folder, quantize.py's format), or None."""
+    path = Path(ckpt_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read config ({e})") from None
+    return cfg.get("quantization_config") if isinstance(cfg, dict) else None
+
+
 def config_json(args, dtype="bfloat16"):
     """args -> the official config.json dict (1-based layer lists)."""
     cfg = {f.name: getattr(args, f.name) for f in fields(args)
@@ -74,10 +84,12 @@ def config_json(args, dtype="bfloat16"):
             "dtype": dtype, **cfg, **fixed, "linear_attn_config": linear}
 
 
-def load_into(model, ckpt_dir, device, dtype=None):
+def load_into(model, ckpt_dir, device, dtype=None, transform=None):
     """Fill a meta-device model from the folder, shard by shard, straight onto `device`: host memory
     stays about one shard (on a CPU without a dtype change the weights stay memory-mapped).
-    `dtype` casts all but A_log and dt_bias, which stay fp32 (trap 10)."""
+    `dtype` casts all but A_log and dt_bias, which stay fp32 (trap 10). `transform` (quantize.py's
+    FP8 loader) maps each tensor read, after the cast, to {name: tensor}; the names in its set
+    `makes` are made by it, so the folder need not hold them."""
     ckpt_dir = Path(ckpt_dir)
     index_path = ckpt_dir / "model.safetensors.index.json"
     try:
@@ -85,14 +97,17 @@ def load_into(model, ckpt_dir, device, dtype=None):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index_path}: cannot read the index ({e!r})") from None
     expected = {name: t.shape for name, t in model.state_dict().items()}
-    _check(index_path, "lists tensors this model does not have", set(weight_map) - set(expected))
-    _check(index_path, "lacks tensors this model needs", set(expected) - set(weight_map))
+    stored = set(expected) - (transform.makes if transform else set())    # the folder's names
+    _check(index_path, "lists tensors this model does not have", set(weight_map) - stored)
+    _check(index_path, "lacks tensors this model needs", stored - set(weight_map))
     shards = sorted(set(weight_map.values()))
     loaded_bytes, t0 = 0, time.perf_counter()
     for i, shard in enumerate(shards, 1):
         state = _read_shard(ckpt_dir / shard, weight_map, expected, device)
         if dtype is not None:
             state = {n: _cast(n, t, dtype) for n, t in state.items()}
+        if transform is not None:
+            state = {m: u for n, t in state.items() for m, u in transform(n, t).items()}
         model.load_state_dict(state, strict=False, assign=True)    # assign keeps their dtypes
         loaded_bytes += sum(t.numel() * t.element_size() for t in state.values())
         del state
@@ -159,5 +174,8 @@ def save(model, ckpt_dir, num_shards=2):
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (ckpt_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
-    config = json.dumps(config_json(model.args, dtype), indent=2)
+    config = config_json(model.args, dtype)
+    if getattr(model, "quantization_config", None):                 # FP8 weights (quantize.py)
+        config["quantization_config"] = model.quantization_config
+    config = json.dumps(config, indent=2)
     (ckpt_dir / "config.json").write_text(config + "\n")

@@ -526,13 +526,18 @@ class Transformer(nn.Module):
     def from_pretrained(cls, ckpt_dir, device=None, dtype=None, max_batch_size=1, max_seq_len=4096):
         """Load an official checkpoint folder shard by shard onto `device` (checkpoint.load_into:
         every name and shape checked, one-line CheckpointError otherwise). `dtype` casts all but
-        A_log and dt_bias, which stay fp32. The model comes back in eval mode without gradients,
-        its caches set up for generation."""
+        A_log and dt_bias, which stay fp32; torch.float8_e4m3fn quantises the projections as they
+        load (an FP8 folder, one with a quantization_config, always loads so). The model comes
+        back in eval mode without gradients, its caches set up for generation."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         args = ModelArgs.from_json(Path(ckpt_dir) / "config.json")
         with torch.device("meta"):                                  # no memory, no init
             model = cls(args)
-        checkpoint.load_into(model, ckpt_dir, device, dtype)
+        transform, stored = None, checkpoint.read_quantization(ckpt_dir)
+        if dtype == torch.float8_e4m3fn or stored:      # FP8 weights: the one place they enter
+            import quantize                             # Fp8Linear layers, a per-tensor loader
+            transform, dtype = quantize.prepare(model, device, stored), None
+        checkpoint.load_into(model, ckpt_dir, device, dtype, transform)
         model.requires_grad_(False).eval()
         if device.type == "cuda":                       # the grouped-matmul MoE (Fast paths)
             model.stack_experts()
@@ -550,6 +555,8 @@ class Transformer(nn.Module):
 #   - MLA decode: attend_absorbed (part of the MLA idea) instead of attend
 #   - MoE: moe_fast.grouped_experts over stacked weights instead of run_experts' loop, once
 #     Transformer.stack_experts has run (from_pretrained does it on a GPU)
+#   - FP8 weights (quantize.py): Fp8Linear and Fp8MoE replace the projections and the MoE blocks,
+#     entering only through from_pretrained (dtype=torch.float8_e4m3fn, or an FP8 folder)
 #   - decode steps replayed from one CUDA graph (sample.cuda_graph_decoder): a tensor start_pos
 #     serves every position; attend_absorbed then reads the whole cache buffer, masked
 
