@@ -120,9 +120,11 @@ def test_fp8_linear_on_gpu_within_e4m3_bound(M):
 # -------------------------------------------------------------------------------------------------
 # Kernels against their torch references
 
+@pytest.mark.skipif(CUDA and not FP8_GPU, reason=NEEDS_FP8_GPU)
 def test_rows_kernel_matches_dequantised_product():
-    """Interpreter (fp32 x: its bf16 conversions truncate): groups of 17 rows (more than BM), of 3
-    and empty ones; N, K not multiples of the tiles. The kernel sums exact products in fp32."""
+    """fp32 x (the interpreter's bf16 conversions truncate; fp32 tl.dot is 'ieee'): groups of 17
+    rows (more than BM), of 3 and empty ones; N, K not multiples of the tiles. The kernel sums
+    exact products in fp32."""
     gen = torch.Generator().manual_seed(0)
     E, N, K = 4, 80, 96
     q, scale = quantize_rows(torch.randn(E, N, K, generator=gen))
@@ -131,10 +133,13 @@ def test_rows_kernel_matches_dequantised_product():
     w = dequantize(q, scale)[experts]                               # [M, N, K]
     ref = torch.einsum("mk,mnk->mn", x.double(), w.double())
     bound = K * 2.0 ** -24 * torch.einsum("mk,mnk->mn", x.double().abs(), w.double().abs())
-    assert ((quantize.fp8_rows(x, q, scale, experts).double() - ref).abs() <= bound).all()
+    dev = "cuda" if CUDA else "cpu"
+    out = quantize.fp8_rows(x.to(dev), q.to(dev), scale.to(dev), experts.to(dev)).cpu()
+    assert ((out.double() - ref).abs() <= bound).all()
     ref = x[:5].double() @ dequantize(q[0], scale[0]).double().T                 # ungrouped
     bound = K * 2.0 ** -24 * (x[:5].double().abs() @ dequantize(q[0], scale[0]).double().abs().T)
-    assert ((quantize.fp8_rows(x[:5], q[:1], scale[:1]).double() - ref).abs() <= bound).all()
+    out = quantize.fp8_rows(x[:5].to(dev), q[:1].to(dev), scale[:1].to(dev)).cpu()
+    assert ((out.double() - ref).abs() <= bound).all()
 
 
 @pytest.mark.skipif(not FP8_GPU, reason=NEEDS_FP8_GPU + "; Triton 3.9's interpreter rounds fp32 "
@@ -148,7 +153,7 @@ def test_quantize_kernel_equals_quantize_rows():
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
-def moe_with_dequantised_twin(N, seed):
+def moe_with_dequantised_twin(N, seed, device):
     """An Fp8MoE loaded from a random bf16 block through prepare's loader, and the plain block with
     the dequantised weights (exactly representable in fp32)."""
     gen = torch.Generator().manual_seed(seed)
@@ -158,7 +163,6 @@ def moe_with_dequantised_twin(N, seed):
              for n, p in plain.state_dict().items()}
     with torch.device("meta"):
         holder = torch.nn.ModuleDict(dict(moe=kimi.SparseMoeBlock(args)))
-    device = "cuda" if FP8_GPU else "cpu"
     load = quantize.prepare(holder, device)
     holder.load_state_dict({m: u for n, t in state.items() for m, u in
                             load(f"moe.{n}", t.to(device)).items()}, assign=True)
@@ -173,9 +177,9 @@ def moe_with_dequantised_twin(N, seed):
 
 def test_fp8_moe_equals_its_dequantised_twin_on_cpu():
     """On a CPU the FP8 block dequantises: the same sums as the plain block, fp32 rounding only."""
-    fp8, plain, x = moe_with_dequantised_twin(40, seed=3)
+    fp8, plain, x = moe_with_dequantised_twin(40, seed=3, device="cpu")
     with torch.no_grad():
-        out, ref = fp8(x[None].to(fp8.w13.device)).cpu(), plain(x[None])
+        out, ref = fp8(x[None]), plain(x[None])
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
 
 
@@ -185,7 +189,7 @@ def test_fp8_experts_on_gpu(N):
     """N <= 16 tokens: the grouped decode kernel (weights exact, bf16 activations and outputs);
     more: scaled_grouped_mm, activations rounded to e4m3 before each of the two products, so the
     relative error is about e4m3's RMS rounding (U / sqrt(3) ~ 0.036, twice): 2U covers it."""
-    fp8, plain, x = moe_with_dequantised_twin(N, seed=N)
+    fp8, plain, x = moe_with_dequantised_twin(N, seed=N, device="cuda")
     with torch.no_grad():
         ids = fp8.gate(x.cuda().bfloat16())[0]
         out = quantize.fp8_experts(x.cuda().bfloat16(), ids, fp8).float().cpu()
@@ -282,6 +286,23 @@ def test_trained_tiny_model_generates_the_same_tokens_in_fp8(tmp_path):
     bf16 = greedy(Transformer.from_pretrained(tmp_path, "cpu", torch.bfloat16), seq[:, :5], 16)
     fp8 = greedy(Transformer.from_pretrained(tmp_path, "cpu", FP8), seq[:, :5], 16)
     assert bf16 == seq[0, 5:21].tolist() and fp8 == bf16
+
+
+@pytest.mark.skipif(not FP8_GPU, reason=NEEDS_FP8_GPU)
+def test_cuda_graph_decode_equals_eager_in_fp8(ckpt):
+    """The FP8 decode paths capture into sample's CUDA graph: a replay gives the logits of the same
+    step run eagerly (a tensor position: the same kernels on the same shapes, so equal bits)."""
+    import sample
+    model = Transformer.from_pretrained(ckpt, "cuda", FP8, max_seq_len=64)
+    prompt = torch.randint(0, TINY.vocab_size, (1, 20), device="cuda")
+    decode = sample.cuda_graph_decoder(model, 1)
+    with torch.no_grad():
+        model(prompt, start_pos=0)
+        token = prompt[:, -1:]
+        replayed = decode(token, 20).clone()
+        model(prompt, start_pos=0)
+        eager = model(token, start_pos=torch.tensor(20, device="cuda"), last_only=True)
+    assert torch.equal(replayed, eager)
 
 
 def test_fp8_folder_round_trip(fp8_ckpt, tmp_path):
