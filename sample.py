@@ -75,6 +75,7 @@ class Tokenizer:
         self.enc = tiktoken.Encoding("kimi", pat_str=PAT_STR, mergeable_ranks=ranks,
                                      special_tokens=self.special)
         self.ids = sorted(ranks.values()) + sorted(self.special.values())
+        self._ids = torch.tensor(self.ids)              # for allowed(), built once
         self.stop_ids = tuple(self.special[s] for s in STOP_TOKENS if s in self.special)
 
     def encode(self, text):
@@ -100,7 +101,7 @@ class Tokenizer:
     def allowed(self, vocab_size, device=None):
         """[V] bool mask of ids both the model and the tokenizer know (release: all < 163840)."""
         mask = torch.zeros(vocab_size, dtype=torch.bool)
-        mask[torch.tensor([i for i in self.ids if i < vocab_size])] = True
+        mask[self._ids[self._ids < vocab_size]] = True
         return mask.to(device)
 
 
@@ -260,9 +261,9 @@ def check_ckpt(ckpt, device, dtype, max_seq_len):
     free = free_memory(device)
     if free is not None and weights + cache > free:
         hint = " (try --dtype bf16)" if dtype and dtype.itemsize > 2 else ""
-        raise Fail(f"not enough memory on {device}: the weights need {weights / 2**30:.1f} GiB as "
+        raise Fail(f"not enough memory on {device}: the weights need {weights / 2**30:.2f} GiB as "
                    f"{dtype or 'stored'}{hint}, the cache for --max-seq-len {max_seq_len} "
-                   f"{cache / 2**30:.1f} GiB; {free / 2**30:.1f} GiB is free")
+                   f"{cache / 2**30:.2f} GiB; {free / 2**30:.2f} GiB is free")
     return args
 
 
