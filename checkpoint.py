@@ -4,6 +4,7 @@ shards and model.safetensors.index.json (the layout of moonshotai/Kimi-Linear-48
 calls these from ModelArgs.from_json, Transformer.from_pretrained and save_pretrained; here is only
 the file format and its checks, so that every broken folder gets one line naming the file and the
 tensor at fault (CheckpointError), never a traceback from deep inside torch.
+"trap n" refers to the numbered traps of docs/architecture.md §6.
 """
 import json
 import sys

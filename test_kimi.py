@@ -1,4 +1,5 @@
-"""Tests for kimi.py on a tiny random model (fp32, CPU), plus one CUDA-only Triton check."""
+"""Tests for kimi.py on a tiny random model (fp32, CPU), plus CUDA-only checks of the fast paths.
+"§n" and "trap n" refer to docs/architecture.md, the repository's specification."""
 import copy
 import json
 import math
