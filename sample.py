@@ -129,13 +129,13 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None):
     fewest likeliest ids whose probabilities reach top_p, and draw among them."""
     if temperature <= 0:
         return logits.argmax(-1)
-    # fp64, max subtracted first: the best id's scaled logit is exactly 0, so no finite temperature
-    # > 0 (1e-45, 1e300) makes inf - inf or 0 / 0 (in fp32, 1e-46 would round to 0).
-    logits = logits.double()
-    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
-    if top_k:  # keep the k largest (ties at the k-th value stay too)
+    logits = logits.double()                    # exact: every fp32 value is an fp64 value
+    if top_k:  # keep the k largest (ties at the k-th value stay too), as at any temperature
         kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    # The max subtracted first: the best id's scaled logit is exactly 0, so no finite temperature
+    # > 0 (1e-45, 1e300) makes inf - inf or 0 / 0 (in fp32, 1e-46 would round to 0).
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
     probs = logits.softmax(-1)
     if top_p is not None and top_p < 1:  # the smallest prefix of the sorted probs reaching top_p
         p, idx = probs.sort(-1, descending=True)
