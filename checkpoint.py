@@ -7,6 +7,8 @@ tensor at fault (CheckpointError), never a traceback from deep inside torch.
 "trap n" refers to the numbered traps of docs/architecture.md §6.
 """
 import json
+import os
+import re
 import sys
 import time
 from dataclasses import fields
@@ -83,6 +85,38 @@ def config_json(args, dtype="bfloat16"):
              "use_grouped_topk": True, "tie_word_embeddings": False}
     return {"architectures": ["KimiLinearForCausalLM"], "model_type": "kimi_linear",
             "dtype": dtype, **cfg, **fixed, "linear_attn_config": linear}
+
+
+def check_folder(folder, need=()):
+    """Cheap checks before anything is loaded: config.json, the index, every shard it names and the
+    files in `need` exist, the index reads. -> the weights' total size in bytes (from the index)."""
+    files = ["config.json", "model.safetensors.index.json", *need]
+    missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        names = ", ".join(missing)
+        raise CheckpointError(f"incomplete checkpoint folder {folder}: missing {names}")
+    try:
+        with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+            index = json.load(f)
+        shards = sorted(set(index["weight_map"].values()))
+        total = int(index["metadata"]["total_size"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"cannot read {folder}/model.safetensors.index.json: {e!r}") from None
+    missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+    if missing:
+        raise CheckpointError(f"incomplete checkpoint folder {folder}: missing {len(missing)} of "
+                              f"{len(shards)} shards ({', '.join(missing[:3])})")
+    return total
+
+
+def free_memory(device):
+    """Bytes free on `device` (a CUDA GPU, or this machine's RAM), or None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            return int(re.search(r"MemAvailable:\s+(\d+) kB", f.read())[1]) * 1024
+    return None
 
 
 def load_into(model, ckpt_dir, device, dtype=None, transform=None):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import moe_fast
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError    # noqa: F401 (kimi.CheckpointError for callers)
 from kda_ref import chunk_kda_ref, kda_gate, l2norm, recurrent_kda
 
 

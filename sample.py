@@ -1,127 +1,27 @@
-"""Tokenize like the released Kimi tokenizer, generate through kimi.py's caches, stream the text.
+"""Generate with Kimi Linear through kimi.py's caches and stream the text: the command line.
 
     python sample.py --demo                 # offline: a tiny random-weight checkpoint, noise text
     python sample.py --ckpt moonshotai/Kimi-Linear-48B-A3B-Instruct --chat "Is 123 a prime?"
     python sample.py --ckpt DIR --max-new-tokens 64 "The capital of France is"   # Base model
 
-Reading order: Tokenizer, chat_prompt, sample, generate, cuda_graph_decoder, checkpoint checks,
-the demo writer, the command line. Tokenizer and chat format: docs/architecture.md §5; the
-official tokenizer: tokenization_kimi.py at huggingface.co/moonshotai/Kimi-Linear-48B-A3B-Instruct.
+Reading order: sample (one draw), generate (prefill, then one step per token), cuda_graph_decoder
+(a step replayed from a CUDA graph), the checkpoint checks, the command line. The tokenizer and the
+chat format are in tokenizer.py, the demo checkpoint in demo.py.
 """
-import argparse, base64, codecs, json, os, re, resource, shutil, sys, tempfile, time
+import argparse
+import os
+import re
+import resource
+import sys
+import time
 
-import tiktoken
 import torch
 
-from kimi import CONFIGS, CheckpointError, ModelArgs, Transformer
+import checkpoint
+from kimi import CheckpointError, ModelArgs, Transformer
+from tokenizer import CHAT_TOKENS, DEFAULT_SYSTEM, Tokenizer, chat_prompt
 
-# Kimi's pre-tokenisation regex, the eight alternatives of the release joined by "|". Han runs
-# split off first; words are case-aware (CamelCase splits) with English contractions; digits go
-# in groups of <= 3. `&&` is a class intersection: tiktoken's engine (fancy-regex) has it, re not.
-PAT_STR = "|".join([
-    r"[\p{Han}]+",
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"
-    r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"
-    r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-    r"\p{N}{1,3}",
-    r" ?[^\s\p{L}\p{N}]+[\r\n]*",
-    r"\s*[\r\n]+",
-    r"\s+(?!\S)",
-    r"\s+",
-])
-NUM_SPECIAL = 258   # 256 reserved + 2: ids 163584..163841 in the release, 2 past the model's rows
-CHAT_TOKENS = ("<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "<|im_end|>")
-STOP_TOKENS = ("[EOS]", "<|im_end|>")     # generation stops at either; <|im_end|> ends a turn
-DEFAULT_SYSTEM = "You are a helpful assistant provided by Moonshot-AI."   # the model card's
-DEMO_BASE_KEY = "kimi_minimal_special_base"    # our own key: only the demo's tokenizer has it
-
-
-class Tokenizer:
-    """Kimi's tokenizer: tiktoken BPE with Kimi's regex (PAT_STR) and 258 special tokens.
-
-    Tokenizer(folder) reads tiktoken.model and tokenizer_config.json (ValueError or OSError, naming
-    the file, if they do not fit). As in the release, the special ids follow the BPE ranks: 163584
-    = len(ranks) is "[BOS]", up to 163841. encode(text) adds no BOS/EOS and turns special-token
-    strings into their ids; decode(ids) -> text; stream(ids) yields text pieces as they complete.
-    tok.special: {name: id} (unnamed ones: "<|reserved_token_{id}|>"); tok.ids: the ids it knows."""
-
-    def __init__(self, folder):
-        path = os.path.join(folder, "tiktoken.model")
-        try:   # "<base64 bytes> <rank>" lines
-            with open(path, "rb") as f:
-                ranks = {base64.b64decode(t, validate=True): int(r)
-                         for t, r in map(bytes.split, f.read().splitlines())}
-        except ValueError:
-            raise ValueError(f"{path}: not '<base64 bytes> <rank>' lines") from None
-        path = os.path.join(folder, "tokenizer_config.json")
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-        try:
-            named = {int(i): t["content"] for i, t in config["added_tokens_decoder"].items()}
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise ValueError(f"{path}: no added_tokens_decoder {{id: {{'content': ..}}}}") from None
-        # The release numbers its specials from len(ranks). The demo's toy vocabulary is small, so
-        # it states the real base, 163584, under DEMO_BASE_KEY (write_demo); releases lack the key.
-        base = config.get(DEMO_BASE_KEY, len(ranks))
-        if type(base) is not int or max(ranks.values(), default=-1) >= base or base < len(ranks):
-            raise ValueError(f"{path}: {DEMO_BASE_KEY} {base!r} is not an int past the ranks")
-        outside = sorted(i for i in named if not base <= i < base + NUM_SPECIAL)
-        if outside:
-            raise ValueError(f"{path}: special ids must lie in {base}..{base + NUM_SPECIAL - 1}, "
-                             f"after the {len(ranks)} BPE ranks, not {outside[:4]}")
-        self.special = {named.get(i, f"<|reserved_token_{i}|>"): i
-                        for i in range(base, base + NUM_SPECIAL)}
-        self.enc = tiktoken.Encoding("kimi", pat_str=PAT_STR, mergeable_ranks=ranks,
-                                     special_tokens=self.special)
-        self.ids = sorted(ranks.values()) + sorted(self.special.values())
-        self._ids = torch.tensor(self.ids)              # for allowed(), built once
-        self.stop_ids = tuple(self.special[s] for s in STOP_TOKENS if s in self.special)
-
-    def encode(self, text):
-        """As the release: special-token strings become special ids, and text is cut into <= 400k
-        -char slices with no run of > 25k (non-)whitespace chars (tiktoken issue 195)."""
-        return [t for s in _slices(text) for t in self.enc.encode(s, allowed_special="all")]
-
-    def decode(self, ids):
-        return self.enc.decode(ids)
-
-    def stream(self, ids):
-        """Decode piece by piece, holding back an unfinished UTF-8 character; the pieces join to
-        decode(ids). `ids` may be any iterable of ids, such as generate(...)."""
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # as tiktoken's decode
-        for t in ids:
-            piece = utf8.decode(self.enc.decode_single_token_bytes(t))
-            if piece:
-                yield piece
-        tail = utf8.decode(b"", final=True)
-        if tail:
-            yield tail
-
-    def allowed(self, vocab_size, device=None):
-        """[V] bool mask of ids both the model and the tokenizer know (release: all < 163840)."""
-        mask = torch.zeros(vocab_size, dtype=torch.bool)
-        mask[self._ids[self._ids < vocab_size]] = True
-        return mask.to(device)
-
-
-def _slices(text, max_chars=400_000, max_run=25_000):
-    for i in range(0, len(text), max_chars):
-        s, start, run = text[i:i + max_chars], 0, 0
-        for j in range(len(s)):
-            run = run + 1 if j and s[j].isspace() == s[j - 1].isspace() else 1
-            if run > max_run:
-                yield s[start:j]
-                start, run = j, 1
-        yield s[start:]
-
-
-def chat_prompt(user, system=DEFAULT_SYSTEM):
-    """The Instruct format: turns concatenated with no newlines, then the generation prompt.
-    system "" or None: no system turn, as Kimi-Linear's template renders a chat without one."""
-    turn = f"<|im_system|>system<|im_middle|>{system}<|im_end|>" if system else ""
-    return (f"{turn}<|im_user|>user<|im_middle|>{user}<|im_end|>"
-            f"<|im_assistant|>assistant<|im_middle|>")
+DEMO_PROMPT = "Kimi Linear is"                 # --demo's prompt when none is given
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=None):
@@ -238,42 +138,20 @@ def resolve_ckpt(ckpt):
 
 def check_ckpt(ckpt, device, dtype, max_seq_len):
     """Cheap checks before anything is loaded: files, config, shards, memory. -> ModelArgs"""
-    files = "config.json", "model.safetensors.index.json", "tiktoken.model", "tokenizer_config.json"
-    missing = [f for f in files if not os.path.isfile(os.path.join(ckpt, f))]
-    if missing:
-        raise Fail(f"incomplete checkpoint folder {ckpt}: missing {', '.join(missing)}")
     try:
-        args = ModelArgs.from_json(os.path.join(ckpt, "config.json"))   # validated
-        with open(os.path.join(ckpt, "model.safetensors.index.json")) as f:
-            index = json.load(f)
-        shards = sorted(set(index["weight_map"].values()))
-        total = int(index["metadata"]["total_size"])
+        total = checkpoint.check_folder(ckpt, need=("tiktoken.model", "tokenizer_config.json"))
+        args = ModelArgs.from_json(os.path.join(ckpt, "config.json"))     # validated
     except CheckpointError as e:
         raise Fail(str(e)) from None
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise Fail(f"cannot read {ckpt}/model.safetensors.index.json: {e!r}") from None
-    missing = [s for s in shards if not os.path.isfile(os.path.join(ckpt, s))]
-    if missing:
-        raise Fail(f"incomplete checkpoint folder {ckpt}: missing {len(missing)} of {len(shards)}"
-                   f" shards ({', '.join(missing[:3])})")
     weights = total * (dtype.itemsize / 2 if dtype else 1)     # stored in bf16, as released
     cache = args.cache_bytes(1, max_seq_len, dtype or torch.bfloat16)
-    free = free_memory(device)
+    free = checkpoint.free_memory(device)
     if free is not None and weights + cache > free:
         hint = " (try --dtype bf16)" if dtype and dtype.itemsize > 2 else ""
         raise Fail(f"not enough memory on {device}: the weights need {weights / 2**30:.2f} GiB as "
                    f"{dtype or 'stored'}{hint}, the cache for --max-seq-len {max_seq_len} "
                    f"{cache / 2**30:.2f} GiB; {free / 2**30:.2f} GiB is free")
     return args
-
-
-def free_memory(device):
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if os.path.exists("/proc/meminfo"):
-        with open("/proc/meminfo") as f:
-            return int(re.search(r"MemAvailable:\s+(\d+) kB", f.read())[1]) * 1024
-    return None                                                 # unknown: no check
 
 
 def pick_device(name):
@@ -287,95 +165,6 @@ def pick_device(name):
     if device.type not in ("cpu", "cuda") or (device.type == "cuda" and (device.index or 0) >= n):
         raise Fail(f"--device {name} is not available here ({n} CUDA GPUs visible)")
     return torch.device("cpu") if device.type == "cpu" else device
-
-
-DEMO_WORDS = ("the of and to in is you that it was for on are as with his they at be this from "
-              "have or by one had not but what all were when we there can Kimi Linear attention "
-              "delta model 你好 世界 模型 🙂 🚀")
-DEMO_PROMPT, DEMO_VERSION, DEMO_MARKER = "Kimi Linear is", 2, "kimi-minimal-demo.json"
-# Named specials of the K2-family tokenizer_config.json, by offset from the first special id.
-KIMI_SPECIALS = {0: "[BOS]", 1: "[EOS]", 2: "<|im_end|>", 3: "<|im_user|>", 4: "<|im_assistant|>",
-                 10: "<|im_system|>", 17: "<|im_middle|>", 254: "[UNK]", 255: "[PAD]"}
-
-
-def demo_ranks():
-    """A toy tiktoken vocabulary: the 256 bytes, then the prefixes of each word and " " + word."""
-    toks = [bytes([b]) for b in range(256)]
-    for w in DEMO_WORDS.split():
-        for s in (w.encode(), b" " + w.encode()):
-            toks += [s[:i] for i in range(2, len(s) + 1)]  # partial UTF-8 characters, on purpose
-    return {t: r for r, t in enumerate(dict.fromkeys(toks))}
-
-
-def write_tokenizer(folder, ranks, special_base=None, specials=KIMI_SPECIALS):
-    """tiktoken.model and tokenizer_config.json; a special_base is stated under DEMO_BASE_KEY."""
-    base = len(ranks) if special_base is None else special_base
-    with open(os.path.join(folder, "tiktoken.model"), "w") as f:
-        f.writelines(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items())
-    config = {"added_tokens_decoder": {str(base + i): {"content": s, "special": True}
-                                       for i, s in specials.items()}}
-    if special_base is not None:
-        config[DEMO_BASE_KEY] = special_base
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-
-
-def write_demo(folder):
-    """A random-weight checkpoint of CONFIGS["demo"] in the official layout: the default init from
-    seed 0, in bf16 as released (A_log, dt_bias fp32), 3 shards; the toy vocabulary with the real
-    special ids 163584.. (DEMO_BASE_KEY); last, DEMO_MARKER: the list of what was written."""
-    os.makedirs(folder, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):            # seed 0, the caller's RNG untouched
-        torch.manual_seed(0)
-        model = Transformer(CONFIGS["demo"])
-    state = {n: t if n.endswith(("A_log", "dt_bias")) else t.to(torch.bfloat16)
-             for n, t in model.state_dict().items()}
-    model.load_state_dict(state, assign=True)
-    model.save_pretrained(folder, num_shards=3)
-    write_tokenizer(folder, demo_ranks(), special_base=163584)
-    files = sorted(os.listdir(folder) + [DEMO_MARKER])
-    with open(os.path.join(folder, DEMO_MARKER), "w") as f:
-        json.dump({"version": DEMO_VERSION, "files": files}, f)
-    return folder
-
-
-def is_demo(folder):
-    """Does `folder` hold exactly the files its DEMO_MARKER lists, of this DEMO_VERSION?"""
-    try:
-        with open(os.path.join(folder, DEMO_MARKER)) as f:
-            marker = json.load(f)
-        return marker == {"version": DEMO_VERSION, "files": sorted(os.listdir(folder))}
-    except (OSError, ValueError):
-        return False
-
-
-def demo_checkpoint():
-    """The demo's folder in $XDG_CACHE_HOME (or ~/.cache): reused if it holds exactly what its
-    DEMO_MARKER lists, else written whole in a fresh folder that then takes its name (replacing at
-    most an empty folder). Files the demo did not write are never touched."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    folder = os.path.join(root, "kimi-minimal-demo")
-    if os.path.exists(root) and not os.path.isdir(root):
-        raise Fail(f"cannot write the demo checkpoint: {root} (XDG_CACHE_HOME) is not a folder")
-    if os.path.lexists(folder) and not (os.path.isdir(folder) and not os.listdir(folder)):
-        if not is_demo(folder):
-            raise Fail(f"{folder} holds files that are not this version's demo checkpoint; move "
-                       f"them away (or set XDG_CACHE_HOME elsewhere) and the demo writes a new one")
-        print(f"demo: the tiny random-weight checkpoint in {folder}", file=sys.stderr)
-        return folder
-    tmp = None
-    try:
-        os.makedirs(root, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".kimi-minimal-demo-", dir=root)
-        os.rename(write_demo(tmp), folder)
-    except OSError as e:
-        if not is_demo(folder):                 # (else another run has just written it)
-            raise Fail(f"cannot write the demo checkpoint in {root}: {e.strerror or e}") from None
-    finally:
-        if tmp and os.path.isdir(tmp):          # ours, left by a failure
-            shutil.rmtree(tmp, ignore_errors=True)
-    print(f"demo: wrote a tiny random-weight checkpoint to {folder}", file=sys.stderr)
-    return folder
 
 
 # ---- the command line ----
@@ -508,7 +297,14 @@ def run(args):
     dtype = dtypes.get(args.dtype or ("bf16" if device.type == "cuda" else ""))  # None: as stored
     if args.compile and not (device.type == "cuda" and dtype == torch.bfloat16):
         raise Fail("--compile compiles the CUDA-graph decode step: it needs CUDA and bf16")
-    ckpt = demo_checkpoint() if args.demo else resolve_ckpt(args.ckpt)
+    if args.demo:
+        import demo                                 # the offline demo checkpoint
+        try:
+            ckpt = demo.demo_checkpoint()
+        except demo.DemoError as e:
+            raise Fail(str(e)) from None
+    else:
+        ckpt = resolve_ckpt(args.ckpt)
     model_args = check_ckpt(ckpt, device, dtype, args.max_seq_len)
     text = read_prompt(args)
     try:

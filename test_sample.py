@@ -1,5 +1,6 @@
-"""Tests for sample.py: tokenizer, chat prompt, streaming, sampling, generation, the demo, and every
-bad input of the command line (one `error:` line, status 2, no traceback, no file touched)."""
+"""Tests for sample.py, tokenizer.py and demo.py: tokenizer, chat prompt, streaming, sampling,
+generation, the demo, and every bad input of the command line (one `error:` line, status 2, no
+traceback, no file touched)."""
 import ast
 import json
 import os
@@ -14,9 +15,14 @@ import tiktoken
 import torch
 from hypothesis import given, settings, strategies as st
 
+import checkpoint
+import demo
 import sample
+import tokenizer
+from demo import demo_ranks, write_tokenizer
 from kimi import CONFIGS, Transformer
-from sample import PAT_STR, Tokenizer, chat_prompt, demo_ranks, generate, write_tokenizer
+from sample import generate
+from tokenizer import PAT_STR, Tokenizer, chat_prompt
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -75,14 +81,14 @@ def test_real_layout_numbers_specials_from_the_rank_count(tmp_path):
     t = Tokenizer(tmp_path)
     assert t.special["[BOS]"] == 256 and t.special["<|im_end|>"] == 258 and max(t.ids) == 256 + 257
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    assert sample.DEMO_BASE_KEY not in config
+    assert tokenizer.DEMO_BASE_KEY not in config
 
 
 @pytest.mark.parametrize("change, message", [
     (lambda c: c["added_tokens_decoder"].update({"255": {"content": "<|x|>"}}), "must lie in 256"),
     (lambda c: c["added_tokens_decoder"].update({"600": {"content": "<|x|>"}}), "must lie in 256"),
-    (lambda c: c.update({sample.DEMO_BASE_KEY: 100}), "is not an int past the ranks"),
-    (lambda c: c.update({sample.DEMO_BASE_KEY: "300"}), "is not an int past the ranks"),
+    (lambda c: c.update({tokenizer.DEMO_BASE_KEY: 100}), "is not an int past the ranks"),
+    (lambda c: c.update({tokenizer.DEMO_BASE_KEY: "300"}), "is not an int past the ranks"),
     (lambda c: c.update({"added_tokens_decoder": [1]}), "no added_tokens_decoder"),
 ])
 def test_tokenizer_refuses_specials_that_do_not_follow_the_ranks(tmp_path, change, message):
@@ -227,7 +233,7 @@ def test_generate_emits_only_ids_the_tokenizer_decodes(tmp_path):
 
 @pytest.fixture(scope="module")
 def demo_ckpt(tmp_path_factory):
-    return sample.write_demo(str(tmp_path_factory.mktemp("demo")))
+    return demo.write_demo(str(tmp_path_factory.mktemp("demo")))
 
 
 def run_cli(*argv, stdin=subprocess.DEVNULL, env=None, timeout=120):
@@ -243,7 +249,7 @@ def test_demo_end_to_end_writes_once_then_reuses(tmp_path):
     folder = tmp_path / "kimi-minimal-demo"
     files = os.listdir(folder)
     assert {"config.json", "model.safetensors.index.json", "tiktoken.model",
-            "tokenizer_config.json", sample.DEMO_MARKER} < {*files}
+            "tokenizer_config.json", demo.DEMO_MARKER} < {*files}
     assert sum(f.endswith(".safetensors") for f in files) == 3
     before = {f: (folder / f).read_bytes() for f in files}
     r2 = run_cli("--demo", "--max-new-tokens", "4", "The answer is", env=env)
@@ -363,7 +369,7 @@ def test_closed_standard_input_is_no_prompt(demo_ckpt, capsys, monkeypatch):
 
 
 def test_out_of_memory_while_allocating_is_one_line(demo_ckpt, capsys, monkeypatch):
-    monkeypatch.setattr(sample, "free_memory", lambda device: None)   # free memory unknown
+    monkeypatch.setattr(checkpoint, "free_memory", lambda device: None)   # free memory unknown
     with pytest.raises(SystemExit) as e:        # so the 1.6e14-byte cache is really attempted
         sample.main(["--ckpt", demo_ckpt, "--max-seq-len", str(10**12), "hi"])
     assert "error: out of memory on cpu" in error_line(capsys, e.value.code)
@@ -469,13 +475,15 @@ def test_ctrl_c_exits_130_with_one_short_line(demo_ckpt):
 
 
 def test_sample_imports_only_the_model_tokenizer_torch_and_stdlib():
+    """sample.py's own imports: the model (kimi, checkpoint), the tokenizer and torch; the demo
+    checkpoint (demo.py) only when --demo asks for it."""
     tree = ast.parse(open(os.path.join(HERE, "sample.py"), encoding="utf-8").read())
     top = {n.module if isinstance(n, ast.ImportFrom) else a.name
            for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
            for a in n.names}
-    assert {m.split(".")[0] for m in top} - set(sys.stdlib_module_names) == {"kimi", "tiktoken",
-                                                                             "torch"}
-    r = subprocess.run([sys.executable, "-c", "import sys, sample; print('bench' in sys.modules)"],
+    own = {m.split(".")[0] for m in top} - set(sys.stdlib_module_names)
+    assert own == {"checkpoint", "kimi", "tokenizer", "torch"}
+    r = subprocess.run([sys.executable, "-c", "import sys, sample; print('bench' in sys.modules or 'demo' in sys.modules)"],
                        cwd=HERE, capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False"
 
