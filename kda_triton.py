@@ -1,5 +1,4 @@
-"""
-Chunked KDA forward in two Triton kernels, plus a fused one-token step for decode.
+"""Chunked KDA forward in two Triton kernels, plus a fused one-token step for decode.
 Read kda_ref.py first: chunk_kda and fused_recurrent_kda here have the signature and the result
 of kda_ref.recurrent_kda, and chunk_kda's steps are chunk_kda_ref's, numbered the same way.
 
@@ -29,11 +28,14 @@ Not here: backward, varlen (cu_seqlens), fused gate / l2norm / sigmoid(beta).
 Layout: q, k, g [B, T, H, K]; v, o [B, T, H, V]; beta [B, T, H]; state [B, H, K, V] fp32.
 """
 import os
+import sys
 
 import torch
 
-# Without CUDA the kernels run in Triton's CPU interpreter, chosen before any @triton.jit runs.
+# No CUDA: Triton's CPU interpreter, read at Triton's first import (else refuse; kimi uses kda_ref)
 if not torch.cuda.is_available():
+    if 'triton' in sys.modules and os.environ.get('TRITON_INTERPRET') != '1':
+        raise ImportError("on a CPU, import kda_triton before triton, or set TRITON_INTERPRET=1")
     os.environ.setdefault('TRITON_INTERPRET', '1')
 
 import triton  # noqa: E402
