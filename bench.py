@@ -1,6 +1,6 @@
 """The speed benchmark of the full-size model on one GPU, random weights.
 
-    python bench.py [--config NAME_OR_CONFIG_JSON] [--compile] [--peer]
+    python bench.py [--config NAME_OR_CONFIG_JSON] [--compile] [--peer] [--fp8]
     python bench.py --context 4096,131072,1048576 [--out DIR]      # TPOT vs an all-MLA twin
 
 It builds the model with random weights (speed does not depend on their values) and prints
@@ -9,7 +9,8 @@ on this GPU: the bf16 matmul rate over 2 FLOP per active parameter for prefill; 
 copy rate over the bytes a step must read (active weights, MLA caches, KDA states). Decode runs
 eager, as one CUDA graph per step (sample.cuda_graph_decoder, as sample.py runs it) and, with
 --compile, fused by torch.compile first. --peer also times Hugging Face transformers'
-KimiLinearForCausalLM (peer_hf.py) on random weights of the same shapes.
+KimiLinearForCausalLM (peer_hf.py) on random weights of the same shapes. --fp8 adds the same rows
+for FP8 weights (quantize.py), with ceilings at the FP8 matmul rate and in the FP8 model's bytes.
 """
 import functools
 import json
@@ -23,34 +24,49 @@ import torch
 from kimi import CONFIGS, CheckpointError, ModelArgs, Transformer
 from sample import Parser, cuda_graph_decoder
 
-# Measured on one H200 (docs/kda.md §8): device-to-device copy 4.27 TB/s, bf16 matmul 702 TFLOP/s.
-COPY_BYTES_PER_S, MATMUL_FLOP_PER_S = 4.27e12, 702e12
+# Measured on one H200 (docs/kda.md §8): device-to-device copy 4.27 TB/s, bf16 matmul 702 TFLOP/s;
+# FP8 (e4m3, row-wise scales, F.scaled_mm) 8192^3: 1,384 TFLOP/s (2026-12-01, torch 2.11).
+COPY_BYTES_PER_S, MATMUL_FLOP_PER_S, FP8_MATMUL_FLOP_PER_S = 4.27e12, 702e12, 1384e12
 PREFILL_T, DECODE_B, CONTEXT, STEPS = (8192, 32768), (1, 16), 4096, 32
 
 
-def random_model(args, device, max_batch_size, max_seq_len, seed=0):
+def random_model(args, device, max_batch_size, max_seq_len, seed=0, fp8=False):
     """The model on `device` in bf16 (A_log, dt_bias fp32), random weights, experts stacked, caches
-    set up. Made on `device` directly: no fp32 copy (the 48B model fits an H200 in bf16 only)."""
+    set up. Made on `device` directly, one layer at a time: no fp32 copy (the 48B model fits an H200
+    in bf16 only). fp8: each tensor is quantised as it is made (quantize.py's loader), so the FP8
+    model never exists in bf16 (it fits 80 GB)."""
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = Transformer(args)
-    state = {}
-    for name, p in model.named_parameters():
-        if name.endswith("A_log"):                  # decay rates exp(A_log) in 1..16, as fla inits
-            t = torch.rand(p.shape, device=device).mul(15).add(1).log()
-        elif name.endswith("dt_bias"):
-            t = torch.zeros(p.shape, device=device)
-        elif p.dim() == 1 or name.endswith("e_score_correction_bias"):   # norms 1, router bias 0
-            fill = 0.0 if name.endswith("bias") else 1.0
-            t = torch.full(p.shape, fill, device=device, dtype=torch.bfloat16)
-        else:
-            t = torch.randn(p.shape, device=device, dtype=torch.bfloat16) * p.shape[-1] ** -0.5
-        state[name] = t
-    model.load_state_dict(state, assign=True)
-    del state
+    load = None
+    if fp8:
+        import quantize
+        load = quantize.prepare(model, device)
+    shapes = {n: t.shape for n, t in model.state_dict().items() if not load or n not in load.makes}
+    layers = {}                                     # model.layers.{i} -> its names; others alone
+    for name in shapes:
+        key = ".".join(name.split(".")[:3]) if name.startswith("model.layers.") else name
+        layers.setdefault(key, []).append(name)
+    for names in layers.values():
+        state = {}
+        for name in names:
+            t = random_tensor(name, shapes[name], device)
+            state.update(load(name, t) if load else {name: t})
+        model.load_state_dict(state, strict=False, assign=True)
     model.requires_grad_(False).eval().stack_experts()
     model.setup_cache(max_batch_size, max_seq_len)
     return model
+
+
+def random_tensor(name, shape, device):
+    if name.endswith("A_log"):                      # decay rates exp(A_log) in 1..16, as fla inits
+        return torch.rand(shape, device=device).mul(15).add(1).log()
+    if name.endswith("dt_bias"):
+        return torch.zeros(shape, device=device)
+    if len(shape) == 1 or name.endswith("e_score_correction_bias"):     # norms 1, router bias 0
+        fill = 0.0 if name.endswith("bias") else 1.0
+        return torch.full(shape, fill, device=device, dtype=torch.bfloat16)
+    return torch.randn(shape, device=device, dtype=torch.bfloat16) * shape[-1] ** -0.5
 
 
 def expert_bytes(a):
@@ -77,10 +93,31 @@ def decode_bytes(a, B, context):
     k, E = a.num_experts_per_token, a.num_experts
     distinct = E * (1 - (1 - k / E) ** B)
     shared = 2 * active_params(a) - moe_layers * k * expert_bytes(a)
+    return shared + moe_layers * distinct * expert_bytes(a) + cache_step_bytes(a, B, context)
+
+
+def cache_step_bytes(a, B, context):
+    """What a decode step reads of the caches: MLA latents (bf16), KDA states (fp32, read and
+    written)."""
     mla, kda = len(a.full_attn_layers), a.num_hidden_layers - len(a.full_attn_layers)
-    caches = B * (mla * context * (a.kv_lora_rank + a.qk_rope_head_dim) * 2
-                  + kda * 2 * a.kda_num_heads * a.kda_head_dim ** 2 * 4)
-    return shared + moe_layers * distinct * expert_bytes(a) + caches
+    return B * (mla * context * (a.kv_lora_rank + a.qk_rope_head_dim) * 2
+                + kda * 2 * a.kda_num_heads * a.kda_head_dim ** 2 * 4)
+
+
+def model_decode_bytes(model, B, context):
+    """decode_bytes counted on a model's own tensors (any dtype, FP8 included): every tensor but
+    the embedding and the routed experts once, the expected distinct experts, the caches."""
+    a, experts, shared = model.args, 0, 0
+    for name, t in model.state_dict().items():
+        if ".experts." in name:
+            experts += t.numel() * t.element_size()
+        elif "embed_tokens" not in name:
+            shared += t.numel() * t.element_size()
+    moe_layers = sum(layer.is_moe for layer in model.model.layers)
+    k, E = a.num_experts_per_token, a.num_experts
+    distinct = E * (1 - (1 - k / E) ** B)
+    per_expert = experts / (moe_layers * E)
+    return shared + moe_layers * distinct * per_expert + cache_step_bytes(a, B, context)
 
 
 def cuda_time(fn, runs, warmup=1):
@@ -98,19 +135,21 @@ def cuda_time(fn, runs, warmup=1):
     return statistics.median(times)
 
 
-def bench_ours(args, device, compile):
-    """{row name: (tokens/s, ceiling tokens/s)}"""
-    rows = {}
-    model = random_model(args, device, 1, max(PREFILL_T))
+def bench_ours(args, device, compile, fp8=False):
+    """{row name: (tokens/s, ceiling tokens/s)}; fp8: the same rows for FP8 weights (quantize.py),
+    their ceilings at the FP8 matmul rate and in FP8 bytes."""
+    rows, tag = {}, "fp8 " if fp8 else ""
+    model = random_model(args, device, 1, max(PREFILL_T), fp8=fp8)
+    rate = FP8_MATMUL_FLOP_PER_S if fp8 else MATMUL_FLOP_PER_S
     for T in PREFILL_T:
         tokens = torch.randint(0, args.vocab_size, (1, T), device=device)
         ms = cuda_time(lambda: model(tokens, start_pos=0, last_only=True), runs=3)
-        rows[f"prefill B=1 T={T}"] = (T / ms * 1e3, MATMUL_FLOP_PER_S / (2 * active_params(args)))
-        print(f"prefill B=1 T={T}: {T / ms * 1e3:.1f} tok/s", flush=True)
+        rows[f"{tag}prefill B=1 T={T}"] = (T / ms * 1e3, rate / (2 * active_params(args)))
+        print(f"{tag}prefill B=1 T={T}: {T / ms * 1e3:.1f} tok/s", flush=True)
     model.setup_cache(max(DECODE_B), CONTEXT + STEPS + 16)  # the graph's MLA reads all the buffer
     hows = ["eager", "CUDA graph"] + (["torch.compile + graph"] if compile else [])
     for B in DECODE_B:
-        ceiling = B * COPY_BYTES_PER_S / decode_bytes(args, B, CONTEXT)
+        ceiling = B * COPY_BYTES_PER_S / model_decode_bytes(model, B, CONTEXT)
         for how in hows:
             step = None
             if how != "eager":
@@ -123,7 +162,7 @@ def bench_ours(args, device, compile):
                                warmup=2)
             else:
                 ms = cuda_time(lambda: step(tok, next(pos)), runs=STEPS, warmup=8)
-            name = f"decode B={B} context {CONTEXT}, {how}"
+            name = f"{tag}decode B={B} context {CONTEXT}, {how}"
             rows[name] = (B / ms * 1e3, ceiling)
             print(f"{name}: {B / ms * 1e3:.1f} tok/s", flush=True)
             step = None
@@ -220,6 +259,8 @@ def parse(argv):
     ap.add_argument("--context", help="comma-separated context lengths: decode time per token and "
                     "cache size against an all-MLA twin, instead of the speed table")
     ap.add_argument("--out", help="with --context: write tpot.json and tpot.png into this folder")
+    ap.add_argument("--fp8", action="store_true", help="also the rows with FP8 weights "
+                    "(quantize.py), after the bf16 ones")
     opts = ap.parse_args(argv)
     try:
         contexts = [int(c) for c in opts.context.split(",")] if opts.context else []
@@ -231,6 +272,8 @@ def parse(argv):
         ap.error("--out writes the --context results: add --context")
     if contexts and (opts.compile or opts.peer):
         ap.error("--context replaces the speed table: --compile and --peer do not apply")
+    if contexts and opts.fp8:
+        ap.error("--context replaces the speed table: --fp8 does not apply")
     try:
         if opts.config in CONFIGS:
             args = CONFIGS[opts.config]
@@ -269,6 +312,11 @@ def main(argv=()):
     ours = bench_ours(args, device, opts.compile)
     peak = torch.cuda.max_memory_allocated(device) / 2**30
     torch.cuda.empty_cache()
+    if opts.fp8:                                    # after the bf16 model is gone
+        torch.cuda.reset_peak_memory_stats(device)
+        ours.update(bench_ours(args, device, compile=False, fp8=True))
+        print(f"peak GPU memory (FP8): {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+        torch.cuda.empty_cache()
     theirs = bench_peer(args, device) if opts.peer else {}
     print(f"{'':46} {'tok/s':>8} {'ceiling':>8} {'of ceiling':>10} {'transformers':>18}")
     for name, (tps, ceiling) in ours.items():

@@ -144,7 +144,8 @@ def check_ckpt(ckpt, device, dtype, max_seq_len):
     except CheckpointError as e:
         raise Fail(str(e)) from None
     weights = total * (dtype.itemsize / 2 if dtype else 1)     # stored in bf16, as released
-    cache = args.cache_bytes(1, max_seq_len, dtype or torch.bfloat16)
+    fp8 = dtype == torch.float8_e4m3fn                          # the rest and the cache: bf16
+    cache = args.cache_bytes(1, max_seq_len, torch.bfloat16 if fp8 or not dtype else dtype)
     free = checkpoint.free_memory(device)
     if free is not None and weights + cache > free:
         hint = " (try --dtype bf16)" if dtype and dtype.itemsize > 2 else ""
@@ -202,8 +203,9 @@ def parser():
         "reach p, 0 < p <= 1 (temperature: as --top-k)")
     add("--seed", type=int, help="seed of the draws, 0 .. 2**64 - 1 (default: not fixed)")
     add("--device", help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
-    add("--dtype", choices=["bf16", "fp16", "fp32"], help="the weights' dtype (default: bf16 on "
-        "GPU; on CPU the checkpoint's own, memory-mapped)")
+    add("--dtype", choices=["bf16", "fp16", "fp32", "fp8"], help="the weights' dtype (default: "
+        "bf16 on GPU; on CPU the checkpoint's own, memory-mapped); fp8: the projections and "
+        "experts quantised to e4m3 while loading (quantize.py; an FP8 folder always loads so)")
     add("--max-seq-len", type=int, default=4096, help="positions the cache holds: prompt + new "
         "tokens (default: %(default)s)")
     add("--compile", action="store_true", help="torch.compile the CUDA-graph decode step (CUDA "
@@ -293,7 +295,8 @@ def encode_prompt(args, text, tok, ckpt, vocab_size):
 def run(args):
     check_flags(args)
     device = pick_device(args.device)
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+              "fp8": torch.float8_e4m3fn}
     dtype = dtypes.get(args.dtype or ("bf16" if device.type == "cuda" else ""))  # None: as stored
     if args.compile and not (device.type == "cuda" and dtype == torch.bfloat16):
         raise Fail("--compile compiles the CUDA-graph decode step: it needs CUDA and bf16")

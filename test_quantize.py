@@ -2,7 +2,9 @@
 outlier channels, the kernels (Triton's CPU interpreter; bf16 and the FP8 GEMMs on a GPU), loading a
 tiny checkpoint in FP8, the FP8 folder round trip and broken FP8 folders."""
 import json
-import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -393,3 +395,36 @@ def test_broken_fp8_folders_raise_one_line(fp8_ckpt, tmp_path, edit_tensors, edi
     with pytest.raises(CheckpointError, match=message) as e:
         Transformer.from_pretrained(broken, "cpu", FP8)
     assert "\n" not in str(e.value)
+
+
+# -------------------------------------------------------------------------------------------------
+# The command line and the benchmark's FP8 model
+
+def test_dtype_fp8_on_the_cli(tmp_path):
+    """sample.py --dtype fp8 quantises while loading and generates (the demo checkpoint); a dtype
+    it does not know is one error line."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    command = [sys.executable, "sample.py", "--demo", "--max-new-tokens", "4", "The answer is"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run(command + ["--dtype", "fp8"], cwd=here, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The answer is") and "tok/s" in r.stderr
+    r = subprocess.run(command + ["--dtype", "fp4"], cwd=here, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "invalid choice: 'fp4'" in r.stderr
+
+
+def test_benchmark_fp8_model_reads_fewer_bytes():
+    """bench.random_model(fp8=True): quantised tensor by tensor; a decode step's bytes, counted on
+    the model, are those of bf16 with every quantised weight at 1 byte (+ 4 per row for scales)."""
+    import bench
+    fp8 = bench.random_model(TINY, torch.device("cpu"), 1, 32, fp8=True)
+    bf16 = bench.random_model(TINY, torch.device("cpu"), 1, 32)
+    assert fp8.model.layers[1].block_sparse_moe.w13.dtype == FP8
+    state = fp8.state_dict()
+    saved = sum(t.numel() - 4 * state[n.removesuffix("weight") + SCALE].numel()
+                for n, t in state.items() if t.dtype == FP8 and ".experts." not in n)
+    shared = bench.model_decode_bytes(bf16, 0, 100) - bench.model_decode_bytes(fp8, 0, 100)
+    assert shared == saved
+    assert bench.model_decode_bytes(fp8, 16, 100) < bench.model_decode_bytes(bf16, 16, 100)
