@@ -129,7 +129,8 @@ def _quantize_kernel(
 def quantize_rows_triton(x):
     """= quantize_rows(x) for x [M, K], bit for bit, in one kernel: x read twice, q written once."""
     M, K = x.shape
-    assert x.stride(-1) == 1, "rows of x must be contiguous"
+    if x.stride(-1) != 1:           # MLA's output arrives with its columns strided (a transpose)
+        x = x.contiguous()
     q = torch.empty(M, K, dtype=FP8, device=x.device)
     scale = torch.empty(M, 1, dtype=torch.float32, device=x.device)
     _quantize_kernel[(M,)](x, q, scale, K, x.stride(0), BK=QUANT_BK)

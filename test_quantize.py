@@ -87,16 +87,20 @@ def outlier_inputs(M, K, N, seed):
 
 @pytest.mark.parametrize("path", ["dequantise", "scaled_mm"])
 def test_fp8_linear_matches_reference_within_e4m3_bound(path):
-    """The CPU paths: dequantised weights (the model on a CPU), and F.scaled_mm with x quantised
-    per token (the prefill's arithmetic; a CPU has F.scaled_mm too)."""
+    """The two products: dequantised weights (the model on a CPU), and F.scaled_mm with x
+    quantised per token (the prefill's arithmetic; CPU builds of torch 2.13 have it too)."""
     x, w = outlier_inputs(24, 96, 80, seed=1)
     q, scale = quantize_rows(w)
     dw = e4m3_error(w, scale)
     if path == "dequantise":
         out = quantize.fp8_linear(x, q, scale)
         dx = torch.zeros_like(x, dtype=torch.float64)
-    else:
-        out = quantize.scaled_linear(x, q, scale)
+    else:                                   # on the FP8 GPU if there is one, else on the CPU
+        dev = "cuda" if FP8_GPU else "cpu"
+        try:
+            out = quantize.scaled_linear(x.to(dev), q.to(dev), scale.to(dev)).cpu()
+        except NotImplementedError:         # CUDA builds of torch 2.11 have no CPU F.scaled_mm
+            pytest.skip("this torch build has no F.scaled_mm on the CPU")
         dx = e4m3_error(x, quantize_rows(x)[1])
     assert out.dtype == torch.bfloat16
     error = (out.double() - x.double() @ w.double().T).abs()
@@ -107,11 +111,14 @@ def test_fp8_linear_matches_reference_within_e4m3_bound(path):
 
 @pytest.mark.skipif(not FP8_GPU, reason=NEEDS_FP8_GPU)
 @pytest.mark.parametrize("M", [1, 4, 16, 64, 300])
-def test_fp8_linear_on_gpu_within_e4m3_bound(M):
-    """M <= 16: the decode kernel (bf16 x, exact bf16 tl.dot of e4m3 weights); more: scaled_mm."""
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_fp8_linear_on_gpu_within_e4m3_bound(M, layout):
+    """M <= 16: the decode kernel (bf16 x, exact bf16 tl.dot of e4m3 weights); more: scaled_mm.
+    x in either layout: attention outputs arrive as transposes, with strided columns."""
     x, w = outlier_inputs(M, 2304, 512, seed=M)
     q, scale = quantize_rows(w)
-    out = quantize.fp8_linear(x.cuda(), q.cuda(), scale.cuda()).cpu()
+    x_gpu = x.cuda() if layout == "rows" else x.T.contiguous().cuda().T
+    out = quantize.fp8_linear(x_gpu, q.cuda(), scale.cuda()).cpu()
     dx = torch.zeros_like(x, dtype=torch.float64)
     if M > quantize.DECODE_ROWS:
         dx = e4m3_error(x, quantize_rows(x)[1])
@@ -305,6 +312,18 @@ def test_cuda_graph_decode_equals_eager_in_fp8(ckpt):
         model(prompt, start_pos=0)
         eager = model(token, start_pos=torch.tensor(20, device="cuda"), last_only=True)
     assert torch.equal(replayed, eager)
+
+
+@pytest.mark.skipif(not FP8_GPU, reason=NEEDS_FP8_GPU)
+def test_stateless_forward_equals_cached_prefill_in_fp8(ckpt):
+    """model(tokens) (no cache; MLA's output reaches o_proj transposed) and a cached prefill run
+    the same FP8 prefill products on the same bf16 values: equal up to bf16 rounding of the
+    attention's different layout, far below e4m3's 2^-4 (a dropped scale would be O(1))."""
+    model = Transformer.from_pretrained(ckpt, "cuda", FP8, max_seq_len=64)
+    prompt = torch.randint(0, TINY.vocab_size, (2, 40), device="cuda")
+    with torch.no_grad():
+        stateless, cached = model(prompt), model(prompt, start_pos=0)
+    assert ((stateless - cached).norm() / cached.norm()).item() < 2 ** -7
 
 
 def test_fp8_folder_round_trip(fp8_ckpt, tmp_path):
