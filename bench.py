@@ -8,7 +8,8 @@ prefill tokens/s at B = 1 and decode tokens/s after a 4096-token prompt, each ne
 on this GPU: the bf16 matmul rate over 2 FLOP per active parameter for prefill; for decode, the HBM
 copy rate over the bytes a step must read (active weights, MLA caches, KDA states). Decode runs
 eager, as one CUDA graph per step (sample.cuda_graph_decoder, as sample.py runs it) and, with
---compile, fused by torch.compile first. --peer also times Hugging Face transformers'
+--compile, fused by torch.compile first; then through sample.generate itself, for B = 1, 4 and 16
+prompts of different lengths. --peer also times Hugging Face transformers'
 KimiLinearForCausalLM (peer_hf.py) on random weights of the same shapes. --fp8 adds the same rows
 for FP8 weights (quantize.py), with ceilings at the FP8 matmul rate and in the FP8 model's bytes.
 """
@@ -17,17 +18,19 @@ import json
 import os
 import statistics
 import sys
+import time
 from dataclasses import replace
 
 import torch
 
 from kimi import CONFIGS, CheckpointError, ModelArgs, Transformer
-from sample import Parser, cuda_graph_decoder
+from sample import Parser, cuda_graph_decoder, generate
 
 # Measured on one H200 (docs/kda.md §8): device-to-device copy 4.27 TB/s, bf16 matmul 702 TFLOP/s;
 # FP8 (e4m3, row-wise scales, F.scaled_mm) 8192^3: 1,384 TFLOP/s (2026-12-01, torch 2.11).
 COPY_BYTES_PER_S, MATMUL_FLOP_PER_S, FP8_MATMUL_FLOP_PER_S = 4.27e12, 702e12, 1384e12
 PREFILL_T, DECODE_B, CONTEXT, STEPS = (8192, 32768), (1, 16), 4096, 32
+GENERATE_B = (1, 4, 16)
 
 
 def random_model(args, device, max_batch_size, max_seq_len, seed=0, fp8=False):
@@ -166,6 +169,14 @@ def bench_ours(args, device, compile, fp8=False):
             rows[name] = (B / ms * 1e3, ceiling)
             print(f"{name}: {B / ms * 1e3:.1f} tok/s", flush=True)
             step = None
+    for B in GENERATE_B:        # sample.generate itself: host work and a sync per step included
+        prompts = [torch.randint(0, args.vocab_size, (CONTEXT - 61 * b,)).tolist() for b in range(B)]
+        steps = generate(model, None, prompts, STEPS, stop=(), decoder=cuda_graph_decoder(model, B))
+        stamps = [time.perf_counter() for _ in steps]       # stamps[0]: the prefill's token
+        name = f"{tag}generate B={B}, prompts of {CONTEXT - 61 * (B - 1)}..{CONTEXT} tokens"
+        rows[name] = (B * (STEPS - 1) / (stamps[-1] - stamps[0]),
+                      B * COPY_BYTES_PER_S / model_decode_bytes(model, B, CONTEXT))
+        print(f"{name}: {rows[name][0]:.1f} tok/s", flush=True)
     return rows
 
 
@@ -208,7 +219,8 @@ def bench_context(args, device, contexts, steps=16, prefill=65536):
                 model.setup_cache(1, L)
                 row["allocated_bytes"] = torch.cuda.memory_allocated(device) - before
                 for name, buf in model.named_buffers():
-                    buf.normal_().mul_(0.1 if name.endswith("recurrent_state") else 1.0)
+                    if buf.is_floating_point():         # caches; not `pad` (no left padding)
+                        buf.normal_().mul_(0.1 if name.endswith("recurrent_state") else 1.0)
                 step = cuda_graph_decoder(model, 1)     # reads the whole cache of L tokens
                 tok = torch.zeros(1, 1, dtype=torch.long, device=device)
                 row["tpot_ms"] = cuda_time(lambda: step(tok, L - 1), runs=steps, warmup=4)
@@ -318,10 +330,10 @@ def main(argv=()):
         print(f"peak GPU memory (FP8): {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
         torch.cuda.empty_cache()
     theirs = bench_peer(args, device) if opts.peer else {}
-    print(f"{'':46} {'tok/s':>8} {'ceiling':>8} {'of ceiling':>10} {'transformers':>18}")
+    print(f"{'':52} {'tok/s':>8} {'ceiling':>8} {'of ceiling':>10} {'transformers':>18}")
     for name, (tps, ceiling) in ours.items():
         other = theirs.get(name.split(",")[0], "") if "eager" not in name else ""
-        print(f"{name:46} {tps:8.1f} {ceiling:8.0f} {tps / ceiling:10.1%} {other:>18}")
+        print(f"{name:52} {tps:8.1f} {ceiling:8.0f} {tps / ceiling:10.1%} {other:>18}")
     print(f"peak GPU memory (ours): {peak:.1f} GiB")
 
 

@@ -281,6 +281,10 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     mid = torch.bfloat16 if low and not INTERPRET else torch.float32   # intermediate storage
     dot = tl.bfloat16 if low and not INTERPRET else tl.float32         # scan dot operands
     prec = 'tf32' if low else 'ieee'
+    if mid == torch.float32 and K > 128 and not INTERPRET:     # (the interpreter has no limit)
+        raise ValueError(f'chunk_kda: fp32 q, k, v with K = {K} need more shared memory than a GPU '
+                         f'block has (the scan holds [64, K] fp32 tiles of w, qg and kg); pass '
+                         f'bf16 ones, or use kda_ref')
     NT = triton.cdiv(T, C)
     dev = q.device
     w, qg, kg = (torch.empty(B * H, NT * C, K, device=dev, dtype=mid) for _ in range(3))

@@ -120,13 +120,14 @@ class ModelArgs:
 
     def cache_bytes(self, batch_size, seq_len, dtype=torch.bfloat16):
         """Bytes that setup_cache(batch_size, seq_len) allocates: per MLA layer the latent + k_pe of
-        each position; per KDA layer W-1 pre-conv inputs of q, k, v and the fp32 S [H, K, V]."""
+        each position; per KDA layer W-1 pre-conv inputs of q, k, v and the fp32 S [H, K, V]; per
+        row its left padding (one int64)."""
         mla = len(self.full_attn_layers)
         kda = self.num_hidden_layers - mla
         P, K = self.kda_num_heads * self.kda_head_dim, self.kda_head_dim
         per_mla = seq_len * (self.kv_lora_rank + self.qk_rope_head_dim) * dtype.itemsize
         per_kda = 3 * P * (self.short_conv_kernel_size - 1) * dtype.itemsize + P * K * 4
-        return batch_size * (mla * per_mla + kda * per_kda)
+        return batch_size * (mla * per_mla + kda * per_kda + 8)
 
 
 def _require(ok, message):
@@ -245,7 +246,7 @@ class KimiDeltaAttention(nn.Module):
         self.register_buffer("conv_state", conv, persistent=False)
         self.register_buffer("recurrent_state", state, persistent=False)
 
-    def forward(self, x, start_pos=None):                           # x [B, T, D]
+    def forward(self, x, start_pos=None, pad=None):                 # x [B, T, D]
         B, T, _ = x.shape
         H, K = self.H, self.K
         # start_pos None: stateless. 0: a new sequence in the cache. Otherwise continue the cached
@@ -257,6 +258,8 @@ class KimiDeltaAttention(nn.Module):
             states = self.conv_state[:, :B]                         # [3, B, P, W-1]
             if new:
                 states.zero_()
+        if pad is not None and new:     # left padding is zero input here (see Transformer.forward)
+            x = x.masked_fill((torch.arange(T, device=x.device) < pad[:, None])[..., None], 0)
         q = self.q_conv1d(self.q_proj(x), states[0]).view(B, T, H, K)   # [B, T, H, K]
         k = self.k_conv1d(self.k_proj(x), states[1]).view(B, T, H, K)
         v = self.v_conv1d(self.v_proj(x), states[2]).view(B, T, H, K)
@@ -294,24 +297,25 @@ class MLAAttention(nn.Module):
         self.register_buffer("kv_cache", torch.zeros(shape, dtype=dtype, device=device),
                              persistent=False)
 
-    def forward(self, x, start_pos=None):                           # x [B, T, D]
+    def forward(self, x, start_pos=None, pad=None):                 # x [B, T, D]
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.H, self.nope + self.pe)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.R, self.pe], dim=-1)
         ckv = torch.cat([self.kv_a_layernorm(c), k_pe], dim=-1)    # [B, T, R + 64]: a cache entry
         if start_pos is None:                                       # stateless: x attends to x
-            o = self.attend(q, ckv, 0)
+            o = self.attend(q, ckv, 0, pad)
         elif T == 1:                                                # decode: one new token
-            o = self.attend_absorbed(q[:, 0], ckv, start_pos)
+            o = self.attend_absorbed(q[:, 0], ckv, start_pos, pad)
         else:                                                       # prefill into the cache
             end = start_pos + T
             self.kv_cache[:B, start_pos:end] = ckv                 # start_pos = 0 drops the past
-            o = self.attend(q, self.kv_cache[:B, :end], start_pos)
+            o = self.attend(q, self.kv_cache[:B, :end], start_pos, pad)
         return self.o_proj(o.reshape(B, T, self.H * self.v))       # o [B, T, H, 128]
 
-    def attend(self, q, ckv, start_pos):
+    def attend(self, q, ckv, start_pos, pad=None):
         """q [B, T, H, 192] over ckv [B, L, R + 64], the last T positions being q's own -> o
-        [B, T, H, 128]. Keys and values are expanded per head: k = [W_uk c | k_pe], v = W_uv c."""
+        [B, T, H, 128]. Keys and values are expanded per head: k = [W_uk c | k_pe], v = W_uv c.
+        pad [B] (optional): row b's keys before position pad[b] are hidden (left padding)."""
         B, L, _ = ckv.shape
         T = q.shape[1]
         c, k_pe = ckv.split([self.R, self.pe], dim=-1)
@@ -321,13 +325,17 @@ class MLAAttention(nn.Module):
         k = torch.cat([k_nope, k_pe], dim=-1)                      # [B, L, H, 192]
         # NoPE: q_pe and k_pe are never rotated. Causal with an offset: query i sees j <= pos + i
         mask = None                                                 # square: is_causal below
-        if start_pos > 0:                                           # (keeps flash attention)
-            mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(start_pos)
+        if start_pos > 0 or pad is not None:                        # (keeps flash attention)
+            i = torch.arange(T, device=q.device)[:, None] + start_pos
+            j = torch.arange(L, device=q.device)
+            mask = j <= i                                           # [T, L]
+            if pad is not None:     # a padding query sees itself only (a row of -inf is NaN)
+                mask = ((mask & (j >= pad[:, None, None])) | (j == i))[:, None]  # [B, 1, T, L]
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return o.transpose(1, 2)                                    # [B, T, H, 128]
 
-    def attend_absorbed(self, q, ckv, pos):
+    def attend_absorbed(self, q, ckv, pos, pad=None):
         """Decode: q [B, H, 192] of one new token at `pos`, its entry ckv [B, 1, R + 64] -> o
         [B, 1, H, 128]; equals `attend` without expanding the cache. Split kv_b_proj into W_uk and
         W_uv [H, 128, R]; then q_nope . (W_uk c) = (q_nope W_uk) . c and sum_j p_j W_uv c_j =
@@ -343,8 +351,10 @@ class MLAAttention(nn.Module):
         q_nope, q_pe = q.split([self.nope, self.pe], dim=-1)       # [B, H, 128], [B, H, 64]
         q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)          # [B, H, R]
         scores = _bmm_fp32(torch.cat([q_lat, q_pe], dim=-1), cache.mT) * self.scale   # [B, H, L]
-        future = torch.arange(L, device=q.device) > pos
-        p = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+        hidden = torch.arange(L, device=q.device) > pos             # [L]: the future
+        if pad is not None:                                         # [B, L]: and left padding
+            hidden = hidden | (torch.arange(L, device=q.device) < pad[:, None])
+        p = scores.masked_fill(hidden.view(-1, 1, L), float("-inf")).softmax(dim=-1)
         o_lat = torch.bmm(p.to(q.dtype), cache[..., :self.R])      # [B, H, R]
         return torch.einsum("bhr,hdr->bhd", o_lat, w_uv)[:, None]   # [B, 1, H, 128]
 
@@ -449,8 +459,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(D, args.intermediate_size)
 
-    def forward(self, x, start_pos=None):
-        h = x + self.self_attn(self.input_layernorm(x), start_pos)
+    def forward(self, x, start_pos=None, pad=None):
+        h = x + self.self_attn(self.input_layernorm(x), start_pos, pad)
         ffn = self.block_sparse_moe if self.is_moe else self.mlp
         return h + ffn(self.post_attention_layernorm(h))
 
@@ -463,6 +473,7 @@ class Transformer(nn.Module):
         model.setup_cache(max_batch_size, max_seq_len)    # then, for generation:
         logits = model(prompt, start_pos=0)        # a prefill that fills the caches
         logits = model(next_token, start_pos=T)    # one decode step
+        logits = model(prompts, start_pos=0, pad=n)    # prompts of different lengths, left-padded
 
     The module tree equals the checkpoint's names (model.layers.{i}.self_attn.q_proj, ...).
     """
@@ -483,21 +494,33 @@ class Transformer(nn.Module):
         w = self.model.embed_tokens.weight
         for layer in self.model.layers:
             layer.self_attn.setup_cache(max_batch_size, max_seq_len, w.dtype, w.device)
+        self.register_buffer("pad", torch.zeros(max_batch_size, dtype=torch.long,
+                                                device=w.device), persistent=False)
 
-    def forward(self, tokens, start_pos=None, last_only=False):
+    def forward(self, tokens, start_pos=None, last_only=False, pad=None):
         """tokens [B, T] int64 -> logits [B, T, vocab] fp32 ([B, 1, vocab] if last_only).
         start_pos None: a stateless forward over whole sequences (no cache read or written).
         start_pos = n: the tokens sit at positions n.. of the sequences in the caches; 0 starts
-        new ones. A 0-d device tensor is accepted for one-token steps (CUDA graphs, sample.py)."""
+        new ones. A 0-d device tensor is accepted for one-token steps (CUDA graphs, sample.py).
+        pad [B] ints (start_pos None or 0; the cache keeps it): row b begins with pad[b] tokens of
+        left padding, invisible to the others: KDA zeroes its input there (q, k, v are 0, the conv
+        sees the zeros it sees before any sequence, a zero key writes nothing into a zero state);
+        MLA hides their keys, and NoPE means nothing shifts. Their own logits mean nothing."""
         B, T = tokens.shape
+        if pad is not None:
+            pad = self._check_pad(pad, B, T, start_pos, tokens.device)
         if start_pos is not None:
             self._check_cache(B, T, start_pos)
+            if isinstance(start_pos, int) and start_pos == 0:      # new sequences
+                self.pad[:B] = 0 if pad is None else pad
+            else:                                                   # continue them: hide the
+                pad = self.pad[:B]                                  # padding they began with
         # Gradients flow through the stateless forward only: cached calls are generation, and
         # a graph kept through the caches would chain every step to all the steps before it.
         with torch.set_grad_enabled(torch.is_grad_enabled() and start_pos is None):
             h = self.model.embed_tokens(tokens)                     # [B, T, D]; no positions
             for layer in self.model.layers:
-                h = layer(h, start_pos)
+                h = layer(h, start_pos, pad)
             if last_only:
                 h = h[:, -1:]
             return self.lm_head(self.model.norm(h)).float()
@@ -512,6 +535,15 @@ class Transformer(nn.Module):
         elif start_pos + T > self.max_seq_len:
             raise ValueError(f"start_pos {start_pos} + {T} tokens exceeds the cache's max_seq_len="
                              f"{self.max_seq_len} (call setup_cache with a larger one)")
+
+    def _check_pad(self, pad, B, T, start_pos, device):
+        pad = torch.as_tensor(pad, device=device)
+        first = start_pos is None or (isinstance(start_pos, int) and start_pos == 0)
+        _require(first, "pad goes with start_pos None or 0 (the first tokens; the cache keeps it)")
+        _require(pad.shape == (B,) and not pad.is_floating_point() and pad.dtype != torch.bool,
+                 f"pad: expected {B} ints (one per row), got {pad.dtype} {tuple(pad.shape)}")
+        _require(bool(((0 <= pad) & (pad < T)).all()), f"pad: need 0 <= pad < {T}: {pad.tolist()}")
+        return pad.long()
 
     def stack_experts(self):
         """Stack each MoE layer's experts for moe_fast's grouped matmuls (see Fast paths)."""

@@ -3,6 +3,7 @@
     python sample.py --demo                 # offline: a tiny random-weight checkpoint, noise text
     python sample.py --ckpt moonshotai/Kimi-Linear-48B-A3B-Instruct --chat "Is 123 a prime?"
     python sample.py --ckpt DIR --max-new-tokens 64 "The capital of France is"   # Base model
+    python sample.py --ckpt DIR --batch --prompt-file prompts.txt     # one prompt per line
 
 Reading order: sample (one draw), generate (prefill, then one step per token), cuda_graph_decoder
 (a step replayed from a CUDA graph), the checkpoint checks, the command line. The tokenizer and the
@@ -52,37 +53,56 @@ def generate(model, tokenizer, prompt, max_new_tokens=200, temperature=0.0, top_
     id below vocab_size); an id in `stop` ends it unyielded (default: [EOS], <|im_end|>). One
     prefill, then one step per token through the model's caches, set up here if missing or too
     small; `decoder` (optional): such a step, e.g. cuda_graph_decoder(model, 1), on caches that fit.
-        tok.decode(list(generate(model, tok, "The capital of France is", 20)))"""
-    ids = torch.as_tensor(tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
-    if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.dtype == torch.bool:
-        raise ValueError(f"prompt: expected text or a non-empty 1-D list/tensor of ints: {ids}")
-    if ids.min() < 0 or ids.max() >= model.args.vocab_size:
-        raise ValueError(f"prompt: ids must lie in 0..{model.args.vocab_size - 1}")
+        tok.decode(list(generate(model, tok, "The capital of France is", 20)))
+    A list of prompts runs as one batch, left-padded (see Transformer.forward's pad): each step
+    then yields a list of one id per prompt, None for a prompt that has stopped, until all have."""
+    batch = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(
+        isinstance(p, (str, list, tuple)) or torch.is_tensor(p) and p.dim() > 0 for p in prompt)
+    ids = [prompt_ids(model, tokenizer, p) for p in (prompt if batch else [prompt])]
+    B, T = len(ids), max(len(i) for i in ids)
     device = model.lm_head.weight.device
-    tokens = ids.to(device, torch.long)[None]                       # [1, T]
+    tokens = torch.zeros(B, T, dtype=torch.long)                    # [B, T], left-padded
+    for b, i in enumerate(ids):
+        tokens[b, T - len(i):] = i
+    tokens, pad = tokens.to(device), torch.tensor([T - len(i) for i in ids], device=device)
     allowed = tokenizer.allowed(model.args.vocab_size, device) if tokenizer else None
     if stop is None:
         stop = tokenizer.stop_ids if tokenizer else ()
-    need = tokens.shape[1] + max(max_new_tokens - 1, 0)     # the last new id is never fed back
-    if model.max_batch_size < 1 or model.max_seq_len < need:
+    need = T + max(max_new_tokens - 1, 0)               # the last new id is never fed back
+    if model.max_batch_size < B or model.max_seq_len < need:
         if decoder is not None:
-            raise ValueError(f"decoder's caches hold {model.max_seq_len} tokens, {need} needed")
-        model.setup_cache(max(model.max_batch_size, 1), need)
-    pos = 0
+            raise ValueError(f"decoder's caches hold {model.max_batch_size} x {model.max_seq_len}"
+                             f" tokens, {B} x {need} needed")
+        model.setup_cache(max(model.max_batch_size, B), max(model.max_seq_len, need))
+    if decoder is not None and decoder.batch_size != B:
+        raise ValueError(f"decoder is for batches of {decoder.batch_size}, not {B}")
+    pos, running = 0, [True] * B
     for _ in range(max_new_tokens):
-        if decoder is not None and pos > 0:
-            logits = decoder(tokens, pos)[:, -1]                    # [1, V]
+        if pos == 0:
+            logits = model(tokens, start_pos=0, last_only=True, pad=pad)[:, -1]    # [B, V]
+        elif decoder is not None:
+            logits = decoder(tokens, pos)[:, -1]
         else:
             logits = model(tokens, start_pos=pos, last_only=True)[:, -1]
         if allowed is not None:  # never an id the tokenizer cannot decode (or >= vocab_size)
             logits = logits.masked_fill(~allowed, float("-inf"))
         pos += tokens.shape[1]
-        new = sample(logits, temperature, top_k, top_p)             # [1]
-        t = new.item()
-        if t in stop:
+        new = sample(logits, temperature, top_k, top_p)             # [B]
+        running = [r and t not in stop for r, t in zip(running, new.tolist())]
+        if not any(running):
             return
-        yield t
-        tokens = new.view(1, 1)
+        yield [t if r else None for r, t in zip(running, new.tolist())] if batch else new.item()
+        tokens = new.view(B, 1)            # a stopped prompt keeps decoding, its ids unused
+
+
+def prompt_ids(model, tokenizer, prompt):
+    """One prompt (text, a list of ints or a 1-D int tensor) -> a 1-D int64 CPU tensor, checked."""
+    ids = torch.as_tensor(tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
+    if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(f"prompt: expected text or a non-empty 1-D list/tensor of ints: {ids}")
+    if ids.min() < 0 or ids.max() >= model.args.vocab_size:
+        raise ValueError(f"prompt: ids must lie in 0..{model.args.vocab_size - 1}")
+    return ids.cpu().long()
 
 
 def cuda_graph_decoder(model, batch_size, compile=False):
@@ -113,6 +133,7 @@ def cuda_graph_decoder(model, batch_size, compile=False):
         pos.fill_(start_pos)
         graph.replay()
         return logits
+    decode.batch_size = batch_size
     return decode
 
 
@@ -136,7 +157,7 @@ def resolve_ckpt(ckpt):
         raise Fail(f"could not download {ckpt}: {type(e).__name__}: {e}".splitlines()[0]) from None
 
 
-def check_ckpt(ckpt, device, dtype, max_seq_len):
+def check_ckpt(ckpt, device, dtype, max_seq_len, batch_size=1):
     """Cheap checks before anything is loaded: files, config, shards, memory. -> ModelArgs"""
     try:
         total = checkpoint.check_folder(ckpt, need=("tiktoken.model", "tokenizer_config.json"))
@@ -145,7 +166,7 @@ def check_ckpt(ckpt, device, dtype, max_seq_len):
         raise Fail(str(e)) from None
     weights = total * (dtype.itemsize / 2 if dtype else 1)     # stored in bf16, as released
     fp8 = dtype == torch.float8_e4m3fn                          # the rest and the cache: bf16
-    cache = args.cache_bytes(1, max_seq_len, torch.bfloat16 if fp8 or not dtype else dtype)
+    cache = args.cache_bytes(batch_size, max_seq_len, torch.bfloat16 if fp8 or not dtype else dtype)
     free = checkpoint.free_memory(device)
     if free is not None and weights + cache > free:
         hint = " (try --dtype bf16)" if dtype and dtype.itemsize > 2 else ""
@@ -190,6 +211,8 @@ def parser():
     add("--demo", action="store_true", help="a tiny random-weight checkpoint, written once to "
         "$XDG_CACHE_HOME/kimi-minimal-demo (not with --ckpt)")
     add("--prompt-file", help="read the prompt from this UTF-8 file")
+    add("--batch", action="store_true", help="each non-empty line of the prompt (argument, file "
+        "or standard input) is a prompt of its own; all are decoded together, then printed")
     add("--chat", action="store_true", help="wrap the prompt in the Instruct chat format")
     add("--system", help=f"the system turn of --chat (default: {DEFAULT_SYSTEM!r}, the model "
         "card's example); \"\" = none, as Kimi-Linear's own chat template does without one")
@@ -308,22 +331,31 @@ def run(args):
             raise Fail(str(e)) from None
     else:
         ckpt = resolve_ckpt(args.ckpt)
-    model_args = check_ckpt(ckpt, device, dtype, args.max_seq_len)
     text = read_prompt(args)
+    texts = [line for line in text.splitlines() if line.strip()] if args.batch else [text]
+    if not texts:
+        raise Fail("--batch: every line of the prompt is empty")
+    model_args = check_ckpt(ckpt, device, dtype, args.max_seq_len, len(texts))
     try:
         tok = Tokenizer(ckpt)
     except (OSError, ValueError) as e:
         raise Fail(f"cannot read the tokenizer in {ckpt}: {e}") from None
-    prompt = encode_prompt(args, text, tok, ckpt, model_args.vocab_size)
-    max_new = min(args.max_new_tokens, args.max_seq_len - len(prompt) + 1)  # last one not fed back
+    prompts = []
+    for n, line in enumerate(texts, 1):
+        try:
+            prompts.append(encode_prompt(args, line, tok, ckpt, model_args.vocab_size))
+        except Fail as e:
+            raise Fail(f"prompt {n} of {len(texts)}: {e}" if args.batch else str(e)) from None
+    longest = max(len(p) for p in prompts)
+    max_new = min(args.max_new_tokens, args.max_seq_len - longest + 1)  # last one not fed back
     if max_new < args.max_new_tokens:
         print(f"note: --max-new-tokens cut to {max_new} to fit --max-seq-len {args.max_seq_len}",
               file=sys.stderr)
     t0 = time.perf_counter()
     try:
-        model = Transformer.from_pretrained(ckpt, device, dtype, max_seq_len=args.max_seq_len)
+        model = Transformer.from_pretrained(ckpt, device, dtype, len(prompts), args.max_seq_len)
         print(f"loaded {ckpt} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        stream_text(args, model, tok, text, prompt, max_new)
+        stream_text(args, model, tok, texts, prompts, max_new)
     except CheckpointError as e:
         raise Fail(str(e)) from None
     except (RuntimeError, MemoryError) as e:    # torch's CPU allocator raises a RuntimeError
@@ -334,42 +366,55 @@ def run(args):
                    ) from None
 
 
-def stream_text(args, model, tok, text, prompt, max_new):
-    """Print the prompt, then the new text as it comes; then the speeds on stderr."""
-    device, decoder = model.lm_head.weight.device, None
+def stream_text(args, model, tok, texts, prompts, max_new):
+    """Print the prompt, then the new text as it comes (--batch: each prompt with its completion,
+    labelled, once all are done); then the speeds on stderr."""
+    device, decoder, B = model.lm_head.weight.device, None, len(prompts)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     if device.type == "cuda":   # compile and capture before the clock: time what a next prompt gets
         t0 = time.perf_counter()
         if model.lm_head.weight.dtype == torch.bfloat16 and max_new > 1:
-            decoder = cuda_graph_decoder(model, 1, args.compile)
+            decoder = cuda_graph_decoder(model, B, args.compile)
         with torch.no_grad():
-            model(torch.tensor([prompt], device=device), start_pos=0, last_only=True)
+            model(torch.tensor([max(prompts, key=len)] * B, device=device), start_pos=0,
+                  last_only=True)
         torch.cuda.synchronize(device)
         print(f"warm-up (kernel compilation, CUDA graph): {time.perf_counter() - t0:.1f} s",
               file=sys.stderr)
-    stamps = []                 # when each new token arrived; stamps[0] ends the prefill
+    stamps = []                 # when each step's new tokens arrived; stamps[0] ends the prefill
 
-    def timed(ids):
-        for t in ids:
+    def timed(steps):
+        for t in steps:
             stamps.append(time.perf_counter())
             yield t
-    ids = generate(model, tok, prompt, max_new, args.temperature, args.top_k, args.top_p,
-                   decoder=decoder)
-    print("" if args.chat else text, end="", flush=True)
+    steps = generate(model, tok, prompts if args.batch else prompts[0], max_new, args.temperature,
+                     args.top_k, args.top_p, decoder=decoder)
     t0 = time.perf_counter()
-    for piece in tok.stream(timed(ids)):
-        print(piece, end="", flush=True)
-    print(flush=True)
+    if args.batch:
+        rows = [[] for _ in prompts]
+        for step in timed(steps):
+            for row, t in zip(rows, step):
+                if t is not None:
+                    row.append(t)
+        for n, (text, row) in enumerate(zip(texts, rows), 1):
+            print(f"--- prompt {n} of {B} ---\n{'' if args.chat else text}{tok.decode(row)}")
+    else:
+        print("" if args.chat else texts[0], end="", flush=True)
+        for piece in tok.stream(timed(steps)):
+            print(piece, end="", flush=True)
+        print(flush=True)
     n = len(stamps)
-    prefill = len(prompt) / (stamps[0] - t0) if n else float("nan")
-    decode = (n - 1) / (stamps[-1] - stamps[0]) if n > 1 else float("nan")
+    prefill = sum(map(len, prompts)) / (stamps[0] - t0) if n else float("nan")
+    decode = B * (n - 1) / (stamps[-1] - stamps[0]) if n > 1 else float("nan")
     if device.type == "cuda":
         peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated on {device}"
     else:
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB process RSS"
-    print(f"prompt {len(prompt)} tokens, generated {n} tokens; prefill {prefill:.1f} tok/s, "
-          f"decode {decode:.1f} tok/s; peak memory {peak}", file=sys.stderr)
+    what = f"{B} prompts of {min(map(len, prompts))}..{max(map(len, prompts))} tokens, {n} steps" \
+        if args.batch else f"prompt {len(prompts[0])} tokens, generated {n} tokens"
+    print(f"{what}; prefill {prefill:.1f} tok/s, decode {decode:.1f} tok/s; peak memory {peak}",
+          file=sys.stderr)
     if args.demo:
         print("note: the demo weights are random, so the text above is noise. For real text: "
               "python sample.py --ckpt moonshotai/Kimi-Linear-48B-A3B-Instruct --chat \"Is 123 a "

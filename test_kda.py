@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 # kda_triton first: without a GPU it selects the Triton interpreter before anything is compiled
 from kda_triton import chunk_kda, fused_recurrent_kda
@@ -22,6 +22,7 @@ from kda_ref import chunk_kda_ref, kda_gate, l2norm, recurrent_kda
 CUDA = torch.cuda.is_available()
 DEV = 'cuda' if CUDA else 'cpu'
 DIMS = [16, 128, 256] if CUDA else [16, 32, 64]   # K and V (few on GPU: each pair compiles)
+CHUNK_K_FP32 = [16, 128] if CUDA else DIMS        # fp32 chunk_kda on a GPU: K <= 128 (see below)
 MAX_T = 600 if CUDA else 150
 GATES = ['logsigmoid', 'bounded', 'softplus']
 NO_BF16_DOT = 'bf16 kernels need CUDA: the interpreter has no correct bf16 dot'
@@ -77,7 +78,7 @@ def check(o, S, o_ref, S_ref, tol_o, tol_S):
 
 @settings(deadline=None, max_examples=25)
 @given(seed=st.integers(0, 2**31), B=st.integers(1, 2), T=T_VALUES, H=st.integers(1, 2),
-       K=st.sampled_from(DIMS), V=st.sampled_from(DIMS), gate=st.sampled_from(GATES),
+       K=st.sampled_from(CHUNK_K_FP32), V=st.sampled_from(DIMS), gate=st.sampled_from(GATES),
        has_h0=st.booleans())
 def test_chunk_kda_matches_recurrence(seed, B, T, H, K, V, gate, has_h0):
     q, k, v, g, beta = make_inputs(seed, B, T, H, K, V, gate)
@@ -151,13 +152,22 @@ def test_extreme_gates_stay_finite(kernel, g_value):
     check(o, S, o_ref, S_ref, REORDERED_32, REORDERED_32)
 
 
+@pytest.mark.skipif(not CUDA, reason='the shared-memory limit is a GPU one')
+def test_fp32_chunk_with_k_256_is_refused_on_gpu():
+    """fp32 tiles of K = 256 exceed a block's shared memory (H200: 278,528 of 232,448 bytes):
+    a clear ValueError, not Triton's OutOfResources. bf16 at K = 256 fits (test_bf16_on_gpu)."""
+    with pytest.raises(ValueError, match='pass bf16 ones, or use kda_ref'):
+        chunk_kda(*make_inputs(0, 1, 64, 1, 256, 128, 'logsigmoid'))
+
+
 @pytest.mark.skipif(not CUDA, reason=NO_BF16_DOT)
 @settings(deadline=None, max_examples=6)
 @given(seed=st.integers(0, 2**31), T=st.integers(1, 2048), gate=st.sampled_from(GATES),
-       has_h0=st.booleans())
-def test_bf16_on_gpu(seed, T, gate, has_h0):
-    q, k, v, g, beta = make_inputs(seed, 2, T, 4, 128, 128, gate, dtype=torch.bfloat16)
-    h0 = torch.randn(2, 4, 128, 128, device=DEV) if has_h0 else None
+       has_h0=st.booleans(), K=st.sampled_from([128, 256]))
+@example(seed=0, T=300, gate='softplus', has_h0=True, K=256)
+def test_bf16_on_gpu(seed, T, gate, has_h0, K):
+    q, k, v, g, beta = make_inputs(seed, 2, T, 4, K, 128, gate, dtype=torch.bfloat16)
+    h0 = torch.randn(2, 4, K, 128, device=DEV) if has_h0 else None
     o, S = chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
     # the reference sees the same bf16-rounded inputs, upcast to fp32
     o_ref, S_ref = recurrent_kda(q.float(), k.float(), v.float(), g, beta, initial_state=h0,

@@ -113,6 +113,39 @@ def test_decode_with_tensor_position_and_stacked_experts(model, tokens, full, tm
     assert all(torch.equal(reloaded[n], t) for n, t in model.state_dict().items())
 
 
+def test_left_padding_is_invisible(model):
+    """Prompts of different lengths in one left-padded batch: each row's logits equal its prompt's
+    alone, stateless, and through the cache (prefill, then decode steps that keep hiding the
+    padding). The lengths differ by more than the conv window and straddle the 64-token chunk. fp32:
+    chunk alignment and masked attention reorder sums, so equal within a few ulps per layer (rel
+    1e-5), not bitwise; leaked padding would be O(1) (checked: without pad, rel > 1e-2)."""
+    m = copy.deepcopy(model)
+    m.setup_cache(max_batch_size=4, max_seq_len=140)
+    gen = torch.Generator().manual_seed(5)
+    lens, T = [3, 9, 70, 131], 131
+    prompts = [torch.randint(0, TINY.vocab_size, (n,), generator=gen) for n in lens]
+    nxt = torch.randint(0, TINY.vocab_size, (4, 3), generator=gen)
+    tokens = torch.stack([F.pad(p, (T - len(p), 0)) for p in prompts])     # [4, T], left-padded
+    pad = torch.tensor([T - n for n in lens])
+    with torch.no_grad():
+        stateless = m(tokens, pad=pad)
+        cached = torch.cat([m(tokens, start_pos=0, pad=pad)] +
+                           [m(nxt[:, i:i + 1], start_pos=T + i) for i in range(3)], dim=1)
+        for b, p in enumerate(prompts):
+            alone = m(torch.cat([p, nxt[b]])[None])                 # [1, n + 3, V]
+            assert rel(stateless[b, pad[b]:], alone[0, :-3]) < 1e-5
+            assert rel(cached[b, pad[b]:], alone[0]) < 1e-5
+        assert rel(m(tokens)[0, pad[0]:], stateless[0, pad[0]:]) > 1e-2   # the control
+
+
+def test_pad_is_checked(model, tokens):
+    for kwargs, message in [(dict(pad=[0, 1], start_pos=5), "start_pos None or 0"),
+                            (dict(pad=[0]), "one per row"), (dict(pad=[0.5, 1.0]), "one per row"),
+                            (dict(pad=[0, 10]), "0 <= pad < 10"), (dict(pad=[-1, 0]), "0 <= pad")]:
+        with pytest.raises(ValueError, match=message):
+            model(tokens[:2, :10], **kwargs)
+
+
 def test_cache_limits_raise_value_error(model, tokens):
     with pytest.raises(ValueError, match="max_seq_len"):
         model(tokens[:1, :10], start_pos=250)
@@ -638,8 +671,7 @@ def test_peak_host_memory_while_loading(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # CUDA: the Triton KDA path of a layer equals the kda_ref path
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for the kda_triton path")
-def test_triton_kda_layer_matches_reference(monkeypatch):
+def bf16_kda_layer_on_gpu():
     if kimi._kda_triton() is None:
         pytest.skip("kda_triton does not import")
     args = replace(TINY, hidden_size=256, kda_num_heads=4, kda_head_dim=128)
@@ -647,6 +679,12 @@ def test_triton_kda_layer_matches_reference(monkeypatch):
     for n, p in layer.named_parameters():                          # bf16, except A_log and dt_bias
         p.data = p.data if n in ("A_log", "dt_bias") else p.data.bfloat16()
     layer.setup_cache(2, 512, torch.bfloat16, "cuda")
+    return layer
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for the kda_triton path")
+def test_triton_kda_layer_matches_reference(monkeypatch):
+    layer = bf16_kda_layer_on_gpu()
     x = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16)
 
     def run():      # one prefill, then a prefill in pieces (Triton with an initial state), then a step
@@ -662,6 +700,19 @@ def test_triton_kda_layer_matches_reference(monkeypatch):
     for a, b in zip(fast, ref):
         assert rel(a, b) < 5e-3
     assert rel(fast[1], fast[0]) < 5e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for the kda_triton path")
+def test_triton_kda_layer_hides_left_padding():
+    """The Triton kernels (chunked prefill, recurrent step) see left padding as zero input too: a
+    padded row equals its tokens alone. bf16 with another chunk alignment: rel 5e-3, as above."""
+    layer = bf16_kda_layer_on_gpu()
+    x = torch.randn(2, 201, 256, device="cuda", dtype=torch.bfloat16)      # 200 + 1 decode step
+    with torch.no_grad():
+        both = torch.cat([layer(x[:, :200], 0, pad=torch.tensor([163, 0], device="cuda")),
+                          layer(x[:, 200:], 200)], dim=1)
+        alone = torch.cat([layer(x[:1, 163:200], 0), layer(x[:1, 200:], 37)], dim=1)
+    assert rel(both[:1, 163:], alone) < 5e-3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for CUDA graphs")

@@ -319,7 +319,7 @@ def test_stateless_forward_equals_cached_prefill_in_fp8(ckpt):
     """model(tokens) (no cache; MLA's output reaches o_proj transposed) and a cached prefill run
     the same FP8 prefill products on the same bf16 values: equal up to bf16 rounding of the
     attention's different layout, far below e4m3's 2^-4 (a dropped scale would be O(1))."""
-    model = Transformer.from_pretrained(ckpt, "cuda", FP8, max_seq_len=64)
+    model = Transformer.from_pretrained(ckpt, "cuda", FP8, max_batch_size=2, max_seq_len=64)
     prompt = torch.randint(0, TINY.vocab_size, (2, 40), device="cuda")
     with torch.no_grad():
         stateless, cached = model(prompt), model(prompt, start_pos=0)

@@ -212,9 +212,27 @@ def test_generate_takes_text_lists_and_tensors_and_sets_up_caches(tok, tiny):
         new = list(generate(tiny, tok, form, 6, stop=()))
         assert tiny.max_seq_len >= len(prompt) + 5 and len(new) == 6
         assert_greedy(tiny, prompt, new)
-    for bad in ([], [[1, 2]], [1.5], [320], [-1]):
+    for bad in ([], [[1, 2], []], [1.5], [320], [-1], [[1], [2.5]]):
         with pytest.raises(ValueError, match="prompt"):
             list(generate(tiny, None, bad, 2))
+
+
+def test_generate_batch_equals_each_prompt_alone(tiny):
+    """A list of prompts of lengths 2..130 decodes as one left-padded batch; every row's greedy ids
+    equal its prompt's alone (ids: exact; fp32 reorderings are far below the logits' gaps). A row
+    that meets a stop id yields None from then on; the batch ends when every row has stopped."""
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (2, 9, 67, 130)]
+    alone = [list(generate(tiny, None, p, 8, stop=())) for p in prompts]
+    rows = list(zip(*generate(tiny, None, prompts, 8, stop=())))
+    assert [list(r) for r in rows] == alone
+    stop = alone[1][3]                      # row 1 stops at its 4th id; others where it occurs
+    steps = list(generate(tiny, None, prompts, 8, stop=[stop]))
+    for b, ids in enumerate(alone):
+        cut = ids.index(stop) if stop in ids else len(ids)
+        got = [step[b] for step in steps]
+        assert got[:cut] == ids[:cut] and all(t is None for t in got[cut:])
+    assert len(steps) == max(ids.index(stop) if stop in ids else 8 for ids in alone)
 
 
 def test_generate_emits_only_ids_the_tokenizer_decodes(tmp_path):
@@ -256,6 +274,21 @@ def test_demo_end_to_end_writes_once_then_reuses(tmp_path):
     assert r2.returncode == 0 and "wrote" not in r2.stderr
     assert r2.stdout.startswith("The answer is") and "demo: the tiny random-weight" in r2.stderr
     assert {f: (folder / f).read_bytes() for f in os.listdir(folder)} == before    # untouched
+
+
+def test_cli_batch_prints_each_prompt_labelled_as_alone(demo_ckpt, tmp_path):
+    """--batch: one prompt per non-empty line, decoded together; each completion equals the one
+    the prompt gets alone (greedy: the same ids, so the same text)."""
+    lines = ["The answer is", "", "Kimi Linear is a model that can read a long"]
+    (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
+    r = run_cli("--ckpt", demo_ckpt, "--max-new-tokens", "5", "--batch", "--prompt-file",
+                str(tmp_path / "p.txt"))
+    assert r.returncode == 0, r.stderr
+    alone = [run_cli("--ckpt", demo_ckpt, "--max-new-tokens", "5", line).stdout
+             for line in (lines[0], lines[2])]
+    assert r.stdout == "".join(f"--- prompt {n} of 2 ---\n{text}" for n, text in
+                               enumerate(alone, 1))
+    assert "2 prompts of" in r.stderr and "tok/s" in r.stderr
 
 
 def error_line(capsys, code):
@@ -352,6 +385,9 @@ def test_bad_input_exits_2_with_one_line(demo_ckpt, tmp_path, capsys, how, extra
     (["--prompt-file", "."], "cannot read the prompt from .: Is a directory"),
     ([""], "the prompt is empty"),
     (["--chat", "hi <|im_assistant|>"], "holds <|im_assistant|>"),
+    (["--batch", " \n\n"], "every line of the prompt is empty"),
+    (["--batch", "--max-seq-len", "4", "ok\na longer prompt than four"], "prompt 2 of 2: the "
+     "prompt has 19 tokens but --max-seq-len is 4"),
 ])
 def test_bad_prompt_exits_2(demo_ckpt, tmp_path, capsys, monkeypatch, argv, message):
     (tmp_path / "not-utf8.txt").write_bytes(b"\xff\xfe not UTF-8")
@@ -368,11 +404,26 @@ def test_closed_standard_input_is_no_prompt(demo_ckpt, capsys, monkeypatch):
     assert "no prompt" in error_line(capsys, e.value.code)
 
 
-def test_out_of_memory_while_allocating_is_one_line(demo_ckpt, capsys, monkeypatch):
-    monkeypatch.setattr(checkpoint, "free_memory", lambda device: None)   # free memory unknown
-    with pytest.raises(SystemExit) as e:        # so the 1.6e14-byte cache is really attempted
-        sample.main(["--ckpt", demo_ckpt, "--max-seq-len", str(10**12), "hi"])
-    assert "error: out of memory on cpu" in error_line(capsys, e.value.code)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_out_of_memory_while_allocating_is_one_line(demo_ckpt, device):
+    """Free memory reported unknown, so the 1.6e14-byte cache is really attempted. On the CPU the
+    address space is capped first (RLIMIT_AS, 16 GiB): where the kernel overcommits memory, the
+    allocation could otherwise succeed and the zero fill summon the OOM killer, not an error."""
+    code = f"""if True:
+        import resource, checkpoint, sample
+        checkpoint.free_memory = lambda device: None
+        if {device!r} == "cpu":
+            soft, hard = resource.getrlimit(resource.RLIMIT_AS)     # RLIM_INFINITY is -1
+            cap = min([16 << 30] + [n for n in (soft, hard) if n != resource.RLIM_INFINITY])
+            resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+        sample.main(["--ckpt", {demo_ckpt!r}, "--device", {device!r}, "--max-seq-len", "{10**12}",
+                     "hi"])"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                       timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
+    assert lines[-1].startswith(f"error: out of memory on {device}")
 
 
 def demo_env(tmp_path):

@@ -128,7 +128,8 @@ def decode_at(model, device, L, steps=16):
     torch.cuda.reset_peak_memory_stats(device)
     model.setup_cache(1, L)
     for name, buf in model.named_buffers():
-        buf.normal_().mul_(0.1 if name.endswith("recurrent_state") else 1.0)
+        if buf.is_floating_point():                     # caches; not `pad` (no left padding)
+            buf.normal_().mul_(0.1 if name.endswith("recurrent_state") else 1.0)
     step = cuda_graph_decoder(model, 1)
     tok = torch.zeros(1, 1, dtype=torch.long, device=device)
     return dict(tpot_ms=bench.cuda_time(lambda: step(tok, L - 1), runs=steps, warmup=4))
