@@ -170,7 +170,8 @@ def bench_ours(args, device, compile, fp8=False):
             print(f"{name}: {B / ms * 1e3:.1f} tok/s", flush=True)
             step = None
     for B in GENERATE_B:        # sample.generate itself: host work and a sync per step included
-        prompts = [torch.randint(0, args.vocab_size, (CONTEXT - 61 * b,)).tolist() for b in range(B)]
+        lengths = [CONTEXT - 61 * b for b in range(B)]       # different, so some rows are padded
+        prompts = [torch.randint(0, args.vocab_size, (n,)).tolist() for n in lengths]
         steps = generate(model, None, prompts, STEPS, stop=(), decoder=cuda_graph_decoder(model, B))
         stamps = [time.perf_counter() for _ in steps]       # stamps[0]: the prefill's token
         name = f"{tag}generate B={B}, prompts of {CONTEXT - 61 * (B - 1)}..{CONTEXT} tokens"

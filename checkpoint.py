@@ -87,6 +87,24 @@ def config_json(args, dtype="bfloat16"):
             "dtype": dtype, **cfg, **fixed, "linear_attn_config": linear}
 
 
+def resolve(ckpt):
+    """A checkpoint folder, or an "org/name" hub id downloaded with huggingface_hub (optional)."""
+    if os.path.isdir(ckpt):
+        return ckpt
+    if os.path.exists(ckpt) or not re.fullmatch(r"[\w.-]+/[\w.-]+", ckpt):
+        raise CheckpointError(f"no checkpoint folder at {ckpt}")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(ckpt)
+    except ImportError:
+        raise CheckpointError(f"{ckpt} is not a local folder; to get the weights, pip install "
+                              f"huggingface_hub and rerun, or `hf download {ckpt} --local-dir DIR` "
+                              f"and --ckpt DIR") from None
+    except Exception as e:
+        message = f"could not download {ckpt}: {type(e).__name__}: {e}"
+        raise CheckpointError(message.splitlines()[0]) from None
+
+
 def check_folder(folder, need=()):
     """Cheap checks before anything is loaded: config.json, the index, every shard it names and the
     files in `need` exist, the index reads. -> the weights' total size in bytes (from the index)."""

@@ -14,7 +14,7 @@ import tempfile
 
 import torch
 
-from kimi import CONFIGS, Transformer
+from kimi import CONFIGS, CheckpointError, Transformer
 from tokenizer import DEMO_BASE_KEY
 
 DEMO_WORDS = ("the of and to in is you that it was for on are as with his they at be this from "
@@ -23,7 +23,7 @@ DEMO_WORDS = ("the of and to in is you that it was for on are as with his they a
 DEMO_VERSION, DEMO_MARKER = 2, "kimi-minimal-demo.json"
 
 
-class DemoError(Exception):
+class DemoError(CheckpointError):
     """The demo folder cannot be written or holds files the demo did not write (one line)."""
 
 

@@ -8,10 +8,12 @@ use peer_prefill's piece. `python peer_hf.py` checks it against kimi.py on a tin
 import torch
 from transformers import DynamicCache, KimiLinearConfig, KimiLinearForCausalLM
 
+import checkpoint
+
 
 def peer_model(args, device, dtype=torch.bfloat16):
     """KimiLinearForCausalLM for `args`, allocated once, directly on `device`, random weights."""
-    config = KimiLinearConfig(**args.to_config(str(dtype).removeprefix("torch.")),
+    config = KimiLinearConfig(**checkpoint.config_json(args, str(dtype).removeprefix("torch.")),
                               pad_token_id=None, bos_token_id=None, eos_token_id=None)
     with torch.device("meta"):                                  # no memory, no init
         model = KimiLinearForCausalLM(config).to(dtype)

@@ -11,12 +11,12 @@ chat format are in tokenizer.py, the demo checkpoint in demo.py.
 """
 import argparse
 import os
-import re
 import resource
 import sys
 import time
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 import checkpoint
 from kimi import CheckpointError, ModelArgs, Transformer
@@ -59,23 +59,19 @@ def generate(model, tokenizer, prompt, max_new_tokens=200, temperature=0.0, top_
     batch = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(
         isinstance(p, (str, list, tuple)) or torch.is_tensor(p) and p.dim() > 0 for p in prompt)
     ids = [prompt_ids(model, tokenizer, p) for p in (prompt if batch else [prompt])]
-    B, T = len(ids), max(len(i) for i in ids)
     device = model.lm_head.weight.device
-    tokens = torch.zeros(B, T, dtype=torch.long)                    # [B, T], left-padded
-    for b, i in enumerate(ids):
-        tokens[b, T - len(i):] = i
-    tokens, pad = tokens.to(device), torch.tensor([T - len(i) for i in ids], device=device)
+    tokens = pad_sequence(ids, batch_first=True, padding_side="left").to(device)    # [B, T]
+    B, T = tokens.shape
+    pad = torch.tensor([T - len(i) for i in ids], device=device)   # row b: pad[b] zeros, then ids
     allowed = tokenizer.allowed(model.args.vocab_size, device) if tokenizer else None
     if stop is None:
         stop = tokenizer.stop_ids if tokenizer else ()
     need = T + max(max_new_tokens - 1, 0)               # the last new id is never fed back
+    if decoder is not None and (decoder.batch_size != B or model.max_seq_len < need):
+        raise ValueError(f"decoder: batches of {decoder.batch_size} x {model.max_seq_len} tokens;"
+                         f" {B} x {need} needed")
     if model.max_batch_size < B or model.max_seq_len < need:
-        if decoder is not None:
-            raise ValueError(f"decoder's caches hold {model.max_batch_size} x {model.max_seq_len}"
-                             f" tokens, {B} x {need} needed")
         model.setup_cache(max(model.max_batch_size, B), max(model.max_seq_len, need))
-    if decoder is not None and decoder.batch_size != B:
-        raise ValueError(f"decoder is for batches of {decoder.batch_size}, not {B}")
     pos, running = 0, [True] * B
     for _ in range(max_new_tokens):
         if pos == 0:
@@ -115,9 +111,8 @@ def cuda_graph_decoder(model, batch_size, compile=False):
     model.stack_experts()                               # the expert loop syncs with the host
     tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
     pos = torch.ones((), dtype=torch.long, device=device)
-    step = model
-    if compile:                                         # (rounds to bf16 where eager does)
-        step = torch.compile(model, dynamic=False, options={"emulate_precision_casts": True})
+    step = (torch.compile(model, dynamic=False, options={"emulate_precision_casts": True})
+            if compile else model)                      # (compiled: rounds to bf16 as eager)
     stream = torch.cuda.Stream(device)                  # warm up (compile, plan) off the main one
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.no_grad(), torch.cuda.stream(stream):
@@ -137,24 +132,9 @@ def cuda_graph_decoder(model, batch_size, compile=False):
     return decode
 
 
-# ---- checkpoints: clear one-line errors, the hub, and the offline demo ----
+# ---- checkpoints and devices: clear one-line errors ----
 class Fail(Exception):
     """Bad input: main prints the message as one line and exits with status 2."""
-
-
-def resolve_ckpt(ckpt):
-    if os.path.isdir(ckpt):
-        return ckpt
-    if os.path.exists(ckpt) or not re.fullmatch(r"[\w.-]+/[\w.-]+", ckpt):
-        raise Fail(f"no checkpoint folder at {ckpt}")
-    try:  # an "org/name" hub repo id; huggingface_hub is optional
-        from huggingface_hub import snapshot_download
-        return snapshot_download(ckpt)
-    except ImportError:
-        raise Fail(f"{ckpt} is not a local folder; to get the weights, pip install huggingface_hub"
-                   f" and rerun, or `hf download {ckpt} --local-dir DIR` and --ckpt DIR") from None
-    except Exception as e:
-        raise Fail(f"could not download {ckpt}: {type(e).__name__}: {e}".splitlines()[0]) from None
 
 
 def check_ckpt(ckpt, device, dtype, max_seq_len, batch_size=1):
@@ -323,14 +303,12 @@ def run(args):
     dtype = dtypes.get(args.dtype or ("bf16" if device.type == "cuda" else ""))  # None: as stored
     if args.compile and not (device.type == "cuda" and dtype == torch.bfloat16):
         raise Fail("--compile compiles the CUDA-graph decode step: it needs CUDA and bf16")
-    if args.demo:
-        import demo                                 # the offline demo checkpoint
-        try:
-            ckpt = demo.demo_checkpoint()
-        except demo.DemoError as e:
-            raise Fail(str(e)) from None
-    else:
-        ckpt = resolve_ckpt(args.ckpt)
+    try:
+        if args.demo:
+            import demo                             # the offline demo checkpoint
+        ckpt = demo.demo_checkpoint() if args.demo else checkpoint.resolve(args.ckpt)
+    except CheckpointError as e:                    # (demo.DemoError is one)
+        raise Fail(str(e)) from None
     text = read_prompt(args)
     texts = [line for line in text.splitlines() if line.strip()] if args.batch else [text]
     if not texts:
@@ -392,13 +370,10 @@ def stream_text(args, model, tok, texts, prompts, max_new):
                      args.top_k, args.top_p, decoder=decoder)
     t0 = time.perf_counter()
     if args.batch:
-        rows = [[] for _ in prompts]
-        for step in timed(steps):
-            for row, t in zip(rows, step):
-                if t is not None:
-                    row.append(t)
-        for n, (text, row) in enumerate(zip(texts, rows), 1):
-            print(f"--- prompt {n} of {B} ---\n{'' if args.chat else text}{tok.decode(row)}")
+        steps = list(timed(steps)) or [[None] * B]  # [steps, B]: ids, None once a prompt stopped
+        for b, text in enumerate(texts):
+            ids = [step[b] for step in steps if step[b] is not None]
+            print(f"--- prompt {b + 1} of {B} ---\n{'' if args.chat else text}{tok.decode(ids)}")
     else:
         print("" if args.chat else texts[0], end="", flush=True)
         for piece in tok.stream(timed(steps)):
