@@ -314,6 +314,9 @@ def broken(demo, tmp_path, how):
         (folder / "config.json").write_text(json.dumps(dict(config, hidden_size="64")))
     elif how == "top-k above experts":
         (folder / "config.json").write_text(json.dumps(dict(config, num_experts_per_token=20)))
+    elif how == "layer 99 of 4":
+        linear = dict(config["linear_attn_config"], full_attn_layers=[2, 99])
+        (folder / "config.json").write_text(json.dumps(dict(config, linear_attn_config=linear)))
     elif how == "no shard":
         os.remove(shard)
     elif how == "truncated":
@@ -337,6 +340,7 @@ def broken(demo, tmp_path, how):
     ("config not an object", [], "not a Kimi-Linear config"),
     ("hidden_size a string", [], "hidden_size must be an integer >= 1, not '64'"),
     ("top-k above experts", [], "num_experts_per_token=20 exceeds"),
+    ("layer 99 of 4", [], "full_attn_layers [2, 99] must split the layers 1..4"),
     ("no shard", [], "missing 1 of 3 shards"),
     ("truncated", [], "truncated"),
     ("huge", [], "not enough memory"),
