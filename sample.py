@@ -67,9 +67,9 @@ def generate(model, tokenizer, prompt, max_new_tokens=200, temperature=0.0, top_
     if stop is None:
         stop = tokenizer.stop_ids if tokenizer else ()
     need = T + max(max_new_tokens - 1, 0)               # the last new id is never fed back
-    if decoder is not None and (decoder.batch_size != B or model.max_seq_len < need):
-        raise ValueError(f"decoder: batches of {decoder.batch_size} x {model.max_seq_len} tokens;"
-                         f" {B} x {need} needed")
+    size = getattr(decoder, "batch_size", B)            # (cuda_graph_decoder's is fixed)
+    if decoder is not None and (size != B or model.max_seq_len < need):
+        raise ValueError(f"decoder holds {size} x {model.max_seq_len} tokens; {B} x {need} needed")
     if model.max_batch_size < B or model.max_seq_len < need:
         model.setup_cache(max(model.max_batch_size, B), max(model.max_seq_len, need))
     pos, running = 0, [True] * B
@@ -84,10 +84,11 @@ def generate(model, tokenizer, prompt, max_new_tokens=200, temperature=0.0, top_
             logits = logits.masked_fill(~allowed, float("-inf"))
         pos += tokens.shape[1]
         new = sample(logits, temperature, top_k, top_p)             # [B]
-        running = [r and t not in stop for r, t in zip(running, new.tolist())]
+        ids = new.tolist()
+        running = [r and t not in stop for r, t in zip(running, ids)]
         if not any(running):
             return
-        yield [t if r else None for r, t in zip(running, new.tolist())] if batch else new.item()
+        yield [t if r else None for r, t in zip(running, ids)] if batch else ids[0]
         tokens = new.view(B, 1)            # a stopped prompt keeps decoding, its ids unused
 
 
@@ -358,8 +359,7 @@ def stream_text(args, model, tok, texts, prompts, max_new):
             model(torch.tensor([max(prompts, key=len)] * B, device=device), start_pos=0,
                   last_only=True)
         torch.cuda.synchronize(device)
-        print(f"warm-up (kernel compilation, CUDA graph): {time.perf_counter() - t0:.1f} s",
-              file=sys.stderr)
+        print(f"warm-up (compile, CUDA graph): {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     stamps = []                 # when each step's new tokens arrived; stamps[0] ends the prefill
 
     def timed(steps):
