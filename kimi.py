@@ -245,8 +245,7 @@ class KimiDeltaAttention(nn.Module):
     def forward(self, x, start_pos=None, pad=None):                 # x [B, T, D]
         B, T, _ = x.shape
         H, K = self.H, self.K
-        # start_pos None: stateless. 0: a new sequence in the cache. Otherwise continue the cached
-        # one (an int, or a CUDA graph's device tensor, which is never 0: see sample.py).
+        # start_pos None: stateless; 0: a new sequence; else continue it (int, or a graph's tensor)
         cached = start_pos is not None
         new = not cached or (isinstance(start_pos, int) and start_pos == 0)
         states = [None, None, None]
@@ -522,11 +521,12 @@ class Transformer(nn.Module):
         if start_pos is not None:
             _require(B <= self.max_batch_size, f"batch of {B} exceeds the cache's max_batch_size="
                      f"{self.max_batch_size} (call setup_cache, or omit start_pos)")
-            _require(not torch.is_tensor(start_pos) or T == 1,
-                     "a tensor start_pos is for decode steps of one token")
-            _require(torch.is_tensor(start_pos) or start_pos + T <= self.max_seq_len,
-                     f"start_pos {start_pos} + {T} tokens exceeds the cache's max_seq_len="
-                     f"{self.max_seq_len} (call setup_cache with a larger one)")
+            # A tensor start_pos is never formatted into a message: that would sync with the GPU,
+            if torch.is_tensor(start_pos):                      # which a CUDA graph capture forbids
+                _require(T == 1, "a tensor start_pos is for steps of one token")
+            else:
+                _require(start_pos + T <= self.max_seq_len, f"start_pos {start_pos} + {T} tokens "
+                         f"exceeds the cache's max_seq_len={self.max_seq_len} (call setup_cache)")
         if pad is None:
             return None
         pad = torch.as_tensor(pad, device=device)
