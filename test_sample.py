@@ -538,8 +538,9 @@ def test_sample_imports_only_the_model_tokenizer_torch_and_stdlib():
            for a in n.names}
     own = {m.split(".")[0] for m in top} - set(sys.stdlib_module_names)
     assert own == {"checkpoint", "kimi", "tokenizer", "torch"}
-    r = subprocess.run([sys.executable, "-c", "import sys, sample; print('bench' in sys.modules or 'demo' in sys.modules)"],
-                       cwd=HERE, capture_output=True, text=True, timeout=60)
+    code = "import sys, sample; print('bench' in sys.modules or 'demo' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                       timeout=60)
     assert r.stdout.strip() == "False"
 
 

@@ -7,9 +7,9 @@
    model (the same weights quantised) against bf16 and against fp32: relative error, top-1
    agreement, mean KL(reference || model).
 2. Under a memory cap (torch.cuda.set_per_process_memory_fraction; 80 GB = 80e9 bytes, less
-   than the 85e9 bytes an H100 80 GB reports): load the FP8 model, prefill 8,192 tokens, decode at a 4,096 and a
-   131,072 context, each with its peak allocated memory and time; then the longest context whose
-   cache and decode step still fit.
+   than the 85e9 bytes an H100 80 GB reports): load the FP8 model, prefill 8,192 tokens, decode
+   at a 4,096 and a 131,072 context, each with its peak allocated memory and time; then the
+   longest context whose cache and decode step still fit.
 """
 import argparse
 import json
