@@ -17,9 +17,10 @@ import torch.nn.functional as F
 def stack_experts(moe):
     """Copy moe's experts into w13 [E, 2F, D] (w1 over w3) and w2 [E, D, F]. Each expert's weights
     become views of them, so the module names and the state_dict stay the checkpoint's. Call it on
-    the device (on memory-mapped CPU weights it makes copies)."""
-    if moe.w13 is not None:
-        return
+    the device (on memory-mapped CPU weights it makes copies). After .to() or .float() the experts'
+    weights are new tensors, no longer views: calling it again stacks them anew."""
+    if moe.w13 is not None and moe.experts[0].w1.weight.data_ptr() == moe.w13.data_ptr():
+        return                                                  # still stacked
     w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in moe.experts])
     w2 = torch.stack([e.w2.weight for e in moe.experts])
     for e, gate_up, down in zip(moe.experts, w13, w2):
@@ -33,6 +34,9 @@ def stack_experts(moe):
 def grouped_experts(x, ids, w13, w2):
     """= SparseMoeBlock.run_experts: out[n, j] = expert ids[n, j] applied to token n.
     x [N, D], ids [N, k] -> [N, k, D], with every expert's rows in one grouped matmul."""
+    if (x.dtype, x.device) != (w13.dtype, w13.device):     # the model was moved or cast since
+        raise ValueError(f"stacked experts are {w13.dtype} on {w13.device}, the input {x.dtype} on "
+                         f"{x.device}: call model.stack_experts() again after .to() or .float()")
     expert_of_row, order = ids.flatten().sort()             # (token, slot) pairs grouped by expert
     xs = x[order // ids.shape[1]]                           # [N*k, D], expert e's rows contiguous
     experts = torch.arange(len(w13), device=x.device)

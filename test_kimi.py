@@ -429,6 +429,16 @@ def test_fast_paths_equal_their_definitions():
         loop = moe.run_experts(x, ids)
         moe_fast.stack_experts(moe)
         assert rel(moe_fast.grouped_experts(x, ids, moe.w13, moe.w2), loop) < 1e-5
+        # Cast after stacking: the stacks are stale, said in one line; stacking again fixes it. Both
+        # sides bf16 now (u = 2^-9 per rounding, a few deep): within 2^-6; stale weights would be O(1).
+        moe.bfloat16()
+        xb = x.bfloat16()
+        with pytest.raises(ValueError, match="call model.stack_experts"):
+            moe(xb[None])
+        moe_fast.stack_experts(moe)
+        assert moe.w13.dtype == torch.bfloat16
+        grouped = moe_fast.grouped_experts(xb, ids, moe.w13, moe.w2)
+        assert rel(grouped, moe.run_experts(xb, ids)) < 2 ** -6
 
 
 @pytest.mark.parametrize("stacked", [False, True])
