@@ -430,7 +430,7 @@ def test_fast_paths_equal_their_definitions():
         moe_fast.stack_experts(moe)
         assert rel(moe_fast.grouped_experts(x, ids, moe.w13, moe.w2), loop) < 1e-5
         # Cast after stacking: the stacks are stale, said in one line; stacking again fixes it. Both
-        # sides bf16 now (u = 2^-9 per rounding, a few deep): within 2^-6; stale weights would be O(1).
+        # sides bf16 now (u = 2^-9 per rounding, a few deep): within 2^-6; stale weights: O(1).
         moe.bfloat16()
         xb = x.bfloat16()
         with pytest.raises(ValueError, match="call model.stack_experts"):
