@@ -281,10 +281,9 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     mid = torch.bfloat16 if low and not INTERPRET else torch.float32   # intermediate storage
     dot = tl.bfloat16 if low and not INTERPRET else tl.float32         # scan dot operands
     prec = 'tf32' if low else 'ieee'
-    if mid == torch.float32 and K > 128 and not INTERPRET:     # (the interpreter has no limit)
-        raise ValueError(f'chunk_kda: fp32 q, k, v with K = {K} need more shared memory than a GPU '
-                         f'block has (the scan holds [64, K] fp32 tiles of w, qg and kg); pass '
-                         f'bf16 ones, or use kda_ref')
+    if mid == torch.float32 and K > 128 and not INTERPRET:     # docs/kda.md §1 (interpreter: fine)
+        raise ValueError(f'chunk_kda: fp32 q, k, v with K = {K} > 128 overflow a GPU block\'s '
+                         f'shared memory; pass bf16 ones, or use kda_ref')
     NT = triton.cdiv(T, C)
     dev = q.device
     w, qg, kg = (torch.empty(B * H, NT * C, K, device=dev, dtype=mid) for _ in range(3))
@@ -294,8 +293,7 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     Gb = torch.empty(B * H, NT * C, K, device=dev, dtype=torch.float32)   # step 1's scratch
     _kda_intra_kernel[(NT, B * H)](
         q, k, v, g, beta, Gb, w, u, qg, kg, Aqk, decay,
-        T, H, scale,
-        H * K, H * V, H,
+        T, H, scale, H * K, H * V, H,
         K=K, V=V, C=C, BC=BC, BK=min(BK_DIAG, K), BD=min(BD, K, V), PREC=prec,
         num_warps=INTRA_WARPS)
     o = torch.empty_like(v)
@@ -306,8 +304,7 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     stages = SCAN_STAGES if mid == torch.bfloat16 and K <= 128 else 1
     _kda_scan_kernel[(V // BV, B * H)](
         w, u, qg, kg, Aqk, decay, o, h0, ht,
-        T, H, NT,
-        H * V,
+        T, H, NT, H * V,
         K=K, V=V, C=C, BV=BV, HAS_H0=h0 is not None, STORE_HT=output_final_state,
         DOT=dot, PREC=prec, num_warps=SCAN_WARPS, num_stages=stages)
     return o, ht
@@ -371,14 +368,12 @@ def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output
     h0 = None if initial_state is None else initial_state.float().contiguous()
     # A new final state, as recurrent_kda returns. Passing ht = h0 would update the state in place
     # (each program reads its slice before writing it) and save this allocation; the caller's call.
-    dev = q.device
-    ht = torch.empty(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
+    ht = q.new_empty(B, H, K, V, dtype=torch.float32) if output_final_state else None
     o = torch.empty_like(v)
     BV = min(BV_STEP, V)
     _kda_step_kernel[(B * H, V // BV)](
         q, k, v, g, beta, o, h0, ht,
-        T, H, scale,
-        H * K, H * V, H,
+        T, H, scale, H * K, H * V, H,
         K=K, V=V, BV=BV, HAS_H0=h0 is not None, STORE_HT=output_final_state,
         num_warps=STEP_WARPS)
     return o, ht
