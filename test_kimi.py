@@ -22,10 +22,10 @@ import sample
 from kimi import CheckpointError, KimiDeltaAttention, ModelArgs, SparseMoeBlock, Transformer
 
 # Two KDA and two MLA layers: KDA + dense MLP, MLA + MoE, KDA + MoE, MLA + MoE.
-TINY = ModelArgs(vocab_size=128, hidden_size=64, num_hidden_layers=4, kda_num_heads=2, kda_head_dim=16,
-                 full_attn_layers=(1, 3), num_attention_heads=2, kv_lora_rank=32, qk_nope_head_dim=16,
-                 qk_rope_head_dim=8, v_head_dim=16, intermediate_size=96, moe_intermediate_size=32,
-                 num_experts=8, num_experts_per_token=2)
+TINY = ModelArgs(vocab_size=128, hidden_size=64, num_hidden_layers=4, kda_num_heads=2,
+                 kda_head_dim=16, full_attn_layers=(1, 3), num_attention_heads=2, kv_lora_rank=32,
+                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, intermediate_size=96,
+                 moe_intermediate_size=32, num_experts=8, num_experts_per_token=2)
 SEQ = 150       # > 2 chunks of 64, not a multiple of 64
 
 
@@ -36,7 +36,7 @@ def randomize(module, seed=0):
         for name, p in module.named_parameters():
             r = torch.rand(p.shape, generator=gen)
             if name.endswith("A_log"):
-                p.copy_(torch.log(1 + 15 * r))                      # decay rates 1..16, as fla inits
+                p.copy_(torch.log(1 + 15 * r))              # decay rates 1..16, as fla inits
             elif name.endswith(("dt_bias", "e_score_correction_bias")):
                 p.copy_(r - 0.5)
             elif p.dim() == 1:                                      # RMSNorm weights
@@ -78,7 +78,7 @@ def test_token_by_token_equals_prefill(model, tokens, full):
 # derandomize: a near-tie in top-k routing may flip under 1e-7 rounding; keep CI runs reproducible
 @settings(deadline=None, max_examples=8, derandomize=True)
 @given(cuts=st.lists(st.integers(1, SEQ - 1), max_size=3, unique=True))
-@example(cuts=[5, 75])          # pieces of 70 and 75 tokens: the chunked path continuing from a cache
+@example(cuts=[5, 75])          # pieces of 70 and 75 tokens: chunked, continuing from a cache
 @example(cuts=[64, 65])
 def test_prefill_in_pieces_equals_prefill(model, tokens, full, cuts):
     bounds = [0, *sorted(cuts), SEQ]
@@ -97,14 +97,16 @@ def test_batch_of_two_equals_each_alone(model, tokens):
 
 
 def test_decode_with_tensor_position_and_stacked_experts(model, tokens, full, tmp_path):
-    """The CUDA-graph decode path, run eagerly: start_pos as a tensor (MLA reads the whole cache buffer,
-    masked), the experts as two grouped matmuls over stacked weights, only the last logits."""
+    """The CUDA-graph decode path, run eagerly: start_pos as a tensor (MLA reads the whole cache
+    buffer, masked), the experts as two grouped matmuls over stacked weights, last logits only."""
     fast = copy.deepcopy(model)
     fast.stack_experts()
     assert fast.state_dict().keys() == model.state_dict().keys()
-    assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), model.state_dict().values()))
+    stored = zip(fast.state_dict().values(), model.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in stored)
     out = [fast(tokens[:1, :100], start_pos=0, last_only=True)] + [
-        fast(tokens[:1, t:t + 1], start_pos=torch.tensor(t), last_only=True) for t in range(100, SEQ)]
+        fast(tokens[:1, t:t + 1], start_pos=torch.tensor(t), last_only=True)
+        for t in range(100, SEQ)]
     assert rel(torch.cat(out, dim=1), full[:, 99:]) < 1e-4
     with pytest.raises(ValueError, match="steps of one token"):
         fast(tokens[:1, :2], start_pos=torch.tensor(3))
@@ -246,8 +248,8 @@ def test_cache_bytes_equal_what_setup_cache_allocates():
 
 @pytest.mark.parametrize("biased", [True, False])
 def test_moe_routing_matches_hand_computation(biased):
-    args = replace(TINY, hidden_size=16, moe_intermediate_size=8, num_experts=8, num_experts_per_token=3,
-                   routing_weights_biased=biased)
+    args = replace(TINY, hidden_size=16, moe_intermediate_size=8, num_experts=8,
+                   num_experts_per_token=3, routing_weights_biased=biased)
     moe = randomize(SparseMoeBlock(args), seed=2)
     with torch.no_grad():
         moe.gate.e_score_correction_bias.copy_(torch.linspace(-0.4, 0.4, 8))   # changes the choices
@@ -277,14 +279,14 @@ def test_biased_and_unbiased_routing_weights_differ():
 
 
 # ------------------------------------------------------------------------------------------------
-# Layers against references written from the spec (docs/architecture.md §2), in bf16 with its rounding
-# points. The tests above compare the code with itself; these pin the formulas.
+# Layers against references written from the spec (docs/architecture.md §2), in bf16 with its
+# rounding points. The tests above compare the code with itself; these pin the formulas.
 
 BF16 = torch.bfloat16
 
 
 def bf16_module(module, seed):
-    """randomize, then cast to bf16 except A_log and dt_bias, which stay fp32 (as from_pretrained)."""
+    """randomize, then cast to bf16 but A_log and dt_bias, which stay fp32 (as from_pretrained)."""
     randomize(module, seed)
     for n, p in module.named_parameters():
         if not n.endswith(("A_log", "dt_bias")):
@@ -297,12 +299,12 @@ def linear(x, module):
 
 
 def kda_layer_ref(L, x, round_qk):
-    """§2.3 step by step; x [B, T, D] bf16. round_qk: q̂, k̂ rounded to bf16 (chunked path, T > 64)."""
+    """§2.3 step by step; x [B, T, D] bf16. round_qk: q̂, k̂ rounded to bf16 (chunked path)."""
     B, T, _ = x.shape
     H = L.A_log.numel()
     K = L.dt_bias.numel() // H
 
-    def conv(u, w):     # y[t] = SiLU(sum_i w[:, 0, i] u[t - 3 + i]), zeros before the start, fp32 sums
+    def conv(u, w):     # y[t] = SiLU(sum_i w[:, 0, i] u[t - 3 + i]), zeros before t = 0, fp32
         W = w.shape[-1]
         u = torch.cat([u.new_zeros(B, W - 1, u.shape[-1]), u], 1).float()
         return F.silu(sum(w[:, 0, i].float() * u[:, i:i + T] for i in range(W))).to(BF16)
@@ -327,12 +329,13 @@ def kda_layer_ref(L, x, round_qk):
         o[:, t] = torch.einsum("bhk,bhkv->bhv", q[:, t], S)
     o = o.to(BF16).float()
     r = linear(linear(x, L.g_a_proj), L.g_b_proj).view(B, T, H, K).float()
-    y = o * torch.rsqrt(o.square().mean(-1, keepdim=True) + 1e-5) * L.o_norm.weight.float() * r.sigmoid()
+    y = o * torch.rsqrt(o.square().mean(-1, keepdim=True) + 1e-5)
+    y = y * L.o_norm.weight.float() * r.sigmoid()
     return linear(y.to(BF16).view(B, T, H * K), L.o_proj), S
 
 
 def mla_layer_ref(m, x):
-    """§2.4 on a prompt, TINY's dims (scale (16 + 8)^-0.5); x [B, T, D] bf16. P stays fp32 for P·V."""
+    """§2.4 on a prompt, TINY's dims (scale (16 + 8)^-0.5); x [B, T, D] bf16. P stays fp32."""
     B, T, _ = x.shape
     H, R, nope, pe = (getattr(TINY, n) for n in ("num_attention_heads", "kv_lora_rank",
                                                   "qk_nope_head_dim", "qk_rope_head_dim"))
@@ -340,7 +343,8 @@ def mla_layer_ref(m, x):
     ckv = linear(x, m.kv_a_proj_with_mqa)
     c, k_pe = ckv[..., :R], ckv[..., R:]
     c32 = c.float()
-    c = (c32 * torch.rsqrt(c32.square().mean(-1, keepdim=True) + 1e-6)).to(BF16) * m.kv_a_layernorm.weight
+    c = (c32 * torch.rsqrt(c32.square().mean(-1, keepdim=True) + 1e-6)).to(BF16)
+    c = c * m.kv_a_layernorm.weight
     kv = linear(c, m.kv_b_proj).view(B, T, H, -1)
     k_nope, v = kv[..., :nope], kv[..., nope:]
     k = torch.cat([k_nope, k_pe[:, :, None].expand(B, T, H, pe)], -1)
@@ -353,7 +357,7 @@ def mla_layer_ref(m, x):
 def moe_block_ref(moe, x, k, scale=2.446):
     """§2.5 (released code: biased mixing weights); x [N, D] bf16."""
     s = torch.sigmoid(x.float() @ moe.gate.weight.float().T)
-    s = s + moe.gate.e_score_correction_bias.float()       # the official in-place add aliases s (trap 1)
+    s = s + moe.gate.e_score_correction_bias.float()   # the official in-place add aliases s, trap 1
     idx = s.topk(k, -1).indices
     w = s.gather(-1, idx)
     w = w / (w.sum(-1, keepdim=True) + 1e-20) * scale
@@ -364,13 +368,14 @@ def moe_block_ref(moe, x, k, scale=2.446):
                 for wj, e in zip(wt, experts))
         out.append(y.to(BF16))
     sh = moe.shared_experts
-    return torch.stack(out) + linear(F.silu(linear(x, sh.gate_proj)) * linear(x, sh.up_proj), sh.down_proj)
+    shared = linear(F.silu(linear(x, sh.gate_proj)) * linear(x, sh.up_proj), sh.down_proj)
+    return torch.stack(out) + shared
 
 
-@pytest.mark.parametrize("T", [40, 80])     # recurrent path (fp32 q̂, k̂) and chunked path (bf16 q̂, k̂)
+@pytest.mark.parametrize("T", [40, 80])     # recurrent (fp32 q̂, k̂) and chunked (bf16 q̂, k̂)
 def test_kda_layer_matches_spec_reference_in_bf16(T):
     layer = bf16_module(KimiDeltaAttention(TINY), seed=4)
-    with torch.no_grad():       # slow decay (rates 0.05 and 0.5, not 1..16): the state remembers more
+    with torch.no_grad():       # slow decay (rates 0.05 and 0.5, not 1..16): a longer memory
         layer.A_log.copy_(torch.tensor([0.05, 0.5]).log().view(1, 1, 2, 1))
     layer.setup_cache(2, 128, BF16, "cpu")
     x = torch.randn(2, T, TINY.hidden_size, generator=torch.Generator().manual_seed(5)).to(BF16)
@@ -378,7 +383,7 @@ def test_kda_layer_matches_spec_reference_in_bf16(T):
         out = layer(x, 0)
         ref, S = kda_layer_ref(layer, x, round_qk=T > 64)
         wrong_rounding = kda_layer_ref(layer, x, round_qk=T <= 64)[0]
-    # Bit-exact here (2e-5 on the chunked path). The other path's q̂/k̂ rounding (trap 13) alone gives
+    # Bit-exact here (2e-5 on the chunked path). The other path's q̂/k̂ rounding (trap 13) alone:
     # ~4e-3; spec mutations give 4e-2 (β × 0.9) to 1.4 (conv taps reversed), SiLU for sigmoid 0.9.
     assert rel(wrong_rounding, ref) > 2e-3
     assert rel(out, ref) < 1e-3 and rel(layer.recurrent_state[:2], S) < 1e-3
@@ -386,7 +391,7 @@ def test_kda_layer_matches_spec_reference_in_bf16(T):
 
 def test_mla_layer_matches_spec_reference_in_bf16():
     m = bf16_module(kimi.MLAAttention(TINY), seed=7)
-    with torch.no_grad():       # a small latent c (mean c² ~ 3e-5) makes kv_a_layernorm's eps matter
+    with torch.no_grad():       # a small latent c (mean c² ~ 3e-5): kv_a_layernorm's eps matters
         m.kv_a_proj_with_mqa.weight[:TINY.kv_lora_rank] *= 0.01
     m.setup_cache(2, 64, BF16, "cpu")
     x = torch.randn(2, 30, TINY.hidden_size, generator=torch.Generator().manual_seed(8)).to(BF16)
@@ -479,7 +484,8 @@ def test_kda_gate_formula():
     for i, fi in enumerate(f.flatten().tolist()):
         c = i % (H * K)                                             # channel c = h*K + d
         z = fi + dt_bias[c].item()
-        ref.append(-math.exp(A_log.flatten()[c // K].item()) * (z if z > 20 else math.log1p(math.exp(z))))
+        softplus = z if z > 20 else math.log1p(math.exp(z))
+        ref.append(-math.exp(A_log.flatten()[c // K].item()) * softplus)
     ref = torch.tensor(ref, dtype=torch.float64).view(f.shape)
     assert g.dtype == torch.float32 and torch.allclose(g.double(), ref, rtol=1e-6, atol=0)
 
@@ -499,15 +505,18 @@ OFFICIAL_CONFIG = {
     "vocab_size": 163840, "hidden_size": 2304, "num_hidden_layers": 27, "num_attention_heads": 32,
     "num_key_value_heads": 32, "head_dim": 72, "hidden_act": "silu", "intermediate_size": 9216,
     "moe_intermediate_size": 1024, "num_experts": 256, "num_experts_per_token": 8,
-    "num_shared_experts": 1, "first_k_dense_replace": 1, "moe_layer_freq": 1, "moe_renormalize": True,
-    "moe_router_activation_func": "sigmoid", "routed_scaling_factor": 2.446, "use_grouped_topk": True,
+    "num_shared_experts": 1, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+    "moe_renormalize": True, "moe_router_activation_func": "sigmoid",
+    "routed_scaling_factor": 2.446, "use_grouped_topk": True,
     "num_expert_group": 1, "topk_group": 1, "kv_lora_rank": 512, "q_lora_rank": None,
     "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "mla_use_nope": True,
-    "rope_theta": 10000.0, "rope_scaling": None, "rms_norm_eps": 1e-05, "tie_word_embeddings": False,
+    "rope_theta": 10000.0, "rope_scaling": None, "rms_norm_eps": 1e-05,
+    "tie_word_embeddings": False,
     "bos_token_id": 163584, "eos_token_id": 163586, "pad_token_id": 163839, "use_cache": True,
-    "linear_attn_config": {"kda_layers": [1, 2, 3, 5, 6, 7, 9, 10, 11, 13, 14, 15, 17, 18, 19, 21, 22,
-                                          23, 25, 26], "full_attn_layers": [4, 8, 12, 16, 20, 24, 27],
-                           "head_dim": 128, "num_heads": 32, "short_conv_kernel_size": 4}}
+    "linear_attn_config": {
+        "kda_layers": [1, 2, 3, 5, 6, 7, 9, 10, 11, 13, 14, 15, 17, 18, 19, 21, 22, 23, 25, 26],
+        "full_attn_layers": [4, 8, 12, 16, 20, 24, 27],
+        "head_dim": 128, "num_heads": 32, "short_conv_kernel_size": 4}}
 
 
 def test_official_config_gives_default_args(tmp_path):
@@ -516,7 +525,8 @@ def test_official_config_gives_default_args(tmp_path):
     assert ModelArgs.from_json(tmp_path / "config.json") == ModelArgs()
     del cfg["linear_attn_config"]["num_heads"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="missing required key 'linear_attn_config.num_heads'"):
+    missing = "missing required key 'linear_attn_config.num_heads'"
+    with pytest.raises(CheckpointError, match=missing):
         ModelArgs.from_json(tmp_path / "config.json")
 
 
@@ -537,10 +547,12 @@ def ckpt(model, tmp_path_factory):
 
 def test_checkpoint_round_trip(model, ckpt, tokens, tmp_path):
     shards = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
-    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", *shards, "model.safetensors.index.json"]
+    files = ["config.json", *shards, "model.safetensors.index.json"]
+    assert sorted(p.name for p in ckpt.iterdir()) == files
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
     state = model.state_dict()
-    assert set(index["weight_map"]) == set(state) and set(index["weight_map"].values()) == set(shards)
+    assert set(index["weight_map"]) == set(state)
+    assert set(index["weight_map"].values()) == set(shards)
     assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in state.values())
     linear = json.loads((ckpt / "config.json").read_text())["linear_attn_config"]
     assert linear["full_attn_layers"] == [2, 4] and linear["kda_layers"] == [1, 3]      # 1-based
@@ -559,7 +571,7 @@ def test_checkpoint_round_trip(model, ckpt, tokens, tmp_path):
         assert t.dtype == (torch.float32 if n.endswith(("A_log", "dt_bias")) else torch.bfloat16), n
     # bf16 runs on CPU too; the gap is bf16 rounding plus a few top-2 routing choices that flip
     assert rel(bf16(tokens[:1, :80]), model(tokens[:1, :80])) < 0.2
-    bf16.save_pretrained(tmp_path, num_shards=2)                    # mixed dtypes survive a save too
+    bf16.save_pretrained(tmp_path, num_shards=2)            # mixed dtypes survive a save too
     saved = {**load_file(tmp_path / "model-00001-of-00002.safetensors"),
              **load_file(tmp_path / "model-00002-of-00002.safetensors")}
     assert all(saved[n].dtype == t.dtype for n, t in bf16.state_dict().items())
@@ -595,7 +607,8 @@ def _rename_config_key(ckpt, old, new):
 
 
 BREAKS = {   # how to break a checkpoint -> what the one-line error message must say
-    "missing shard": (lambda c: (c / SHARD2).unlink(), SHARD2 + ": shard listed in the index is missing"),
+    "missing shard": (lambda c: (c / SHARD2).unlink(),
+                      SHARD2 + ": shard listed in the index is missing"),
     "truncated shard": (lambda c: (c / SHARD2).write_bytes((c / SHARD2).read_bytes()[:-100]),
                         SHARD2 + ": unreadable or truncated shard"),
     "missing tensor": (lambda c: _break_shard(c / SHARD2, _drop_first),
@@ -628,7 +641,7 @@ def test_broken_checkpoint_raises_clear_error(ckpt, tmp_path, kind):
 
 
 def test_matches_native_transformers(ckpt, tokens, tmp_path):
-    """Optional oracle: transformers >= 5.17 has a native kimi_linear that loads the official layout.
+    """Optional oracle: transformers >= 5.17 has a native kimi_linear loading the official layout.
     It takes the routing weights from the unbiased sigmoid (trap 1), so compare with that flag."""
     transformers = pytest.importorskip("transformers", minversion="5.17")
     folder = shutil.copytree(ckpt, tmp_path / "hf")
@@ -647,10 +660,10 @@ def test_matches_native_transformers(ckpt, tokens, tmp_path):
 
 MEASURE = """
 import re, sys, torch, kimi, test_kimi
-def peak():     # VmHWM: this process's peak resident set (ru_maxrss would inherit pytest's after fork)
+def peak():     # VmHWM: this process's peak resident set (ru_maxrss inherits pytest's at fork)
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 with torch.device("meta"):
-    kimi.Transformer(test_kimi.TINY)            # warm up: the first meta build imports ~150 MB of torch
+    kimi.Transformer(test_kimi.TINY)            # warm up: the first meta build imports ~150 MB
 before = peak()
 model = kimi.Transformer.from_pretrained(sys.argv[1], device="cpu", dtype=eval(sys.argv[2]))
 print(peak() - before)
@@ -659,23 +672,24 @@ print(peak() - before)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_peak_host_memory_while_loading(tmp_path):
-    args = replace(TINY, vocab_size=32768, hidden_size=512, num_experts=16, moe_intermediate_size=1024,
-                   intermediate_size=2048)
-    big = Transformer(args)                                         # ~75M parameters, ~300 MB in fp32
+    args = replace(TINY, vocab_size=32768, hidden_size=512, num_experts=16,
+                   moe_intermediate_size=1024, intermediate_size=2048)
+    big = Transformer(args)                                 # ~75M parameters, ~300 MB in fp32
     big.save_pretrained(tmp_path, num_shards=4)
     size = sum(t.numel() * 4 for t in big.state_dict().values())
     shard = max(p.stat().st_size for p in tmp_path.glob("*.safetensors"))
     del big
     delta = {}
     for dtype in ("None", "torch.bfloat16"):
-        run = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path), dtype], capture_output=True,
-                             text=True, cwd=Path(__file__).parent, check=True)
+        run = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path), dtype],
+                             capture_output=True, text=True, cwd=Path(__file__).parent, check=True)
         delta[dtype] = int(run.stdout.split()[-1])
-    print(f"\ncheckpoint {size / 2**20:.0f} MiB in 4 shards (largest {shard / 2**20:.0f} MiB); peak RSS "
-          f"growth while loading: fp32 memory-mapped {delta['None'] / 2**20:.0f} MiB, cast to bf16 "
-          f"{delta['torch.bfloat16'] / 2**20:.0f} MiB (the bf16 model itself is {size / 2**21:.0f} MiB)")
-    assert delta["None"] < shard / 2                                # weights stay on disk, mapped
-    assert delta["torch.bfloat16"] < size / 2 + 1.25 * shard        # the bf16 copy + about one shard
+    print(f"\ncheckpoint {size / 2**20:.0f} MiB in 4 shards (largest {shard / 2**20:.0f} MiB); "
+          f"peak RSS growth while loading: fp32 memory-mapped {delta['None'] / 2**20:.0f} MiB, "
+          f"cast to bf16 {delta['torch.bfloat16'] / 2**20:.0f} MiB (the bf16 model itself is "
+          f"{size / 2**21:.0f} MiB)")
+    assert delta["None"] < shard / 2                            # weights stay on disk, mapped
+    assert delta["torch.bfloat16"] < size / 2 + 1.25 * shard    # the bf16 copy + about one shard
 
 
 # ------------------------------------------------------------------------------------------------
@@ -697,11 +711,11 @@ def test_triton_kda_layer_matches_reference(monkeypatch):
     layer = bf16_kda_layer_on_gpu()
     x = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16)
 
-    def run():      # one prefill, then a prefill in pieces (Triton with an initial state), then a step
+    def run():      # one prefill, a prefill in pieces (Triton with an initial state), a step
         with torch.no_grad():
             whole = layer(x, 0)
-            pieces = torch.cat([layer(x[:, :10], 0), layer(x[:, 10:200], 10), layer(x[:, 200:299], 200),
-                                layer(x[:, 299:], 299)], dim=1)
+            pieces = torch.cat([layer(x[:, :10], 0), layer(x[:, 10:200], 10),
+                                layer(x[:, 200:299], 200), layer(x[:, 299:], 299)], dim=1)
         return whole, pieces, layer.recurrent_state.clone()
 
     fast = run()
@@ -730,10 +744,10 @@ def test_cuda_graph_decode_equals_eager_decode(tokens):
     model = bf16_module(Transformer(TINY), seed=12).cuda().eval()
     model.stack_experts()
     model.setup_cache(max_batch_size=2, max_seq_len=160)
-    graph = sample.cuda_graph_decoder(model, batch_size=2)          # before the prefill, as documented
+    graph = sample.cuda_graph_decoder(model, batch_size=2)      # before the prefill, as documented
     tok = tokens[:, :110].cuda()
 
-    def run(step):                                                  # a prefill, then 10 decode steps
+    def run(step):                                              # a prefill, then 10 decode steps
         out = [model(tok[:, :100], start_pos=0, last_only=True)]
         return torch.cat(out + [step(tok[:, t:t + 1], t).clone() for t in range(100, 110)], dim=1)
 

@@ -35,8 +35,8 @@ def tok(tmp_path_factory):
 
 
 pieces = st.sampled_from(["a", "Z", "the", " of", "Kimi", "'s", "I'M", "7", "2024", " ", "  ", "\t",
-                          "\n", "\r\n", "\r", ".", "!?", "你好", "模型", "世界", "こんにちは", "🙂",
-                          "🚀", "👍🏽", "é", "ß", "<|im_end|>"])
+                          "\n", "\r\n", "\r", ".", "!?", "你好", "模型", "世界",
+                          "こんにちは", "🙂", "🚀", "👍🏽", "é", "ß", "<|im_end|>"])
 texts = st.lists(pieces, max_size=30).map("".join) | st.text(max_size=60)
 
 
