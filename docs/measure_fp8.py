@@ -23,7 +23,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench  # noqa: E402
 import kimi  # noqa: E402
 import quantize  # noqa: E402
-from sample import cuda_graph_decoder  # noqa: E402
 
 GiB = 2 ** 30
 
@@ -127,12 +126,7 @@ def decode_at(model, device, L, steps=16):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     model.setup_cache(1, L)
-    for name, buf in model.named_buffers():
-        if buf.is_floating_point():                     # caches; not `pad` (no left padding)
-            buf.normal_().mul_(0.1 if name.endswith("recurrent_state") else 1.0)
-    step = cuda_graph_decoder(model, 1)
-    tok = torch.zeros(1, 1, dtype=torch.long, device=device)
-    return dict(tpot_ms=bench.cuda_time(lambda: step(tok, L - 1), runs=steps, warmup=4))
+    return dict(tpot_ms=bench.random_cache_tpot_ms(model, L, steps))
 
 
 def main():
