@@ -346,9 +346,10 @@ class MLAAttention(nn.Module):
         q_nope, q_pe = q.split([self.nope, self.pe], dim=-1)       # [B, H, 128], [B, H, 64]
         q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)          # [B, H, R]
         scores = _bmm_fp32(torch.cat([q_lat, q_pe], dim=-1), cache.mT) * self.scale   # [B, H, L]
-        hidden = torch.arange(L, device=q.device) > pos             # [L]: the future
-        if pad is not None:                                         # [B, L]: and left padding
-            hidden = hidden | (torch.arange(L, device=q.device) < pad[:, None])
+        j = torch.arange(L, device=q.device)                        # key positions
+        hidden = j > pos                                            # [L]: the future
+        if pad is not None:
+            hidden = hidden | (j < pad[:, None])                    # [B, L]: and left padding
         p = scores.masked_fill(hidden.view(-1, 1, L), float("-inf")).softmax(dim=-1)
         o_lat = torch.bmm(p.to(q.dtype), cache[..., :self.R])      # [B, H, R]
         return torch.einsum("bhr,hdr->bhd", o_lat, w_uv)[:, None]   # [B, 1, H, 128]
@@ -521,8 +522,7 @@ class Transformer(nn.Module):
         if start_pos is not None:
             _require(B <= self.max_batch_size, f"batch of {B} exceeds the cache's max_batch_size="
                      f"{self.max_batch_size} (call setup_cache, or omit start_pos)")
-            # A tensor start_pos is never formatted into a message: that would sync with the GPU,
-            if torch.is_tensor(start_pos):                      # which a CUDA graph capture forbids
+            if torch.is_tensor(start_pos):  # not in a message: formatting it syncs (graphs can't)
                 _require(T == 1, "a tensor start_pos is for steps of one token")
             else:
                 _require(start_pos + T <= self.max_seq_len, f"start_pos {start_pos} + {T} tokens "
