@@ -1,14 +1,14 @@
 """The speed benchmark of the full-size model on one GPU, random weights.
 
     python bench.py [--config NAME_OR_CONFIG_JSON] [--compile] [--peer] [--fp8]
-    python bench.py --context 4096,131072,1048576 [--out DIR]      # TPOT vs an all-MLA twin
+    python bench.py --context 4096,131072,1048576 [--out DIR] [--batch B]   # vs an all-MLA twin
 
 It builds the model with random weights (speed does not depend on their values) and prints
 prefill tokens/s at B = 1 and decode tokens/s after a 4096-token prompt, each next to its ceiling
 on this GPU: the bf16 matmul rate over 2 FLOP per active parameter for prefill; for decode, the HBM
 copy rate over the bytes a step must read (active weights, MLA caches, KDA states). Decode runs
-eager, as one CUDA graph per step (sample.cuda_graph_decoder, as sample.py runs it) and, with
---compile, fused by torch.compile first; then through sample.generate itself, for B = 1, 4 and 16
+eager, as one CUDA graph per step of kimi.py's forward, as one of decode.py's fused step (what
+sample.py runs) and, with --compile, kimi.py's forward fused by torch.compile first; then through sample.generate itself, for B = 1, 4 and 16
 prompts of different lengths. --peer also times Hugging Face transformers'
 KimiLinearForCausalLM (peer_hf.py) on random weights of the same shapes. --fp8 adds the same rows
 for FP8 weights (quantize.py), with ceilings at the FP8 matmul rate and in the FP8 model's bytes.
@@ -150,13 +150,15 @@ def bench_ours(args, device, compile, fp8=False):
         rows[f"{tag}prefill B=1 T={T}"] = (T / ms * 1e3, rate / (2 * active_params(args)))
         print(f"{tag}prefill B=1 T={T}: {T / ms * 1e3:.1f} tok/s", flush=True)
     model.setup_cache(max(DECODE_B), CONTEXT + STEPS + 16)  # the graph's MLA reads all the buffer
-    hows = ["eager", "CUDA graph"] + (["torch.compile + graph"] if compile else [])
+    hows = ["eager", "CUDA graph", "decode.py + graph"] + (["torch.compile + graph"] if compile
+                                                           else [])
     for B in DECODE_B:
         ceiling = B * COPY_BYTES_PER_S / model_decode_bytes(model, B, CONTEXT)
         for how in hows:
             step = None
             if how != "eager":
-                step = cuda_graph_decoder(model, B, compile=how != "CUDA graph")
+                step = cuda_graph_decoder(model, B, compile=how.startswith("torch.compile"),
+                                          fused=how.startswith("decode.py"))
             prompt = torch.randint(0, args.vocab_size, (B, CONTEXT), device=device)
             tok = model(prompt, start_pos=0, last_only=True)[:, -1].argmax(-1, keepdim=True)
             pos = iter(range(CONTEXT, CONTEXT + STEPS + 16))
@@ -203,23 +205,24 @@ def bench_peer(args, device):
     return rows
 
 
-def bench_context(args, device, contexts, steps=16, prefill=65536):
-    """Decode time per output token (TPOT) at B = 1 after `contexts` tokens, for the model and its
-    all-MLA twin (every layer MLA, all else equal). The caches are filled with random values, not
-    by a prefill: a decode step's time does not depend on the cached values. -> list of dicts."""
+def bench_context(args, device, contexts, steps=16, prefill=65536, batch=1):
+    """Decode time per output token (TPOT: one step of `batch` rows) after `contexts` tokens, for
+    the model and its all-MLA twin (every layer MLA, all else equal). The caches are filled with
+    random values, not by a prefill: a step's time does not depend on them. -> list of dicts."""
     results = []
     twin = replace(args, full_attn_layers=tuple(range(args.num_hidden_layers)))
     for variant, a in (("Kimi Linear", args), ("all-MLA twin", twin)):
         model = random_model(a, device, 1, 1)
         for L in contexts:
-            row = dict(variant=variant, context=L, formula_bytes=a.cache_bytes(1, L))
+            row = dict(variant=variant, context=L, batch=batch,
+                       formula_bytes=a.cache_bytes(batch, L))
             try:
                 model.setup_cache(0, 0)                 # free the last caches, measure the new ones
                 torch.cuda.empty_cache()
                 before = torch.cuda.memory_allocated(device)
-                model.setup_cache(1, L)
+                model.setup_cache(batch, L)
                 row["allocated_bytes"] = torch.cuda.memory_allocated(device) - before
-                row["tpot_ms"] = random_cache_tpot_ms(model, L, steps)
+                row["tpot_ms"] = random_cache_tpot_ms(model, L, steps, batch)
             except torch.OutOfMemoryError:
                 row["tpot_ms"] = None                   # the twin's cache may not fit next to 98 GB
             results.append(row)
@@ -227,7 +230,7 @@ def bench_context(args, device, contexts, steps=16, prefill=65536):
             print(f"{variant:12} context {L:>8}: cache {row['formula_bytes'] / 2**30:7.3f} GiB "
                   f"(allocated {row.get('allocated_bytes', 0) / 2**30:7.3f}), TPOT {tpot}",
                   flush=True)
-            if L == prefill:                            # bonus: the prefill that fills such a cache
+            if L == prefill and batch == 1:             # bonus: the prefill that fills such a cache
                 tokens = torch.randint(0, a.vocab_size, (1, L), device=device)
                 prefill_ms = cuda_time(lambda: model(tokens, start_pos=0, last_only=True), runs=1)
                 row["prefill_s"] = prefill_ms / 1e3
@@ -237,14 +240,15 @@ def bench_context(args, device, contexts, steps=16, prefill=65536):
     return results
 
 
-def random_cache_tpot_ms(model, L, steps=16):
-    """Milliseconds per decode step at B = 1 on caches set up for L tokens, filled here with random
-    values (a step's time does not depend on them), through one CUDA graph that reads all L."""
+def random_cache_tpot_ms(model, L, steps=16, batch=1):
+    """Milliseconds per decode step of `batch` rows on caches set up for L tokens, filled here with
+    random values (a step's time does not depend on them), through one CUDA graph that reads all
+    L (sample.cuda_graph_decoder: decode.py's fused step)."""
     for name, buf in model.named_buffers():
         if buf.is_floating_point():                     # caches; not `pad` (no left padding)
             buf.normal_().mul_(0.1 if name.endswith("recurrent_state") else 1.0)
-    step = cuda_graph_decoder(model, 1)
-    tok = torch.zeros(1, 1, dtype=torch.long, device=model.lm_head.weight.device)
+    step = cuda_graph_decoder(model, batch)
+    tok = torch.zeros(batch, 1, dtype=torch.long, device=model.lm_head.weight.device)
     return cuda_time(lambda: step(tok, L - 1), runs=steps, warmup=4)
 
 
@@ -258,7 +262,8 @@ def plot(results, path):
         pts = [(r["context"], r["tpot_ms"]) for r in results
                if r["variant"] == variant and r["tpot_ms"]]
         ax.plot(*zip(*pts), marker="o", label=variant)
-    ax.set(xscale="log", xlabel="context (tokens)", ylabel="decode time per token, B = 1 (ms)",
+    B = results[0].get("batch", 1)
+    ax.set(xscale="log", xlabel="context (tokens)", ylabel=f"decode step time, B = {B} (ms)",
            title="Kimi Linear 48B-A3B vs an all-MLA twin, one H200, bf16")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
@@ -277,6 +282,8 @@ def parse(argv):
     ap.add_argument("--context", help="comma-separated context lengths: decode time per token and "
                     "cache size against an all-MLA twin, instead of the speed table")
     ap.add_argument("--out", help="with --context: write tpot.json and tpot.png into this folder")
+    ap.add_argument("--batch", type=int, default=1, help="with --context: rows per decode step "
+                    "(default: %(default)s)")
     ap.add_argument("--fp8", action="store_true", help="also the rows with FP8 weights "
                     "(quantize.py), after the bf16 ones")
     opts = ap.parse_args(argv)
@@ -286,6 +293,8 @@ def parse(argv):
         ap.error(f"--context takes comma-separated token counts, not {opts.context!r}")
     if any(c < 1 for c in contexts):
         ap.error("--context lengths must be positive")
+    if opts.batch < 1 or (opts.batch != 1 and not contexts):
+        ap.error("--batch takes a row count >= 1 and goes with --context")
     if opts.out and not contexts:
         ap.error("--out writes the --context results: add --context")
     if contexts and (opts.compile or opts.peer):
@@ -321,7 +330,7 @@ def main(argv=()):
     print(f"{active_params(args) / 1e9:.2f} B active parameters per token; random bf16 weights on "
           f"{torch.cuda.get_device_name(device)}", flush=True)
     if contexts:
-        results = bench_context(args, device, contexts)
+        results = bench_context(args, device, contexts, batch=opts.batch)
         if opts.out:
             with open(os.path.join(opts.out, "tpot.json"), "w") as f:
                 json.dump(results, f, indent=1)

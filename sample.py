@@ -10,6 +10,7 @@ Reading order: sample (one draw), generate (prefill, then one step per token), c
 chat format are in tokenizer.py, the demo checkpoint in demo.py.
 """
 import argparse
+import functools
 import os
 import resource
 import sys
@@ -102,35 +103,42 @@ def prompt_ids(model, tokenizer, prompt):
     return ids.cpu().long()
 
 
-def cuda_graph_decoder(model, batch_size, compile=False):
+def cuda_graph_decoder(model, batch_size, compile=False, fused=True):
     """decode(tokens [B, 1], start_pos) -> logits [B, 1, vocab]: a decode step replayed from a
-    CUDA graph, so its ~3,000 small kernels cost one launch (compile=True first fuses them with
-    torch.compile: about a minute for the 48B model on an H200). The position is a device tensor,
-    so one graph serves every step; MLA reads its whole cache buffer, masked. Build it after
-    setup_cache and before a prefill: capturing runs decode steps on the caches."""
+    CUDA graph, so its kernels cost one launch: decode.step's ~10 fused kernels a layer (fused),
+    else kimi.py's forward, ~3,000 small kernels, which compile=True first fuses with torch.compile
+    (about a minute for the 48B model on an H200). The position is a device tensor, so one graph
+    serves every step; MLA reads its whole cache buffer, masked. Build it after setup_cache and
+    before a prefill: capturing runs decode steps on the caches."""
     device = model.lm_head.weight.device
     model.stack_experts()                               # the expert loop syncs with the host
     tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
     pos = torch.ones((), dtype=torch.long, device=device)
-    step = (torch.compile(model, dynamic=False, options={"emulate_precision_casts": True})
-            if compile else model)                      # (compiled: rounds to bf16 as eager)
+    if fused and not compile:
+        import decode                                   # here: `import sample` stays light
+        decode.prepare(model)
+        step = functools.partial(decode.step, model, tokens, pos)
+    else:                                               # compiled: rounds to bf16 as eager
+        forward = (torch.compile(model, dynamic=False, options={"emulate_precision_casts": True})
+                   if compile else model)
+        step = functools.partial(forward, tokens, start_pos=pos, last_only=True)
     stream = torch.cuda.Stream(device)                  # warm up (compile, plan) off the main one
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.no_grad(), torch.cuda.stream(stream):
         for _ in range(2):
-            step(tokens, start_pos=pos, last_only=True)
+            step()
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad(), torch.cuda.graph(graph):
-        logits = step(tokens, start_pos=pos, last_only=True)    # overwritten by every replay
+        logits = step()                                 # overwritten by every replay
 
-    def decode(new_tokens, start_pos):
+    def replay(new_tokens, start_pos):
         tokens.copy_(new_tokens)
         pos.fill_(start_pos)
         graph.replay()
         return logits
-    decode.batch_size = batch_size
-    return decode
+    replay.batch_size = batch_size
+    return replay
 
 
 # ---- checkpoints and devices: clear one-line errors ----

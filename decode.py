@@ -1,0 +1,202 @@
+"""
+One decode step of kimi.py's model in about ten kernels per layer: the fast path of generation.
+
+    step(model, tokens, start_pos) = model(tokens, start_pos, last_only=True)
+    for tokens [B, 1] that continue the sequences in the caches (start_pos >= 1, an int or a 0-d
+    device tensor, as sample.cuda_graph_decoder replays it).
+
+kimi.py's forward says the math in small torch operations: about 110 kernels per layer, 3,000 per
+step, each costing ~2.5 us even when replayed from a CUDA graph, so a step took 9.5 ms where its
+weights take 1.5 ms to read. This file runs the same math layer by layer in fused pieces, each with
+a torch reference beside its kernel (a test checks each, and step against model):
+  - add_rmsnorm (here): the residual add and the next RMSNorm in one kernel
+  - one matmul for all of a layer's input projections, stacked once by prepare (their weights
+    become views of the stacked one, as moe_fast.stack_experts does for the experts)
+  - kda_decode.py: a KDA layer's short convs, norms, gates, recurrence and gated norm in one kernel
+  - mla_decode.py: the absorbed latent attention, split over the cache (flash-decoding)
+  - moe_decode.py: the router's top-k, then the selected experts (the shared one stacked with them)
+    read once in two kernels
+Everything else is kimi.py's own modules. Shapes: B rows, D hidden, P = H*K KDA width, N = B.
+"""
+import torch
+import torch.nn.functional as F
+
+from triton_util import round_to  # noqa: I001 (first: without a GPU, Triton's interpreter)
+import triton
+import triton.language as tl
+
+import kda_decode
+import kimi
+import mla_decode
+import moe_decode
+import moe_fast
+
+
+# -------------------------------------------------------------------------------------------------
+# The residual add and RMSNorm, fused
+
+@triton.jit
+def _add_rmsnorm_kernel(h_ptr, delta_ptr, w_ptr, h_out, n_out, D, stride, eps,
+                        HAS_DELTA: tl.constexpr, BD: tl.constexpr):
+    """One row per program: h = h + delta (rounded), n = RMSNorm(h) with kimi's rounding points."""
+    row = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BD)
+    h = tl.load(h_ptr + row * stride + d, mask=d < D, other=0.0)
+    if HAS_DELTA:
+        delta = tl.load(delta_ptr + row * stride + d, mask=d < D, other=0.0)
+        h = round_to(h.to(tl.float32) + delta.to(tl.float32), h_out.dtype.element_ty)  # bf16 add
+        tl.store(h_out + row * D + d, h.to(h_out.dtype.element_ty), mask=d < D)
+    h32 = h.to(tl.float32)
+    n = h32 * tl.rsqrt(tl.sum(h32 * h32, axis=0) / D + eps)
+    n = round_to(n, h_out.dtype.element_ty)             # cast back *before* the weight (trap 10)
+    w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+    n = round_to(n * w, n_out.dtype.element_ty)
+    tl.store(n_out + row * D + d, n.to(n_out.dtype.element_ty), mask=d < D)
+
+
+def add_rmsnorm_ref(h, delta, norm):
+    """(h + delta, norm(h + delta)) for h, delta [B, D]; delta None: (h, norm(h))."""
+    if delta is not None:
+        h = h + delta
+    return h, norm(h)
+
+
+def add_rmsnorm(h, delta, norm):
+    """= add_rmsnorm_ref in one kernel (norm: a kimi.RMSNorm; rows contiguous)."""
+    B, D = h.shape
+    h_out = torch.empty_like(h) if delta is not None else h
+    n_out = torch.empty_like(h)
+    _add_rmsnorm_kernel[(B,)](h, delta, norm.weight, h_out, n_out, D, h.stride(0), norm.eps,
+                              HAS_DELTA=delta is not None, BD=triton.next_power_of_2(D))
+    return h_out, n_out
+
+
+# -------------------------------------------------------------------------------------------------
+# Stacked projections
+
+@torch.no_grad()     # the stack is a plain tensor, outside autograd
+def stack_linears(linears):
+    """Stack nn.Linear (or quantize.Fp8Linear) layers over their outputs: -> (weight [sum N, K],
+    scale [sum N, 1] or None). Each layer's weight (and scale) becomes a view of the stack."""
+    fp8 = hasattr(linears[0], "weight_scale")
+    weight = torch.cat([m.weight for m in linears])
+    scale = torch.cat([m.weight_scale for m in linears]) if fp8 else None
+    start = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight = torch.nn.Parameter(weight[start:start + n], requires_grad=False)
+        if fp8:
+            m.weight_scale = torch.nn.Parameter(scale[start:start + n], requires_grad=False)
+        start += n
+    return weight, scale
+
+
+def linear(x, weight, scale):
+    """x @ weight.T for a stack_linears result (FP8: quantize.fp8_linear's decode product)."""
+    if scale is None:
+        return F.linear(x, weight)
+    import quantize
+    return quantize.fp8_linear(x, weight, scale)
+
+
+KDA_IN = ("q_proj", "k_proj", "v_proj", "f_a_proj", "g_a_proj", "b_proj")
+MLA_IN = ("q_proj", "kv_a_proj_with_mqa")
+
+
+def prepare(model):
+    """Stack what step reads (idempotent; again after .to(), whose copies are no longer views)."""
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        names = MLA_IN if isinstance(attn, kimi.MLAAttention) else KDA_IN
+        first = getattr(attn, names[0]).weight
+        if getattr(attn, "stacked", None) is None or attn.stacked[0].data_ptr() != first.data_ptr():
+            attn.stacked = stack_linears([getattr(attn, n) for n in names])
+        if isinstance(attn, kimi.KimiDeltaAttention):   # the kernel reads these as plain matrices
+            attn.low_rank = [_plain(attn.f_b_proj), _plain(attn.g_b_proj)]
+        if layer.is_moe and not hasattr(layer.block_sparse_moe, "s13"):
+            moe_fast.stack_experts(layer.block_sparse_moe)     # (FP8 blocks stack as they load)
+
+
+def _plain(m):
+    """A Linear's weight in the model's dtype (an Fp8Linear's dequantised: exact in bf16)."""
+    if not hasattr(m, "weight_scale"):
+        return m.weight
+    return (m.weight.float() * m.weight_scale).to(torch.bfloat16)
+
+
+# -------------------------------------------------------------------------------------------------
+# The step
+
+@torch.no_grad()
+def step(model, tokens, start_pos, fast=True):
+    """= model(tokens, start_pos, last_only=True) for tokens [B, 1] continuing the sequences in
+    the caches (start_pos >= 1). fast=False runs every piece's torch reference instead."""
+    B = tokens.shape[0]
+    kimi._require(torch.is_tensor(start_pos) or start_pos >= 1,
+                  "decode.step continues sequences: start_pos >= 1 (a prefill starts them)")
+    model._check(B, 1, start_pos, None, tokens.device)
+    pad = model.pad[:B]                                     # the left padding the rows began with
+    h, delta = model.model.embed_tokens(tokens[:, 0]), None     # [B, D]
+    norm = add_rmsnorm if fast else add_rmsnorm_ref
+    for layer in model.model.layers:
+        h, x = norm(h, delta, layer.input_layernorm)       # h += previous output; x = norm(h)
+        attn = layer.self_attn
+        if isinstance(attn, kimi.MLAAttention):
+            delta = mla_step(attn, x, start_pos, pad, fast)
+        else:
+            delta = kda_step(attn, x, fast)
+        h, x = norm(h, delta, layer.post_attention_layernorm)
+        delta = moe_step(layer.block_sparse_moe, x, fast) if layer.is_moe else layer.mlp(x)
+    h, x = norm(h, delta, model.model.norm)
+    return model.lm_head(x).float()[:, None]               # [B, 1, vocab]
+
+
+def kda_step(attn, x, fast):
+    """= KimiDeltaAttention.forward for one token per row, continuing: x [B, D] -> [B, D]."""
+    B, H, K = x.shape[0], attn.H, attn.K
+    P = H * K
+    q, k, v, f_a, g_a, b = linear(x, *attn.stacked).split([P, P, P, K, K, H], dim=-1)
+    conv_w = (attn.q_conv1d.weight, attn.k_conv1d.weight, attn.v_conv1d.weight)
+    f_b_w, g_b_w = attn.low_rank
+    kernel = kda_decode.kda_decode if fast else kda_decode.kda_decode_ref
+    o = kernel(q, k, v, f_a, g_a, b, attn.conv_state[:, :B], conv_w, f_b_w, g_b_w, attn.A_log,
+               attn.dt_bias, attn.o_norm.weight, attn.o_norm.eps, attn.recurrent_state[:B])
+    return attn.o_proj(o)                                   # o [B, P]
+
+
+def mla_step(attn, x, pos, pad, fast):
+    """= MLAAttention.forward for one token per row at position pos: x [B, D] -> [B, D]. pos: an
+    int, or a 0-d device tensor (a CUDA graph's), for which the kernel reads the whole buffer."""
+    B, H, R = x.shape[0], attn.H, attn.R
+    q, c, k_pe = linear(x, *attn.stacked).split([H * (attn.nope + attn.pe), R, attn.pe], dim=-1)
+    ckv = torch.cat([attn.kv_a_layernorm(c), k_pe], dim=-1)        # [B, R + pe]: the new entry
+    attn.kv_cache[:B].index_copy_(1, torch.as_tensor(pos, device=x.device).view(1), ckv[:, None])
+    # absorbed attention (MLAAttention.attend_absorbed): every head a query row over the latents
+    w_uk, w_uv = attn.kv_b_proj.weight.view(H, attn.nope + attn.v, R).split([attn.nope, attn.v], 1)
+    q_nope, q_pe = q.view(B, H, -1).split([attn.nope, attn.pe], dim=-1)
+    q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)             # [B, H, R]
+    L = None if torch.is_tensor(pos) else pos + 1                 # None: the whole buffer
+    kernel = mla_decode.mla_decode if fast else mla_decode.mla_decode_ref
+    o_lat = kernel(torch.cat([q_lat, q_pe], dim=-1), attn.kv_cache[:B, :L], pos, attn.scale, pad,
+                   kv_lora_rank=R)
+    o = torch.einsum("bhr,hdr->bhd", o_lat, w_uv)                   # [B, H, 128]
+    return attn.o_proj(o.reshape(B, H * attn.v))
+
+
+def moe_step(moe, x, fast):
+    """= SparseMoeBlock.forward for one token per row: x [B, D] -> [B, D]."""
+    gate, args = moe.gate, moe.gate.args
+    if x.is_cuda:   # fp32 accumulation of exact bf16 products = F.linear(x.float(), W.float())
+        logits = torch.mm(x, gate.weight.T, out_dtype=torch.float32)
+    else:
+        logits = F.linear(x.float(), gate.weight.float())
+    route = moe_decode.route if fast else moe_decode.route_ref
+    ids, w = route(logits, gate.e_score_correction_bias, args.num_experts_per_token,
+                   args.moe_renormalize, args.routed_scaling_factor, args.routing_weights_biased)
+    shared = len(moe.w13) > args.num_experts                 # stacked as expert E: one more slot
+    if shared:
+        ids = torch.cat([ids, torch.full_like(ids[:, :1], args.num_experts)], dim=1)
+        w = torch.cat([w, torch.ones_like(w[:, :1])], dim=1)
+    experts = moe_decode.experts if fast else moe_decode.experts_ref
+    y = experts(x, ids, w, moe.w13, moe.w2, getattr(moe, "s13", None), getattr(moe, "s2", None))
+    return y if shared else y + moe.shared_experts(x)

@@ -1,0 +1,252 @@
+"""
+One KDA decode step (T = 1) in one Triton kernel: everything kimi.KimiDeltaAttention.forward does
+between the input projections and o_proj, for one new token per row.
+
+kimi.py spends ~50 small torch kernels on this per layer and step (three short convs and their
+state shift, SiLU, casts, two l2norms, the gate, beta, the recurrence, the gated RMSNorm); in a
+CUDA graph each still costs ~2.5 us. Here: kda_decode_ref (plain torch, kimi.py's rounding points)
+and kda_decode (one launch, grid B*H), with one signature:
+
+    kda_decode[_ref](q, k, v, f_a, g_a, b, conv_state, conv_w, f_b_w, g_b_w, A_log, dt_bias,
+                     o_norm_w, eps, S) -> o [B, P], the input of o_proj, in q's dtype
+It equals, per row and head h (channels c = h*K .. h*K + K-1):
+    1. q, k, v = silu(short conv over [conv_state, new]) in fp32, rounded to the model dtype;
+       conv_state shifted in place to the last W-1 PRE-conv inputs    (kimi.ShortConv)
+    2. q, k = l2norm(q.float()), l2norm(k.float()): eps 1e-6 on the sum of squares  (kda_ref.l2norm)
+    3. g = -exp(A_log) softplus(f_b_proj(f_a) + dt_bias), f rounded as nn.Linear returns it
+    4. beta = sigmoid(b.float())
+    5. S *= exp(g); S += k (beta (v - S^T k))^T; o = S^T (q / sqrt(K)), rounded  (recurrent_kda)
+    6. o = GatedRMSNorm(o, g_b_proj(g_a)): fp32, one final rounding      (kimi.GatedRMSNorm)
+conv_state and S are updated in place, as the module updates its caches.
+
+Glossary (48B sizes): B rows (one token each), H = 32 heads, K = V = 128 head dims, P = H*K = 4096,
+W = 4 short-conv taps. Inputs: q, k, v [B, P]; f_a, g_a [B, K]; b [B, H] (column slices of one
+fused projection: unit column stride, any row stride); conv_state [3, B, P, W-1] (q, k, v; oldest
+first); conv_w = (wq, wk, wv) [P, 1, W] each; f_b_w, g_b_w [P, K]; A_log [H] values fp32;
+dt_bias [P] fp32; o_norm_w [V]; S [B, H, K, V] fp32 contiguous.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+# Without CUDA the kernel runs in Triton's CPU interpreter, chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from kda_ref import kda_gate, l2norm, recurrent_kda  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+WARPS = 8           # the [128, 128] fp32 state tile over 256 threads: 64 registers each
+MV = 32             # input columns per step of the two low-rank matvecs (bounds their registers)
+L2_EPS = tl.constexpr(1e-6)         # kda_ref.l2norm's eps (globals in @triton.jit: constexpr)
+BITS = tl.constexpr(INTERPRET)      # round to bf16 on the bits: the interpreter's cast truncates
+
+
+def kda_decode_ref(q, k, v, f_a, g_a, b, conv_state, conv_w, f_b_w, g_b_w, A_log, dt_bias,
+                   o_norm_w, eps, S):
+    """The step in plain torch, as kimi.KimiDeltaAttention.forward computes it for T = 1."""
+    (B, P), H = q.shape, b.shape[1]
+    K = P // H
+    # 1. short convs: xs = [state, new] (tap W-1 newest), fp32 products, SiLU, one rounding
+    xs = torch.cat([conv_state, torch.stack([q, k, v])[..., None]], dim=-1)     # [3, B, P, W]
+    conv_state.copy_(xs[..., 1:])                       # keep the PRE-conv inputs (trap 7)
+    w = torch.stack([wi.squeeze(1) for wi in conv_w]).float()                   # [3, P, W]
+    y = F.silu((xs.float() * w[:, None]).sum(-1)).to(q.dtype)                   # [3, B, P]
+    qc, kc, vc = (t.view(B, 1, H, K) for t in y)                                # [B, T=1, H, K]
+    # 3. forget gate: f rounded to the model dtype by the Linear, then fp32 (trap 3)
+    g = kda_gate(F.linear(f_a, f_b_w).view(B, 1, H, K), A_log, dt_bias)         # [B, 1, H, K]
+    beta = b.float().sigmoid()[:, None]                 # 4. upcast before sigmoid  [B, 1, H]
+    # 2. + 5. l2norm in fp32 (eps on the sum), the recurrence with the fp32 state
+    o, S_new = recurrent_kda(l2norm(qc.float()), l2norm(kc.float()), vc, g, beta,
+                             scale=K ** -0.5, initial_state=S, output_final_state=True)
+    S.copy_(S_new)
+    # 6. gated RMSNorm: o (rounded to the model dtype by the recurrence) in fp32, one last rounding
+    gate = F.linear(g_a, g_b_w).view(B, H, K)                                   # [B, H, V]
+    o32 = o[:, 0].float()                                                       # [B, H, V]
+    o32 = o32 * torch.rsqrt(o32.square().mean(-1, keepdim=True) + eps)
+    o32 = o32 * o_norm_w.float() * torch.sigmoid(gate.float())      # sigmoid, not SiLU (trap 8)
+    return o32.to(q.dtype).view(B, P)
+
+
+@triton.jit
+def _round(x, DT: tl.constexpr):
+    """fp32 x rounded to the nearest DT value (ties to even), returned as fp32."""
+    if BITS and DT == tl.bfloat16:
+        # The interpreter's fp32 -> bf16 cast truncates (half the values one ulp off); round on the
+        # bits: add half an ulp (less one unless the kept last bit is odd), drop the low 16 bits.
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True)
+    else:
+        return x.to(DT).to(tl.float32)
+
+
+@triton.jit
+def _conv(x, s_x, st, w, row, c, K: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
+    """Short conv + SiLU of channels c [K] of one row; shifts that row's state [K, W-1] in place.
+    Returns the output rounded to the model dtype, as fp32 [K]."""
+    cw = tl.arange(0, WP)[None, :]                      # taps, padded to a power of two [1, WP]
+    new = tl.load(x + row * s_x + c)[:, None]                                   # [K, 1]
+    old = tl.load(st + c[:, None] * (W - 1) + cw, mask=cw < W - 1, other=0.)    # [K, WP]
+    xs = tl.where(cw == W - 1, new, old)                # [state..., new, 0...]
+    wt = tl.load(w + c[:, None] * W + cw, mask=cw < W, other=0.)                # [K, WP]
+    y = tl.sum(xs.to(tl.float32) * wt.to(tl.float32), axis=1)                  # [K] fp32
+    y = _round(y * tl.sigmoid(y), x.dtype.element_ty)                   # SiLU, one rounding
+    # the shifted state: column j <- column j + 1 of xs, re-read rather than moved across registers
+    nxt = tl.load(st + c[:, None] * (W - 1) + cw + 1, mask=cw + 1 < W - 1, other=0.)
+    nxt = tl.where(cw == W - 2, new, nxt)                                       # [K, WP]
+    # Threads holding copies of one element load it independently; without this barrier a fast
+    # warp could overwrite state that a slow warp has still to read.
+    tl.debug_barrier()
+    tl.store(st + c[:, None] * (W - 1) + cw, nxt, mask=cw < W - 1)
+    return y
+
+
+@triton.jit
+def _lowrank(w, x, s_x, row, h, K: tl.constexpr, MV: tl.constexpr):
+    """Head h's K outputs of w [P, K] @ x[row] [K], fp32 sums rounded as nn.Linear rounds; fp32."""
+    co = h * K + tl.arange(0, K)                        # output channels [K]
+    acc = tl.zeros([K], dtype=tl.float32)
+    for i0 in tl.static_range(0, K, MV):                # [K, MV] tiles: 16 registers a thread each
+        ci = i0 + tl.arange(0, MV)
+        xi = tl.load(x + row * s_x + ci).to(tl.float32)                         # [MV]
+        wi = tl.load(w + co[:, None] * K + ci[None, :]).to(tl.float32)          # [K, MV]
+        acc += tl.sum(wi * xi[None, :], axis=1)
+    return _round(acc, x.dtype.element_ty)
+
+
+@triton.jit
+def _kda_decode_kernel(
+        # pointers
+        q, k, v, f_a, g_a, b, conv, wq, wk, wv, f_b_w, g_b_w, A_log, dt_bias, o_norm_w, S, o,
+        # sizes, strides
+        H, scale, eps, s_qkv, s_a, s_b, s_c0, s_c1,
+        # meta
+        K: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, MV: tl.constexpr):
+    """One program per (row, head): the whole step for that head's K channels."""
+    bh = tl.program_id(0).to(tl.int64)                  # int64: B*H*K*K offsets grow past 2^31
+    row, h = bh // H, bh % H
+    ck = tl.arange(0, K)                                # channel within the head (S's rows)
+    c = h * K + ck                                      # channel within P
+    # 3. and 6. the two low-rank products first, before S takes its registers
+    f = _lowrank(f_b_w, f_a, s_a, row, h, K, MV)                                 # [K]
+    gate = _lowrank(g_b_w, g_a, s_a, row, h, K, MV)                              # [V]
+    # 1. convs; state rows at conv + i*s_c0 + row*s_c1 + c*(W-1) + tap, for i = q, k, v
+    st = conv + row * s_c1
+    qc = _conv(q, s_qkv, st, wq, row, c, K, W, WP)
+    kc = _conv(k, s_qkv, st + s_c0, wk, row, c, K, W, WP)
+    vc = _conv(v, s_qkv, st + 2 * s_c0, wv, row, c, K, W, WP)
+    # 2. l2norm, eps on the sum of squares (an rms eps would be K times too small: trap 6)
+    qc = qc * tl.rsqrt(tl.sum(qc * qc, axis=0) + L2_EPS) * scale     # and q's 1/sqrt(K)
+    kc = kc * tl.rsqrt(tl.sum(kc * kc, axis=0) + L2_EPS)
+    # 3. g = -exp(A_log) softplus(z), torch's softplus: z above 20 is returned as is. Below, as
+    # max(z, 0) + log1p(exp(-|z|)), log1p(u) = log(1 + u) u / ((1 + u) - 1): exact where 1 + u
+    # rounds (log(1 + u) alone gives 0 for u < 6e-8, where torch's log1p gives u).
+    z = f + tl.load(dt_bias + c).to(tl.float32)
+    u = tl.exp(-tl.abs(z))
+    up = 1.0 + u
+    d = tl.where(up == 1.0, 1.0, up - 1.0)             # no 0 / 0 in the branch not taken
+    log1p = tl.where(up == 1.0, u, tl.log(up) * (u / d))
+    softplus = tl.where(z > 20.0, z, tl.maximum(z, 0.0) + log1p)
+    g = -tl.exp(tl.load(A_log + h).to(tl.float32)) * softplus                  # [K], <= 0
+    beta = tl.sigmoid(tl.load(b + row * s_b + h).to(tl.float32))              # 4.
+    # 5. the recurrence on the [K, V] fp32 tile, read once and written once. exp(g): g <= 0, so no
+    # overflow; g = -inf (a huge gate) gives 0, a full reset, as torch does
+    # an int64 base plus int32 offsets within the head: int64 [K, V] addresses would hold 128
+    # more registers a thread until the store
+    S += bh * K * K
+    state = ck[:, None] * K + ck[None, :]                                       # [K, V] int32
+    s = tl.load(S + state) * tl.exp(g)[:, None]
+    delta = beta * (vc - tl.sum(kc[:, None] * s, axis=0))                      # [V]
+    s += kc[:, None] * delta[None, :]
+    tl.store(S + state, s)
+    oc = tl.sum(qc[:, None] * s, axis=0)                                        # [V]
+    oc = _round(oc, v.dtype.element_ty)                # the recurrence returns o in v's dtype
+    # 6. gated RMSNorm over the head's V values, fp32, one final rounding
+    oc = oc * tl.rsqrt(tl.sum(oc * oc, axis=0) / K + eps)
+    oc = oc * tl.load(o_norm_w + ck).to(tl.float32) * tl.sigmoid(gate)
+    oc = _round(oc, o.dtype.element_ty)                 # then the cast below is exact
+    tl.store(o + row * H * K + c, oc.to(o.dtype.element_ty))
+
+
+def kda_decode(q, k, v, f_a, g_a, b, conv_state, conv_w, f_b_w, g_b_w, A_log, dt_bias,
+               o_norm_w, eps, S):
+    """= kda_decode_ref, in one launch (grid B*H). Graph safe: no sync, sizes from shapes only."""
+    (B, P), H, W = q.shape, b.shape[1], conv_w[0].shape[-1]
+    K = P // H
+    assert K * H == P and K & (K - 1) == 0, f"K = {K}: a power of two (tl.arange's sizes)"
+    assert k.stride() == v.stride() == q.stride() and q.stride(1) == 1, "q, k, v: one layout"
+    assert f_a.stride() == g_a.stride() and f_a.stride(1) == 1 and b.stride(1) == 1
+    assert conv_state.shape == (3, B, P, W - 1) and conv_state.stride()[2:] == (W - 1, 1)
+    assert S.is_contiguous() and S.dtype == torch.float32 and S.shape == (B, H, K, K)
+    assert all(w.is_contiguous() for w in (*conv_w, f_b_w, g_b_w, A_log, dt_bias, o_norm_w))
+    o = q.new_empty(B, P)
+    _kda_decode_kernel[(B * H,)](
+        q, k, v, f_a, g_a, b, conv_state, *conv_w, f_b_w, g_b_w, A_log, dt_bias, o_norm_w, S, o,
+        H, K ** -0.5, eps, q.stride(0), f_a.stride(0), b.stride(0), conv_state.stride(0),
+        conv_state.stride(1),
+        K=K, W=W, WP=triton.next_power_of_2(W), MV=min(MV, K), num_warps=WARPS)
+    return o
+
+
+def random_step(B, H, K, W, dtype, device, Bmax=None, seed=0):
+    """Random inputs laid out as the model's: q..b column slices of one fused projection output,
+    conv_state a [:, :B] view of a larger cache. Returns kda_decode's arguments as a tuple."""
+    gen = torch.Generator(device).manual_seed(seed)
+    P = H * K
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
+    proj = rand(B, 3 * P + 2 * K + H)
+    q, k, v, f_a, g_a, b = proj.split([P, P, P, K, K, H], dim=1)
+    conv_state = rand(3, Bmax or B + 1, P, W - 1)[:, :B]
+    conv_w = tuple(rand(P, 1, W, scale=W ** -0.5) for _ in range(3))
+    f_b_w, g_b_w = rand(P, K, scale=K ** -0.5), rand(P, K, scale=K ** -0.5)
+    A_log = torch.empty(H, device=device).uniform_(1, 16, generator=gen).log()
+    dt_bias = torch.randn(P, generator=gen, device=device) - 4     # softplus ~ 0.02, as trained
+    o_norm_w = rand(K, scale=0.1) + 1
+    S = torch.randn(B, H, K, K, generator=gen, device=device) * 0.1
+    return q, k, v, f_a, g_a, b, conv_state, conv_w, f_b_w, g_b_w, A_log, dt_bias, o_norm_w, 1e-5, S
+
+
+def _time_graph(fn, calls=50, repeats=10):
+    """Median us per call of fn: `calls` calls in one CUDA graph (as the model decodes), timed
+    with CUDA events over `repeats` replays after a warm-up."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):                              # compile and warm up outside the graph
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()                                      # the first replay uploads the graph
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+if __name__ == "__main__":
+    H, K, W = 32, 128, 4                                # Kimi-Linear-48B-A3B's KDA layer
+    for B in (1, 16):
+        args, P = random_step(B, H, K, W, torch.bfloat16, "cuda", Bmax=64), H * K
+        # bytes that must move: S read and written, the conv state read and written, the weights
+        # (two [P, K] low-rank, three convs, the small vectors), inputs and output
+        moved = (2 * B * H * K * K * 4 + 2 * 3 * B * P * (W - 1) * 2 + 2 * P * K * 2
+                 + 3 * P * W * 2 + P * 4 + (B * (4 * P + 2 * K + H)) * 2)
+        t_ker = _time_graph(lambda: kda_decode(*args))
+        t_ref = _time_graph(lambda: kda_decode_ref(*args))
+        print(f"B={B:3d}: kda_decode {t_ker:7.2f} us ({moved / t_ker / 1e3:6.0f} GB/s of "
+              f"{moved / 1e6:.2f} MB)   kda_decode_ref {t_ref:7.2f} us   x{t_ref / t_ker:.1f}")

@@ -1,0 +1,240 @@
+"""
+Flash-decoding (split-K) latent attention for MLA decode, in two Triton launches per call.
+It equals the middle of kimi.py's MLAAttention.attend_absorbed: from the query rows
+[q_lat | q_pe] to o_lat, before W_uv. Every head's query is one row of a single attention over the
+cached latents, so one program holds all H rows of its batch row and reads each cache tile once.
+
+  kernel 1, _mla_split_kernel, grid (B, NUM_SPLITS): row b's visible keys [pad[b], pos] are cut
+    into NUM_SPLITS ranges of whole tiles; a program walks its range BLOCK_L keys at a time:
+    s = q_lat c^T + q_pe k_pe^T, online softmax (running max m, sum l, fp32, in log2 units),
+    acc += p c; it writes its partial (m, l, acc). Ranges after pos are empty: no loop, no acc.
+  kernel 2, _mla_combine_kernel, grid (B, H, R / BLOCK_R): o = sum_s 2^(m_s - M) acc_s /
+    sum_s 2^(m_s - M) l_s with M = max_s m_s, skipping empty splits (m = -inf, l = 0).
+
+NUM_SPLITS (num_splits) is fixed on the host from L (the buffer length Lmax for a tensor pos, so
+one CUDA graph serves every step); the split length is computed in the kernel from pos, so all
+splits share the work whatever pos is, and the cost follows pos, not Lmax.
+Shapes: B batch, H heads, R latent rank (kv_lora_rank: 512, tiny 32), PE shared key dims (64,
+tiny 8), L cache length, S = NUM_SPLITS. q [B, H, R + PE]; kv_cache [B, L, R + PE] (= [c | k_pe]
+per position); pad [B] int64; o_lat [B, H, R].
+"""
+import functools
+import os
+
+import torch
+
+# Without CUDA the kernels run in Triton's CPU interpreter, chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634          # exp(x) = 2^(x log2 e): folded into the scale once
+# Fixed tiles (autotune breaks the interpreter). GPU values are not yet timed on an H200 (offline
+# sm_90 compile at H = 32: 166 registers, no spills, 112 KB shared: one program per SM); the
+# interpreter takes small ones so that its tests at L ~ 300 cross many tiles and splits.
+BLOCK_L = 16 if INTERPRET else 64       # keys per step (72 KB); fp32 takes 16 (64 would spill)
+MIN_SPLIT = 32 if INTERPRET else 256    # fewest keys per split: a partial costs 8 H R bytes
+WAVES = 1                               # B * NUM_SPLITS ~ WAVES * SMs: one program per SM
+BLOCK_S, BLOCK_R = 16, 64               # combine: splits per step, latent columns per program
+SPLIT_WARPS, SPLIT_STAGES = 8, 2        # 2 stages: the next tile loads during this one's dots
+
+
+def _bmm_fp32(a, b):
+    """a @ b in fp32 as kimi._bmm_fp32 (on CUDA bf16 operands stay bf16, fp32 accumulate)."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    return torch.bmm(a.to(dtype), b.to(dtype))
+
+
+def mla_decode_ref(q, kv_cache, pos, scale, pad=None, *, kv_lora_rank):
+    """q [B, H, R + PE], kv_cache [B, L, R + PE] -> o_lat [B, H, R] in q's dtype: attend_absorbed's
+    math. Keys j > pos (an int or a 0-d tensor) and j < pad[b] are hidden."""
+    L = kv_cache.shape[1]
+    scores = _bmm_fp32(q, kv_cache.mT) * scale                     # [B, H, L] fp32
+    j = torch.arange(L, device=q.device)                            # key positions
+    hidden = j > pos                                                # [L]: the future
+    if pad is not None:
+        hidden = hidden | (j < pad[:, None])                        # [B, L]: and left padding
+    p = scores.masked_fill(hidden.view(-1, 1, L), float("-inf")).softmax(dim=-1)
+    return torch.bmm(p.to(q.dtype), kv_cache[..., :kv_lora_rank])  # [B, H, R], fp32 accumulate
+
+
+@functools.cache
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_splits(L, B, device):
+    """NUM_SPLITS = max(1, min(ceil(L / MIN_SPLIT), ceil(WAVES * SMs / B))): a program per SM
+    when L is large, no split under MIN_SPLIT keys when it is short (SMs: 132 off the GPU)."""
+    sms = _sm_count(device) if device.type == "cuda" else 132
+    return max(1, min(triton.cdiv(L, MIN_SPLIT), triton.cdiv(WAVES * sms, B)))
+
+
+@triton.jit(do_not_specialize=["pos", "L", "S"])   # pos, L == 1: no recompiles
+def _mla_split_kernel(
+        # pointers
+        q, cache, pos, pad, m_part, l_part, acc_part,
+        # sizes, strides (the last dims of q and cache are contiguous)
+        L, S, scale_log2, stride_qb, stride_qh, stride_cb, stride_cl,
+        # meta
+        H: tl.constexpr, R: tl.constexpr, PE: tl.constexpr, HP: tl.constexpr, RP: tl.constexpr,
+        PEP: tl.constexpr, BL: tl.constexpr, MIN_SPLIT: tl.constexpr, POS_TENSOR: tl.constexpr,
+        HAS_PAD: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    if POS_TENSOR:                                      # a CUDA graph's step: read it on device
+        end = tl.load(pos) + 1
+    else:
+        end = pos + 1
+    end = tl.minimum(end, L)                            # never read past the buffer
+    first = 0
+    if HAS_PAD:
+        first = tl.load(pad + b)
+    # Row b's visible keys [first, end) in S ranges of whole tiles, at least MIN_SPLIT keys each:
+    # a short context fills a few splits, the rest find lo >= hi and skip the loop.
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(end - first, S), BL) * BL, MIN_SPLIT)
+    lo = first + split * chunk
+    hi = tl.minimum(lo + chunk, end)
+    h = tl.arange(0, HP)                                # heads padded to 16 (tl.dot's minimum)
+    r = tl.arange(0, RP)
+    e = tl.arange(0, PEP)                               # PE = 8 padded to 16 likewise
+    q_row = q + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh
+    q_lat = tl.load(q_row + r[None, :], mask=(h[:, None] < H) & (r[None, :] < R), other=0.)
+    q_pe = tl.load(q_row + R + e[None, :], mask=(h[:, None] < H) & (e[None, :] < PE), other=0.)
+    # DOT: bf16 operands on a GPU; fp32 in the interpreter, whose bf16 tl.dot is silently wrong
+    q_lat, q_pe = q_lat.to(DOT), q_pe.to(DOT)          # [HP, RP], [HP, PEP]; padded rows are 0
+    m = tl.full([HP], float("-inf"), tl.float32)        # running max of s (log2 units)
+    l = tl.zeros([HP], tl.float32)                      # running sum of 2^(s - m)
+    acc = tl.zeros([HP, RP], tl.float32)                # running sum of 2^(s - m) c
+    row = cache + b.to(tl.int64) * stride_cb            # int64: B Lmax 576 passes 2^31
+    for start in range(lo, hi, BL):
+        j = start + tl.arange(0, BL)                    # key positions, j >= first always
+        keep = j < hi
+        ptr = row + j[:, None].to(tl.int64) * stride_cl
+        c = tl.load(ptr + r[None, :], mask=keep[:, None] & (r[None, :] < R), other=0.)
+        k_pe = tl.load(ptr + R + e[None, :], mask=keep[:, None] & (e[None, :] < PE), other=0.)
+        c = c.to(DOT)                                   # [BL, RP]: the one read of this tile
+        s = tl.dot(q_lat, tl.trans(c), input_precision=PREC)       # [HP, BL] fp32
+        s = tl.dot(q_pe, tl.trans(k_pe.to(DOT)), s, input_precision=PREC)
+        # scale * log2(e) on the fp32 scores (not on q: no extra rounding); hidden keys -> -inf
+        s = tl.where(keep[None, :], s * scale_log2, float("-inf"))
+        # The tile's first key is visible, so m_new is finite: no -inf - -inf = NaN below, and
+        # alpha = 2^(-inf) = 0 on the first tile wipes the empty start.
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])                 # [HP, BL] in [0, 1]: safe in bf16
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(DOT), c, acc * alpha[:, None], input_precision=PREC)   # fp32 accumulate
+        m = m_new
+    part = b.to(tl.int64) * S + split                   # partials [B, S, H(, R)]
+    tl.store(m_part + part * H + h, m, mask=h < H)
+    tl.store(l_part + part * H + h, l, mask=h < H)
+    # empty splits write no acc: the combine never reads it (m = -inf, l = 0 mark them)
+    rows = tl.where(lo < hi, H, 0)
+    tl.store(acc_part + (part * H + h[:, None]) * R + r[None, :], acc,
+             mask=(h[:, None] < rows) & (r[None, :] < R))
+
+
+@triton.jit(do_not_specialize=["S"])
+def _mla_combine_kernel(
+        m_part, l_part, acc_part, o, S, stride_ob, stride_oh,
+        H: tl.constexpr, R: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    r = tl.program_id(2) * BR + tl.arange(0, BR)
+    base = b.to(tl.int64) * S
+    top = tl.full([BS], float("-inf"), tl.float32)
+    for s0 in range(0, S, BS):                          # 1. M = the largest split max
+        sp = s0 + tl.arange(0, BS)
+        m = tl.load(m_part + (base + sp) * H + h, mask=sp < S, other=float("-inf"))
+        top = tl.maximum(top, m)
+    M = tl.max(top, axis=0)                             # finite: a row has a visible key
+    den = tl.zeros([BS], tl.float32)
+    num = tl.zeros([BR], tl.float32)
+    for s0 in range(0, S, BS):                          # 2. rescale each split to M and add
+        sp = s0 + tl.arange(0, BS)
+        m = tl.load(m_part + (base + sp) * H + h, mask=sp < S, other=float("-inf"))
+        full = m > float("-inf")                        # empty splits: weight 0, acc unread
+        w = tl.where(full, tl.exp2(m - M), 0.)          # <= 1: no overflow
+        den += w * tl.load(l_part + (base + sp) * H + h, mask=full, other=0.)
+        acc = tl.load(acc_part + ((base + sp) * H + h)[:, None] * R + r[None, :],
+                      mask=full[:, None] & (r[None, :] < R), other=0.)     # [BS, BR]
+        num += tl.sum(w[:, None] * acc, axis=0)
+    out = num / tl.sum(den, axis=0)                     # den >= 1: the split holding M adds l >= 1
+    tl.store(o + b.to(tl.int64) * stride_ob + h * stride_oh + r, out.to(o.dtype.element_ty),
+             mask=r < R)
+
+
+def mla_decode(q, kv_cache, pos, scale, pad=None, *, kv_lora_rank):
+    """= mla_decode_ref, reading the cache once: two launches, no host sync (CUDA-graph safe).
+    pos: an int (keys after it are never read), or a 0-d int64 tensor on q's device (a graph's
+    step: NUM_SPLITS comes from the whole buffer and the kernel reads pos)."""
+    B, H, D = q.shape
+    R, PE = kv_lora_rank, D - kv_lora_rank
+    _check(kv_cache.shape[0] == B and kv_cache.shape[2] == D and 0 < R < D,
+           f"q {tuple(q.shape)}, kv_cache {tuple(kv_cache.shape)}, kv_lora_rank {R}")
+    _check(q.stride(-1) == 1 and kv_cache.stride(-1) == 1, "q and kv_cache need stride 1 last")
+    L = kv_cache.shape[1]
+    pos_tensor = torch.is_tensor(pos)
+    S = num_splits(L if pos_tensor else min(pos + 1, L), B, q.device)
+    m_part = torch.empty(B, S, H, dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    acc_part = torch.empty(B, S, H, R, dtype=torch.float32, device=q.device)
+    o = torch.empty(B, H, R, dtype=q.dtype, device=q.device)
+    low = q.dtype in (torch.bfloat16, torch.float16) and not INTERPRET
+    dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[q.dtype] if low else tl.float32
+    _mla_split_kernel[(B, S)](
+        q, kv_cache, pos, q if pad is None else pad.to(torch.int64), m_part, l_part, acc_part,
+        L, S, scale * LOG2E, q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1),
+        H=H, R=R, PE=PE, HP=max(16, triton.next_power_of_2(H)), RP=triton.next_power_of_2(R),
+        PEP=max(16, triton.next_power_of_2(PE)), BL=BLOCK_L if low else 16, MIN_SPLIT=MIN_SPLIT,
+        POS_TENSOR=pos_tensor, HAS_PAD=pad is not None, DOT=dot,
+        PREC="tf32" if low else "ieee",                # fp32 inputs: no TF32 rounding
+        num_warps=SPLIT_WARPS, num_stages=SPLIT_STAGES)
+    BR = min(BLOCK_R, triton.next_power_of_2(R))
+    _mla_combine_kernel[(B, H, triton.cdiv(R, BR))](
+        m_part, l_part, acc_part, o, S, o.stride(0), o.stride(1), H=H, R=R, BS=BLOCK_S, BR=BR)
+    return o
+
+
+def _check(ok, message):
+    if not ok:
+        raise ValueError(f"mla_decode: {message}")
+
+
+if __name__ == "__main__":      # H200 timing: python mla_decode.py
+    H, R, PE = 32, 512, 64
+
+    def median_ms(fn, runs=20):
+        """Median GPU time of one call, replayed from a CUDA graph (as sample.py decodes: no
+        Python launch overhead between the launches), after warm-up."""
+        for _ in range(3):                              # warm-up (and compilation)
+            fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        times = []
+        for _ in range(runs):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            stop.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(stop))
+        return sorted(times)[runs // 2]
+
+    for B, L in ((1, 4096), (1, 131072), (1, 1048576), (8, 131072)):
+        q = torch.randn(B, H, R + PE, device="cuda", dtype=torch.bfloat16)
+        cache = torch.randn(B, L, R + PE, device="cuda", dtype=torch.bfloat16)
+        pos = torch.tensor(L - 1, device="cuda")
+        nbytes = B * L * (R + PE) * 2                   # the cache, read once
+        row = f"B={B} L={L:>7} S={num_splits(L, B, q.device):>3} cache {nbytes / 1e9:.3f} GB:"
+        for name, fn in (("kernel", mla_decode), ("reference", mla_decode_ref)):
+            ms = median_ms(lambda fn=fn: fn(q, cache, pos, 192 ** -0.5, kv_lora_rank=R))
+            row += f"  {name} {ms:.3f} ms {nbytes / ms / 1e9:.2f} TB/s"
+        print(row + ("  (fits in L2)" if nbytes < 50e6 else ""))

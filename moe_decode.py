@@ -1,0 +1,305 @@
+"""
+The MoE of a decode step (N <= 16 tokens) in 4 Triton launches, each selected expert's weights
+(bf16, or e4m3 + scales) read once per step. Beside kimi.py: route = MoEGate.forward after its
+F.linear; experts = SparseMoeBlock.run_experts + forward's fp32 weighted sum (as moe_fast.
+grouped_experts and quantize.fp8_experts, which take ~35 torch kernels and one-row GEMMs).
+  _route_kernel    (N,)            sigmoid, + bias, k rounds of max / argmax, the weights
+  _gate_up_kernel  (P, F / BN)     h = silu(x @ w1^T) * (x @ w3^T), one expert per program
+  _down_kernel     (P, D / BN)     out = h @ w2^T; N = 1: grid (1, D / BN), every slot, summed
+  _combine_kernel  (N, D / BN)     y = sum_j w[n, j] out[n, j], j in order (N > 1 only)
+No sort: a token picks an expert at most once (distinct top-k ids; the shared expert is row E),
+so expert e's group is the tokens whose row of ids holds e, one tile row per token (BM = 16 >= N,
+tl.dot's minimum). The program of e's first (token, slot) pair reads e's weights once for them
+all; the programs of e's other pairs return at once.
+Shapes: N tokens, E experts (E' = E + 1 with the shared one stacked), k experts per token
+(k' = k + 1 with the shared one), D hidden, F expert width, P = N * k' (token, slot) pairs.
+"""
+import itertools
+import os
+
+import torch
+import torch.nn.functional as F
+
+# Without CUDA the kernels run in Triton's CPU interpreter, chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_TOKENS = 16                         # BM: tokens per tile (tl.dot's minimum dimension)
+# Fixed tiles (autotune breaks the interpreter): UP and DOWN_SUM are the fastest at N = 1 on an
+# H200 of a sweep over BN 16/32/64, BK 128/256/512, 4/8 warps, 3/4 stages (bf16 and FP8 experts,
+# 2026-12-02: 59 us bf16, 64 us FP8 for the 9 experts). fp32 x (2x the bytes a stage) gets 2 stages:
+# 4 need 245,760 bytes of shared memory, past the H200's 232,448.
+UP = dict(BN=32, BK=128, num_warps=4, num_stages=3)
+DOWN = dict(BN=32, BK=256, num_warps=4, num_stages=4)
+DOWN_SUM = dict(BN=32, BK=256, num_warps=4, num_stages=4)
+COMBINE = 256                           # _combine_kernel's BN
+
+
+# -------------------------------------------------------------------------------------------------
+# Routing
+
+def route_ref(logits, bias, k, renormalize, scaling, biased):
+    """= kimi.MoEGate.forward from its logits [N, E] fp32: (ids [N, k] int64, w [N, k] fp32).
+    ids by descending biased score, as route (whose ties go to the lowest id; topk's: free)."""
+    s = torch.sigmoid(logits.float())
+    scores = s + bias.float()                                       # [N, E] chooses the experts
+    ids = scores.topk(k, dim=-1).indices                            # [N, k]
+    w = (scores if biased else s).gather(-1, ids)                   # [N, k]
+    if renormalize and k > 1:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return ids, w * scaling
+
+
+@triton.jit
+def _route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, E, scaling, K: tl.constexpr,
+                  BE: tl.constexpr, BK: tl.constexpr, RENORMALIZE: tl.constexpr,
+                  BIASED: tl.constexpr):
+    """= route_ref for one token per program: k rounds of (max, lowest index reaching it)."""
+    n = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BE)
+    s = tl.sigmoid(tl.load(logits_ptr + n * E + e, mask=e < E, other=0.0))          # [BE]
+    biased = s + tl.load(bias_ptr + e, mask=e < E, other=0.0).to(tl.float32)
+    mix = biased if BIASED else s
+    score = tl.where(e < E, biased, float("-inf"))                  # padding lanes never win
+    r = tl.arange(0, BK)
+    ids, w = tl.zeros((BK,), tl.int32), tl.zeros((BK,), tl.float32)
+    for i in tl.static_range(K):
+        best = tl.max(score, axis=0)
+        # lowest index on ties; a NaN score matches nothing: clamp so no later read leaves E
+        j = tl.minimum(tl.min(tl.where(score == best, e, BE), axis=0), E - 1)
+        ids = tl.where(r == i, j, ids)
+        w = tl.where(r == i, tl.sum(tl.where(e == j, mix, 0.0), axis=0), w)
+        score = tl.where(e == j, float("-inf"), score)              # taken: out of later rounds
+    if RENORMALIZE:
+        w = w / (tl.sum(w, axis=0) + 1e-20)                         # lanes r >= K hold 0
+    tl.store(ids_ptr + n * K + r, ids.to(tl.int64), mask=r < K)
+    tl.store(w_ptr + n * K + r, w * scaling, mask=r < K)
+
+
+def route(logits, bias, k, renormalize, scaling, biased):
+    """= route_ref in one launch: logits [N, E] fp32, bias [E] -> (ids [N, k] int64, w fp32)."""
+    N, E = logits.shape
+    ids, w = logits.new_empty(N, k, dtype=torch.int64), logits.new_empty(N, k, dtype=torch.float32)
+    _route_kernel[(N,)](logits.float().contiguous(), bias, ids, w, E, float(scaling), K=k,
+                        BE=triton.next_power_of_2(E), BK=triton.next_power_of_2(k),
+                        RENORMALIZE=renormalize and k > 1, BIASED=biased)
+    return ids, w
+
+
+# -------------------------------------------------------------------------------------------------
+# Experts
+
+def experts_ref(x, ids, w, w13, w2, s13=None, s2=None):
+    """= run_experts + the fp32 weighted sum: x [N, D], ids, w [N, k'] -> y [N, D] in x's dtype.
+    w13 [E', 2F, D], w2 [E', D, F]: x's dtype, or e4m3 with fp32 scales s13 [E', 2F, 1],
+    s2 [E', D, 1]. Products in fp32, rounded to x's dtype where kimi.Expert in bf16 rounds."""
+    dt, y = x.dtype, torch.zeros(x.shape, dtype=torch.float32, device=x.device)      # [N, D]
+    for n, j in itertools.product(*map(range, ids.shape)):          # each (token, slot) pair
+        e = ids[n, j]
+        W13 = w13[e].float() * (1.0 if s13 is None else s13[e])    # [2F, D], exact (powers of 2)
+        W2 = w2[e].float() * (1.0 if s2 is None else s2[e])         # [D, F]
+        gate, up = (W13 @ x[n].float()).to(dt).chunk(2)             # [F] each, rounded
+        h = F.silu(gate) * up                                       # two roundings, as in bf16
+        y[n] += w[n, j] * (W2 @ h.float()).to(dt).float()           # out rounded, then fp32 sum
+    return y.to(dt)
+
+
+@triton.jit
+def _round(v, dt: tl.constexpr, RTNE: tl.constexpr):
+    """v fp32 rounded to dt, kept in fp32. RTNE (interpreter, bf16): to nearest even from the
+    bits, as the interpreter's fp32 -> bf16 cast does not round to nearest (finite v)."""
+    if RTNE:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16           # may carry into the exponent
+        r = (bits << 16).to(tl.float32, bitcast=True)
+    else:
+        r = v.to(dt).to(tl.float32)
+    return r
+
+
+@triton.jit
+def _group(ids_ptr, p, N, KP, BM: tl.constexpr, BJ: tl.constexpr):
+    """Pair p's expert e = ids[p]; whether p is e's first pair (the leader, who does the work);
+    per token t: whether t chose e (member [BM]) and in which slot (slot [BM])."""
+    t, j = tl.arange(0, BM)[:, None], tl.arange(0, BJ)[None, :]
+    chosen = tl.load(ids_ptr + t * KP + j, mask=(t < N) & (j < KP), other=-1)     # [BM, BJ]
+    e = tl.load(ids_ptr + p)
+    hit = chosen == e
+    leader = tl.sum((hit & (t * KP + j < p)).to(tl.int32)) == 0
+    member = tl.max(hit.to(tl.int32), axis=1) > 0
+    slot = tl.max(tl.where(hit, j, 0), axis=1)                      # max: in range, whatever ids
+    return e.to(tl.int64), leader, member, slot
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, ids_ptr, w13_ptr, s13_ptr, h_ptr, N, KP, D, F, SCALED: tl.constexpr,
+                    RTNE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
+                    BJ: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """h[t*k' + slot, f] = silu(gate) * up for expert ids[p]'s tokens t, outputs f of block 1."""
+    e, leader, member, slot = _group(ids_ptr, tl.program_id(0), N, KP, BM, BJ)
+    if leader:
+        t = tl.arange(0, BM)
+        f = tl.program_id(1) * BN + tl.arange(0, BN)
+        w1 = w13_ptr + e * 2 * F * D + f[None, :].to(tl.int64) * D    # [1, BN] rows of w1 (gate)
+        gate, up = tl.zeros((BM, BN), tl.float32), tl.zeros((BM, BN), tl.float32)
+        for k0 in range(0, D, BK):
+            k = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + t[:, None] * D + k[None, :], other=0.0,
+                        mask=member[:, None] & (k[None, :] < D)).to(DOT)    # [BM, BK]: e's tokens
+            mask = (k[:, None] < D) & (f[None, :] < F)
+            w1_t = tl.load(w1 + k[:, None], mask=mask, other=0.0)   # [BK, BN]; e4m3 -> bf16 exact
+            w3_t = tl.load(w1 + F * D + k[:, None], mask=mask, other=0.0)   # w3 (up): F rows on
+            gate += tl.dot(x, w1_t.to(DOT), input_precision=PREC)
+            up += tl.dot(x, w3_t.to(DOT), input_precision=PREC)
+        if SCALED:                                                  # powers of two: exact
+            gate *= tl.load(s13_ptr + e * 2 * F + f, mask=f < F, other=0.0)[None, :]
+            up *= tl.load(s13_ptr + e * 2 * F + F + f, mask=f < F, other=0.0)[None, :]
+        dt: tl.constexpr = h_ptr.dtype.element_ty
+        gate = _round(gate, dt, RTNE)                               # kimi's w1(x), w3(x) in bf16
+        up = _round(up, dt, RTNE)
+        silu = _round(gate / (1.0 + tl.exp(-gate)), dt, RTNE)       # torch's silu formula
+        h = _round(silu * up, dt, RTNE)
+        tl.store(h_ptr + (t * KP + slot)[:, None] * F + f[None, :], h.to(dt),
+                 mask=member[:, None] & (f[None, :] < F))
+
+
+@triton.jit
+def _down_kernel(h_ptr, ids_ptr, wts_ptr, w2_ptr, s2_ptr, out_ptr, N, KP, D, F, SUM: tl.constexpr,
+                 SCALED: tl.constexpr, RTNE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                 BM: tl.constexpr, BJ: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out[t*k' + slot, d] = h @ w2^T for pair program 0's expert, outputs d of block 1. SUM: one
+    program per block loops over every pair, and writes y[t, d] = sum w * out in pair order."""
+    t = tl.arange(0, BM)
+    d = tl.program_id(1) * BN + tl.arange(0, BN)
+    dt: tl.constexpr = out_ptr.dtype.element_ty
+    lo = 0 if SUM else tl.program_id(0)                             # SUM: every pair, in order
+    hi = N * KP if SUM else lo + 1
+    y = tl.zeros((BM, BN), tl.float32)                              # SUM's weighted sum
+    for p in range(lo, hi):
+        e, leader, member, slot = _group(ids_ptr, p, N, KP, BM, BJ)
+        if leader:
+            rows = (t * KP + slot)[:, None]                         # [BM, 1] pairs = rows of h
+            w2 = w2_ptr + e * D * F + d[None, :].to(tl.int64) * F   # [1, BN] rows of w2
+            acc = tl.zeros((BM, BN), tl.float32)
+            for k0 in range(0, F, BK):
+                k = k0 + tl.arange(0, BK)
+                h = tl.load(h_ptr + rows * F + k[None, :], mask=member[:, None] & (k[None, :] < F),
+                            other=0.0)                              # [BM, BK]
+                w2_t = tl.load(w2 + k[:, None], mask=(k[:, None] < F) & (d[None, :] < D),
+                               other=0.0)                           # [BK, BN]
+                acc += tl.dot(h.to(DOT), w2_t.to(DOT), input_precision=PREC)
+            if SCALED:
+                acc *= tl.load(s2_ptr + e * D + d, mask=d < D, other=0.0)[None, :]
+            out = _round(acc, dt, RTNE)                             # kimi's w2(h) in bf16
+            if SUM:                                                 # non-members: weight 0
+                y += tl.load(wts_ptr + t * KP + slot, mask=member, other=0.0)[:, None] * out
+            else:
+                tl.store(out_ptr + rows * D + d[None, :], out.to(dt),
+                         mask=member[:, None] & (d[None, :] < D))
+    if SUM:
+        tl.store(out_ptr + t[:, None] * D + d[None, :], _round(y, dt, RTNE).to(dt),
+                 mask=(t[:, None] < N) & (d[None, :] < D))
+
+
+@triton.jit
+def _combine_kernel(out_ptr, wts_ptr, y_ptr, KP, D, RTNE: tl.constexpr, BN: tl.constexpr):
+    """y[n, d] = sum_j w[n, j] out[n*k' + j, d] in fp32, j in order: the same sum every run (float
+    atomics would add in arrival order, and greedy decoding could change from run to run)."""
+    n, d = tl.program_id(0).to(tl.int64), tl.program_id(1) * BN + tl.arange(0, BN)
+    y = tl.zeros((BN,), tl.float32)
+    for j in range(KP):
+        out = tl.load(out_ptr + (n * KP + j) * D + d, mask=d < D, other=0.0).to(tl.float32)
+        y += tl.load(wts_ptr + n * KP + j) * out
+    dt: tl.constexpr = y_ptr.dtype.element_ty
+    tl.store(y_ptr + n * D + d, _round(y, dt, RTNE).to(dt), mask=d < D)
+
+
+def _fit(tiles, x):
+    """The tiles for x's dtype: fp32 x gets 2 stages (see UP)."""
+    return dict(tiles, num_stages=2) if x.dtype == torch.float32 else tiles
+
+
+def experts(x, ids, w, w13, w2, s13=None, s2=None):
+    """= experts_ref (x [N <= 16, D], ids [N, k'] distinct per row, w [N, k'] fp32) in 3 launches
+    (N = 1: 2). Each selected expert's weights are read once; the sums are deterministic."""
+    (N, D), KP, Fw = x.shape, ids.shape[1], w2.shape[-1]
+    if N > MAX_TOKENS:
+        raise ValueError(f"experts: {N} tokens, the decode kernels take at most {MAX_TOKENS}")
+    x, ids, w, scaled = x.contiguous(), ids.contiguous(), w.float().contiguous(), s13 is not None
+    # bf16 operands on a GPU (e4m3 -> bf16 is exact); fp32 in the interpreter, whose bf16 tl.dot
+    # is silently wrong, and for fp32 x ('ieee': no TF32 rounding of x)
+    low = x.dtype == torch.bfloat16 and not INTERPRET
+    meta = dict(SCALED=scaled, RTNE=INTERPRET and x.dtype == torch.bfloat16,
+                DOT=tl.bfloat16 if low else tl.float32, PREC="tf32" if low else "ieee",
+                BM=MAX_TOKENS, BJ=triton.next_power_of_2(KP))
+    h = x.new_empty(N * KP, Fw)                                     # [P, F]
+    _gate_up_kernel[(N * KP, triton.cdiv(Fw, UP["BN"]))](
+        x, ids, w13, s13 if scaled else w13, h, N, KP, D, Fw, **meta, **_fit(UP, x))
+    y, tiles = x.new_empty(N, D), DOWN_SUM if N == 1 else DOWN
+    out = y if N == 1 else x.new_empty(N * KP, D)                   # [P, D]
+    _down_kernel[(1 if N == 1 else N * KP, triton.cdiv(D, tiles["BN"]))](
+        h, ids, w, w2, s2 if scaled else w2, out, N, KP, D, Fw, SUM=N == 1, **meta,
+        **_fit(tiles, x))
+    if N > 1:
+        _combine_kernel[(N, triton.cdiv(D, COMBINE))](out, w, y, KP, D, meta["RTNE"], COMBINE)
+    return y
+
+
+if __name__ == "__main__":
+    # H200 timing (python moe_decode.py): the 48B MoE of a decode step, routing included, replayed
+    # as a CUDA graph after an L2 flush; TB/s over the bytes of the distinct selected experts.
+    import functools
+    import statistics
+    from types import SimpleNamespace
+
+    import moe_fast
+    import quantize
+
+    def graph_us(fn, reps=25):
+        stream = torch.cuda.Stream()                                # warm up off the main stream
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            [fn() for _ in range(3)]
+        torch.cuda.current_stream().wait_stream(stream)
+        graph, times = torch.cuda.CUDAGraph(), []
+        with torch.cuda.graph(graph):
+            fn()
+        for _ in range(reps):
+            flush.zero_()                                           # no weights left in L2
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(), graph.replay(), end.record(), end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        return statistics.median(times)
+
+    torch.manual_seed(0)
+    E, D, F_, k, dev = 256, 2304, 1024, 8, "cuda"
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)  # 256 MB: 5x the L2
+    w13 = (torch.randn(E + 1, 2 * F_, D, device=dev) * D ** -0.5).bfloat16()     # + shared
+    w2 = (torch.randn(E + 1, D, F_, device=dev) * F_ ** -0.5).bfloat16()
+    (q13, s13), (q2, s2) = quantize.quantize_rows(w13), quantize.quantize_rows(w2)
+    fp8_moe = SimpleNamespace(w13=q13, s13=s13, w2=q2, s2=s2)      # what fp8_experts reads
+    bias = torch.randn(E, device=dev) / 10
+    print(f"{torch.cuda.get_device_name()}: E = {E} + 1 shared, k = {k} + 1, D = {D}, F = {F_}")
+
+    def step(router, fp8, x, logits):                   # route (+ the shared column), experts
+        ids, w = router(logits, bias, k, True, 2.446, True)
+        ids = torch.cat([ids, torch.full_like(ids[:, :1], E)], 1)              # [N, k + 1]
+        w = torch.cat([w, torch.ones_like(w[:, :1])], 1)
+        if router is route:
+            return experts(x, ids, w, *((q13, q2, s13, s2) if fp8 else (w13, w2)))
+        out = (quantize.fp8_experts(x, ids, fp8_moe) if fp8 else
+               moe_fast.grouped_experts(x, ids, w13, w2))          # [N, k + 1, D]
+        return torch.einsum("nk,nkd->nd", w, out.float()).to(x.dtype)
+
+    for N, fp8 in ((1, False), (1, True), (16, False), (16, True)):
+        x, logits = torch.randn(N, D, device=dev).bfloat16(), torch.randn(N, E, device=dev)
+        n = len(route(logits, bias, k, True, 2.446, True)[0].unique()) + 1      # + shared
+        MB = n * (3 * D * F_ * (1 if fp8 else 2) + fp8 * (2 * F_ + D) * 4) / 1e6    # + scales
+        for router, name in ((route, "moe_decode"), (route_ref, "torch")):
+            us = graph_us(functools.partial(step, router, fp8, x, logits))
+            print(f"N = {N:2d} {'fp8 ' if fp8 else 'bf16'} {name:10s}: {n:3d} experts, {MB:6.1f} "
+                  f"MB in {us:6.1f} us = {MB / us:4.2f} TB/s")

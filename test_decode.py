@@ -1,0 +1,114 @@
+"""Tests for decode.py: the fused decode step equals kimi.py's forward (its torch references on the
+CPU, the kernels in Triton's CPU interpreter and on a GPU), and the add + RMSNorm kernel."""
+import copy
+
+import pytest
+import torch
+
+import decode  # noqa: I001 (first: without a GPU it selects Triton's interpreter)
+import kimi
+from kimi import ModelArgs, Transformer
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"     # kernels: compiled on a GPU, else the interpreter
+TINY = ModelArgs(vocab_size=128, hidden_size=64, num_hidden_layers=4, kda_num_heads=2,
+                 kda_head_dim=16, full_attn_layers=(1, 3), num_attention_heads=2, kv_lora_rank=32,
+                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, intermediate_size=96,
+                 moe_intermediate_size=32, num_experts=8, num_experts_per_token=2)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def randomize(model, seed):
+    """Random values for every parameter (norm weights, biases and gates included)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.rand(p.shape, generator=gen)
+            if name.endswith("A_log"):
+                p.copy_(torch.log(1 + 15 * r))
+            elif name.endswith(("dt_bias", "e_score_correction_bias")) or p.dim() == 1:
+                p.copy_(r + (0.5 if p.dim() == 1 and "bias" not in name else -0.5))
+            else:
+                p.copy_((2 * r - 1) * p.shape[-1] ** -0.5)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_add_rmsnorm_kernel_equals_reference(dtype, with_delta):
+    gen = torch.Generator().manual_seed(0)
+    norm = kimi.RMSNorm(200).to(DEV, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(200, generator=gen) + 0.5)
+    h = torch.randn(3, 200, generator=gen).to(DEV, dtype)
+    delta = torch.randn(3, 200, generator=gen).to(DEV, dtype) if with_delta else None
+    with torch.no_grad():
+        want = decode.add_rmsnorm_ref(h, delta, norm)
+        got = decode.add_rmsnorm(h, delta, norm)
+    # the sum is exact-rounded in both (one bf16 or fp32 add); the norm's mean is a reduction in a
+    # different order, so the normed output may differ by one rounding of its dtype
+    assert torch.equal(got[0], want[0])
+    ulp = torch.finfo(dtype).eps
+    assert (got[1].float() - want[1].float()).abs().max() <= 2 * ulp * want[1].float().abs().max()
+
+
+def prefilled(dtype, device, seed=3):
+    """A tiny random model after a left-padded prefill of 3 prompts (70, 9 and 131 tokens): the
+    pad hides positions in MLA; 131 straddles two 64-token chunks."""
+    model = randomize(Transformer(TINY), seed).to(device, dtype).eval()
+    model.setup_cache(max_batch_size=3, max_seq_len=160)
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, TINY.vocab_size, (3, 131 + 4), generator=gen).to(device)
+    pad = torch.tensor([61, 122, 0], device=device)
+    with torch.no_grad():
+        model(tokens[:, :131], start_pos=0, pad=pad)
+    return model, tokens[:, 131:]
+
+
+def run_steps(model, tokens, step):
+    """Logits of len(tokens[0]) decode steps continuing from position 131, and the caches after."""
+    out = [step(model, tokens[:, t:t + 1], 131 + t) for t in range(tokens.shape[1])]
+    return torch.cat(out, dim=1), {n: b.clone() for n, b in model.named_buffers()}
+
+
+def model_step(model, tokens, pos):
+    with torch.no_grad():
+        return model(tokens, start_pos=pos, last_only=True)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_step_equals_model_forward_fp32(fast):
+    """fp32: every piece computes kimi's math in another order, so logits and caches agree to fp32
+    rounding (rel 1e-5); fast=False checks the glue and the references, fast=True the kernels (on
+    a GPU when there is one). In bf16 a tiny model's top-2-of-8 routing flips on 2^-8 differences,
+    so the kernels' bf16 rounding is checked per kernel (test_*_decode.py) at the 48B sizes."""
+    model, tokens = prefilled(torch.float32, DEV if fast else "cpu")
+    fused = copy.deepcopy(model)
+    decode.prepare(fused)
+    want, want_caches = run_steps(model, tokens, model_step)
+    got, got_caches = run_steps(fused, tokens, lambda m, t, p: decode.step(m, t, p, fast=fast))
+    assert rel(got, want) < 1e-5
+    for name, cache in want_caches.items():
+        assert rel(got_caches[name], cache) < 1e-5 or name == "pad", name
+
+
+def test_prepare_keeps_the_checkpoint_names_and_values():
+    model, _ = prefilled(torch.float32, "cpu")
+    fused = copy.deepcopy(model)
+    decode.prepare(fused)
+    decode.prepare(fused)                                   # twice: a no-op
+    want, got = model.state_dict(), fused.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[n], t) for n, t in want.items())     # stored bytes: bitwise
+    attn = fused.model.layers[0].self_attn
+    assert attn.q_proj.weight.data_ptr() == attn.stacked[0].data_ptr()  # views of the stack
+
+
+def test_step_refuses_a_new_sequence():
+    model, tokens = prefilled(torch.float32, "cpu")
+    decode.prepare(model)
+    with pytest.raises(ValueError, match="start_pos >= 1"):
+        decode.step(model, tokens[:, :1], 0)

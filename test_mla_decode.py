@@ -1,0 +1,137 @@
+"""Tests for mla_decode.py: the reference against kimi.MLAAttention.attend_absorbed (a tiny module,
+fp32), the split-K kernel against the reference in Triton's CPU interpreter (tiny sizes, int and
+tensor pos, left padding, empty splits), and on a GPU at the 48B sizes in bf16, in a CUDA graph."""
+import pytest
+import torch
+from hypothesis import example, given, settings, strategies as st
+
+import mla_decode  # noqa: I001 (first: without a GPU it selects Triton's interpreter)
+import kimi
+from mla_decode import mla_decode_ref
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"     # kernels: compiled on a GPU, else the interpreter
+TINY = kimi.CONFIGS["tiny"]
+U_BF16 = 2.0 ** -8          # bf16's unit roundoff: 8 significant bits, round to nearest
+FP32_SLACK = 2.0 ** -14     # fp32 accumulation noise beside a bf16 bound (~1e-2 here)
+
+
+def inputs(B, H, R, PE, L, pos, with_pad, dtype, device="cpu", seed=0):
+    """q [B, H, R + PE], cache [B, L, R + PE], pad [B] with pad[b] <= pos (or None)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, R + PE, generator=gen)
+    cache = torch.randn(B, L, R + PE, generator=gen)
+    pad = torch.randint(0, pos + 1, (B,), generator=gen) if with_pad else None
+    move = dict(device=device)
+    return (q.to(dtype=dtype, **move), cache.to(dtype=dtype, **move),
+            None if pad is None else pad.to(**move))
+
+
+@pytest.mark.parametrize("pos_tensor", [False, True])
+@pytest.mark.parametrize("with_pad", [False, True])
+def test_reference_equals_attend_absorbed(pos_tensor, with_pad):
+    """A tiny MLA module: prefill 9 tokens (left-padded rows), then one decode step at pos 9."""
+    torch.manual_seed(0)
+    B, T, Lmax = 3, 9, 16
+    attn = kimi.MLAAttention(TINY)
+    attn.setup_cache(B, Lmax, torch.float32, "cpu")
+    x = torch.randn(B, T + 1, TINY.hidden_size)
+    pad = torch.tensor([0, 3, 8]) if with_pad else None
+    with torch.no_grad():
+        attn(x[:, :T], start_pos=0, pad=pad)                       # fills the cache
+        H, nope, pe, R = attn.H, attn.nope, attn.pe, attn.R
+        q = attn.q_proj(x[:, T]).view(B, H, nope + pe)
+        c, k_pe = attn.kv_a_proj_with_mqa(x[:, T:]).split([R, pe], dim=-1)
+        ckv = torch.cat([attn.kv_a_layernorm(c), k_pe], dim=-1)    # [B, 1, R + pe]
+        pos = torch.tensor(T) if pos_tensor else T
+        want = attn.attend_absorbed(q, ckv, pos, pad)              # [B, 1, H, 128]; writes ckv
+        w_uk, w_uv = attn.kv_b_proj.weight.view(H, nope + attn.v, R).split([nope, attn.v], 1)
+        q_nope, q_pe = q.split([nope, pe], dim=-1)
+        q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)         # absorbed, as the module does
+        o_lat = mla_decode_ref(torch.cat([q_lat, q_pe], -1), attn.kv_cache[:B], pos, attn.scale,
+                               pad, kv_lora_rank=R)
+        got = torch.einsum("bhr,hdr->bhd", o_lat, w_uv)[:, None]
+    # fp32, the same operations up to a buffer that ends at pos vs one masked after it:
+    # a few fp32 roundings of O(1) values
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.sampled_from([1, 3]), H=st.sampled_from([2, 4]), L=st.integers(1, 300),
+       pos_frac=st.floats(0, 1), pos_tensor=st.booleans(), with_pad=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+@example(B=3, H=2, L=300, pos_frac=0.0, pos_tensor=True, with_pad=True, seed=1)   # one key
+@example(B=1, H=4, L=300, pos_frac=1.0, pos_tensor=False, with_pad=False, seed=2)  # all splits
+def test_kernel_matches_reference_interpreter(B, H, L, pos_frac, pos_tensor, with_pad, seed):
+    """Tiny config (R = 32, PE = 8) in fp32: heads and PE padded to 16, many splits of 32 keys
+    (BLOCK_L = 16 in the interpreter), empty splits when pos is far below the buffer's end."""
+    R, PE = TINY.kv_lora_rank, TINY.qk_rope_head_dim
+    pos = round(pos_frac * (L - 1))
+    q, cache, pad = inputs(B, H, R, PE, L, pos, with_pad, torch.float32, DEV, seed=seed)
+    pos = torch.tensor(pos, device=DEV) if pos_tensor else pos
+    want = mla_decode_ref(q, cache, pos, 0.2, pad, kv_lora_rank=R)
+    got = mla_decode.mla_decode(q, cache, pos, 0.2, pad, kv_lora_rank=R)
+    # fp32 both: sums of <= 40 products and an online softmax in another order, O(1) values;
+    # a few hundred fp32 roundings (2^-24 each) stay far below 1e-5
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_bf16_interpreter_and_cache_view():
+    """bf16 inputs (fp32 dots in the interpreter) on a view of a larger buffer (rows :B)."""
+    R, PE = TINY.kv_lora_rank, TINY.qk_rope_head_dim
+    q, buffer, pad = inputs(4, 2, R, PE, 100, 80, True, torch.bfloat16, DEV)
+    cache = buffer[:3]                                              # batch stride of 4 rows' worth
+    want = mla_decode_ref(q[:3], cache, 80, 0.2, pad[:3], kv_lora_rank=R).float()
+    got = mla_decode.mla_decode(q[:3], cache, 80, 0.2, pad[:3], kv_lora_rank=R).float()
+    # bf16 output: the reference rounds the normalised p and o (2^-8 relative each), the kernel
+    # only o here; |o| <= max |c| ~ 4, so 3 roundings of values <= 4 bound the difference
+    torch.testing.assert_close(got, want, rtol=3 * U_BF16, atol=3 * U_BF16 * 4)
+
+
+def gpu_bound(q, cache, pos, scale, pad, want):
+    """|kernel - reference| allowed in bf16: both round p_j (2^-8 relative; the kernel its
+    unnormalised 2^(s - m), the reference p itself) and o once: 2 * 2^-8 sum_j p_j |c_j| + |o|."""
+    R = want.shape[-1]
+    L = cache.shape[1]
+    scores = torch.bmm(q.float(), cache.float().mT) * scale
+    j = torch.arange(L, device=q.device)
+    hidden = (j > pos) | (j < (pad[:, None] if pad is not None else 0))
+    p = scores.masked_fill(hidden.view(-1, 1, L), float("-inf")).softmax(-1)
+    return 2 * U_BF16 * (p @ cache[..., :R].float().abs()) + 2 * U_BF16 * want.float().abs()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the 48B sizes in bf16)")
+@pytest.mark.parametrize("L", [1, 4096, 100000])
+@pytest.mark.parametrize("pos_tensor", [False, True])
+def test_kernel_gpu_48b(L, pos_tensor):
+    """H = 32, R = 512, PE = 64, bf16; a tensor pos reads a buffer 3000 keys longer than pos."""
+    H, R, PE, B = 32, 512, 64, 2
+    Lmax = L + 3000 if pos_tensor else L
+    q, cache, pad = inputs(B, H, R, PE, Lmax, L - 1, True, torch.bfloat16, "cuda")
+    pos = torch.tensor(L - 1, device="cuda") if pos_tensor else L - 1
+    want = mla_decode_ref(q, cache, pos, 192 ** -0.5, pad, kv_lora_rank=R)
+    got = mla_decode.mla_decode(q, cache, pos, 192 ** -0.5, pad, kv_lora_rank=R)
+    bound = gpu_bound(q, cache, pos, 192 ** -0.5, pad, want)
+    excess = ((got.float() - want.float()).abs() - bound).max().item()
+    # FP32_SLACK: the fp32 sums under both (and the bound) over up to 1e5 keys, ~sqrt(L) 2^-24
+    assert excess <= FP32_SLACK, f"bf16 error beyond the bound by {excess}"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CUDA graphs)")
+def test_kernel_gpu_cuda_graph():
+    """One captured call serves every pos: replays at other positions equal fresh calls."""
+    H, R, PE, B, Lmax = 32, 512, 64, 1, 20000
+    q, cache, _ = inputs(B, H, R, PE, Lmax, 0, False, torch.bfloat16, "cuda")
+    pos = torch.tensor(0, device="cuda")
+    mla_decode.mla_decode(q, cache, pos, 0.1, kv_lora_rank=R)     # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mla_decode.mla_decode(q, cache, pos, 0.1, kv_lora_rank=R)
+    for p in (0, 5, 4095, 19999):
+        pos.fill_(p)
+        graph.replay()
+        fresh = mla_decode.mla_decode(q, cache, p, 0.1, kv_lora_rank=R)
+        # an int pos picks NUM_SPLITS from pos + 1, so the tiles' maxima and the roundings of p
+        # differ from the replay's: the same bf16 bound as against the reference
+        excess = ((out.float() - fresh.float()).abs() - gpu_bound(q, cache, p, 0.1, None, fresh))
+        assert excess.max().item() <= FP32_SLACK, f"pos {p}: beyond the bf16 bound"

@@ -1,0 +1,165 @@
+"""Tests for moe_decode.py: the torch references against kimi's MoEGate and SparseMoeBlock (bf16
+and FP8 experts), the kernels against the references in Triton's CPU interpreter at the tiny
+config, and on a GPU at the 48B sizes (bf16 and FP8, N in {1, 16}, the same bits every run)."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from moe_decode import experts, experts_ref, route, route_ref  # noqa: I001 (first: interpreter)
+import kimi
+from quantize import dequantize, quantize_rows
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"     # kernels: compiled on a GPU, else the interpreter
+TINY = kimi.CONFIGS["tiny"]
+U_BF16 = 2.0 ** -8      # bf16's unit roundoff
+
+
+def by_id(ids, w):
+    """Rows sorted by expert id: the order of the k ids is free, so compare (id, weight) sets."""
+    ids, order = ids.sort(-1)
+    return ids, w.gather(-1, order)
+
+
+def tiny_block(seed):
+    """A bf16 kimi block with random weights and bias, and its experts stacked (+ the shared one,
+    whose gate_proj / up_proj / down_proj have the experts' shapes, as row E)."""
+    torch.manual_seed(seed)
+    block = kimi.SparseMoeBlock(TINY).bfloat16()
+    with torch.no_grad():
+        block.gate.e_score_correction_bias.uniform_(-0.5, 0.5)
+    ex, sh = block.experts, block.shared_experts
+    w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in ex]
+                      + [torch.cat([sh.gate_proj.weight, sh.up_proj.weight])]).detach()
+    w2 = torch.stack([e.w2.weight for e in ex] + [sh.down_proj.weight]).detach()
+    return block, w13, w2
+
+
+def close(y, ref, x, ids, w, *weights):
+    """|y - ref| <= U (|ref| + 4 sum_j |w[n, j] out[n, j]|): y's own bf16 rounding, plus out[n, j]
+    rounded the other way (one ulp, 2U of it) where an fp32 sum in another order lands across a
+    rounding point, doubled for the rarer such flips upstream (gate, up, silu, h) that out carries.
+    (48B sizes, fp32 vs fp64 sums on a CPU: the largest error is 0.32 of this bound.)"""
+    one = torch.ones_like(w[:, :1])
+    terms = sum(w[:, j, None].abs().double() * experts_ref(x, ids[:, j, None], one, *weights)
+                .double().abs() for j in range(ids.shape[1]))         # [N, D]
+    y, ref = y.double(), ref.double()
+    assert ((y - ref).abs() <= U_BF16 * (ref.abs() + 4 * terms)).all(), (y - ref).abs().max()
+
+
+# -------------------------------------------------------------------------------------------------
+# The references against kimi.py
+
+@pytest.mark.parametrize("biased", [True, False])
+def test_route_ref_equals_moe_gate(biased):
+    block, _, _ = tiny_block(0)
+    gate, a = block.gate, TINY
+    gate.args = kimi.ModelArgs(**{**vars(TINY), "routing_weights_biased": biased})
+    x = torch.randn(16, a.hidden_size).bfloat16()
+    logits = torch.nn.functional.linear(x.float(), gate.weight.float())  # as MoEGate computes
+    ids, w = by_id(*route_ref(logits, gate.e_score_correction_bias, a.num_experts_per_token,
+                              a.moe_renormalize, a.routed_scaling_factor, biased))
+    ids_kimi, w_kimi = by_id(*gate(x))
+    assert torch.equal(ids, ids_kimi)
+    torch.testing.assert_close(w, w_kimi, rtol=2**-20, atol=0)     # fp32 (2^-24), the same ops
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_experts_ref_equals_kimi_block(fp8):
+    """run_experts (nn.Linear in bf16) + forward's fp32 sum; FP8: the block holds the dequantised
+    weights (exact in bf16: 4 significant bits times a power of two)."""
+    block, w13, w2 = tiny_block(1)
+    s13 = s2 = None
+    if fp8:
+        (w13, s13), (w2, s2) = quantize_rows(w13), quantize_rows(w2)
+        deq13, deq2 = dequantize(w13, s13, torch.bfloat16), dequantize(w2, s2, torch.bfloat16)
+        with torch.no_grad():
+            sh = block.shared_experts
+            for e, (w1, w3, w2_) in enumerate([(m.w1, m.w3, m.w2) for m in block.experts]
+                                               + [(sh.gate_proj, sh.up_proj, sh.down_proj)]):
+                w1.weight[:], w3.weight[:] = deq13[e].chunk(2)
+                w2_.weight[:] = deq2[e]
+    x = torch.randn(16, TINY.hidden_size).bfloat16()
+    with torch.no_grad():
+        ids, w = block.gate(x)
+        ref = torch.einsum("nk,nkd->nd", w, block.run_experts(x, ids).float()).bfloat16()
+        shared = block.shared_experts(x)
+    close(experts_ref(x, ids, w, w13, w2, s13, s2), ref, x, ids, w, w13, w2, s13, s2)
+    ids, w = torch.full((16, 1), TINY.num_experts), torch.ones(16, 1)     # the shared one: row E
+    close(experts_ref(x, ids, w, w13, w2, s13, s2), shared, x, ids, w, w13, w2, s13, s2)
+
+
+# -------------------------------------------------------------------------------------------------
+# The kernels against the references (Triton's CPU interpreter without a GPU)
+
+@settings(max_examples=6, deadline=None)
+@given(N=st.sampled_from([1, 3, 16]), renormalize=st.booleans(), biased=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_route_kernel_equals_ref(N, renormalize, biased, seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits, bias = torch.randn(N, 256, generator=gen), torch.randn(256, generator=gen) * 0.1
+    logits, bias = logits.to(DEV), bias.to(DEV)
+    args = (bias.bfloat16(), 8, renormalize, 2.446, biased)
+    ids, w = by_id(*route(logits, *args))
+    ids_ref, w_ref = by_id(*route_ref(logits, *args))
+    assert torch.equal(ids, ids_ref)
+    torch.testing.assert_close(w, w_ref, rtol=2**-20, atol=0)      # fp32 (2^-24): a few roundings
+
+
+def test_route_kernel_ties_lowest_index_first():
+    zeros = torch.zeros(257, device=DEV)
+    ids, _ = route(zeros[None, :256], zeros[:256], 8, True, 1.0, True)
+    assert ids.tolist() == [list(range(8))]
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("N", [1, 3, 16])
+def test_experts_kernel_equals_ref(N, fp8):
+    """Tiny config, routed ids + the shared expert's column: the interpreter's kernels round at
+    kimi's points as the reference does; only the fp32 sums' order differs."""
+    block, w13, w2 = tiny_block(N)
+    s13 = s2 = None
+    if fp8:
+        (w13, s13), (w2, s2) = quantize_rows(w13), quantize_rows(w2)
+    x = torch.randn(N, TINY.hidden_size).bfloat16()
+    with torch.no_grad():
+        ids, w = block.gate(x)
+    ids = torch.cat([ids, torch.full((N, 1), TINY.num_experts)], 1)          # [N, k + 1]
+    w = torch.cat([w, torch.ones(N, 1)], 1)                                 # shared: weight 1
+    on = [t if t is None else t.to(DEV) for t in (x, ids, w, w13, w2, s13, s2)]
+    y = experts(*on).cpu()
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    close(y, experts_ref(x, ids, w, w13, w2, s13, s2), x, ids, w, w13, w2, s13, s2)
+
+
+# -------------------------------------------------------------------------------------------------
+# The 48B sizes on a GPU
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU (the 48B expert sizes; bf16 tl.dot)")
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("N", [1, 16])
+def test_experts_on_gpu_at_48b_sizes(N, fp8):
+    """route and experts (+ the shared expert as row E) against the references, bf16 tl.dot on the
+    GPU; twice, bit for bit (fixed summation order)."""
+    if fp8 and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("e4m3 loads need compute capability >= 8.9")
+    torch.manual_seed(N)
+    E, D, F_, k = 256, 2304, 1024, 8
+    w13 = (torch.randn(E + 1, 2 * F_, D, device="cuda") * D ** -0.5).bfloat16()
+    w2 = (torch.randn(E + 1, D, F_, device="cuda") * F_ ** -0.5).bfloat16()
+    s13 = s2 = None
+    if fp8:
+        (w13, s13), (w2, s2) = quantize_rows(w13), quantize_rows(w2)
+    x = torch.randn(N, D, device="cuda").bfloat16()
+    logits, bias = torch.randn(N, E, device="cuda"), torch.randn(E, device="cuda") * 0.1
+    args = (logits, bias, k, True, 2.446, True)
+    ids, w = route(*args)
+    (ids_s, w_s), (ids_r, w_r) = by_id(ids, w), by_id(*route_ref(*args))
+    assert torch.equal(ids_s, ids_r)
+    # fp32; Triton's exp on a GPU is ex2.approx (~2^-22 relative): a few 2^-20 after renormalising
+    torch.testing.assert_close(w_s, w_r, rtol=2**-16, atol=0)
+    ids = torch.cat([ids, torch.full_like(ids[:, :1], E)], 1)      # + the shared expert, row E
+    w = torch.cat([w, torch.ones_like(w[:, :1])], 1)
+    y = experts(x, ids, w, w13, w2, s13, s2)
+    close(y, experts_ref(x, ids, w, w13, w2, s13, s2), x, ids, w, w13, w2, s13, s2)
+    assert torch.equal(y, experts(x, ids, w, w13, w2, s13, s2))    # deterministic: no atomics
