@@ -8,8 +8,8 @@ prefill tokens/s at B = 1 and decode tokens/s after a 4096-token prompt, each ne
 on this GPU: the bf16 matmul rate over 2 FLOP per active parameter for prefill; for decode, the HBM
 copy rate over the bytes a step must read (active weights, MLA caches, KDA states). Decode runs
 eager, as one CUDA graph per step of kimi.py's forward, as one of decode.py's fused step (what
-sample.py runs) and, with --compile, kimi.py's forward fused by torch.compile first; then through sample.generate itself, for B = 1, 4 and 16
-prompts of different lengths. --peer also times Hugging Face transformers'
+sample.py runs) and, with --compile, kimi.py's forward fused by torch.compile first; then
+through sample.generate itself, for B = 1, 4 and 16 prompts of different lengths. --peer also times Hugging Face transformers'
 KimiLinearForCausalLM (peer_hf.py) on random weights of the same shapes. --fp8 adds the same rows
 for FP8 weights (quantize.py), with ceilings at the FP8 matmul rate and in the FP8 model's bytes.
 """
@@ -150,15 +150,18 @@ def bench_ours(args, device, compile, fp8=False):
         rows[f"{tag}prefill B=1 T={T}"] = (T / ms * 1e3, rate / (2 * active_params(args)))
         print(f"{tag}prefill B=1 T={T}: {T / ms * 1e3:.1f} tok/s", flush=True)
     model.setup_cache(max(DECODE_B), CONTEXT + STEPS + 16)  # the graph's MLA reads all the buffer
-    hows = ["eager", "CUDA graph", "decode.py + graph"] + (["torch.compile + graph"] if compile
-                                                           else [])
+    forwards = {"eager": None, "CUDA graph": model, "decode.py + graph": None}
+    if compile:             # kimi.py's forward fused by torch.compile (rounds to bf16 as eager)
+        options = {"emulate_precision_casts": True}
+        forwards["torch.compile + graph"] = torch.compile(model, dynamic=False, options=options)
+    hows = list(forwards)
     for B in DECODE_B:
         ceiling = B * COPY_BYTES_PER_S / model_decode_bytes(model, B, CONTEXT)
         for how in hows:
-            step = None
-            if how != "eager":
-                step = cuda_graph_decoder(model, B, compile=how.startswith("torch.compile"),
-                                          fused=how.startswith("decode.py"))
+            step, start = None, time.perf_counter()
+            if how != "eager":         # the build: kernel compilation (or torch.compile), capture
+                step = cuda_graph_decoder(model, B, forward=forwards[how])
+            built = f" (graph built in {time.perf_counter() - start:.1f} s)" if step else ""
             prompt = torch.randint(0, args.vocab_size, (B, CONTEXT), device=device)
             tok = model(prompt, start_pos=0, last_only=True)[:, -1].argmax(-1, keepdim=True)
             pos = iter(range(CONTEXT, CONTEXT + STEPS + 16))
@@ -169,7 +172,7 @@ def bench_ours(args, device, compile, fp8=False):
                 ms = cuda_time(lambda: step(tok, next(pos)), runs=STEPS, warmup=8)
             name = f"{tag}decode B={B} context {CONTEXT}, {how}"
             rows[name] = (B / ms * 1e3, ceiling)
-            print(f"{name}: {B / ms * 1e3:.1f} tok/s", flush=True)
+            print(f"{name}: {B / ms * 1e3:.1f} tok/s{built}", flush=True)
             step = None
     for B in GENERATE_B:        # sample.generate itself: host work and a sync per step included
         lengths = [CONTEXT - 61 * b for b in range(B)]       # different, so some rows are padded

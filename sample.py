@@ -46,7 +46,7 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None):
     return torch.multinomial(probs, 1).squeeze(-1)  # renormalises; never a zero-probability id
 
 
-@torch.no_grad()  # not inference_mode: torch.compile (--compile) fails on inference tensors
+@torch.no_grad()  # not inference_mode: torch.compile fails on inference tensors (bench.py)
 def generate(model, tokenizer, prompt, max_new_tokens=200, temperature=0.0, top_k=None,
              top_p=None, stop=None, decoder=None):
     """Yield the ids that continue `prompt` (text, a list of ints or a 1-D int tensor), one at a
@@ -103,24 +103,20 @@ def prompt_ids(model, tokenizer, prompt):
     return ids.cpu().long()
 
 
-def cuda_graph_decoder(model, batch_size, compile=False, fused=True):
-    """decode(tokens [B, 1], start_pos) -> logits [B, 1, vocab]: a decode step replayed from a
-    CUDA graph, so its kernels cost one launch: decode.step's ~10 fused kernels a layer (fused),
-    else kimi.py's forward, ~3,000 small kernels, which compile=True first fuses with torch.compile
-    (about a minute for the 48B model on an H200). The position is a device tensor, so one graph
-    serves every step; MLA reads its whole cache buffer, masked. Build it after setup_cache and
-    before a prefill: capturing runs decode steps on the caches."""
+def cuda_graph_decoder(model, batch_size, forward=None):
+    """decode(tokens [B, 1], start_pos) -> logits [B, 1, vocab]: one step replayed from a CUDA
+    graph: decode.step's ~10 fused kernels a layer, or forward(tokens, start_pos=, last_only=True)
+    if given (bench.py: kimi.py's, plain or compiled). One graph serves every position (a device
+    tensor; MLA reads its whole cache, masked). Build it after setup_cache, before a prefill."""
     device = model.lm_head.weight.device
     model.stack_experts()                               # the expert loop syncs with the host
     tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
     pos = torch.ones((), dtype=torch.long, device=device)
-    if fused and not compile:
+    if forward is None:
         import decode                                   # here: `import sample` stays light
         decode.prepare(model)
         step = functools.partial(decode.step, model, tokens, pos)
-    else:                                               # compiled: rounds to bf16 as eager
-        forward = (torch.compile(model, dynamic=False, options={"emulate_precision_casts": True})
-                   if compile else model)
+    else:
         step = functools.partial(forward, tokens, start_pos=pos, last_only=True)
     stream = torch.cuda.Stream(device)                  # warm up (compile, plan) off the main one
     stream.wait_stream(torch.cuda.current_stream(device))
@@ -220,8 +216,6 @@ def parser():
         "experts quantised to e4m3 while loading (quantize.py; an FP8 folder always loads so)")
     add("--max-seq-len", type=int, default=4096, help="positions the cache holds: prompt + new "
         "tokens (default: %(default)s)")
-    add("--compile", action="store_true", help="torch.compile the CUDA-graph decode step (CUDA "
-        "and bf16; about a minute's start for the 48B model)")
     return ap
 
 
@@ -310,8 +304,6 @@ def run(args):
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
               "fp8": torch.float8_e4m3fn}
     dtype = dtypes.get(args.dtype or ("bf16" if device.type == "cuda" else ""))  # None: as stored
-    if args.compile and not (device.type == "cuda" and dtype == torch.bfloat16):
-        raise Fail("--compile compiles the CUDA-graph decode step: it needs CUDA and bf16")
     try:
         if args.demo:
             import demo                             # the offline demo checkpoint
@@ -359,15 +351,15 @@ def stream_text(args, model, tok, texts, prompts, max_new):
     device, decoder, B = model.lm_head.weight.device, None, len(prompts)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    if device.type == "cuda":   # compile and capture before the clock: time what a next prompt gets
+    if device.type == "cuda":   # capture before the clock: time what a next prompt gets
         t0 = time.perf_counter()
         if model.lm_head.weight.dtype == torch.bfloat16 and max_new > 1:
-            decoder = cuda_graph_decoder(model, B, args.compile)
+            decoder = cuda_graph_decoder(model, B)
         with torch.no_grad():
             model(torch.tensor([max(prompts, key=len)] * B, device=device), start_pos=0,
                   last_only=True)
         torch.cuda.synchronize(device)
-        print(f"warm-up (compile, CUDA graph): {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        print(f"warm-up (kernels, CUDA graph): {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     stamps = []                 # when each step's new tokens arrived; stamps[0] ends the prefill
 
     def timed(steps):

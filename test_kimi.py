@@ -750,7 +750,7 @@ def test_cuda_graph_decode_equals_eager_decode(tokens, fused):
         model.float()
     model.stack_experts()
     model.setup_cache(max_batch_size=2, max_seq_len=160)
-    graph = sample.cuda_graph_decoder(model, batch_size=2, fused=fused)    # before the prefill
+    graph = sample.cuda_graph_decoder(model, 2, None if fused else model)    # before the prefill
     tok = tokens[:, :110].cuda()
 
     def run(step):                                              # a prefill, then 10 decode steps
