@@ -9,9 +9,10 @@ on this GPU: the bf16 matmul rate over 2 FLOP per active parameter for prefill; 
 copy rate over the bytes a step must read (active weights, MLA caches, KDA states). Decode runs
 eager, as one CUDA graph per step of kimi.py's forward, as one of decode.py's fused step (what
 sample.py runs) and, with --compile, kimi.py's forward fused by torch.compile first; then
-through sample.generate itself, for B = 1, 4 and 16 prompts of different lengths. --peer also times Hugging Face transformers'
-KimiLinearForCausalLM (peer_hf.py) on random weights of the same shapes. --fp8 adds the same rows
-for FP8 weights (quantize.py), with ceilings at the FP8 matmul rate and in the FP8 model's bytes.
+through sample.generate itself, for B = 1, 4 and 16 prompts of different lengths. --peer
+also times Hugging Face transformers' KimiLinearForCausalLM (peer_hf.py) on random weights of
+the same shapes. --fp8 adds the same rows for FP8 weights (quantize.py), with ceilings at the FP8
+matmul rate and in the FP8 model's bytes.
 """
 import functools
 import json

@@ -25,25 +25,18 @@ fused projection: unit column stride, any row stride); conv_state [3, B, P, W-1]
 first); conv_w = (wq, wk, wv) [P, 1, W] each; f_b_w, g_b_w [P, K]; A_log [H] values fp32;
 dt_bias [P] fp32; o_norm_w [V]; S [B, H, K, V] fp32 contiguous.
 """
-import os
-
 import torch
 import torch.nn.functional as F
 
-# Without CUDA the kernel runs in Triton's CPU interpreter, chosen before triton is imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from triton_util import round_to  # noqa: I001 (first: without CUDA, the interpreter)
+import triton
+import triton.language as tl
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+from kda_ref import kda_gate, l2norm, recurrent_kda
 
-from kda_ref import kda_gate, l2norm, recurrent_kda  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 WARPS = 8           # the [128, 128] fp32 state tile over 256 threads: 64 registers each
 MV = 32             # input columns per step of the two low-rank matvecs (bounds their registers)
 L2_EPS = tl.constexpr(1e-6)         # kda_ref.l2norm's eps (globals in @triton.jit: constexpr)
-BITS = tl.constexpr(INTERPRET)      # round to bf16 on the bits: the interpreter's cast truncates
 
 
 def kda_decode_ref(q, k, v, f_a, g_a, b, conv_state, conv_w, f_b_w, g_b_w, A_log, dt_bias,
@@ -73,19 +66,6 @@ def kda_decode_ref(q, k, v, f_a, g_a, b, conv_state, conv_w, f_b_w, g_b_w, A_log
 
 
 @triton.jit
-def _round(x, DT: tl.constexpr):
-    """fp32 x rounded to the nearest DT value (ties to even), returned as fp32."""
-    if BITS and DT == tl.bfloat16:
-        # The interpreter's fp32 -> bf16 cast truncates (half the values one ulp off); round on the
-        # bits: add half an ulp (less one unless the kept last bit is odd), drop the low 16 bits.
-        u = x.to(tl.uint32, bitcast=True)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        return u.to(tl.float32, bitcast=True)
-    else:
-        return x.to(DT).to(tl.float32)
-
-
-@triton.jit
 def _conv(x, s_x, st, w, row, c, K: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
     """Short conv + SiLU of channels c [K] of one row; shifts that row's state [K, W-1] in place.
     Returns the output rounded to the model dtype, as fp32 [K]."""
@@ -95,7 +75,7 @@ def _conv(x, s_x, st, w, row, c, K: tl.constexpr, W: tl.constexpr, WP: tl.conste
     xs = tl.where(cw == W - 1, new, old)                # [state..., new, 0...]
     wt = tl.load(w + c[:, None] * W + cw, mask=cw < W, other=0.)                # [K, WP]
     y = tl.sum(xs.to(tl.float32) * wt.to(tl.float32), axis=1)                  # [K] fp32
-    y = _round(y * tl.sigmoid(y), x.dtype.element_ty)                   # SiLU, one rounding
+    y = round_to(y * tl.sigmoid(y), x.dtype.element_ty)                   # SiLU, one rounding
     # the shifted state: column j <- column j + 1 of xs, re-read rather than moved across registers
     nxt = tl.load(st + c[:, None] * (W - 1) + cw + 1, mask=cw + 1 < W - 1, other=0.)
     nxt = tl.where(cw == W - 2, new, nxt)                                       # [K, WP]
@@ -116,7 +96,7 @@ def _lowrank(w, x, s_x, row, h, K: tl.constexpr, MV: tl.constexpr):
         xi = tl.load(x + row * s_x + ci).to(tl.float32)                         # [MV]
         wi = tl.load(w + co[:, None] * K + ci[None, :]).to(tl.float32)          # [K, MV]
         acc += tl.sum(wi * xi[None, :], axis=1)
-    return _round(acc, x.dtype.element_ty)
+    return round_to(acc, x.dtype.element_ty)
 
 
 @triton.jit
@@ -165,11 +145,11 @@ def _kda_decode_kernel(
     s += kc[:, None] * delta[None, :]
     tl.store(S + state, s)
     oc = tl.sum(qc[:, None] * s, axis=0)                                        # [V]
-    oc = _round(oc, v.dtype.element_ty)                # the recurrence returns o in v's dtype
+    oc = round_to(oc, v.dtype.element_ty)                # the recurrence returns o in v's dtype
     # 6. gated RMSNorm over the head's V values, fp32, one final rounding
     oc = oc * tl.rsqrt(tl.sum(oc * oc, axis=0) / K + eps)
     oc = oc * tl.load(o_norm_w + ck).to(tl.float32) * tl.sigmoid(gate)
-    oc = _round(oc, o.dtype.element_ty)                 # then the cast below is exact
+    oc = round_to(oc, o.dtype.element_ty)                 # then the cast below is exact
     tl.store(o + row * H * K + c, oc.to(o.dtype.element_ty))
 
 

@@ -19,18 +19,12 @@ tiny 8), L cache length, S = NUM_SPLITS. q [B, H, R + PE]; kv_cache [B, L, R + P
 per position); pad [B] int64; o_lat [B, H, R].
 """
 import functools
-import os
 
 import torch
 
-# Without CUDA the kernels run in Triton's CPU interpreter, chosen before triton is imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from triton_util import INTERPRET  # noqa: I001 (first: without CUDA, Triton's interpreter)
+import triton
+import triton.language as tl
 LOG2E = 1.4426950408889634          # exp(x) = 2^(x log2 e): folded into the scale once
 # Fixed tiles (autotune breaks the interpreter). GPU values are not yet timed on an H200 (offline
 # sm_90 compile at H = 32: 166 registers, no spills, 112 KB shared: one program per SM); the

@@ -15,19 +15,13 @@ Shapes: N tokens, E experts (E' = E + 1 with the shared one stacked), k experts 
 (k' = k + 1 with the shared one), D hidden, F expert width, P = N * k' (token, slot) pairs.
 """
 import itertools
-import os
 
 import torch
 import torch.nn.functional as F
 
-# Without CUDA the kernels run in Triton's CPU interpreter, chosen before triton is imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from triton_util import INTERPRET, round_to  # noqa: I001 (first: without CUDA, the interpreter)
+import triton
+import triton.language as tl
 MAX_TOKENS = 16                         # BM: tokens per tile (tl.dot's minimum dimension)
 # Fixed tiles (autotune breaks the interpreter): UP and DOWN_SUM are the fastest at N = 1 on an
 # H200 of a sweep over BN 16/32/64, BK 128/256/512, 4/8 warps, 3/4 stages (bf16 and FP8 experts,
@@ -109,19 +103,6 @@ def experts_ref(x, ids, w, w13, w2, s13=None, s2=None):
 
 
 @triton.jit
-def _round(v, dt: tl.constexpr, RTNE: tl.constexpr):
-    """v fp32 rounded to dt, kept in fp32. RTNE (interpreter, bf16): to nearest even from the
-    bits, as the interpreter's fp32 -> bf16 cast does not round to nearest (finite v)."""
-    if RTNE:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16           # may carry into the exponent
-        r = (bits << 16).to(tl.float32, bitcast=True)
-    else:
-        r = v.to(dt).to(tl.float32)
-    return r
-
-
-@triton.jit
 def _group(ids_ptr, p, N, KP, BM: tl.constexpr, BJ: tl.constexpr):
     """Pair p's expert e = ids[p]; whether p is e's first pair (the leader, who does the work);
     per token t: whether t chose e (member [BM]) and in which slot (slot [BM])."""
@@ -137,7 +118,7 @@ def _group(ids_ptr, p, N, KP, BM: tl.constexpr, BJ: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(x_ptr, ids_ptr, w13_ptr, s13_ptr, h_ptr, N, KP, D, F, SCALED: tl.constexpr,
-                    RTNE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
+                    DOT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
                     BJ: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """h[t*k' + slot, f] = silu(gate) * up for expert ids[p]'s tokens t, outputs f of block 1."""
     e, leader, member, slot = _group(ids_ptr, tl.program_id(0), N, KP, BM, BJ)
@@ -159,17 +140,17 @@ def _gate_up_kernel(x_ptr, ids_ptr, w13_ptr, s13_ptr, h_ptr, N, KP, D, F, SCALED
             gate *= tl.load(s13_ptr + e * 2 * F + f, mask=f < F, other=0.0)[None, :]
             up *= tl.load(s13_ptr + e * 2 * F + F + f, mask=f < F, other=0.0)[None, :]
         dt: tl.constexpr = h_ptr.dtype.element_ty
-        gate = _round(gate, dt, RTNE)                               # kimi's w1(x), w3(x) in bf16
-        up = _round(up, dt, RTNE)
-        silu = _round(gate / (1.0 + tl.exp(-gate)), dt, RTNE)       # torch's silu formula
-        h = _round(silu * up, dt, RTNE)
+        gate = round_to(gate, dt)                               # kimi's w1(x), w3(x) in bf16
+        up = round_to(up, dt)
+        silu = round_to(gate / (1.0 + tl.exp(-gate)), dt)       # torch's silu formula
+        h = round_to(silu * up, dt)
         tl.store(h_ptr + (t * KP + slot)[:, None] * F + f[None, :], h.to(dt),
                  mask=member[:, None] & (f[None, :] < F))
 
 
 @triton.jit
 def _down_kernel(h_ptr, ids_ptr, wts_ptr, w2_ptr, s2_ptr, out_ptr, N, KP, D, F, SUM: tl.constexpr,
-                 SCALED: tl.constexpr, RTNE: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                 SCALED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                  BM: tl.constexpr, BJ: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """out[t*k' + slot, d] = h @ w2^T for pair program 0's expert, outputs d of block 1. SUM: one
     program per block loops over every pair, and writes y[t, d] = sum w * out in pair order."""
@@ -194,19 +175,19 @@ def _down_kernel(h_ptr, ids_ptr, wts_ptr, w2_ptr, s2_ptr, out_ptr, N, KP, D, F, 
                 acc += tl.dot(h.to(DOT), w2_t.to(DOT), input_precision=PREC)
             if SCALED:
                 acc *= tl.load(s2_ptr + e * D + d, mask=d < D, other=0.0)[None, :]
-            out = _round(acc, dt, RTNE)                             # kimi's w2(h) in bf16
+            out = round_to(acc, dt)                             # kimi's w2(h) in bf16
             if SUM:                                                 # non-members: weight 0
                 y += tl.load(wts_ptr + t * KP + slot, mask=member, other=0.0)[:, None] * out
             else:
                 tl.store(out_ptr + rows * D + d[None, :], out.to(dt),
                          mask=member[:, None] & (d[None, :] < D))
     if SUM:
-        tl.store(out_ptr + t[:, None] * D + d[None, :], _round(y, dt, RTNE).to(dt),
+        tl.store(out_ptr + t[:, None] * D + d[None, :], round_to(y, dt).to(dt),
                  mask=(t[:, None] < N) & (d[None, :] < D))
 
 
 @triton.jit
-def _combine_kernel(out_ptr, wts_ptr, y_ptr, KP, D, RTNE: tl.constexpr, BN: tl.constexpr):
+def _combine_kernel(out_ptr, wts_ptr, y_ptr, KP, D, BN: tl.constexpr):
     """y[n, d] = sum_j w[n, j] out[n*k' + j, d] in fp32, j in order: the same sum every run (float
     atomics would add in arrival order, and greedy decoding could change from run to run)."""
     n, d = tl.program_id(0).to(tl.int64), tl.program_id(1) * BN + tl.arange(0, BN)
@@ -215,7 +196,7 @@ def _combine_kernel(out_ptr, wts_ptr, y_ptr, KP, D, RTNE: tl.constexpr, BN: tl.c
         out = tl.load(out_ptr + (n * KP + j) * D + d, mask=d < D, other=0.0).to(tl.float32)
         y += tl.load(wts_ptr + n * KP + j) * out
     dt: tl.constexpr = y_ptr.dtype.element_ty
-    tl.store(y_ptr + n * D + d, _round(y, dt, RTNE).to(dt), mask=d < D)
+    tl.store(y_ptr + n * D + d, round_to(y, dt).to(dt), mask=d < D)
 
 
 def _fit(tiles, x):
@@ -233,7 +214,7 @@ def experts(x, ids, w, w13, w2, s13=None, s2=None):
     # bf16 operands on a GPU (e4m3 -> bf16 is exact); fp32 in the interpreter, whose bf16 tl.dot
     # is silently wrong, and for fp32 x ('ieee': no TF32 rounding of x)
     low = x.dtype == torch.bfloat16 and not INTERPRET
-    meta = dict(SCALED=scaled, RTNE=INTERPRET and x.dtype == torch.bfloat16,
+    meta = dict(SCALED=scaled,
                 DOT=tl.bfloat16 if low else tl.float32, PREC="tf32" if low else "ieee",
                 BM=MAX_TOKENS, BJ=triton.next_power_of_2(KP))
     h = x.new_empty(N * KP, Fw)                                     # [P, F]
@@ -245,7 +226,7 @@ def experts(x, ids, w, w13, w2, s13=None, s2=None):
         h, ids, w, w2, s2 if scaled else w2, out, N, KP, D, Fw, SUM=N == 1, **meta,
         **_fit(tiles, x))
     if N > 1:
-        _combine_kernel[(N, triton.cdiv(D, COMBINE))](out, w, y, KP, D, meta["RTNE"], COMBINE)
+        _combine_kernel[(N, triton.cdiv(D, COMBINE))](out, w, y, KP, D, COMBINE)
     return y
 
 

@@ -7,33 +7,11 @@ import torch
 
 import decode  # noqa: I001 (first: without a GPU it selects Triton's interpreter)
 import kimi
-from kimi import ModelArgs, Transformer
+from kimi import Transformer
+from test_kimi import TINY, randomize, rel     # the tiny model of kimi's own tests
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"     # kernels: compiled on a GPU, else the interpreter
-TINY = ModelArgs(vocab_size=128, hidden_size=64, num_hidden_layers=4, kda_num_heads=2,
-                 kda_head_dim=16, full_attn_layers=(1, 3), num_attention_heads=2, kv_lora_rank=32,
-                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, intermediate_size=96,
-                 moe_intermediate_size=32, num_experts=8, num_experts_per_token=2)
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def randomize(model, seed):
-    """Random values for every parameter (norm weights, biases and gates included)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.rand(p.shape, generator=gen)
-            if name.endswith("A_log"):
-                p.copy_(torch.log(1 + 15 * r))
-            elif name.endswith(("dt_bias", "e_score_correction_bias")) or p.dim() == 1:
-                p.copy_(r + (0.5 if p.dim() == 1 and "bias" not in name else -0.5))
-            else:
-                p.copy_((2 * r - 1) * p.shape[-1] ** -0.5)
-    return model
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
