@@ -581,8 +581,8 @@ class Transformer(nn.Module):
 #     Transformer.stack_experts has run (from_pretrained does it on a GPU)
 #   - FP8 weights (quantize.py): Fp8Linear and Fp8MoE replace the projections and the MoE blocks,
 #     entering only through from_pretrained (dtype=torch.float8_e4m3fn, or an FP8 folder)
-#   - decode steps replayed from one CUDA graph (sample.cuda_graph_decoder): a tensor start_pos
-#     serves every position; attend_absorbed then reads the whole cache buffer, masked
+#   - decode steps on a GPU: decode.step (decode.py), the same math in ~10 fused kernels a layer,
+#     replayed from one CUDA graph whose tensor start_pos serves every position (sample.py)
 
 def _bmm_fp32(a, b):
     """a @ b with fp32 (or wider) results. On CUDA, bf16 operands stay bf16 (out_dtype: fp32
