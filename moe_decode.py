@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from triton_util import INTERPRET, round_to  # noqa: I001 (first: without CUDA, the interpreter)
 import triton
 import triton.language as tl
+
 MAX_TOKENS = 16                         # BM: tokens per tile (tl.dot's minimum dimension)
 # Fixed tiles (autotune breaks the interpreter): UP and DOWN_SUM are the fastest at N = 1 on an
 # H200 of a sweep over BN 16/32/64, BK 128/256/512, 4/8 warps, 3/4 stages (bf16 and FP8 experts,

@@ -1,0 +1,75 @@
+"""Where a decode step's time goes: decode.step of the 48B model on one GPU, kernel by kernel.
+
+    python docs/profile_decode.py [--batch 1] [--context 4096] [--fp8]
+
+Random weights at full size (bench.random_model), caches filled by a real prefill of `--context`
+tokens, then torch.profiler over 5 eager decode.step calls (the same kernels a CUDA graph replays;
+the graph removes only the launch gaps). Prints GPU microseconds per step by kernel, the largest
+first, grouped into what they do, and the sum next to the graph's own step time.
+"""
+import argparse
+import collections
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench  # noqa: E402
+import decode  # noqa: E402
+import kimi  # noqa: E402
+from sample import cuda_graph_decoder  # noqa: E402
+
+GROUPS = (                                  # kernel-name fragment -> what it does
+    ("_gate_up_kernel", "experts: w13 + SiLU"), ("_down_kernel", "experts: w2 + sum"),
+    ("_combine_kernel", "experts: combine"), ("_route_kernel", "router top-k"),
+    ("_kda_decode_kernel", "KDA step"), ("_mla_", "MLA attention"),
+    ("_add_rmsnorm", "add + RMSNorm"), ("_rows_kernel", "FP8 projections"),
+    ("gemv", "projections (GEMV)"), ("gemm", "projections (GEMM)"), ("nvjet", "projections (GEMM)"),
+)
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--fp8", action="store_true")
+    a = ap.parse_args(argv)
+    args, B, L, device = kimi.ModelArgs(), a.batch, a.context, torch.device("cuda")
+    model = bench.random_model(args, device, B, L + 64, fp8=a.fp8)
+    with torch.no_grad():
+        model(torch.randint(0, args.vocab_size, (B, L), device=device), start_pos=0)
+    graph = cuda_graph_decoder(model, B)                    # prepares the model, too
+    tok = torch.zeros(B, 1, dtype=torch.long, device=device)
+    pos = iter(range(L, L + 64))
+    graph_ms = bench.cuda_time(lambda: graph(tok, next(pos)), runs=16, warmup=4)
+    for _ in range(3):
+        decode.step(model, tok, next(pos))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            decode.step(model, tok, next(pos))
+        torch.cuda.synchronize()
+    per_kernel = collections.Counter()
+    calls = collections.Counter()
+    for e in prof.key_averages():
+        if e.device_time_total > 0:
+            per_kernel[e.key] += e.device_time_total / 5
+            calls[e.key] += e.count / 5
+    groups = collections.Counter()
+    for name, us in per_kernel.items():
+        group = next((g for frag, g in GROUPS if frag in name), "other (elementwise, copies)")
+        groups[group] += us
+    total = sum(per_kernel.values())
+    print(f"B={B} context {L}{' FP8' if a.fp8 else ''}: graph step {graph_ms * 1e3:.0f} us; "
+          f"kernels {total:.0f} us in {sum(calls.values()):.0f} launches a step")
+    for group, us in groups.most_common():
+        print(f"  {group:30} {us:8.1f} us  {us / total:6.1%}")
+    print("largest kernels:")
+    for name, us in per_kernel.most_common(12):
+        print(f"  {us:8.1f} us  {calls[name]:5.0f} x  {name[:90]}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
