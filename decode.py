@@ -185,6 +185,8 @@ def mla_step(attn, x, pos, pad, fast):
 
 def moe_step(moe, x, fast):
     """= SparseMoeBlock.forward for one token per row: x [B, D] -> [B, D]."""
+    if len(x) > moe_decode.MAX_TOKENS:      # more rows than the decode kernels' tile holds
+        return moe(x[:, None])[:, 0]       # the block itself (grouped matmuls once stacked)
     gate, args = moe.gate, moe.gate.args
     if x.is_cuda:   # fp32 accumulation of exact bf16 products = F.linear(x.float(), W.float())
         logits = torch.mm(x, gate.weight.T, out_dtype=torch.float32)

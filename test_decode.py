@@ -73,6 +73,19 @@ def test_step_equals_model_forward_fp32(fast):
         assert rel(got_caches[name], cache) < 1e-5 or name == "pad", name
 
 
+def test_step_with_more_rows_than_the_expert_kernels_take():
+    """17 rows: the MoE falls back to the block itself (moe_decode's tiles hold 16 tokens)."""
+    model = randomize(Transformer(TINY), 5).eval()
+    model.setup_cache(max_batch_size=17, max_seq_len=8)
+    tokens = torch.randint(0, TINY.vocab_size, (17, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model(tokens[:, :5], start_pos=0)
+    fused = copy.deepcopy(model)
+    decode.prepare(fused)
+    want = model_step(model, tokens[:, 5:], 5)
+    assert rel(decode.step(fused, tokens[:, 5:], 5, fast=False), want) < 1e-5     # fp32 noise
+
+
 def test_prepare_keeps_the_checkpoint_names_and_values():
     model, _ = prefilled(torch.float32, "cpu")
     fused = copy.deepcopy(model)

@@ -21,10 +21,10 @@ import decode  # noqa: E402
 import kimi  # noqa: E402
 from sample import cuda_graph_decoder  # noqa: E402
 
-GROUPS = (                                  # kernel-name fragment -> what it does
-    ("_gate_up_kernel", "experts: w13 + SiLU"), ("_down_kernel", "experts: w2 + sum"),
-    ("_combine_kernel", "experts: combine"), ("_route_kernel", "router top-k"),
-    ("_kda_decode_kernel", "KDA step"), ("_mla_", "MLA attention"),
+GROUPS = (                                  # kernel-name fragment -> what it does (first match)
+    ("_mla_", "MLA attention"), ("_gate_up_kernel", "experts: w13 + SiLU"),
+    ("_down_kernel", "experts: w2 + sum"), ("_combine_kernel", "experts: combine"),
+    ("_route_kernel", "router top-k"), ("_kda_decode_kernel", "KDA step"),
     ("_add_rmsnorm", "add + RMSNorm"), ("_rows_kernel", "FP8 projections"),
     ("gemv", "projections (GEMV)"), ("gemm", "projections (GEMM)"), ("nvjet", "projections (GEMM)"),
 )
