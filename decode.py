@@ -1,5 +1,5 @@
 """
-One decode step of kimi.py's model in about ten kernels per layer: the fast path of generation.
+One decode step of kimi.py's model in ~18 kernels a layer (486 a step): the fast path of generation.
 
     step(model, tokens, start_pos) = model(tokens, start_pos, last_only=True)
     for tokens [B, 1] that continue the sequences in the caches (start_pos >= 1, an int or a 0-d
@@ -62,7 +62,9 @@ def add_rmsnorm_ref(h, delta, norm):
 
 
 def add_rmsnorm(h, delta, norm):
-    """= add_rmsnorm_ref in one kernel (norm: a kimi.RMSNorm; rows contiguous)."""
+    """= add_rmsnorm_ref in one kernel (norm: a kimi.RMSNorm)."""
+    h = h.contiguous()                                  # one row stride for h, delta and outputs
+    delta = delta.contiguous() if delta is not None else None
     B, D = h.shape
     h_out = torch.empty_like(h) if delta is not None else h
     n_out = torch.empty_like(h)

@@ -581,7 +581,7 @@ class Transformer(nn.Module):
 #     Transformer.stack_experts has run (from_pretrained does it on a GPU)
 #   - FP8 weights (quantize.py): Fp8Linear and Fp8MoE replace the projections and the MoE blocks,
 #     entering only through from_pretrained (dtype=torch.float8_e4m3fn, or an FP8 folder)
-#   - decode steps on a GPU: decode.step (decode.py), the same math in ~10 fused kernels a layer,
+#   - decode steps on a GPU: decode.step (decode.py), ~18 kernels a layer, not ~110,
 #     replayed from one CUDA graph whose tensor start_pos serves every position (sample.py)
 
 def _bmm_fp32(a, b):

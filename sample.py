@@ -105,7 +105,7 @@ def prompt_ids(model, tokenizer, prompt):
 
 def cuda_graph_decoder(model, batch_size, forward=None):
     """decode(tokens [B, 1], start_pos) -> logits [B, 1, vocab]: one step replayed from a CUDA
-    graph: decode.step's ~10 fused kernels a layer, or forward(tokens, start_pos=, last_only=True)
+    graph: decode.step's ~18 kernels a layer, or forward(tokens, start_pos=, last_only=True)
     if given (bench.py: kimi.py's, plain or compiled). One graph serves every position (a device
     tensor; MLA reads its whole cache, masked). Build it after setup_cache, before a prefill."""
     device = model.lm_head.weight.device
