@@ -61,6 +61,8 @@ def test_random_model_is_bf16_with_fp32_decay_stacked_and_finite():
     (["--context", "0"], "--context lengths must be positive"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["--out", "somewhere"], "--out writes the --context results: add --context"),
+    (["--batch", "8"], "--batch takes a row count >= 1 and goes with --context"),
+    (["--context", "8", "--batch", "0"], "--batch takes a row count >= 1 and goes with --context"),
     (["--context", "8", "--peer"], "--compile and --peer do not apply"),
     (["--config", "no/such/config.json"], "cannot read config"),
     (["--config", "tiny", "--context", "8", "--out", "/proc/self/x"], "cannot make --out"),
