@@ -123,7 +123,8 @@ def _plain(m):
     """A Linear's weight in the model's dtype (an Fp8Linear's dequantised: exact in bf16)."""
     if not hasattr(m, "weight_scale"):
         return m.weight
-    return (m.weight.float() * m.weight_scale).to(torch.bfloat16)
+    import quantize
+    return quantize.dequantize(m.weight, m.weight_scale, torch.bfloat16)
 
 
 # -------------------------------------------------------------------------------------------------

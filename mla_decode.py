@@ -26,6 +26,8 @@ from triton_util import INTERPRET  # noqa: I001 (first: without CUDA, Triton's i
 import triton
 import triton.language as tl
 
+import kimi
+
 LOG2E = 1.4426950408889634          # exp(x) = 2^(x log2 e): folded into the scale once
 # Fixed tiles (autotune breaks the interpreter), not tuned: on an H200 (2026-12-02, python
 # mla_decode.py) they read a 1M-token cache at 2.17 TB/s at B = 1 (0.56 ms a layer; 0.93 for the
@@ -38,19 +40,11 @@ BLOCK_S, BLOCK_R = 16, 64               # combine: splits per step, latent colum
 SPLIT_WARPS, SPLIT_STAGES = 8, 2        # 2 stages: the next tile loads during this one's dots
 
 
-def _bmm_fp32(a, b):
-    """a @ b in fp32 as kimi._bmm_fp32 (on CUDA bf16 operands stay bf16, fp32 accumulate)."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        return torch.bmm(a, b, out_dtype=torch.float32)
-    dtype = torch.promote_types(a.dtype, torch.float32)
-    return torch.bmm(a.to(dtype), b.to(dtype))
-
-
 def mla_decode_ref(q, kv_cache, pos, scale, pad=None, *, kv_lora_rank):
     """q [B, H, R + PE], kv_cache [B, L, R + PE] -> o_lat [B, H, R] in q's dtype: attend_absorbed's
     math. Keys j > pos (an int or a 0-d tensor) and j < pad[b] are hidden."""
     L = kv_cache.shape[1]
-    scores = _bmm_fp32(q, kv_cache.mT) * scale                     # [B, H, L] fp32
+    scores = kimi._bmm_fp32(q, kv_cache.mT) * scale                # [B, H, L] fp32
     j = torch.arange(L, device=q.device)                            # key positions
     hidden = j > pos                                                # [L]: the future
     if pad is not None:
