@@ -1,25 +1,27 @@
-"""Chunked KDA forward in two Triton kernels, plus a fused one-token step for decode.
+"""Chunked KDA forward in three Triton kernels, plus a fused one-token step for decode.
 Read kda_ref.py first: chunk_kda and fused_recurrent_kda here have the signature and the result
 of kda_ref.recurrent_kda, and chunk_kda's steps are chunk_kda_ref's, numbered the same way.
 
 Per chunk of C = 64 tokens, with S [K, V] the fp32 state entering it (docs/kda.md §3, §5):
-  kernel 1, _kda_intra_kernel, grid (NT, B*H): all that does not depend on S, every chunk at once
+  kernel 1, _kda_diag_kernel, grid (B*NT*C, H / BH): token-parallel, row i of its 16 x 16
+    diagonal block, j = i, i-1, .. down the block: exponent = the sum of g over (j, i], never > 0
+    2a. Aqk[i, j] = scale sum_c q_i k_j 2^(G_i - G_j),  Akk[i, j] = sum_c k_i k_j 2^(G_i - G_j)
+  kernel 2, _kda_intra_kernel, grid (NT, B*H): the rest of what does not depend on S
     1. G = chunk-local cumsum of g, in log2 units; gamma = G at the last row
-    2. Aqk[i, j] = scale sum_c q_i k_j 2^(G_i - G_j)  (j <= i)
-       Akk[i, j] = beta_i sum_c k_i k_j 2^(G_i - G_j)  (j < i)
-    3. Tinv = (I + Akk)^-1 by (blocked) forward substitution
+    2b. Aqk and Akk (times beta_i) left of the diagonal blocks, anchored products (tl.dot)
+    3. Tinv = (I + Akk)^-1 by blocked forward substitution
     4. w = Tinv (beta k 2^G),  u = Tinv (beta v),  qg = scale q 2^G,  kg = k 2^(gamma - G)
-  kernel 2, _kda_scan_kernel, grid (V / BV, B*H): one program walks one head's chunks in order,
+  kernel 3, _kda_scan_kernel, grid (V / BV, B*H): one program walks one head's chunks in order,
     holding a [K, BV] slice of S in fp32 registers (a V-slice of o needs only that slice of S)
     5. v_new = u - w S
     6. o = qg S + Aqk v_new                  (scale is already folded into qg and Aqk)
     7. S = 2^gamma S + kg^T v_new
 
-No exponent is ever positive, whatever the gate: blocks of Akk and Aqk left of the 16 x 16
-diagonal split 2^(G_i - G_j) at an anchor row between i and j, diagonal blocks mask the exponent
-to -inf before exp2, and G is a cumsum restarted every 16 rows plus block totals (docs/kda.md
-§4, §5; steps 1-3 below). w, u, qg, kg, Aqk are stored in bf16 for bf16/fp16 inputs (as fla
-does; ~3e-3 relative error), in fp32 otherwise; G, the inverse and the running state: fp32.
+No exponent is ever positive, whatever the gate: the diagonal blocks sum g directly, the blocks
+left of them split 2^(G_i - G_j) at an anchor row between i and j, and G is a cumsum restarted
+every 16 rows plus block totals (docs/kda.md §4, §5). w, u, qg, kg, Aqk are stored in bf16 for
+bf16/fp16 inputs (as fla does; ~3e-3 relative error), in fp32 otherwise; G, Akk, the inverse and
+the running state: fp32.
 
 fused_recurrent_kda, _kda_step_kernel, grid (B*H, V / BV): recurrent_kda's three steps token by
 token (decode, T = 1, short inputs); the [K, BV] fp32 state slice is read once, written once.
@@ -42,14 +44,13 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
-C = 64                      # chunk size: tokens per program of kernel 1 and per step of kernel 2
-BC = 16                     # sub-block size of Akk / Aqk (smallest tl.dot tile)
-BK_DIAG = 16                # channels per pass of steps 1-2 (16: no register spills on sm_90)
-BD = 32                     # channel slice of step 4's [C, C] @ [C, BD] products (registers)
+C = 64                      # chunk size: tokens per program of kernel 2 and per step of kernel 3
+BC = 16                     # diagonal block size of Akk / Aqk (smallest tl.dot tile)
+BK = 32                     # channel slice of kernel 2's loops: [C, BK] tiles, [C, C] @ [C, BK]
 BV_SCAN = 64                # V-slice per scan program (32 crashed with h0 on Triton 3.6, H200)
 BV_STEP = 32                # V-slice per decode-step program (as fla's fused_recurrent_kda)
 # Fixed configs instead of autotune: multi-config autotune breaks the CPU interpreter.
-INTRA_WARPS, SCAN_WARPS, SCAN_STAGES, STEP_WARPS = 4, 4, 2, 4
+DIAG_HEADS, DIAG_WARPS, INTRA_WARPS, SCAN_WARPS, SCAN_STAGES, STEP_WARPS = 4, 2, 4, 4, 2, 4
 # Globals read inside @triton.jit must be tl.constexpr (compiled Triton refuses plain globals).
 # 1 / ln 2: g goes to log2 units once, then exp2 everywhere (docs/kda.md §4)
 RCP_LN2 = tl.constexpr(1.4426950408889634)
@@ -65,78 +66,92 @@ def _dot(a, b, DOT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _to_full(diag, C: tl.constexpr, BC: tl.constexpr):
-    """[C, BC] diagonal blocks (row i holds its block's columns) -> [C, C], zeros off the blocks."""
-    NB: tl.constexpr = C // BC
-    same = (tl.arange(0, C) // BC)[:, None, None] == tl.arange(0, NB)[None, :, None]
-    return tl.reshape(tl.where(same, diag[:, None, :], 0.), [C, C])
+def _kda_diag_kernel(q, k, g, Akkd, Aqk,                            # pointers
+                     T, H, NT, scale, s_qk,                          # sizes, the token stride
+                     K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr):
+    """Step 2a, token-parallel: row i of its 16 x 16 diagonal block, for BH heads at once."""
+    tok = tl.program_id(0).to(tl.int64)          # row of the [B, NT*C] padded sequences (int64)
+    b, t = tok // (NT * C), tok % (NT * C)
+    hh = tl.program_id(1) * BH + tl.arange(0, BH)                          # [BH] heads
+    ck = tl.arange(0, K)
+    # rows past T (the ragged last chunk) load 0 and store zeros, not leave garbage: kernel 2
+    # multiplies them in (0 * NaN = NaN)
+    heads = (hh < H)[:, None]
+    on = heads & (t + 0 * hh < T)[:, None]      # (t + 0 * hh: the interpreter wants a tensor)
+    p = (b * T + t) * s_qk + hh[:, None] * K + ck[None, :]                 # [BH, K] offsets
+    q_i = tl.load(q + p, mask=on, other=0.).to(tl.float32)
+    k_i = tl.load(k + p, mask=on, other=0.).to(tl.float32)
+    jj = tl.arange(0, BC)[None, :]
+    Aqk_i = tl.zeros([BH, BC], dtype=tl.float32)                          # j > i stay 0
+    Akk_i = tl.zeros([BH, BC], dtype=tl.float32)
+    E = tl.zeros([BH, K], dtype=tl.float32)      # G_i - G_j = the sum of g over (j, i], in log2
+    first = t - t % BC                           # the block's first token
+    for d in range(0, t - first + 1):            # j = i, i-1, ..., first: E only ever decreases
+        j = t - d
+        pj = (b * T + j) * s_qk + hh[:, None] * K + ck[None, :]
+        kd = tl.load(k + pj, mask=on, other=0.).to(tl.float32) * tl.exp2(E)   # k_j 2^(G_i - G_j)
+        Aqk_i += tl.where(jj == j - first, tl.sum(q_i * kd, axis=1)[:, None], 0.)
+        Akk_i += tl.where(jj == j - first, tl.sum(k_i * kd, axis=1)[:, None], 0.)
+        # a gate below G_FLOOR nats already wipes the state in fp32 (exp(-104) is below the
+        # smallest denormal); clamping it changes nothing but keeps -inf out of sums
+        E += tl.maximum(tl.load(g + pj, mask=on, other=0.), G_FLOOR) * RCP_LN2
+    row = ((b * H + hh) * NT * C + t)[:, None]  # [BH, 1] row in the [B*H, NT*C, *] intermediates
+    tl.store(Aqk + row * C + t % C - t % BC + jj, (Aqk_i * scale).to(Aqk.dtype.element_ty),
+             mask=heads)
+    tl.store(Akkd + row * BC + jj, Akk_i, mask=heads)       # unmasked, unscaled: kernel 2 does both
 
 
 @triton.jit
-def _kda_intra_kernel(
-    # pointers
-    q, k, v, g, beta, Gb, w, u, qg, kg, Aqk, decay,
-    # sizes
-    T, H, scale,
-    # strides (per token, of the contiguous inputs)
-    s_qk, s_v, s_beta,
-    # meta
-    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    BD: tl.constexpr, PREC: tl.constexpr,
-):
+def _kda_intra_kernel(q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay,   # pointers
+                      T, H, scale, s_qk, s_v, s_beta,               # sizes, token strides
+                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
+                      BK: tl.constexpr, PREC: tl.constexpr):
+    """Steps 1, 2b, 3 and 4 for one chunk (grid: chunks x heads), after _kda_diag_kernel."""
     n = tl.program_id(0).to(tl.int64)          # chunk; int64 so that offsets cannot overflow
     bh = tl.program_id(1).to(tl.int64)
     NT = tl.num_programs(0)
     b, h = bh // H, bh % H
     NB: tl.constexpr = C // BC
     i = tl.arange(0, C)                          # token within the chunk (rows; also columns j)
-    ib, ir = i // BC, i % BC                     # its 16-row block, and its row within the block
+    ib = i // BC                                 # its 16-row block
     t = n * C + i
-    valid = t < T                                # ragged last chunk: rows past T load 0 (g = 0 too)
+    valid = t < T                                # ragged last chunk: rows past T load 0
     bt = b * T + t                               # [C] row of token t in the [B*T, H, *] inputs
     row = (bh * NT + n) * C + i                  # [C] row in the [B*H, NT*C, *] intermediates
     b_beta = tl.load(beta + bt * s_beta + h, mask=valid, other=0.)                  # [C]
-    jj = tl.arange(0, BC)[None, :]               # [1, BC] column within a diagonal block
     blk_c = tl.arange(0, NB)[:, None, None]      # [NB, 1, 1] and [1, NB, 1]: block indices
     blk_m = tl.arange(0, NB)[None, :, None]
     r3 = tl.arange(0, BC)[None, :, None]         # [1, BC, 1] row within a block
 
-    # ---- 1. + 2. G, Aqk and Akk, accumulated over channel slices of width BK ----
-    Aqk_off = tl.zeros([C, C], dtype=tl.float32)     # entries left of the diagonal blocks
+    # ---- 1. + 2b. G, and Aqk and Akk left of the diagonal blocks, over channel slices ----
+    # Row block r: anchor n_r = G at the last row of block r-1. Row operand x_i 2^(G_i - n_r) =
+    # x_i 2^Gb_i; column operand k_j 2^(n_r - G_j), where n_r - G_j = (tot_c - Gb_j) + tot_{c+1}
+    # + ... + tot_{r-1} for j in block c < r: direct sums of g, every exponent <= 0, and their
+    # product is exactly 2^(G_i - G_j).
+    Aqk_off = tl.zeros([C, C], dtype=tl.float32)
     Akk_off = tl.zeros([C, C], dtype=tl.float32)
-    Aqk_diag = tl.zeros([C, BC], dtype=tl.float32)   # diagonal blocks: row i, column ib*BC + jj
-    Akk_diag = tl.zeros([C, BC], dtype=tl.float32)
     for k0 in range(0, K, BK):  # a loop, not unrolled: compile time
         c = k0 + tl.arange(0, BK)
         p = bt[:, None] * s_qk + h * K + c[None, :]                        # [C, BK] offsets
         b_q = tl.load(q + p, mask=valid[:, None], other=0.).to(tl.float32)
         b_k = tl.load(k + p, mask=valid[:, None], other=0.).to(tl.float32)
-        # a gate below G_FLOOR nats already wipes the state in fp32 (exp(-104) is below the smallest
-        # denormal); clamping it changes nothing but keeps -inf out of G, where -inf - -inf = NaN
+        # a gate below G_FLOOR nats already wipes the state in fp32 (exp(-104) is below the
+        # smallest denormal); clamping it changes nothing but keeps -inf out of G (-inf - -inf: NaN)
         b_g = tl.maximum(tl.load(g + p, mask=valid[:, None], other=0.), G_FLOOR)
         # 1. G restarted at every 16-row block, Gb (small numbers: differences lose little to
         # rounding). G itself = Gb + the totals of the blocks before; gamma = the sum of all totals.
         Gb3 = tl.cumsum(tl.reshape(b_g, [NB, BC, BK]), axis=1) * RCP_LN2     # [NB, BC, BK]
         tot = tl.sum(tl.where(r3 == BC - 1, Gb3, 0.), axis=1)               # [NB, BK] block totals
         b_Gb = tl.reshape(Gb3, [C, BK])
-        # The diagonal blocks below need G of *other* rows: go through memory (L1/L2), which is far
-        # cheaper than extracting rows from registers with reductions.
-        tl.store(Gb + row[:, None] * K + c[None, :], b_Gb)
-        tl.debug_barrier()                       # every thread's stores are visible after this
-        # 2a. diagonal blocks: entry (i, j) from its own exponent Gb_i - Gb_j, -inf where j > i, one
-        # column j = ib*BC + jj of every block at a time
-        for jc in tl.static_range(BC):
-            j = ib * BC + jc                                                # [C] column of row i
-            k_j = tl.load(k + ((b * T + n * C + j) * s_qk + h * K)[:, None] + c[None, :],
-                          mask=(n * C + j < T)[:, None], other=0.).to(tl.float32)
-            G_j = tl.load(Gb + ((bh * NT + n) * C + j)[:, None] * K + c[None, :])
-            kd_j = k_j * tl.exp2(tl.where((ir >= jc)[:, None], b_Gb - G_j, float('-inf')))
-            Aqk_diag += tl.where(jj == jc, tl.sum(b_q * kd_j, axis=1)[:, None], 0.)
-            Akk_diag += tl.where(jj == jc, tl.sum(b_k * kd_j, axis=1)[:, None], 0.)
-        # 2b. left of the diagonal, row block r: anchor n_r = G at the last row of block r-1.
-        # Row operand x_i 2^(G_i - n_r) = x_i 2^Gb_i; column operand k_j 2^(n_r - G_j), where
-        # n_r - G_j = (tot_c - Gb_j) + tot_{c+1} + ... + tot_{r-1} for j in block c < r: direct
-        # sums of g, every exponent <= 0, and their product is exactly 2^(G_i - G_j).
+        # 4, the part that needs no Tinv: qg = scale q 2^G, kg = k 2^(gamma - G), 2^gamma
+        before = tl.sum(tl.where(blk_m < blk_c, tot[None, :, :], 0.), axis=1)   # blocks before c
+        after = tl.sum(tl.where(blk_m > blk_c, tot[None, :, :], 0.), axis=1)    # blocks after c
+        b_G = tl.reshape(Gb3 + before[:, None, :], [C, BK])                    # G_i
+        gamma_minus_G = tl.reshape(tot[:, None, :] - Gb3 + after[:, None, :], [C, BK])
+        out = row[:, None] * K + c[None, :]
+        tl.store(qg + out, (b_q * tl.exp2(b_G) * scale).to(qg.dtype.element_ty))
+        tl.store(kg + out, (b_k * tl.exp2(gamma_minus_G)).to(kg.dtype.element_ty))
+        tl.store(decay + (bh * NT + n) * K + c, tl.exp2(tl.sum(tot, axis=0)))     # 2^gamma, fp32
         tail = tl.reshape(tot[:, None, :] - Gb3, [C, BK])                  # tot_c - Gb_j <= 0
         q_row, k_row = b_q * tl.exp2(b_Gb), b_k * tl.exp2(b_Gb)
         for r in tl.static_range(1, NB):
@@ -146,21 +161,25 @@ def _kda_intra_kernel(
             in_r = (ib == r)[:, None]            # (tl.trans of a load, not of a dot result: safe)
             Aqk_off += _dot(tl.where(in_r, q_row, 0.), k_col, tl.float32, PREC)
             Akk_off += _dot(tl.where(in_r, k_row, 0.), k_col, tl.float32, PREC)
-    Akk_diag = tl.where(jj < ir[:, None], Akk_diag, 0.) * b_beta[:, None]       # strict: j < i
     Akk_off = Akk_off * b_beta[:, None]
-    b_Aqk = (Aqk_off + _to_full(Aqk_diag, C, BC)) * scale                         # [C, C]
-    tl.store(Aqk + row[:, None] * C + i[None, :], b_Aqk.to(Aqk.dtype.element_ty))
+    off = ib[:, None] != ib[None, :]             # the diagonal blocks are _kda_diag_kernel's (2a)
+    tl.store(Aqk + row[:, None] * C + i[None, :], (Aqk_off * scale).to(Aqk.dtype.element_ty),
+             mask=off)
 
     # ---- 3. Tinv = (I + Akk)^-1, unit lower triangular, in fp32 ----
-    # 3a. the diagonal blocks, all NB at once: row m = e_m - sum_{j<m} Akk[m, j] Tinv[j]
+    # 3a. the diagonal blocks (kernel 2a's, scaled by beta_i, strictly lower), all NB at once:
+    # row m = e_m - sum_{j<m} Akk[m, j] Tinv[j]
     c3 = tl.arange(0, BC)[None, None, :]
-    A3 = tl.reshape(Akk_diag, [NB, BC, BC])
+    A3 = tl.reshape(tl.load(Akkd + row[:, None] * BC + tl.arange(0, BC)[None, :])
+                    * b_beta[:, None], [NB, BC, BC])
+    A3 = tl.where(c3 < r3, A3, 0.)
     D_inv = tl.where(c3 == r3, 1., 0.) + tl.zeros([NB, BC, BC], dtype=tl.float32)
     for m in tl.static_range(1, BC):
         a_m = tl.sum(tl.where(r3 == m, A3, 0.), axis=1)                           # [NB, BC] row m
         new_row = D_inv - tl.sum(a_m[:, :, None] * D_inv, axis=1)[:, None, :]
         D_inv = tl.where(r3 == m, new_row, D_inv)
-    D_inv = _to_full(tl.reshape(D_inv, [C, BC]), C, BC)                           # [C, C]
+    same = (i // BC)[:, None, None] == tl.arange(0, NB)[None, :, None]    # [C, C] as [C, NB, BC]
+    D_inv = tl.reshape(tl.where(same, tl.reshape(D_inv, [C, BC])[:, None, :], 0.), [C, C])
     # 3b. the blocks below: I + Akk = D (I + M) with M = D^-1 Akk_off strictly block-lower, so
     # Tinv = (I + M)^-1 D^-1 and (I + M)^-1 = I - M (I - M (I - M ...)): NB - 1 Horner steps, the
     # same arithmetic as block forward substitution (not the unstable doubling product).
@@ -171,44 +190,32 @@ def _kda_intra_kernel(
         X = eye - _dot(M, X, tl.float32, PREC)
     Tinv = _dot(X, D_inv, tl.float32, PREC)                                    # [C, C]
 
-    # ---- 4. w = Tinv (beta k 2^G), u = Tinv (beta v), qg = scale q 2^G, kg = k 2^(gamma - G) ----
-    for k0 in range(0, K, BD):
-        c = k0 + tl.arange(0, BD)
-        p = bt[:, None] * s_qk + h * K + c[None, :]                        # [C, BD] offsets
-        b_q = tl.load(q + p, mask=valid[:, None], other=0.).to(tl.float32)
+    # ---- 4. w = Tinv (beta k 2^G), u = Tinv (beta v) (qg, kg and 2^gamma: in the loop above) ----
+    for k0 in range(0, K, BK):
+        c = k0 + tl.arange(0, BK)
+        p = bt[:, None] * s_qk + h * K + c[None, :]                        # [C, BK] offsets
         b_k = tl.load(k + p, mask=valid[:, None], other=0.).to(tl.float32)
-        Gb3 = tl.reshape(tl.load(Gb + row[:, None] * K + c[None, :]), [NB, BC, BD])   # from step 1
-        tot = tl.sum(tl.where(r3 == BC - 1, Gb3, 0.), axis=1)               # [NB, BD]
+        b_g = tl.maximum(tl.load(g + p, mask=valid[:, None], other=0.), G_FLOOR)
+        Gb3 = tl.cumsum(tl.reshape(b_g, [NB, BC, BK]), axis=1) * RCP_LN2     # step 1 again: cheaper
+        # than a round trip of G through memory
+        tot = tl.sum(tl.where(r3 == BC - 1, Gb3, 0.), axis=1)               # [NB, BK]
         before = tl.sum(tl.where(blk_m < blk_c, tot[None, :, :], 0.), axis=1)   # blocks before c
-        after = tl.sum(tl.where(blk_m > blk_c, tot[None, :, :], 0.), axis=1)    # blocks after c
-        b_G = tl.reshape(Gb3 + before[:, None, :], [C, BD])                    # G_i
-        gamma_minus_G = tl.reshape(tot[:, None, :] - Gb3 + after[:, None, :], [C, BD])
-        gamma = tl.sum(tot, axis=0)                                            # [BD]
+        b_G = tl.reshape(Gb3 + before[:, None, :], [C, BK])                    # G_i
         b_w = _dot(Tinv, b_k * b_beta[:, None] * tl.exp2(b_G), tl.float32, PREC)
-        out = row[:, None] * K + c[None, :]
-        tl.store(w + out, b_w.to(w.dtype.element_ty))
-        tl.store(qg + out, (b_q * tl.exp2(b_G) * scale).to(qg.dtype.element_ty))
-        tl.store(kg + out, (b_k * tl.exp2(gamma_minus_G)).to(kg.dtype.element_ty))
-        tl.store(decay + (bh * NT + n) * K + c, tl.exp2(gamma))                   # 2^gamma, fp32
-    for v0 in range(0, V, BD):
-        c = v0 + tl.arange(0, BD)
+        tl.store(w + row[:, None] * K + c[None, :], b_w.to(w.dtype.element_ty))
+    for v0 in range(0, V, BK):
+        c = v0 + tl.arange(0, BK)
         b_v = tl.load(v + bt[:, None] * s_v + h * V + c[None, :], mask=valid[:, None], other=0.)
         b_u = _dot(Tinv, b_v.to(tl.float32) * b_beta[:, None], tl.float32, PREC)
         tl.store(u + row[:, None] * V + c[None, :], b_u.to(u.dtype.element_ty))
 
 
 @triton.jit
-def _kda_scan_kernel(
-    # pointers
-    w, u, qg, kg, Aqk, decay, o, h0, ht,
-    # sizes
-    T, H, NT,
-    # strides (per token, of o)
-    s_o,
-    # meta
-    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-):
+def _kda_scan_kernel(w, u, qg, kg, Aqk, decay, o, h0, ht,            # pointers
+                     T, H, NT, s_o,                                  # sizes, o's token stride
+                     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, DOT: tl.constexpr,
+                     PREC: tl.constexpr):
     iv = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -290,11 +297,14 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     u = torch.empty(B * H, NT * C, V, device=dev, dtype=mid)
     Aqk = torch.empty(B * H, NT * C, C, device=dev, dtype=mid)
     decay = torch.empty(B * H, NT, K, device=dev, dtype=torch.float32)
-    Gb = torch.empty(B * H, NT * C, K, device=dev, dtype=torch.float32)   # step 1's scratch
+    Akkd = torch.empty(B * H, NT * C, BC, device=dev, dtype=torch.float32)  # step 2a's blocks
+    _kda_diag_kernel[(B * NT * C, triton.cdiv(H, DIAG_HEADS))](
+        q, k, g, Akkd, Aqk, T, H, NT, scale, H * K,
+        K=K, C=C, BC=BC, BH=DIAG_HEADS, num_warps=DIAG_WARPS)
     _kda_intra_kernel[(NT, B * H)](
-        q, k, v, g, beta, Gb, w, u, qg, kg, Aqk, decay,
+        q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay,
         T, H, scale, H * K, H * V, H,
-        K=K, V=V, C=C, BC=BC, BK=min(BK_DIAG, K), BD=min(BD, K, V), PREC=prec,
+        K=K, V=V, C=C, BC=BC, BK=min(BK, K, V), PREC=prec,
         num_warps=INTRA_WARPS)
     o = torch.empty_like(v)
     h0 = None if initial_state is None else initial_state.float().contiguous()
@@ -311,17 +321,10 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
 
 
 @triton.jit
-def _kda_step_kernel(
-    # pointers
-    q, k, v, g, beta, o, h0, ht,
-    # sizes
-    T, H, scale,
-    # strides (per token, of the contiguous inputs)
-    s_qk, s_v, s_beta,
-    # meta
-    K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
-):
+def _kda_step_kernel(q, k, v, g, beta, o, h0, ht,                    # pointers
+                     T, H, scale, s_qk, s_v, s_beta,                 # sizes, token strides
+                     K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+                     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)          # (b, h) on the first axis: no 65535 limit on B*H
     iv = tl.program_id(1).to(tl.int64)          # int64 so that offsets cannot overflow
     b, h = bh // H, bh % H
@@ -366,8 +369,7 @@ def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output
     scale = K ** -0.5 if scale is None else scale
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))   # free if they already are
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    # A new final state, as recurrent_kda returns. Passing ht = h0 would update the state in place
-    # (each program reads its slice before writing it) and save this allocation; the caller's call.
+    # a new final state, as recurrent_kda returns (ht = h0 would update it in place: also correct)
     ht = q.new_empty(B, H, K, V, dtype=torch.float32) if output_final_state else None
     o = torch.empty_like(v)
     BV = min(BV_STEP, V)
@@ -414,37 +416,25 @@ if __name__ == '__main__':
             name = f'B={B} T={T} H={H} K={K} V={V} {str(dtype)[6:]:>8}'
             print(f'{name}: err o {err_o:.1e}  err S {err_S:.1e}')
         raise SystemExit
-    try:
-        from fla.ops.kda import chunk_kda as fla_chunk_kda
-    except Exception:  # fla is optional: only the comparison column needs it
-        fla_chunk_kda = None
+    try:                        # fla is optional: only the comparison column needs it
+        from fla.ops.kda import chunk_kda as fla
+    except ImportError:
+        fla = None
     print(f'{torch.cuda.get_device_name()}, bf16 inputs, H=32, K=V=128; error = ||x - ref|| / '
           '||ref|| vs the fp32 recurrence on the same bf16 inputs, over the whole sequence')
     print(f'{"shape":>16} {"ms":>7} {"GB/s":>6} {"err o":>8} {"err S":>8} {"fla ms":>7} '
           f'{"ours/fla":>8}', flush=True)
     for B, T in [(1, 4096), (1, 16384), (1, 65536), (8, 4096)]:
         H, K, V = 32, 128, 128
-        inputs = make_inputs(B, T, H, K, V, torch.bfloat16, 'cuda')
+        q, k, v, g, beta = inputs = make_inputs(B, T, H, K, V, torch.bfloat16, 'cuda')
         ms = median_ms(lambda: chunk_kda(*inputs))
         io = B * T * H * (2 * K * 2 + V * 2 * 2 + K * 4 + 4)  # q, k, v, o in bf16; g, beta in fp32
-        fla_ms = fla_txt = '-'
-        if fla_chunk_kda is not None:
-            try:
-                q, k, v, g, beta = inputs
-                fla_ms = median_ms(lambda: fla_chunk_kda(
-                    q=q, k=k, v=v, g=g, beta=beta, scale=K ** -0.5, initial_state=None,
-                    output_final_state=False))
-                fla_txt, fla_ms = f'{ms / fla_ms:.2f}', f'{fla_ms:.3f}'
-            except Exception as e:
-                fla_ms = f'failed: {type(e).__name__}'
+        fla_ms = fla and median_ms(lambda: fla(q=q, k=k, v=v, g=g, beta=beta, scale=K ** -0.5))
         err_o, err_S = errors(inputs)
-        shape = f'B={B} T={T}'
-        print(f'{shape:>16} {ms:7.3f} {io / ms / 1e6:6.0f} {err_o:8.1e} {err_S:8.1e} '
-              f'{fla_ms:>7} {fla_txt:>8}', flush=True)
-    steps = []  # a decode step reads and writes the state once: B*32*128*128*4 bytes each way
-    for B in (1, 16):
-        x = make_inputs(B, 1, 32, 128, 128, torch.bfloat16, 'cuda')
-        h0 = torch.randn(B, 32, 128, 128, device='cuda')
-        ms = median_ms(lambda: fused_recurrent_kda(*x, initial_state=h0, output_final_state=True))
-        steps.append(f'B={B} {ms:.3f} ms ({2 * h0.numel() * 4 / ms / 1e9:.2f} TB/s state traffic)')
-    print(f'decode step, fused_recurrent_kda: {", ".join(steps)}; fla: 0.038 / 0.041 ms')
+        print(f'{f"B={B} T={T}":>16} {ms:7.3f} {io / ms / 1e6:6.0f} {err_o:8.1e} {err_S:8.1e} '
+              + (f'{fla_ms:7.3f} {ms / fla_ms:8.2f}' if fla else f'{"-":>7} {"-":>8}'), flush=True)
+    x = make_inputs(16, 1, H, K, V, torch.bfloat16, 'cuda')    # one decode step reads and writes
+    h0 = torch.randn(16, H, K, V, device='cuda')                # the [K, V] state once a head
+    ms = median_ms(lambda: fused_recurrent_kda(*x, initial_state=h0, output_final_state=True))
+    tbs = 8 * h0.numel() / ms / 1e9                             # fp32 state, read and written
+    print(f'decode step B=16, fused_recurrent_kda: {ms:.3f} ms ({tbs:.2f} TB/s)')

@@ -22,6 +22,7 @@ fla/ops/kda/naive.py (https://github.com/fla-org/flash-linear-attention). docs/a
 this repository's own specification: "§n" and "trap n" below refer to it.
 """
 import functools
+import importlib
 import math
 import sys
 from dataclasses import dataclass, fields
@@ -38,13 +39,12 @@ from kda_ref import chunk_kda_ref, kda_gate, l2norm, recurrent_kda
 
 
 @functools.cache
-def _kda_triton():
-    """The kda_triton module if it imports, else None (the model then runs on kda_ref, slower)."""
+def _fast(name):
+    """Fast-path module `name` (kda_triton, short_conv) if it imports, else None: torch runs."""
     try:
-        import kda_triton
-        return kda_triton
+        return importlib.import_module(name)
     except ImportError as e:
-        print(f"kimi.py: kda_triton unavailable ({e}); using kda_ref", file=sys.stderr)
+        print(f"kimi.py: {name} unavailable ({e}); using the torch code", file=sys.stderr)
         return None
 
 
@@ -178,6 +178,9 @@ class ShortConv(nn.Conv1d):
     def forward(self, x, state=None):
         """x [B, T, C] -> [B, T, C]. state [B, C, W-1]: the last W-1 inputs before x (None: zeros,
         a new sequence); when given it is updated in place to the last W-1 inputs including x."""
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if x.is_cuda and not wants_grad and (fast := _fast("short_conv")):    # (Fast paths)
+            return fast.short_conv(x, self.weight, state)       # the same in one Triton kernel
         xt = x.transpose(1, 2)                                      # [B, C, T]
         if state is None:
             xs = F.pad(xt, (self.kernel_size[0] - 1, 0))           # zeros before the start
@@ -198,7 +201,7 @@ def kda_core(q, k, v, g, beta, initial_state=None):
     On a GPU, when no gradient is asked for, the same two forms run as Triton kernels."""
     T, K = q.shape[1], q.shape[-1]
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))
-    fast = _kda_triton() if q.is_cuda and not wants_grad else None     # Triton: forward only
+    fast = _fast("kda_triton") if q.is_cuda and not wants_grad else None     # Triton: forward only
     if T <= 64:
         kernel = fast.fused_recurrent_kda if fast else recurrent_kda
     else:
@@ -217,9 +220,7 @@ class KimiDeltaAttention(nn.Module):
         self.q_proj = nn.Linear(D, H * K, bias=False)
         self.k_proj = nn.Linear(D, H * K, bias=False)
         self.v_proj = nn.Linear(D, H * K, bias=False)
-        self.q_conv1d = ShortConv(H * K, self.W)
-        self.k_conv1d = ShortConv(H * K, self.W)
-        self.v_conv1d = ShortConv(H * K, self.W)
+        self.q_conv1d, self.k_conv1d, self.v_conv1d = (ShortConv(H * K, self.W) for _ in range(3))
         # Forget gate, low rank (D -> K -> P, no activation in between); A_log per head, dt_bias per
         # channel (trap 4). Both stay fp32 whatever the model dtype (loading with assign=True keeps
         # them). Initialised as fla does (decay rates exp(A_log) in 1..16): it matters for training.
@@ -248,11 +249,9 @@ class KimiDeltaAttention(nn.Module):
         # start_pos None: stateless; 0: a new sequence; else continue it (int, or a graph's tensor)
         cached = start_pos is not None
         new = not cached or (isinstance(start_pos, int) and start_pos == 0)
-        states = [None, None, None]
-        if cached:
-            states = self.conv_state[:, :B]                         # [3, B, P, W-1]
-            if new:
-                states.zero_()
+        states = self.conv_state[:, :B] if cached else [None] * 3   # [3, B, P, W-1]
+        if cached and new:
+            states.zero_()
         if pad is not None and new:     # left padding is zero input here (see Transformer.forward)
             x = x.masked_fill((torch.arange(T, device=x.device) < pad[:, None])[..., None], 0)
         q = self.q_conv1d(self.q_proj(x), states[0]).view(B, T, H, K)   # [B, T, H, K]
@@ -420,10 +419,10 @@ class SparseMoeBlock(nn.Module):
         ids, w = self.gate(x)                                       # [N, k] each
         if self.w13 is None:
             out = self.run_experts(x, ids)                          # [N, k, D]
+            y = torch.einsum("nk,nkd->nd", w, out.float()).to(x.dtype)     # weighted sum in fp32
         else:                                                       # the same, fast (moe_fast.py)
-            out = moe_fast.grouped_experts(x, ids, self.w13, self.w2)
-        y = torch.einsum("nk,nkd->nd", w, out.float())              # weighted sum in fp32
-        return (y.to(x.dtype) + self.shared_experts(x)).view(shape)
+            y = moe_fast.grouped_moe(x, ids, w, self.w13, self.w2)
+        return (y + self.shared_experts(x)).view(shape)
 
     def run_experts(self, x, ids):
         """out[n, j] = expert ids[n, j] applied to token n: [N, D], [N, k] -> [N, k, D]."""
@@ -576,9 +575,10 @@ class Transformer(nn.Module):
 # -------------------------------------------------------------------------------------------------
 # Fast paths. Each computes what a definition above computes; the tests check each equality.
 #   - KDA on a GPU without gradients: kda_triton.py's kernels, chosen in kda_core
+#   - the short convs on a GPU without gradients: short_conv.py's kernel, in ShortConv.forward
 #   - MLA decode: attend_absorbed (part of the MLA idea) instead of attend
-#   - MoE: moe_fast.grouped_experts over stacked weights instead of run_experts' loop, once
-#     Transformer.stack_experts has run (from_pretrained does it on a GPU)
+#   - MoE: moe_fast.grouped_moe (grouped matmuls, a Triton weighted sum) instead of run_experts'
+#     loop and the einsum, once Transformer.stack_experts has run (from_pretrained: on a GPU)
 #   - FP8 weights (quantize.py): Fp8Linear and Fp8MoE replace the projections and the MoE blocks,
 #     entering only through from_pretrained (dtype=torch.float8_e4m3fn, or an FP8 folder)
 #   - decode steps on a GPU: decode.step (decode.py), ~18 kernels a layer, not ~110,

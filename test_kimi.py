@@ -696,7 +696,7 @@ def test_peak_host_memory_while_loading(tmp_path):
 # CUDA: the Triton KDA path of a layer equals the kda_ref path
 
 def bf16_kda_layer_on_gpu():
-    if kimi._kda_triton() is None:
+    if kimi._fast("kda_triton") is None:
         pytest.skip("kda_triton does not import")
     args = replace(TINY, hidden_size=256, kda_num_heads=4, kda_head_dim=128)
     layer = randomize(KimiDeltaAttention(args)).cuda()
@@ -719,7 +719,7 @@ def test_triton_kda_layer_matches_reference(monkeypatch):
         return whole, pieces, layer.recurrent_state.clone()
 
     fast = run()
-    monkeypatch.setattr(kimi, "_kda_triton", lambda: None)
+    monkeypatch.setattr(kimi, "_fast", lambda name: None)       # all torch: KDA, short convs
     ref = run()
     for a, b in zip(fast, ref):
         assert rel(a, b) < 5e-3

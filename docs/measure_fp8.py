@@ -38,7 +38,7 @@ def compare(logits, ref):
 def fp32_reference(model, tokens):
     """The logits with every layer run in fp32 (weights upcast one layer at a time: the fp32 model
     is 196 GB), KDA through kda_ref's torch code and the experts through their loop."""
-    kda_triton, kimi._kda_triton = kimi._kda_triton, lambda: None     # the torch KDA, in fp32
+    fast, kimi._fast = kimi._fast, lambda name: None      # the torch KDA and convs, in fp32
     torch.backends.cuda.matmul.allow_tf32 = False
     h = model.model.embed_tokens(tokens).float()
     for i, layer in enumerate(model.model.layers):
@@ -47,7 +47,7 @@ def fp32_reference(model, tokens):
         ref.load_state_dict(layer.state_dict())
         h = ref(h)
         del ref
-    kimi._kda_triton = kda_triton
+    kimi._fast = fast
     return model.lm_head.float()(model.model.norm.float()(h))[0]   # (the model is dropped next)
 
 
