@@ -90,13 +90,15 @@ def chunk_kda_ref(q, k, v, g, beta, scale=None, initial_state=None, output_final
     """Chunked KDA (WY / UT transform) in plain PyTorch; same signature and result as recurrent_kda.
 
     Per chunk of C tokens, with S the state entering it (docs/kda.md §3 derives each line):
-      kernel 1 (no dependence on S, parallel over chunks)
+      no dependence on S, parallel over chunks (kda_triton: kernels 1 and 2)
         1. G = chunk-local cumsum of g, in log2 units; gamma = G at the last row
         2. Aqk[i, j] = scale sum_c q_i k_j 2^(G_i - G_j)  (j <= i)
            Akk[i, j] = beta_i sum_c k_i k_j 2^(G_i - G_j)  (j < i)
+           (kda_triton splits it: 2a the 16 x 16 diagonal blocks, token by token in kernel 1;
+           2b the blocks left of them, as matrix products in kernel 2)
         3. Tinv = (I + Akk)^-1 by forward substitution
         4. w = Tinv (beta k 2^G),  u = Tinv (beta v),  qg = q 2^G,  kg = k 2^(gamma - G)
-      kernel 2 (sequential over chunks)
+      sequential over chunks (kda_triton: kernel 3)
         5. v_new = u - w S                                  (the pseudo-values, one per token)
         6. o = scale qg S + Aqk v_new
         7. S = 2^gamma S + kg^T v_new

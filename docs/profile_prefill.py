@@ -1,0 +1,70 @@
+"""Where a prefill's time goes: kimi.py's forward over one prompt of the 48B model, kernel by kernel.
+
+    python docs/profile_prefill.py [--tokens 8192] [--config tiny]
+
+Random weights at full size (bench.random_model, as bench.py builds them), one cached prefill
+(start_pos=0, last_only=True, as sample.generate runs it). Prints tokens/s the way bench.py's
+prefill rows measure them (bench.cuda_time: CUDA events, median of 3 after one warm-up) next to
+the matmul ceiling, then torch.profiler's GPU time per kernel over 2 more prefills, the largest
+first. Without a GPU (a tiny --config only) it times on the host and profiles CPU operators.
+"""
+import argparse
+import collections
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench  # noqa: E402
+import kimi  # noqa: E402
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--config", default="kimi-linear-48b-a3b", choices=sorted(kimi.CONFIGS))
+    a = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    args, T = kimi.CONFIGS[a.config], a.tokens
+    model = bench.random_model(args, torch.device("cuda" if cuda else "cpu"), 1, T)
+    tokens = torch.randint(0, args.vocab_size, (1, T), device=model.lm_head.weight.device)
+    prefill = lambda: model(tokens, start_pos=0, last_only=True)      # noqa: E731
+    with torch.no_grad():
+        if cuda:
+            ms = bench.cuda_time(prefill, runs=3)
+        else:
+            prefill()
+            ms = statistics.median(_host_ms(prefill) for _ in range(3))
+        ceiling = bench.MATMUL_FLOP_PER_S / (2 * bench.active_params(args))
+        print(f"prefill B=1 T={T}: {T / ms * 1e3:,.0f} tokens/s, {T / ms * 1e3 / ceiling:.1%} of "
+              f"the H200 matmul ceiling ({ceiling:,.0f} tokens/s)")
+        activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+        with profile(activities=[activity]) as prof:
+            for _ in range(2):
+                prefill()
+            if cuda:
+                torch.cuda.synchronize()
+    per_kernel, calls = collections.Counter(), collections.Counter()
+    for e in prof.key_averages():
+        t = e.device_time_total if cuda else e.self_cpu_time_total
+        if t > 0:
+            per_kernel[e.key] += t / 2e3                        # ms per prefill
+            calls[e.key] += e.count / 2
+    print(f"{sum(per_kernel.values()):.1f} ms of {'GPU kernels' if cuda else 'CPU operators'} "
+          f"a prefill; the largest:")
+    for name, t in per_kernel.most_common(25):
+        print(f"  {t:8.3f} ms  {calls[name]:5.0f} x  {name[:90]}")
+
+
+def _host_ms(fn):
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
