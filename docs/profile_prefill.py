@@ -1,4 +1,4 @@
-"""Where a prefill's time goes: kimi.py's forward over one prompt of the 48B model, kernel by kernel.
+"""Where a prefill's time goes: kimi.py's forward over one prompt of the 48B model, by kernel.
 
     python docs/profile_prefill.py [--tokens 8192] [--config tiny]
 
