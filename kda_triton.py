@@ -92,8 +92,7 @@ def _kda_diag_kernel(q, k, g, Akkd, Aqk,                            # pointers
         kd = tl.load(k + pj, mask=on, other=0.).to(tl.float32) * tl.exp2(E)   # k_j 2^(G_i - G_j)
         Aqk_i += tl.where(jj == j - first, tl.sum(q_i * kd, axis=1)[:, None], 0.)
         Akk_i += tl.where(jj == j - first, tl.sum(k_i * kd, axis=1)[:, None], 0.)
-        # a gate below G_FLOOR nats already wipes the state in fp32 (exp(-104) is below the
-        # smallest denormal); clamping it changes nothing but keeps -inf out of sums
+        # clamped at G_FLOOR as kernel 2 clamps it (see there): the same gates in both kernels
         E += tl.maximum(tl.load(g + pj, mask=on, other=0.), G_FLOOR) * RCP_LN2
     row = ((b * H + hh) * NT * C + t)[:, None]  # [BH, 1] row in the [B*H, NT*C, *] intermediates
     tl.store(Aqk + row * C + t % C - t % BC + jj, (Aqk_i * scale).to(Aqk.dtype.element_ty),
