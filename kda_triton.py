@@ -142,16 +142,17 @@ def _kda_intra_kernel(q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay,   # poin
         Gb3 = tl.cumsum(tl.reshape(b_g, [NB, BC, BK]), axis=1) * RCP_LN2     # [NB, BC, BK]
         tot = tl.sum(tl.where(r3 == BC - 1, Gb3, 0.), axis=1)               # [NB, BK] block totals
         b_Gb = tl.reshape(Gb3, [C, BK])
+        tail3 = tot[:, None, :] - Gb3                                       # tot_c - Gb_j <= 0
         # 4, the part that needs no Tinv: qg = scale q 2^G, kg = k 2^(gamma - G), 2^gamma
         before = tl.sum(tl.where(blk_m < blk_c, tot[None, :, :], 0.), axis=1)   # blocks before c
         after = tl.sum(tl.where(blk_m > blk_c, tot[None, :, :], 0.), axis=1)    # blocks after c
         b_G = tl.reshape(Gb3 + before[:, None, :], [C, BK])                    # G_i
-        gamma_minus_G = tl.reshape(tot[:, None, :] - Gb3 + after[:, None, :], [C, BK])
+        gamma_minus_G = tl.reshape(tail3 + after[:, None, :], [C, BK])
         out = row[:, None] * K + c[None, :]
         tl.store(qg + out, (b_q * tl.exp2(b_G) * scale).to(qg.dtype.element_ty))
         tl.store(kg + out, (b_k * tl.exp2(gamma_minus_G)).to(kg.dtype.element_ty))
         tl.store(decay + (bh * NT + n) * K + c, tl.exp2(tl.sum(tot, axis=0)))     # 2^gamma, fp32
-        tail = tl.reshape(tot[:, None, :] - Gb3, [C, BK])                  # tot_c - Gb_j <= 0
+        tail = tl.reshape(tail3, [C, BK])
         q_row, k_row = b_q * tl.exp2(b_Gb), b_k * tl.exp2(b_Gb)
         for r in tl.static_range(1, NB):
             between = tl.sum(tl.where((blk_m > blk_c) & (blk_m < r), tot[None, :, :], 0.), axis=1)
