@@ -158,7 +158,7 @@ def load_into(model, ckpt_dir, device, dtype=None, transform=None):
     for i, shard in enumerate(shards, 1):
         state = _read_shard(ckpt_dir / shard, weight_map, expected, device)
         if dtype is not None:
-            state = {n: _cast(n, t, dtype) for n, t in state.items()}
+            state = {n: cast(n, t, dtype) for n, t in state.items()}
         if transform is not None:
             state = {m: u for n, t in state.items() for m, u in transform(n, t).items()}
         model.load_state_dict(state, strict=False, assign=True)    # assign keeps their dtypes
@@ -189,7 +189,7 @@ def _read_shard(path, weight_map, expected, device):
     return state
 
 
-def _cast(name, t, dtype):
+def cast(name, t, dtype):
     """A_log and dt_bias stay fp32. Copied: a view into a cast shard would keep the whole shard
     mapped in memory."""
     if name.endswith(("A_log", "dt_bias")):

@@ -29,21 +29,12 @@ Supported: K and V powers of two from 16 to 256, any B, H (chunk_kda: B*H <= 655
 Not here: backward, varlen (cu_seqlens), fused gate / l2norm / sigmoid(beta).
 Layout: q, k, g [B, T, H, K]; v, o [B, T, H, V]; beta [B, T, H]; state [B, H, K, V] fp32.
 """
-import os
-import sys
-
 import torch
 
-# No CUDA: Triton's CPU interpreter, read at Triton's first import (else refuse; kimi uses kda_ref)
-if not torch.cuda.is_available():
-    if 'triton' in sys.modules and os.environ.get('TRITON_INTERPRET') != '1':
-        raise ImportError("on a CPU, import kda_triton before triton, or set TRITON_INTERPRET=1")
-    os.environ.setdefault('TRITON_INTERPRET', '1')
+from fast import INTERPRET  # noqa: I001 (first: without a GPU it chooses Triton's interpreter)
+import triton
+import triton.language as tl
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
 C = 64                      # chunk size: tokens per program of kernel 2 and per step of kernel 3
 BC = 16                     # diagonal block size of Akk / Aqk (smallest tl.dot tile)
 BK = 32                     # channel slice of kernel 2's loops: [C, BK] tiles, [C, C] @ [C, BK]

@@ -21,10 +21,7 @@ modeling_kimi.py at https://huggingface.co/moonshotai/Kimi-Linear-48B-A3B-Instru
 fla/ops/kda/naive.py (https://github.com/fla-org/flash-linear-attention). docs/architecture.md is
 this repository's own specification: "§n" and "trap n" below refer to it.
 """
-import functools
-import importlib
 import math
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -33,19 +30,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
-import moe_fast
 from checkpoint import CheckpointError    # noqa: F401 (kimi.CheckpointError for callers)
 from kda_ref import chunk_kda_ref, kda_gate, l2norm, recurrent_kda
 
+try:        # the fast paths need Triton; without it (macOS, say) every layer runs its torch code
+    import kda_triton
+    from fast import moe as fast_moe
+    from fast import short_conv as fast_conv
+except ModuleNotFoundError as e:
+    if e.name != "triton":
+        raise
+    kda_triton = fast_moe = fast_conv = None
 
-@functools.cache
-def _fast(name):
-    """Fast-path module `name` (kda_triton, short_conv) if it imports, else None: torch runs."""
-    try:
-        return importlib.import_module(name)
-    except ImportError as e:
-        print(f"kimi.py: {name} unavailable ({e}); using the torch code", file=sys.stderr)
-        return None
+# The one switch between the definitions below and the fast paths listed at the end of this file:
+# Triton kernels that compute what a layer's torch code computes. False: torch code everywhere.
+KERNELS = kda_triton is not None
+
+
+def use_kernels(*tensors):
+    """Whether a Triton kernel replaces the torch code for these inputs: KERNELS is on, they are on
+    a GPU, and no gradient is asked for (the kernels are forward-only)."""
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return KERNELS and tensors[0].is_cuda and not wants_grad
 
 
 # -------------------------------------------------------------------------------------------------
@@ -178,9 +184,8 @@ class ShortConv(nn.Conv1d):
     def forward(self, x, state=None):
         """x [B, T, C] -> [B, T, C]. state [B, C, W-1]: the last W-1 inputs before x (None: zeros,
         a new sequence); when given it is updated in place to the last W-1 inputs including x."""
-        wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if x.is_cuda and not wants_grad and (fast := _fast("short_conv")):    # (Fast paths)
-            return fast.short_conv(x, self.weight, state)       # the same in one Triton kernel
+        if use_kernels(x, self.weight):                             # (Fast paths)
+            return fast_conv.short_conv(x, self.weight, state)     # the same in one kernel
         xt = x.transpose(1, 2)                                      # [B, C, T]
         if state is None:
             xs = F.pad(xt, (self.kernel_size[0] - 1, 0))           # zeros before the start
@@ -200,13 +205,12 @@ def kda_core(q, k, v, g, beta, initial_state=None):
     chunked form for longer ones, with q and k rounded to the model dtype first (trap 13).
     On a GPU, when no gradient is asked for, the same two forms run as Triton kernels."""
     T, K = q.shape[1], q.shape[-1]
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))
-    fast = _fast("kda_triton") if q.is_cuda and not wants_grad else None     # Triton: forward only
+    fast = use_kernels(q, k, v, g, beta)
     if T <= 64:
-        kernel = fast.fused_recurrent_kda if fast else recurrent_kda
+        kernel = kda_triton.fused_recurrent_kda if fast else recurrent_kda
     else:
         q, k = q.to(v.dtype), k.to(v.dtype)
-        kernel = fast.chunk_kda if fast else chunk_kda_ref
+        kernel = kda_triton.chunk_kda if fast else chunk_kda_ref
     return kernel(q, k, v, g, beta, scale=K ** -0.5, initial_state=initial_state,
                   output_final_state=True)
 
@@ -267,6 +271,29 @@ class KimiDeltaAttention(nn.Module):
             self.recurrent_state[:B] = S
         gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, K)
         return self.o_proj(self.o_norm(o, gate).view(B, T, H * K))
+
+
+def _bmm_fp32(a, b):
+    """a @ b with fp32 (or wider) results. On CUDA, bf16 operands stay bf16 (out_dtype: fp32
+    accumulation and output, as flash attention keeps its scores); elsewhere upcast them."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    return torch.bmm(a.to(dtype), b.to(dtype))
+
+
+def latent_attention(q, cache, pos, scale, pad=None, *, kv_lora_rank):
+    """Absorbed MLA's attention (MLAAttention.attend_absorbed): query rows q [B, H, R + 64] over
+    the cached entries [c | k_pe] of cache [B, L, R + 64] -> o_lat [B, H, R] in q's dtype, the
+    softmax-weighted sum of the latents c. Keys after pos and, in row b, before pad[b] are hidden."""
+    L = cache.shape[1]
+    scores = _bmm_fp32(q, cache.mT) * scale                         # [B, H, L] fp32
+    j = torch.arange(L, device=q.device)                            # key positions
+    hidden = j > pos                                                # [L]: the future
+    if pad is not None:
+        hidden = hidden | (j < pad[:, None])                        # [B, L]: and left padding
+    p = scores.masked_fill(hidden.view(-1, 1, L), float("-inf")).softmax(dim=-1)
+    return torch.bmm(p.to(q.dtype), cache[..., :kv_lora_rank])     # [B, H, R]
 
 
 class MLAAttention(nn.Module):
@@ -344,13 +371,8 @@ class MLAAttention(nn.Module):
         w_uk, w_uv = w.split([self.nope, self.v], dim=1)            # [H, 128, R] each
         q_nope, q_pe = q.split([self.nope, self.pe], dim=-1)       # [B, H, 128], [B, H, 64]
         q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)          # [B, H, R]
-        scores = _bmm_fp32(torch.cat([q_lat, q_pe], dim=-1), cache.mT) * self.scale   # [B, H, L]
-        j = torch.arange(L, device=q.device)                        # key positions
-        hidden = j > pos                                            # [L]: the future
-        if pad is not None:
-            hidden = hidden | (j < pad[:, None])                    # [B, L]: and left padding
-        p = scores.masked_fill(hidden.view(-1, 1, L), float("-inf")).softmax(dim=-1)
-        o_lat = torch.bmm(p.to(q.dtype), cache[..., :self.R])      # [B, H, R]
+        q_rows = torch.cat([q_lat, q_pe], dim=-1)                   # [B, H, R + 64]
+        o_lat = latent_attention(q_rows, cache, pos, self.scale, pad, kv_lora_rank=self.R)
         return torch.einsum("bhr,hdr->bhd", o_lat, w_uv)[:, None]   # [B, 1, H, 128]
 
 
@@ -412,7 +434,7 @@ class SparseMoeBlock(nn.Module):
         self.gate = MoEGate(args)
         self.experts = nn.ModuleList(Expert(D, F_) for _ in range(args.num_experts))
         self.shared_experts = MLP(D, F_ * args.num_shared_experts)
-        self.w13 = self.w2 = None           # stacked weights (moe_fast.stack_experts)
+        self.w13 = self.w2 = None           # stacked weights (fast.moe.stack_experts)
 
     def forward(self, x):                                           # x [B, T, D]
         shape, x = x.shape, x.flatten(0, 1)                         # [N, D]
@@ -420,8 +442,8 @@ class SparseMoeBlock(nn.Module):
         if self.w13 is None:
             out = self.run_experts(x, ids)                          # [N, k, D]
             y = torch.einsum("nk,nkd->nd", w, out.float()).to(x.dtype)     # weighted sum in fp32
-        else:                                                       # the same, fast (moe_fast.py)
-            y = moe_fast.grouped_moe(x, ids, w, self.w13, self.w2)
+        else:                                                       # the same (fast/moe.py)
+            y = fast_moe.grouped_moe(x, ids, w, self.w13, self.w2, use_kernels(x, w))
         return (y + self.shared_experts(x)).view(shape)
 
     def run_experts(self, x, ids):
@@ -501,7 +523,7 @@ class Transformer(nn.Module):
         left padding, hidden from the rest (KDA zeroes its input there: a zero key writes nothing,
         the conv sees zeros as before any sequence; MLA hides their keys; NoPE: nothing shifts)."""
         B, T = tokens.shape
-        pad = self._check(B, T, start_pos, pad, tokens.device)
+        pad = self.check_inputs(tokens, start_pos, pad)
         if start_pos is not None:
             if isinstance(start_pos, int) and start_pos == 0:      # new sequences
                 self.pad[:B] = 0 if pad is None else pad
@@ -517,7 +539,10 @@ class Transformer(nn.Module):
                 h = h[:, -1:]
             return self.lm_head(self.model.norm(h)).float()
 
-    def _check(self, B, T, start_pos, pad, device):     # -> pad, checked, on the device
+    def check_inputs(self, tokens, start_pos=None, pad=None):
+        """forward's arguments checked (ValueError, one line, if forward cannot take them) -> pad
+        as int64 on the tokens' device, or None."""
+        (B, T), device = tokens.shape, tokens.device
         if start_pos is not None:
             _require(B <= self.max_batch_size, f"batch of {B} exceeds the cache's max_batch_size="
                      f"{self.max_batch_size} (call setup_cache, or omit start_pos)")
@@ -537,10 +562,10 @@ class Transformer(nn.Module):
         return pad.long()
 
     def stack_experts(self):
-        """Stack each MoE layer's experts for moe_fast's grouped matmuls (see Fast paths)."""
+        """Stack each MoE layer's experts for fast.moe's grouped matmuls (see Fast paths)."""
         for layer in self.model.layers:
             if layer.is_moe:
-                moe_fast.stack_experts(layer.block_sparse_moe)
+                fast_moe.stack_experts(layer.block_sparse_moe)
 
     # ---------------------------------------------------------------------------------------------
     # Checkpoints in the official layout (the file format is in checkpoint.py)
@@ -549,20 +574,19 @@ class Transformer(nn.Module):
     def from_pretrained(cls, ckpt_dir, device=None, dtype=None, max_batch_size=1, max_seq_len=4096):
         """Load an official checkpoint folder shard by shard onto `device` (checkpoint.load_into:
         every name and shape checked, one-line CheckpointError otherwise). `dtype` casts all but
-        A_log and dt_bias, which stay fp32; torch.float8_e4m3fn quantises the projections as they
-        load (an FP8 folder, one with a quantization_config, always loads so). The model comes
+        A_log and dt_bias, which stay fp32 (FP8 is fast.quantize.from_pretrained). The model comes
         back in eval mode without gradients, its caches set up for generation."""
+        fp8 = "FP8 weights load through fast.quantize.from_pretrained(dir) or sample.py --dtype fp8"
+        _require(dtype != torch.float8_e4m3fn, f"dtype=torch.float8_e4m3fn: {fp8}")
+        if checkpoint.read_quantization(ckpt_dir):
+            raise CheckpointError(f"{ckpt_dir} holds FP8 weights: {fp8}")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         args = ModelArgs.from_json(Path(ckpt_dir) / "config.json")
         with torch.device("meta"):                                  # no memory, no init
             model = cls(args)
-        transform, stored = None, checkpoint.read_quantization(ckpt_dir)
-        if dtype == torch.float8_e4m3fn or stored:      # FP8 weights: the one place they enter
-            import quantize                             # Fp8Linear layers, a per-tensor loader
-            transform, dtype = quantize.prepare(model, device, stored), None
-        checkpoint.load_into(model, ckpt_dir, device, dtype, transform)
+        checkpoint.load_into(model, ckpt_dir, device, dtype)
         model.requires_grad_(False).eval()
-        if device.type == "cuda":                       # the grouped-matmul MoE (Fast paths)
+        if device.type == "cuda" and KERNELS:           # the grouped-matmul MoE (Fast paths)
             model.stack_experts()
         model.setup_cache(max_batch_size, max_seq_len)
         return model
@@ -583,15 +607,6 @@ class Transformer(nn.Module):
 #     entering only through from_pretrained (dtype=torch.float8_e4m3fn, or an FP8 folder)
 #   - decode steps on a GPU: decode.step (decode.py), ~18 kernels a layer, not ~110,
 #     replayed from one CUDA graph whose tensor start_pos serves every position (sample.py)
-
-def _bmm_fp32(a, b):
-    """a @ b with fp32 (or wider) results. On CUDA, bf16 operands stay bf16 (out_dtype: fp32
-    accumulation and output, as flash attention keeps its scores); elsewhere upcast them."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        return torch.bmm(a, b, out_dtype=torch.float32)
-    dtype = torch.promote_types(a.dtype, torch.float32)
-    return torch.bmm(a.to(dtype), b.to(dtype))
-
 
 if __name__ == "__main__":      # smoke run: a tiny random model, stateless vs token by token
     model, tokens = Transformer(CONFIGS["tiny"]), torch.randint(0, 256, (1, 100))

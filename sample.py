@@ -10,7 +10,6 @@ Reading order: sample (one draw), generate (prefill, then one step per token), c
 chat format are in tokenizer.py, the demo checkpoint in demo.py.
 """
 import argparse
-import functools
 import os
 import resource
 import sys
@@ -20,6 +19,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 import checkpoint
+from fast.decode import cuda_graph_decoder
 from kimi import CheckpointError, ModelArgs, Transformer
 from tokenizer import CHAT_TOKENS, DEFAULT_SYSTEM, Tokenizer, chat_prompt
 
@@ -103,40 +103,6 @@ def prompt_ids(model, tokenizer, prompt):
     return ids.cpu().long()
 
 
-def cuda_graph_decoder(model, batch_size, forward=None):
-    """decode(tokens [B, 1], start_pos) -> logits [B, 1, vocab]: one step replayed from a CUDA
-    graph: decode.step's ~18 kernels a layer, or forward(tokens, start_pos=, last_only=True)
-    if given (bench.py: kimi.py's, plain or compiled). One graph serves every position (a device
-    tensor; MLA reads its whole cache, masked). Build it after setup_cache, before a prefill."""
-    device = model.lm_head.weight.device
-    model.stack_experts()                               # the expert loop syncs with the host
-    tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-    pos = torch.ones((), dtype=torch.long, device=device)
-    if forward is None:
-        import decode                                   # here: `import sample` stays light
-        decode.prepare(model)
-        step = functools.partial(decode.step, model, tokens, pos)
-    else:
-        step = functools.partial(forward, tokens, start_pos=pos, last_only=True)
-    stream = torch.cuda.Stream(device)                  # warm up (compile, plan) off the main one
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.no_grad(), torch.cuda.stream(stream):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        logits = step()                                 # overwritten by every replay
-
-    def replay(new_tokens, start_pos):
-        tokens.copy_(new_tokens)
-        pos.fill_(start_pos)
-        graph.replay()
-        return logits
-    replay.batch_size = batch_size
-    return replay
-
-
 # ---- checkpoints and devices: clear one-line errors ----
 class Fail(Exception):
     """Bad input: main prints the message as one line and exits with status 2."""
@@ -213,7 +179,7 @@ def parser():
     add("--device", help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     add("--dtype", choices=["bf16", "fp16", "fp32", "fp8"], help="the weights' dtype (default: "
         "bf16 on GPU; on CPU the checkpoint's own, memory-mapped); fp8: the projections and "
-        "experts quantised to e4m3 while loading (quantize.py; an FP8 folder always loads so)")
+        "experts quantised to e4m3 while loading (fast/quantize.py; an FP8 folder always loads so)")
     add("--max-seq-len", type=int, default=4096, help="positions the cache holds: prompt + new "
         "tokens (default: %(default)s)")
     return ap
@@ -332,7 +298,11 @@ def run(args):
               file=sys.stderr)
     t0 = time.perf_counter()
     try:
-        model = Transformer.from_pretrained(ckpt, device, dtype, len(prompts), args.max_seq_len)
+        if dtype == torch.float8_e4m3fn or checkpoint.read_quantization(ckpt):
+            from fast import quantize               # FP8: quantised as it loads, or as stored
+            model = quantize.from_pretrained(ckpt, device, len(prompts), args.max_seq_len)
+        else:
+            model = Transformer.from_pretrained(ckpt, device, dtype, len(prompts), args.max_seq_len)
         print(f"loaded {ckpt} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         stream_text(args, model, tok, texts, prompts, max_new)
     except CheckpointError as e:

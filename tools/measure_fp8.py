@@ -19,10 +19,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench  # noqa: E402
-import kimi  # noqa: E402
-import quantize  # noqa: E402
+import kimi
+from fast import quantize
+from tools import bench
 
 GiB = 2 ** 30
 

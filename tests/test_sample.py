@@ -17,6 +17,7 @@ from hypothesis import given, settings, strategies as st
 
 import checkpoint
 import demo
+from helpers import ROOT
 import sample
 import tokenizer
 from demo import demo_ranks, write_tokenizer
@@ -24,7 +25,6 @@ from kimi import CONFIGS, Transformer
 from sample import generate
 from tokenizer import PAT_STR, Tokenizer, chat_prompt
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +255,7 @@ def demo_ckpt(tmp_path_factory):
 
 
 def run_cli(*argv, stdin=subprocess.DEVNULL, env=None, timeout=120):
-    return subprocess.run([sys.executable, "sample.py", *argv], cwd=HERE, stdin=stdin, env=env,
+    return subprocess.run([sys.executable, "sample.py", *argv], cwd=ROOT, stdin=stdin, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -421,7 +421,7 @@ def test_out_of_memory_while_allocating_is_one_line(demo_ckpt, device):
             resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
         sample.main(["--ckpt", {demo_ckpt!r}, "--device", {device!r}, "--max-seq-len", "{10**12}",
                      "hi"])"""
-    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
@@ -508,7 +508,7 @@ def test_hub_id_without_huggingface_hub(monkeypatch, capsys):
 
 def test_broken_pipe_exits_quietly(demo_ckpt):
     p = subprocess.Popen([sys.executable, "sample.py", "--ckpt", demo_ckpt, "--max-new-tokens",
-                          "2000", "--max-seq-len", "2048", "a b c"], cwd=HERE,
+                          "2000", "--max-seq-len", "2048", "a b c"], cwd=ROOT,
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.stdout.read(8)                                    # `| head -c 8`: read a little, then leave
     p.stdout.close()
@@ -518,7 +518,7 @@ def test_broken_pipe_exits_quietly(demo_ckpt):
 
 def test_ctrl_c_exits_130_with_one_short_line(demo_ckpt):
     p = subprocess.Popen([sys.executable, "sample.py", "--ckpt", demo_ckpt, "--max-new-tokens",
-                          "2000", "--max-seq-len", "2048", "a b c"], cwd=HERE,
+                          "2000", "--max-seq-len", "2048", "a b c"], cwd=ROOT,
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.stdout.read(5)                                    # generating: the prompt is echoed
     p.send_signal(signal.SIGINT)
@@ -530,14 +530,14 @@ def test_ctrl_c_exits_130_with_one_short_line(demo_ckpt):
 def test_sample_imports_only_the_model_tokenizer_torch_and_stdlib():
     """sample.py's own imports: the model (kimi, checkpoint), the tokenizer and torch; the demo
     checkpoint (demo.py) only when --demo asks for it."""
-    tree = ast.parse(open(os.path.join(HERE, "sample.py"), encoding="utf-8").read())
+    tree = ast.parse(open(os.path.join(ROOT, "sample.py"), encoding="utf-8").read())
     top = {n.module if isinstance(n, ast.ImportFrom) else a.name
            for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
            for a in n.names}
     own = {m.split(".")[0] for m in top} - set(sys.stdlib_module_names)
     assert own == {"checkpoint", "kimi", "tokenizer", "torch"}
     code = "import sys, sample; print('bench' in sys.modules or 'demo' in sys.modules)"
-    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
     assert r.stdout.strip() == "False"
 

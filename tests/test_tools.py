@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-import bench
+from tools import bench
+from helpers import ROOT
 from kimi import CONFIGS, Transformer
 
 TINY = CONFIGS["tiny"]
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_active_params_count_what_one_token_touches():
@@ -77,7 +77,7 @@ def test_bad_bench_arguments_exit_2_with_one_line(argv, message, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 def test_bench_without_gpu_says_so_in_one_line():
-    r = subprocess.run([sys.executable, "bench.py", "--config", "tiny"], cwd=HERE,
+    r = subprocess.run([sys.executable, "-m", "tools.bench", "--config", "tiny"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["error: the benchmark needs a CUDA GPU (see --help)"]
@@ -94,8 +94,8 @@ def test_sample_py_no_longer_runs_the_benchmark(capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the benchmark needs a CUDA GPU")
 def test_bench_runs_the_tiny_config_on_cuda(tmp_path):
-    r = subprocess.run([sys.executable, "bench.py", "--config", "tiny", "--context", "64,256",
-                        "--out", str(tmp_path)], cwd=HERE, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "tools.bench", "--config", "tiny", "--context", "64,256",
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr
     assert "TPOT" in r.stdout and (tmp_path / "tpot.json").exists()

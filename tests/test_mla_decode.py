@@ -5,10 +5,9 @@ import pytest
 import torch
 from hypothesis import example, given, settings, strategies as st
 
-import mla_decode  # noqa: I001 (first: without a GPU it selects Triton's interpreter)
+from fast import mla_decode
 import kimi
-from mla_decode import mla_decode_ref
-
+from kimi import latent_attention
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"     # kernels: compiled on a GPU, else the interpreter
 TINY = kimi.CONFIGS["tiny"]
@@ -48,7 +47,7 @@ def test_reference_equals_attend_absorbed(pos_tensor, with_pad):
         w_uk, w_uv = attn.kv_b_proj.weight.view(H, nope + attn.v, R).split([nope, attn.v], 1)
         q_nope, q_pe = q.split([nope, pe], dim=-1)
         q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)         # absorbed, as the module does
-        o_lat = mla_decode_ref(torch.cat([q_lat, q_pe], -1), attn.kv_cache[:B], pos, attn.scale,
+        o_lat = latent_attention(torch.cat([q_lat, q_pe], -1), attn.kv_cache[:B], pos, attn.scale,
                                pad, kv_lora_rank=R)
         got = torch.einsum("bhr,hdr->bhd", o_lat, w_uv)[:, None]
     # fp32, the same operations up to a buffer that ends at pos vs one masked after it:
@@ -69,7 +68,7 @@ def test_kernel_matches_reference_interpreter(B, H, L, pos_frac, pos_tensor, wit
     pos = round(pos_frac * (L - 1))
     q, cache, pad = inputs(B, H, R, PE, L, pos, with_pad, torch.float32, DEV, seed=seed)
     pos = torch.tensor(pos, device=DEV) if pos_tensor else pos
-    want = mla_decode_ref(q, cache, pos, 0.2, pad, kv_lora_rank=R)
+    want = latent_attention(q, cache, pos, 0.2, pad, kv_lora_rank=R)
     got = mla_decode.mla_decode(q, cache, pos, 0.2, pad, kv_lora_rank=R)
     # fp32 both: sums of <= 40 products and an online softmax in another order, O(1) values;
     # a few hundred fp32 roundings (2^-24 each) stay far below 1e-5
@@ -81,7 +80,7 @@ def test_kernel_bf16_interpreter_and_cache_view():
     R, PE = TINY.kv_lora_rank, TINY.qk_rope_head_dim
     q, buffer, pad = inputs(4, 2, R, PE, 100, 80, True, torch.bfloat16, DEV)
     cache = buffer[:3]                                              # batch stride of 4 rows' worth
-    want = mla_decode_ref(q[:3], cache, 80, 0.2, pad[:3], kv_lora_rank=R).float()
+    want = latent_attention(q[:3], cache, 80, 0.2, pad[:3], kv_lora_rank=R).float()
     got = mla_decode.mla_decode(q[:3], cache, 80, 0.2, pad[:3], kv_lora_rank=R).float()
     # bf16 output: the reference rounds the normalised p and o (2^-8 relative each), the kernel
     # only o here; |o| <= max |c| ~ 4, so 3 roundings of values <= 4 bound the difference
@@ -109,7 +108,7 @@ def test_kernel_gpu_48b(L, pos_tensor):
     Lmax = L + 3000 if pos_tensor else L
     q, cache, pad = inputs(B, H, R, PE, Lmax, L - 1, True, torch.bfloat16, "cuda")
     pos = torch.tensor(L - 1, device="cuda") if pos_tensor else L - 1
-    want = mla_decode_ref(q, cache, pos, 192 ** -0.5, pad, kv_lora_rank=R)
+    want = latent_attention(q, cache, pos, 192 ** -0.5, pad, kv_lora_rank=R)
     got = mla_decode.mla_decode(q, cache, pos, 192 ** -0.5, pad, kv_lora_rank=R)
     bound = gpu_bound(q, cache, pos, 192 ** -0.5, pad, want)
     excess = ((got.float() - want.float()).abs() - bound).max().item()

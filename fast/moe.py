@@ -1,21 +1,38 @@
 """
-The routed experts, fast: stacked weights and grouped matmuls. A speed path beside kimi.py's
-definition (SparseMoeBlock.run_experts, a readable loop over the experts, then forward's fp32
-weighted sum), computing the same thing.
+The routed experts, fast: stacked weights, grouped matmuls, and the weighted sum in one Triton
+kernel. A speed path beside kimi.py's definition (SparseMoeBlock.run_experts, a readable loop over
+the experts, then forward's fp32 weighted sum), computing the same thing.
 
 kimi.SparseMoeBlock.forward calls grouped_moe once stack_experts has run (kimi.Transformer.
 stack_experts; from_pretrained does it on a GPU). There the loop would cost one host sync per expert
 and a kernel launch per expert and matrix; the grouped matmuls cost two launches, never sync with
-the host, and so fit in a CUDA graph (sample.cuda_graph_decoder). The weighted sum then reads the
-expert-sorted rows where they lie (moe_combine.py, one Triton kernel on a GPU): no [N, k, D] copy
-back to token order and no fp32 [N, k, D] tensor. test_kimi.py and test_moe_fast.py check the
-equalities.
+the host, and so fit in a CUDA graph (fast.decode.cuda_graph_decoder).
+
+The weighted sum (combine) then reads the expert-sorted rows where they lie:
+
+    y[n, :] = sum_j w[n, j] * out[pos[n, j], :]     in fp32, j = 0, 1, ..., k-1, rounded once
+
+out [N*k, D] is the grouped matmuls' output in expert order (sorted_experts), pos [N, k] where
+(token n, slot j) landed in it. The reference (combine_ref) copies out back to (token, slot) order,
+then to fp32 [N, k, D] (600 MB a layer at N = 8192) and reduces that; the kernel reads each row of
+out once, where it lies, and writes y. Each program sums its k rows in slot order: the same sum
+every run, no atomics (float atomics add in arrival order).
+  _combine_kernel  (N / BM, D / BN)     BM tokens x BN columns a program
 
 Shapes: N tokens, k experts per token, D hidden, F expert width, E experts.
+tests/test_moe.py and tests/test_kimi.py check the equalities.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from fast import round_to
+
+# Fixed tile (autotune breaks the interpreter). BN = 256 divides D = 2304; with 4 warps a program
+# loads BM * BN / 128 = 16 values a thread per slot, in 16-byte pieces, and its k slots unrolled.
+TILE = dict(BM=8, BN=256, num_warps=4)
 
 
 @torch.no_grad()     # the stacks are plain tensors, outside autograd
@@ -77,14 +94,43 @@ def combine_ref(out, pos, w):
     return torch.einsum("nk,nkd->nd", w, out[pos].float()).to(out.dtype)   # via [N, k, D] fp32
 
 
-def grouped_moe(x, ids, w, w13, w2):
+def grouped_moe(x, ids, w, w13, w2, kernel=False):
     """= torch.einsum("nk,nkd->nd", w, run_experts(x, ids).float()).to(x.dtype), the routed part of
-    SparseMoeBlock.forward: x [N, D], ids [N, k], w fp32 [N, k] -> [N, D] in x's dtype. On a GPU
-    without gradients the sum is moe_combine's kernel (same fp32 sum, another order), else the
-    einsum."""
+    SparseMoeBlock.forward: x [N, D], ids [N, k], w fp32 [N, k] -> [N, D] in x's dtype. kernel:
+    the weighted sum is combine's Triton kernel (the same fp32 sum in another order; forward only),
+    else the einsum."""
     out, pos = sorted_experts(x, ids, w13, w2)
-    wants_grad = torch.is_grad_enabled() and (out.requires_grad or w.requires_grad)
-    if out.is_cuda and not wants_grad:                      # Triton: forward only
-        import moe_combine      # here, not at the top: kimi.py runs without Triton on a CPU
-        return moe_combine.combine(out, pos, w)
+    if kernel:
+        return combine(out, pos, w)
     return combine_ref(out, pos, w)
+
+
+@triton.jit
+def _combine_kernel(out_ptr, pos_ptr, w_ptr, y_ptr, N, D, K: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr):
+    """y[n, d] = sum_j w[n, j] out[pos[n, j], d] for BM tokens n and BN columns d, j in order."""
+    n = tl.program_id(0) * BM + tl.arange(0, BM)                   # [BM] tokens
+    d = tl.program_id(1) * BN + tl.arange(0, BN)                   # [BN] columns
+    mask = (n < N)[:, None] & (d < D)[None, :]                     # [BM, BN]
+    y = tl.zeros((BM, BN), tl.float32)
+    for j in tl.static_range(K):        # unrolled: all k rows' loads can be in flight at once
+        # pos is int64, so row * D is too: N*k*D passes 2^31 (int32 would wrap) at N = 116,509
+        row = tl.load(pos_ptr + n * K + j, mask=n < N, other=0)    # [BM] rows of out
+        wj = tl.load(w_ptr + n * K + j, mask=n < N, other=0.0)     # [BM] fp32
+        o = tl.load(out_ptr + row[:, None] * D + d[None, :], mask=mask, other=0.0)
+        y += wj[:, None] * o.to(tl.float32)
+    dt: tl.constexpr = y_ptr.dtype.element_ty
+    # the interpreter's cast truncates (fast.round_to): round_to rounds to nearest, as .to() in torch
+    tl.store(y_ptr + n[:, None].to(tl.int64) * D + d[None, :], round_to(y, dt).to(dt), mask=mask)
+
+
+def combine(out, pos, w, BM=TILE["BM"], BN=TILE["BN"], num_warps=TILE["num_warps"]):
+    """= combine_ref(out, pos, w): out [N*k, D] (bf16 or fp32), pos [N, k] int64 (each
+    row of out once), w [N, k] fp32 -> y [N, D] in out's dtype. Forward only."""
+    (N, K), D = pos.shape, out.shape[1]
+    out, pos, w = out.contiguous(), pos.contiguous(), w.float().contiguous()
+    y = out.new_empty(N, D)
+    BN = min(BN, triton.next_power_of_2(D))                         # small D: one block
+    _combine_kernel[(triton.cdiv(N, BM), triton.cdiv(D, BN))](
+        out, pos, w, y, N, D, K, BM, BN, num_warps=num_warps)
+    return y

@@ -1,15 +1,16 @@
 """
 FP8 (e4m3) weights for kimi.py: the 48B model in about 49 GB, decode steps that read half the bytes.
-A speed and memory path beside the definition, as gpt-fast keeps quantize.py apart from model.py;
-kimi.Transformer.from_pretrained is the one place where it enters (dtype=torch.float8_e4m3fn, or a
-folder whose config.json has a quantization_config).
+A transform beside the definition, as gpt-fast keeps quantize.py apart from model.py: kimi.py never
+imports it. One call loads a model in FP8:
+
+    model = fast.quantize.from_pretrained(ckpt_dir)   # a bf16 folder, quantised as it loads,
+                                                       # or an FP8 folder (save_pretrained's)
 
 What is quantised: every nn.Linear of KDA and MLA, the dense MLP, the routed and the shared
 experts, except KEEP: kv_b_proj (the absorbed MLA decode reads it as per-head matrices, not as a
 Linear; 0.06 % of the weights) and lm_head: its e4m3 error (3.8 % of the logits in prefill, 2.7 %
 in decode; bf16's is 0.17 %) reaches the output directly, and on an H200 it flipped the top-1 token
-at 10 % of positions (KL 7e-4) of the random 48B model, to save 0.38 GB (~0.09 ms of a 9.4 ms B = 1
-decode step; README).
+at 10 % of positions (KL 7e-4) of the random 48B model, to save 0.38 GB (README).
 What stays: the embedding, the norms, the router and its bias, A_log and dt_bias (fp32), the convs.
 
 Format: weight [N, K] float8_e4m3fn and weight_scale [N, 1] fp32, one per output channel, with
@@ -31,24 +32,19 @@ Compute, by where and how many rows (fp8_linear, fp8_experts):
 Shapes: M rows (tokens), K inputs, N outputs, E experts, F expert width.
 """
 import functools
-import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-# Without CUDA the kernels run in Triton's CPU interpreter, chosen before any @triton.jit runs.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import checkpoint
+import kimi
+from checkpoint import CheckpointError
+from fast import INTERPRET
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-import checkpoint  # noqa: E402
-import kimi  # noqa: E402
-from checkpoint import CheckpointError  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FP8 = torch.float8_e4m3fn
 SCALE = "weight_scale"                  # state_dict: <module>.weight beside <module>.weight_scale
 KEEP = ("kv_b_proj", "lm_head")         # nn.Linear children by name that stay in the model dtype
@@ -302,7 +298,22 @@ def _swap_linears(module, keep):
 
 
 # -------------------------------------------------------------------------------------------------
-# Loading (called from kimi.Transformer.from_pretrained)
+# Loading
+
+def from_pretrained(ckpt_dir, device=None, max_batch_size=1, max_seq_len=4096):
+    """kimi.Transformer.from_pretrained with FP8 weights: a bf16 or fp32 folder is quantised tensor
+    by tensor as it loads (never whole in memory), an FP8 folder (config.json has a
+    quantization_config) is read as it is. Eval mode, no gradients, caches set up."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args = kimi.ModelArgs.from_json(Path(ckpt_dir) / "config.json")
+    with torch.device("meta"):                                  # no memory, no init
+        model = kimi.Transformer(args)
+    loader = prepare(model, device, checkpoint.read_quantization(ckpt_dir))
+    checkpoint.load_into(model, ckpt_dir, device, transform=loader)
+    model.requires_grad_(False).eval()
+    model.setup_cache(max_batch_size, max_seq_len)
+    return model
+
 
 def prepare(model, device, stored=None):
     """Turn a meta-device model (or any module of one) into its FP8 form and return the transform
@@ -351,7 +362,7 @@ class Fp8Loader:
             _expect(name, t, torch.float32)
             return {name: self._place(name.removesuffix(SCALE) + "weight", 1, t)}
         if name not in self.names:
-            return {name: checkpoint._cast(name, t, torch.bfloat16)}
+            return {name: checkpoint.cast(name, t, torch.bfloat16)}
         if self.stored:
             _expect(name, t, FP8)
             return {name: self._place(name, 0, t)}

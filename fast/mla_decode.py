@@ -1,7 +1,7 @@
 """
 Flash-decoding (split-K) latent attention for MLA decode, in two Triton launches per call.
-It equals the middle of kimi.py's MLAAttention.attend_absorbed: from the query rows
-[q_lat | q_pe] to o_lat, before W_uv. Every head's query is one row of a single attention over the
+It equals kimi.latent_attention, the middle of MLAAttention.attend_absorbed: from the query
+rows [q_lat | q_pe] to o_lat, before W_uv. Every head's query is one row of a single attention over the
 cached latents, so one program holds all H rows of its batch row and reads each cache tile once.
 
   kernel 1, _mla_split_kernel, grid (B, NUM_SPLITS): row b's visible keys [pad[b], pos] are cut
@@ -21,12 +21,10 @@ per position); pad [B] int64; o_lat [B, H, R].
 import functools
 
 import torch
-
-from triton_util import INTERPRET  # noqa: I001 (first: without CUDA, Triton's interpreter)
 import triton
 import triton.language as tl
 
-import kimi
+from fast import INTERPRET
 
 LOG2E = 1.4426950408889634          # exp(x) = 2^(x log2 e): folded into the scale once
 # Fixed tiles (autotune breaks the interpreter), not tuned: on an H200 (2026-12-02, python
@@ -38,19 +36,6 @@ MIN_SPLIT = 32 if INTERPRET else 256    # fewest keys per split: a partial costs
 WAVES = 1                               # B * NUM_SPLITS ~ WAVES * SMs: one program per SM
 BLOCK_S, BLOCK_R = 16, 64               # combine: splits per step, latent columns per program
 SPLIT_WARPS, SPLIT_STAGES = 8, 2        # 2 stages: the next tile loads during this one's dots
-
-
-def mla_decode_ref(q, kv_cache, pos, scale, pad=None, *, kv_lora_rank):
-    """q [B, H, R + PE], kv_cache [B, L, R + PE] -> o_lat [B, H, R] in q's dtype: attend_absorbed's
-    math. Keys j > pos (an int or a 0-d tensor) and j < pad[b] are hidden."""
-    L = kv_cache.shape[1]
-    scores = kimi._bmm_fp32(q, kv_cache.mT) * scale                # [B, H, L] fp32
-    j = torch.arange(L, device=q.device)                            # key positions
-    hidden = j > pos                                                # [L]: the future
-    if pad is not None:
-        hidden = hidden | (j < pad[:, None])                        # [B, L]: and left padding
-    p = scores.masked_fill(hidden.view(-1, 1, L), float("-inf")).softmax(dim=-1)
-    return torch.bmm(p.to(q.dtype), kv_cache[..., :kv_lora_rank])  # [B, H, R], fp32 accumulate
 
 
 @functools.cache
@@ -161,7 +146,7 @@ def _mla_combine_kernel(
 
 
 def mla_decode(q, kv_cache, pos, scale, pad=None, *, kv_lora_rank):
-    """= mla_decode_ref, reading the cache once: two launches, no host sync (CUDA-graph safe).
+    """= kimi.latent_attention, reading the cache once: two launches, no host sync (CUDA-graph safe).
     pos: an int (keys after it are never read), or a 0-d int64 tensor on q's device (a graph's
     step: NUM_SPLITS comes from the whole buffer and the kernel reads pos)."""
     B, H, D = q.shape

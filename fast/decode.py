@@ -11,25 +11,23 @@ weights take 1.5 ms to read. This file runs the same math layer by layer in fuse
 a torch reference beside its kernel (a test checks each, and step against model):
   - add_rmsnorm (here): the residual add and the next RMSNorm in one kernel
   - one matmul for all of a layer's input projections, stacked once by prepare (their weights
-    become views of the stacked one, as moe_fast.stack_experts does for the experts)
+    become views of the stacked one, as fast_moe.stack_experts does for the experts)
   - kda_decode.py: a KDA layer's short convs, norms, gates, recurrence and gated norm in one kernel
   - mla_decode.py: the absorbed latent attention, split over the cache (flash-decoding)
   - moe_decode.py: the router's top-k, then the selected experts (the shared one stacked with them)
     read once in two kernels
 Everything else is kimi.py's own modules. Shapes: B rows, D hidden, P = H*K KDA width, N = B.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
-
-from triton_util import round_to  # noqa: I001 (first: without a GPU, Triton's interpreter)
 import triton
 import triton.language as tl
 
-import kda_decode
 import kimi
-import mla_decode
-import moe_decode
-import moe_fast
+from fast import kda_decode, mla_decode, moe_decode, round_to
+from fast import moe as fast_moe
 
 
 # -------------------------------------------------------------------------------------------------
@@ -97,7 +95,7 @@ def linear(x, weight, scale):
     """x @ weight.T for a stack_linears result (FP8: quantize.fp8_linear's decode product)."""
     if scale is None:
         return F.linear(x, weight)
-    import quantize
+    from fast import quantize
     return quantize.fp8_linear(x, weight, scale)
 
 
@@ -116,14 +114,14 @@ def prepare(model):
         if isinstance(attn, kimi.KimiDeltaAttention):   # the kernel reads these as plain matrices
             attn.low_rank = [_plain(attn.f_b_proj), _plain(attn.g_b_proj)]
         if layer.is_moe and not hasattr(layer.block_sparse_moe, "s13"):
-            moe_fast.stack_experts(layer.block_sparse_moe)     # (FP8 blocks stack as they load)
+            fast_moe.stack_experts(layer.block_sparse_moe)     # (FP8 blocks stack as they load)
 
 
 def _plain(m):
     """A Linear's weight in the model's dtype (an Fp8Linear's dequantised: exact in bf16)."""
     if not hasattr(m, "weight_scale"):
         return m.weight
-    import quantize
+    from fast import quantize
     return quantize.dequantize(m.weight, m.weight_scale, torch.bfloat16)
 
 
@@ -135,9 +133,9 @@ def step(model, tokens, start_pos, fast=True):
     """= model(tokens, start_pos, last_only=True) for tokens [B, 1] continuing the sequences in
     the caches (start_pos >= 1). fast=False runs every piece's torch reference instead."""
     B = tokens.shape[0]
-    kimi._require(torch.is_tensor(start_pos) or start_pos >= 1,
-                  "decode.step continues sequences: start_pos >= 1 (a prefill starts them)")
-    model._check(B, 1, start_pos, None, tokens.device)
+    if not (torch.is_tensor(start_pos) or start_pos >= 1):
+        raise ValueError("decode.step continues sequences: start_pos >= 1 (a prefill starts them)")
+    model.check_inputs(tokens, start_pos)
     pad = model.pad[:B]                                     # the left padding the rows began with
     h, delta = model.model.embed_tokens(tokens[:, 0]), None     # [B, D]
     norm = add_rmsnorm if fast else add_rmsnorm_ref
@@ -179,7 +177,7 @@ def mla_step(attn, x, pos, pad, fast):
     q_nope, q_pe = q.view(B, H, -1).split([attn.nope, attn.pe], dim=-1)
     q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)             # [B, H, R]
     L = None if torch.is_tensor(pos) else pos + 1                 # None: the whole buffer
-    kernel = mla_decode.mla_decode if fast else mla_decode.mla_decode_ref
+    kernel = mla_decode.mla_decode if fast else kimi.latent_attention
     o_lat = kernel(torch.cat([q_lat, q_pe], dim=-1), attn.kv_cache[:B, :L], pos, attn.scale, pad,
                    kv_lora_rank=R)
     o = torch.einsum("bhr,hdr->bhd", o_lat, w_uv)                   # [B, H, 128]
@@ -205,3 +203,39 @@ def moe_step(moe, x, fast):
     experts = moe_decode.experts if fast else moe_decode.experts_ref
     y = experts(x, ids, w, moe.w13, moe.w2, getattr(moe, "s13", None), getattr(moe, "s2", None))
     return y if shared else y + moe.shared_experts(x)
+
+
+# -------------------------------------------------------------------------------------------------
+# One CUDA graph for every step
+
+def cuda_graph_decoder(model, batch_size, forward=None):
+    """decode(tokens [B, 1], start_pos) -> logits [B, 1, vocab]: one step replayed from a CUDA
+    graph: step's ~18 kernels a layer, or forward(tokens, start_pos=, last_only=True) if given
+    (tools/bench.py times kimi.py's forward so). One graph serves every position (a device tensor;
+    MLA reads its whole cache, masked). Build it after setup_cache, before a prefill."""
+    device = model.lm_head.weight.device
+    model.stack_experts()                               # the expert loop syncs with the host
+    tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+    pos = torch.ones((), dtype=torch.long, device=device)
+    if forward is None:
+        prepare(model)
+        one_step = functools.partial(step, model, tokens, pos)
+    else:
+        one_step = functools.partial(forward, tokens, start_pos=pos, last_only=True)
+    stream = torch.cuda.Stream(device)                  # warm up (compile, plan) off the main one
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(2):
+            one_step()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        logits = one_step()                             # overwritten by every replay
+
+    def replay(new_tokens, start_pos):
+        tokens.copy_(new_tokens)
+        pos.fill_(start_pos)
+        graph.replay()
+        return logits
+    replay.batch_size = batch_size
+    return replay

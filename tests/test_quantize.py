@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
-import quantize  # noqa: I001 (first: without a GPU it selects Triton's interpreter)
+from fast import quantize
+from helpers import ROOT
 import kimi
 from kimi import CheckpointError, Transformer
-from quantize import FP8, SCALE, dequantize, quantize_rows
-
+from fast.quantize import FP8, SCALE, dequantize, quantize_rows
 CUDA = torch.cuda.is_available()
 FP8_GPU = CUDA and torch.cuda.get_device_capability() >= (8, 9)
 NEEDS_FP8_GPU = "needs a GPU with FP8 (compute capability >= 8.9)"
@@ -303,7 +303,7 @@ def test_cuda_graph_decode_equals_eager_in_fp8(ckpt, fused):
     """The FP8 decode paths capture into sample's CUDA graph: a replay gives the logits of the same
     step run eagerly (a tensor position: the same kernels on the same shapes, so equal bits), for
     kimi.py's forward and for decode.py's fused step (whose FP8 experts test_moe_decode checks)."""
-    import decode
+    from fast import decode
     import sample
     model = Transformer.from_pretrained(ckpt, "cuda", FP8, max_seq_len=64)
     prompt = torch.randint(0, TINY.vocab_size, (1, 20), device="cuda")
@@ -431,12 +431,11 @@ def test_dtype_fp8_on_the_cli(tmp_path):
     it does not know is one error line."""
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
     command = [sys.executable, "sample.py", "--demo", "--max-new-tokens", "4", "The answer is"]
-    here = os.path.dirname(os.path.abspath(__file__))
-    r = subprocess.run(command + ["--dtype", "fp8"], cwd=here, env=env, capture_output=True,
+    r = subprocess.run(command + ["--dtype", "fp8"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("The answer is") and "tok/s" in r.stderr
-    r = subprocess.run(command + ["--dtype", "fp4"], cwd=here, env=env, capture_output=True,
+    r = subprocess.run(command + ["--dtype", "fp4"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "invalid choice: 'fp4'" in r.stderr
 
@@ -444,7 +443,7 @@ def test_dtype_fp8_on_the_cli(tmp_path):
 def test_benchmark_fp8_model_reads_fewer_bytes():
     """bench.random_model(fp8=True): quantised tensor by tensor; a decode step's bytes, counted on
     the model, are those of bf16 with every quantised weight at 1 byte (+ 4 per row for scales)."""
-    import bench
+    from tools import bench
     fp8 = bench.random_model(TINY, torch.device("cpu"), 1, 32, fp8=True)
     bf16 = bench.random_model(TINY, torch.device("cpu"), 1, 32)
     assert fp8.model.layers[1].block_sparse_moe.w13.dtype == FP8

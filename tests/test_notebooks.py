@@ -18,7 +18,9 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parent / "notebooks").glob("*.ipynb"))
+from helpers import ROOT
+
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 CELL_TIMEOUT_S = 300        # one cell; a notebook that needs longer is too slow for a class anyway
 NOTEBOOK_BUDGET_S = 180     # the whole notebook on 2 CPU cores (issue 12: at most 3 minutes)
 

@@ -14,8 +14,11 @@ import sys
 
 import pytest
 
+from helpers import ROOT
+
 SCRIPT = r"""
-import kda_triton, moe_combine, short_conv          # (kda_triton first: its interpreter guard)
+import kda_triton
+from fast import moe, short_conv
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -50,16 +53,15 @@ for has_state in (True, False):
     build(short_conv._short_conv_kernel, dict(x=BF, w=BF, state=BF, y=BF),
           dict(W=4, WP=4, HAS_STATE=has_state, BT=short_conv.BT, BC=short_conv.BC),
           short_conv.WARPS)
-tile = moe_combine.TILE
-build(moe_combine._combine_kernel, dict(out_ptr=BF, pos_ptr=I64, w_ptr=F32, y_ptr=BF),
+tile = moe.TILE
+build(moe._combine_kernel, dict(out_ptr=BF, pos_ptr=I64, w_ptr=F32, y_ptr=BF),
       dict(K=8, BM=tile["BM"], BN=tile["BN"]), tile["num_warps"])
 """
 
 
 def test_prefill_kernels_compile_for_sm90():
-    here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, TRITON_INTERPRET="0")        # the compiler, not the interpreter
-    run = subprocess.run([sys.executable, "-c", SCRIPT], cwd=here, env=env, capture_output=True,
+    run = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     if run.returncode != 0:
         last = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "no message"

@@ -1,4 +1,4 @@
-"""Tests for moe_fast.py's prefill path and moe_combine.py's kernel: the weighted sum of the
+"""Tests for fast_moe.py's prefill path and fast_moe.py's kernel: the weighted sum of the
 expert-sorted rows against kimi.SparseMoeBlock.forward's einsum (Triton's CPU interpreter, k in
 {1, 2, 8}, experts left without rows), the stacked block against the unstacked one, and the kernel
 at the 48B prefill sizes on a GPU."""
@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import moe_combine  # noqa: I001 (first: without a GPU it selects Triton's interpreter)
 import kimi
-import moe_fast
+from fast import moe as fast_moe
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"     # kernels: compiled on a GPU, else the interpreter
@@ -36,15 +35,15 @@ def routed(N, k, dtype, E=12, D=80, F_=24, seed=0):
 @pytest.mark.parametrize("k", [1, 2, 8])
 @torch.no_grad()
 def test_combine_kernel_equals_einsum(k, dtype):
-    """moe_combine.combine (interpreter without a GPU) = combine_ref, on sorted_experts' rows."""
+    """fast_moe.combine (interpreter without a GPU) = combine_ref, on sorted_experts' rows."""
     x, ids, w, w13, w2 = routed(37, k, dtype)
-    out, pos = moe_fast.sorted_experts(x, ids, w13, w2)             # [N*k, D], [N, k]
+    out, pos = fast_moe.sorted_experts(x, ids, w13, w2)             # [N*k, D], [N, k]
     assert sorted(pos.flatten().tolist()) == list(range(37 * k))    # a permutation
-    ref = moe_fast.combine_ref(out, pos, w)
+    ref = fast_moe.combine_ref(out, pos, w)
     for tile in (dict(BM=4, BN=32), {}):    # 10 x 3 programs, partial in both; the default tile
-        y = moe_combine.combine(out, pos, w, **tile)
+        y = fast_moe.combine(out, pos, w, **tile)
         assert_sum_close(y, ref, out[pos], w)
-        assert torch.equal(moe_combine.combine(out, pos, w, **tile), y)     # the same bits
+        assert torch.equal(fast_moe.combine(out, pos, w, **tile), y)     # the same bits
 
 
 def assert_sum_close(y, ref, rows, w):
@@ -75,13 +74,13 @@ def test_grouped_moe_equals_definition(k, dtype):
     """grouped_experts = run_experts (here: each pair's own matmuls), grouped_moe = the einsum of
     w and grouped_experts' rows, rounded once (the kernel on a GPU, combine_ref on a CPU)."""
     x, ids, w, w13, w2 = routed(37, k, dtype)
-    rows = moe_fast.grouped_experts(x, ids, w13, w2)                # [N, k, D]
+    rows = fast_moe.grouped_experts(x, ids, w13, w2)                # [N, k, D]
     if dtype == torch.float32:      # fp32 rounding, 6e-8 an op in sums of <= 80 terms: < 1e-5
         gate, up = torch.einsum("nd,nkfd->nkf", x, w13[ids]).chunk(2, dim=-1)     # [N, k, F]
         pairs = torch.einsum("nkf,nkdf->nkd", F.silu(gate) * up, w2[ids])          # [N, k, D]
         assert ((rows - pairs).norm() / pairs.norm()).item() < 1e-5
     ref = torch.einsum("nk,nkd->nd", w, rows.float()).to(dtype)    # SparseMoeBlock.forward
-    assert_sum_close(moe_fast.grouped_moe(x, ids, w, w13, w2), ref, rows, w)
+    assert_sum_close(fast_moe.grouped_moe(x, ids, w, w13, w2), ref, rows, w)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -93,7 +92,7 @@ def test_stacked_block_equals_unstacked_block(dtype):
     torch.manual_seed(0)
     block = kimi.SparseMoeBlock(kimi.CONFIGS["tiny"]).to(DEV, dtype)
     stacked = copy.deepcopy(block)
-    moe_fast.stack_experts(stacked)
+    fast_moe.stack_experts(stacked)
     x = torch.randn(2, 20, block.gate.weight.shape[1], device=DEV, dtype=dtype)
     with torch.no_grad():
         want, got = block(x), stacked(x)
@@ -117,6 +116,6 @@ def test_combine_kernel_at_48b_prefill_sizes():
     pos = pos.view(N, k)
     out = torch.randn(N * k, D, generator=g, device=DEV).bfloat16()        # [N*k, D]
     w = torch.rand(N, k, generator=g, device=DEV) * 2.446 / k
-    y = moe_combine.combine(out, pos, w)
-    assert_sum_close(y, moe_fast.combine_ref(out, pos, w), out[pos], w)
-    assert torch.equal(moe_combine.combine(out, pos, w), y)
+    y = fast_moe.combine(out, pos, w)
+    assert_sum_close(y, fast_moe.combine_ref(out, pos, w), out[pos], w)
+    assert torch.equal(fast_moe.combine(out, pos, w), y)

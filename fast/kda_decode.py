@@ -27,11 +27,10 @@ dt_bias [P] fp32; o_norm_w [V]; S [B, H, K, V] fp32 contiguous.
 """
 import torch
 import torch.nn.functional as F
-
-from triton_util import round_to  # noqa: I001 (first: without CUDA, the interpreter)
 import triton
 import triton.language as tl
 
+from fast import round_to
 from kda_ref import kda_gate, l2norm, recurrent_kda
 
 WARPS = 8           # the [128, 128] fp32 state tile over 256 threads: 64 registers each

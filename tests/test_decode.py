@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-import decode  # noqa: I001 (first: without a GPU it selects Triton's interpreter)
 import kimi
+from fast import decode
+from helpers import TINY, randomize, rel
 from kimi import Transformer
-from test_kimi import TINY, randomize, rel     # the tiny model of kimi's own tests
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"     # kernels: compiled on a GPU, else the interpreter

@@ -20,10 +20,11 @@ overlap; the repeats come from cache, not memory), taking the state's columns wh
 before the first token. BT >= W-1, so only the first token block reads the state; it also writes
 the new one (see the kernel for why that is race free).
 """
-from triton_util import INTERPRET, round_to  # noqa: I001 (first: without CUDA, the interpreter)
 import torch
 import triton
 import triton.language as tl
+
+from fast import INTERPRET, round_to
 
 BT, BC, WARPS = 64, 128, 4      # a [64, 128] tile a program: 64 fp32 sums a thread
 

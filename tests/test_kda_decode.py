@@ -4,10 +4,9 @@ the 48B sizes in bf16 on a GPU."""
 import pytest
 import torch
 
-import kda_decode  # noqa: I001 (first: without a GPU it selects Triton's interpreter)
+from fast import kda_decode
 import kimi
-from kda_decode import kda_decode_ref, random_step
-
+from fast.kda_decode import kda_decode_ref, random_step
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"     # kernels: compiled on a GPU, else the interpreter
 U_BF16 = 2.0 ** -8          # bf16's unit roundoff

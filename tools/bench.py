@@ -25,7 +25,8 @@ from dataclasses import replace
 import torch
 
 from kimi import CONFIGS, CheckpointError, ModelArgs, Transformer
-from sample import Parser, cuda_graph_decoder, generate
+from fast.decode import cuda_graph_decoder
+from sample import Parser, generate
 
 # Measured on one H200 (docs/kda.md §8): device-to-device copy 4.27 TB/s, bf16 matmul 702 TFLOP/s;
 # FP8 (e4m3, row-wise scales, F.scaled_mm) 8192^3: 1,384 TFLOP/s (2026-12-01, torch 2.11).
@@ -44,7 +45,7 @@ def random_model(args, device, max_batch_size, max_seq_len, seed=0, fp8=False):
         model = Transformer(args)
     load = None
     if fp8:
-        import quantize
+        from fast import quantize
         load = quantize.prepare(model, device)
     shapes = {n: t.shape for n, t in model.state_dict().items() if not load or n not in load.makes}
     layers = {}                                     # model.layers.{i} -> its names; others alone
@@ -190,7 +191,7 @@ def bench_ours(args, device, compile, fp8=False):
 def bench_peer(args, device):
     """The same shapes through transformers' KimiLinearForCausalLM. Its pure-PyTorch KDA holds ~3 MB
     per prompt token, so long prompts go in pieces (B x piece <= 8192 tokens per forward)."""
-    from peer_hf import peer_decoder, peer_model, peer_prefill
+    from tools.baseline_hf import peer_decoder, peer_model, peer_prefill
     rows, model = {}, peer_model(args, device)
     for T in PREFILL_T:
         tokens = torch.randint(0, args.vocab_size, (1, T), device=device)
@@ -314,7 +315,7 @@ def parse(argv):
         ap.error(str(e))
     try:
         if opts.peer:
-            import peer_hf  # noqa: F401 (transformers >= 5.17)
+            import tools.baseline_hf  # noqa: F401 (transformers >= 5.17)
         if opts.out:
             import matplotlib  # noqa: F401
             os.makedirs(opts.out, exist_ok=True)

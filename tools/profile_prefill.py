@@ -18,9 +18,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench  # noqa: E402
-import kimi  # noqa: E402
+import kimi
+from tools import bench
 
 
 def main(argv):

@@ -17,37 +17,12 @@ from safetensors.torch import load_file, save_file
 
 import kda_ref
 import kimi
-import moe_fast
+from fast import moe as fast_moe
 import sample
+from helpers import ROOT, TINY, randomize, rel
 from kimi import CheckpointError, KimiDeltaAttention, ModelArgs, SparseMoeBlock, Transformer
 
-# Two KDA and two MLA layers: KDA + dense MLP, MLA + MoE, KDA + MoE, MLA + MoE.
-TINY = ModelArgs(vocab_size=128, hidden_size=64, num_hidden_layers=4, kda_num_heads=2,
-                 kda_head_dim=16, full_attn_layers=(1, 3), num_attention_heads=2, kv_lora_rank=32,
-                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, intermediate_size=96,
-                 moe_intermediate_size=32, num_experts=8, num_experts_per_token=2)
 SEQ = 150       # > 2 chunks of 64, not a multiple of 64
-
-
-def randomize(module, seed=0):
-    """Make every parameter matter: norms, gate biases and the router bias get random values too."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            r = torch.rand(p.shape, generator=gen)
-            if name.endswith("A_log"):
-                p.copy_(torch.log(1 + 15 * r))              # decay rates 1..16, as fla inits
-            elif name.endswith(("dt_bias", "e_score_correction_bias")):
-                p.copy_(r - 0.5)
-            elif p.dim() == 1:                                      # RMSNorm weights
-                p.copy_(0.5 + r)
-            else:
-                p.copy_((2 * r - 1) * p.shape[-1] ** -0.5)
-    return module
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.fixture(scope="module")
@@ -432,17 +407,17 @@ def test_fast_paths_equal_their_definitions():
     with torch.no_grad():
         ids = moe.gate(x)[0]
         loop = moe.run_experts(x, ids)
-        moe_fast.stack_experts(moe)
-        assert rel(moe_fast.grouped_experts(x, ids, moe.w13, moe.w2), loop) < 1e-5
+        fast_moe.stack_experts(moe)
+        assert rel(fast_moe.grouped_experts(x, ids, moe.w13, moe.w2), loop) < 1e-5
         # Cast after stacking: the stacks are stale, said in one line; stacking again fixes it. Both
         # sides bf16 now (u = 2^-9 per rounding, a few deep): within 2^-6; stale weights: O(1).
         moe.bfloat16()
         xb = x.bfloat16()
         with pytest.raises(ValueError, match="call model.stack_experts"):
             moe(xb[None])
-        moe_fast.stack_experts(moe)
+        fast_moe.stack_experts(moe)
         assert moe.w13.dtype == torch.bfloat16
-        grouped = moe_fast.grouped_experts(xb, ids, moe.w13, moe.w2)
+        grouped = fast_moe.grouped_experts(xb, ids, moe.w13, moe.w2)
         assert rel(grouped, moe.run_experts(xb, ids)) < 2 ** -6
 
 
@@ -450,7 +425,7 @@ def test_fast_paths_equal_their_definitions():
 def test_moe_block_matches_spec_reference_in_bf16(stacked):
     moe = bf16_module(SparseMoeBlock(TINY), seed=3)
     if stacked:
-        moe_fast.stack_experts(moe)
+        fast_moe.stack_experts(moe)
     x = torch.randn(40, TINY.hidden_size, generator=torch.Generator().manual_seed(9)).to(BF16)
     with torch.no_grad():
         out, ref = moe(x[None])[0], moe_block_ref(moe, x, TINY.num_experts_per_token)
@@ -659,11 +634,11 @@ def test_matches_native_transformers(ckpt, tokens, tmp_path):
 # Peak host memory while loading a multi-shard checkpoint (measured in a fresh process)
 
 MEASURE = """
-import re, sys, torch, kimi, test_kimi
+import re, sys, torch, kimi
 def peak():     # VmHWM: this process's peak resident set (ru_maxrss inherits pytest's at fork)
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 with torch.device("meta"):
-    kimi.Transformer(test_kimi.TINY)            # warm up: the first meta build imports ~150 MB
+    kimi.Transformer(kimi.CONFIGS["tiny"])      # warm up: the first meta build imports ~150 MB
 before = peak()
 model = kimi.Transformer.from_pretrained(sys.argv[1], device="cpu", dtype=eval(sys.argv[2]))
 print(peak() - before)
@@ -682,7 +657,7 @@ def test_peak_host_memory_while_loading(tmp_path):
     delta = {}
     for dtype in ("None", "torch.bfloat16"):
         run = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path), dtype],
-                             capture_output=True, text=True, cwd=Path(__file__).parent, check=True)
+                             capture_output=True, text=True, cwd=ROOT, check=True)
         delta[dtype] = int(run.stdout.split()[-1])
     print(f"\ncheckpoint {size / 2**20:.0f} MiB in 4 shards (largest {shard / 2**20:.0f} MiB); "
           f"peak RSS growth while loading: fp32 memory-mapped {delta['None'] / 2**20:.0f} MiB, "
@@ -696,8 +671,8 @@ def test_peak_host_memory_while_loading(tmp_path):
 # CUDA: the Triton KDA path of a layer equals the kda_ref path
 
 def bf16_kda_layer_on_gpu():
-    if kimi._fast("kda_triton") is None:
-        pytest.skip("kda_triton does not import")
+    if kimi.kda_triton is None:
+        pytest.skip("kda_triton does not import (no Triton)")
     args = replace(TINY, hidden_size=256, kda_num_heads=4, kda_head_dim=128)
     layer = randomize(KimiDeltaAttention(args)).cuda()
     for n, p in layer.named_parameters():                          # bf16, except A_log and dt_bias
@@ -719,7 +694,7 @@ def test_triton_kda_layer_matches_reference(monkeypatch):
         return whole, pieces, layer.recurrent_state.clone()
 
     fast = run()
-    monkeypatch.setattr(kimi, "_fast", lambda name: None)       # all torch: KDA, short convs
+    monkeypatch.setattr(kimi, "KERNELS", False)                 # all torch: KDA, short convs
     ref = run()
     for a, b in zip(fast, ref):
         assert rel(a, b) < 5e-3

@@ -5,10 +5,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from moe_decode import experts, experts_ref, route, route_ref  # noqa: I001 (first: interpreter)
+from fast.moe_decode import experts, experts_ref, route, route_ref
 import kimi
-from quantize import dequantize, quantize_rows
-
+from fast.quantize import dequantize, quantize_rows
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"     # kernels: compiled on a GPU, else the interpreter
 TINY = kimi.CONFIGS["tiny"]

@@ -18,10 +18,10 @@ import itertools
 
 import torch
 import torch.nn.functional as F
-
-from triton_util import INTERPRET, round_to  # noqa: I001 (first: without CUDA, the interpreter)
 import triton
 import triton.language as tl
+
+from fast import INTERPRET, round_to
 
 MAX_TOKENS = 16                         # BM: tokens per tile (tl.dot's minimum dimension)
 # Fixed tiles (autotune breaks the interpreter): UP and DOWN_SUM are the fastest at N = 1 on an
@@ -238,9 +238,8 @@ if __name__ == "__main__":
     import statistics
     from types import SimpleNamespace
 
-    import moe_fast
-    import quantize
-
+    from fast import moe as moe_fast
+    from fast import quantize
     def graph_us(fn, reps=25):
         stream = torch.cuda.Stream()                                # warm up off the main stream
         stream.wait_stream(torch.cuda.current_stream())

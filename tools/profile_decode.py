@@ -15,11 +15,10 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench  # noqa: E402
-import decode  # noqa: E402
-import kimi  # noqa: E402
-from sample import cuda_graph_decoder  # noqa: E402
+import kimi
+from fast import decode
+from fast.decode import cuda_graph_decoder
+from tools import bench
 
 GROUPS = (                                  # kernel-name fragment -> what it does (first match)
     ("_mla_", "MLA attention"), ("_gate_up_kernel", "experts: w13 + SiLU"),

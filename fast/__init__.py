@@ -1,0 +1,49 @@
+"""The GPU fast paths of kimi.py's model. Each file names the definition it computes and has tests.
+
+Kernels (tensors in, tensors out; they never import kimi):
+    short_conv.py   ShortConv.forward in one kernel
+    moe.py          the routed experts as grouped matmuls, and their weighted sum in one kernel
+    kda_decode.py   a KDA layer's decode step, from the projections to o_proj's input
+    mla_decode.py   the absorbed latent attention of one decode step, split over the cache
+    moe_decode.py   one decode step's router and experts, each expert's weights read once
+Transforms (take a built model and change how it runs):
+    decode.py       decode.step, one decode step in fused kernels, and cuda_graph_decoder
+    quantize.py     FP8 weights: from_pretrained, Fp8Linear, Fp8MoE, save_pretrained
+
+Importing this package chooses Triton's CPU interpreter where there is no GPU. It must come before
+Triton's own first import, which builds tl.sum and the other library functions for the compiler or
+for the interpreter once and for all: every file in fast/ runs this first, as its package, and
+kda_triton.py imports it before triton.
+"""
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    if "triton" in sys.modules:
+        raise ImportError("without a GPU, import fast (or kimi) before triton, or set "
+                          "TRITON_INTERPRET=1")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import triton  # noqa: E402 (after the interpreter is chosen)
+import triton.language as tl  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_BITS = tl.constexpr(INTERPRET)        # (globals read in @triton.jit must be constexpr)
+
+
+@triton.jit
+def round_to(x, DT: tl.constexpr):
+    """fp32 x rounded to the nearest DT value (ties to even), returned as fp32. The interpreter's
+    fp32 -> bf16 cast truncates instead of rounding to nearest (about half the values come out one
+    unit in the last place low), so kernels that must round exactly where kimi.py rounds call this,
+    which rounds on the bits there."""
+    if _BITS and DT == tl.bfloat16:
+        # add half a unit (less one unless the kept last bit is odd), then drop the low 16 bits;
+        # a carry into the exponent is the correct rounding up (finite x)
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True)
+    else:
+        return x.to(DT).to(tl.float32)
