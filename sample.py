@@ -104,7 +104,7 @@ def prompt_ids(model, tokenizer, prompt):
 
 
 # ---- checkpoints and devices: clear one-line errors ----
-class Fail(Exception):
+class UsageError(Exception):
     """Bad input: main prints the message as one line and exits with status 2."""
 
 
@@ -114,14 +114,14 @@ def check_ckpt(ckpt, device, dtype, max_seq_len, batch_size=1):
         total = checkpoint.check_folder(ckpt, need=("tiktoken.model", "tokenizer_config.json"))
         args = ModelArgs.from_json(os.path.join(ckpt, "config.json"))     # validated
     except CheckpointError as e:
-        raise Fail(str(e)) from None
+        raise UsageError(str(e)) from None
     weights = total * (dtype.itemsize / 2 if dtype else 1)     # stored in bf16, as released
     fp8 = dtype == torch.float8_e4m3fn                          # the rest and the cache: bf16
     cache = args.cache_bytes(batch_size, max_seq_len, torch.bfloat16 if fp8 or not dtype else dtype)
     free = checkpoint.free_memory(device)
     if free is not None and weights + cache > free:
         hint = " (try --dtype bf16)" if dtype and dtype.itemsize > 2 else ""
-        raise Fail(f"not enough memory on {device}: the weights need {weights / 2**30:.2f} GiB as "
+        raise UsageError(f"not enough memory on {device}: the weights need {weights / 2**30:.2f} GiB as "
                    f"{dtype or 'stored'}{hint}, the cache for --max-seq-len {max_seq_len} "
                    f"{cache / 2**30:.2f} GiB; {free / 2**30:.2f} GiB is free")
     return args
@@ -131,12 +131,12 @@ def pick_device(name):
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
-        raise Fail(f"unknown device {name!r} (try cpu or cuda)") from None
+        raise UsageError(f"unknown device {name!r} (try cpu or cuda)") from None
     if device.type == "cpu" and device.index:
-        raise Fail(f"--device {name}: the CPU is one device, with no index (use --device cpu)")
+        raise UsageError(f"--device {name}: the CPU is one device, with no index (use --device cpu)")
     n = torch.cuda.device_count()
     if device.type not in ("cpu", "cuda") or (device.type == "cuda" and (device.index or 0) >= n):
-        raise Fail(f"--device {name} is not available here ({n} CUDA GPUs visible)")
+        raise UsageError(f"--device {name} is not available here ({n} CUDA GPUs visible)")
     return torch.device("cpu") if device.type == "cpu" else device
 
 
@@ -153,7 +153,7 @@ def fail(message):
 
 def parser():
     ap = Parser(description=__doc__.splitlines()[0], epilog="Bad input exits with status 2 and "
-                "one 'error:' line. The speed benchmark is its own program: python bench.py.")
+                "one 'error:' line. The speed benchmark is its own program: python -m tools.bench.")
     add = ap.add_argument
     add("prompt", nargs="?", help="the prompt (else --prompt-file, else standard input; "
         f"--demo's default: {DEMO_PROMPT!r})")
@@ -187,11 +187,9 @@ def parser():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if "--bench" in argv:
-        fail("the benchmark is its own program now: python bench.py")
     try:
         run(parser().parse_args(argv))
-    except Fail as e:
+    except UsageError as e:
         fail(str(e))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
@@ -219,7 +217,7 @@ def check_flags(a):
             (a.max_new_tokens < 1, "--max-new-tokens must be at least 1"),
             (a.max_seq_len < 1, "--max-seq-len must be at least 1")]:
         if bad:
-            raise Fail(message)
+            raise UsageError(message)
 
 
 def read_prompt(args):
@@ -228,7 +226,7 @@ def read_prompt(args):
     if args.prompt_file is None and (sys.stdin is None or sys.stdin.isatty()):
         if args.demo:
             return DEMO_PROMPT
-        raise Fail("no prompt: pass it as an argument, with --prompt-file, or on standard input")
+        raise UsageError("no prompt: pass it as an argument, with --prompt-file, or on standard input")
     try:
         if args.prompt_file is None:
             text = sys.stdin.buffer.read().decode("utf-8")
@@ -238,7 +236,7 @@ def read_prompt(args):
     except (OSError, ValueError) as e:          # UnicodeDecodeError is a ValueError
         reason = e.strerror if isinstance(e, OSError) and e.strerror else e
         source = args.prompt_file or "standard input"
-        raise Fail(f"cannot read the prompt from {source}: {reason}") from None
+        raise UsageError(f"cannot read the prompt from {source}: {reason}") from None
     return DEMO_PROMPT if args.demo and not text and args.prompt_file is None else text
 
 
@@ -246,21 +244,21 @@ def encode_prompt(args, text, tok, ckpt, vocab_size):
     if args.chat:
         missing = [t for t in CHAT_TOKENS if t not in tok.special]
         if missing:
-            raise Fail(f"--chat needs {', '.join(missing)}: not in {ckpt}/tokenizer_config.json")
+            raise UsageError(f"--chat needs {', '.join(missing)}: not in {ckpt}/tokenizer_config.json")
         system = DEFAULT_SYSTEM if args.system is None else args.system
         inside = [t for t in CHAT_TOKENS if t in text + system]
         if inside:
-            raise Fail(f"the --chat prompt or --system holds {inside[0]}, which would end or start"
+            raise UsageError(f"the --chat prompt or --system holds {inside[0]}, which would end or start"
                        f" a turn (without --chat the text goes in as it is)")
         text = chat_prompt(text, system)
     prompt = tok.encode(text)
     if not prompt:
-        raise Fail("the prompt is empty")
+        raise UsageError("the prompt is empty")
     if len(prompt) > args.max_seq_len:
-        raise Fail(f"the prompt has {len(prompt)} tokens but --max-seq-len is {args.max_seq_len}")
+        raise UsageError(f"the prompt has {len(prompt)} tokens but --max-seq-len is {args.max_seq_len}")
     unknown = sorted({t for t in prompt if t >= vocab_size})    # e.g. 163840, 163841
     if unknown:
-        raise Fail(f"the prompt holds special tokens the model has no embedding for: ids {unknown}")
+        raise UsageError(f"the prompt holds special tokens the model has no embedding for: ids {unknown}")
     return prompt
 
 
@@ -275,22 +273,22 @@ def run(args):
             import demo                             # the offline demo checkpoint
         ckpt = demo.demo_checkpoint() if args.demo else checkpoint.resolve(args.ckpt)
     except CheckpointError as e:                    # (demo.DemoError is one)
-        raise Fail(str(e)) from None
+        raise UsageError(str(e)) from None
     text = read_prompt(args)
     texts = [line for line in text.splitlines() if line.strip()] if args.batch else [text]
     if not texts:
-        raise Fail("--batch: every line of the prompt is empty")
+        raise UsageError("--batch: every line of the prompt is empty")
     model_args = check_ckpt(ckpt, device, dtype, args.max_seq_len, len(texts))
     try:
         tok = Tokenizer(ckpt)
     except (OSError, ValueError) as e:
-        raise Fail(f"cannot read the tokenizer in {ckpt}: {e}") from None
+        raise UsageError(f"cannot read the tokenizer in {ckpt}: {e}") from None
     prompts = []
     for n, line in enumerate(texts, 1):
         try:
             prompts.append(encode_prompt(args, line, tok, ckpt, model_args.vocab_size))
-        except Fail as e:
-            raise Fail(f"prompt {n} of {len(texts)}: {e}" if args.batch else str(e)) from None
+        except UsageError as e:
+            raise UsageError(f"prompt {n} of {len(texts)}: {e}" if args.batch else str(e)) from None
     longest = max(len(p) for p in prompts)
     max_new = min(args.max_new_tokens, args.max_seq_len - longest + 1)  # last one not fed back
     if max_new < args.max_new_tokens:
@@ -306,12 +304,12 @@ def run(args):
         print(f"loaded {ckpt} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         stream_text(args, model, tok, texts, prompts, max_new)
     except CheckpointError as e:
-        raise Fail(str(e)) from None
+        raise UsageError(str(e)) from None
     except (RuntimeError, MemoryError) as e:    # torch's CPU allocator raises a RuntimeError
         oom = isinstance(e, MemoryError) or "out of memory" in str(e).lower()
         if not (oom or "can't allocate memory" in str(e)):
             raise
-        raise Fail(f"out of memory on {device} (a smaller --max-seq-len or prompt may fit)"
+        raise UsageError(f"out of memory on {device} (a smaller --max-seq-len or prompt may fit)"
                    ) from None
 
 

@@ -370,7 +370,6 @@ def broken(demo, tmp_path, how):
     (None, ["--demo"], "either --ckpt"),
     (None, ["--prompt-file", "p.txt"], "not both"),
     (None, ["--compile"], "unrecognized arguments: --compile"),     # decode.py's step is faster
-    (None, ["--bench"], "the benchmark is its own program now: python bench.py"),
     (None, ["--chat", "--system", "a<|im_end|>b"], "holds <|im_end|>, which would end or start"),
 ])
 def test_bad_input_exits_2_with_one_line(demo_ckpt, tmp_path, capsys, how, extra, message):
@@ -495,7 +494,7 @@ def test_help_documents_every_flag_and_its_default():
     for action in sample.parser()._actions:
         assert action.help, action.dest
     for words in ("default: 200", "default: 4096", "default: 0, or 1 with --top-k", "\"\" = none",
-                  "refused with --temperature 0", "0 .. 2**64 - 1", "python bench.py"):
+                  "refused with --temperature 0", "0 .. 2**64 - 1", "python -m tools.bench"):
         assert "".join(words.split()) in "".join(text.split()), words   # wrapping aside
 
 
