@@ -520,8 +520,8 @@ class Transformer(nn.Module):
         positions n.. of the sequences in the caches (0 starts new ones; a 0-d device tensor
         for one-token steps in a CUDA graph). pad [B] (start_pos None or 0): row b begins with
         pad[b] tokens of left padding, hidden from the rest (docs/architecture.md)."""
-        B, T = tokens.shape[:2]
         pad = self.check_inputs(tokens, start_pos, pad)
+        B, T = tokens.shape
         if start_pos is not None:
             if isinstance(start_pos, int) and start_pos == 0:      # new sequences
                 self.pad[:B] = 0 if pad is None else pad
