@@ -6,11 +6,15 @@ the file format and its checks, so that every broken folder gets one line naming
 tensor at fault (CheckpointError), never a traceback from deep inside torch.
 "trap n" refers to the numbered traps of docs/architecture.md §6.
 """
+import contextlib
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
+from collections import Counter
 from dataclasses import fields
 from pathlib import Path
 
@@ -18,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+FLOATS = (torch.bfloat16, torch.float16, torch.float32)     # what a weight may be stored as
 # ModelArgs field -> key inside config.json's linear_attn_config (every other field is top level)
 LINEAR_KEYS = {"kda_num_heads": "num_heads", "kda_head_dim": "head_dim",
                "short_conv_kernel_size": "short_conv_kernel_size",
@@ -25,17 +30,64 @@ LINEAR_KEYS = {"kda_num_heads": "num_heads", "kda_head_dim": "head_dim",
 OURS = ("routing_weights_biased",)          # ModelArgs fields that config.json does not have
 
 
-class CheckpointError(Exception):
-    """A checkpoint folder that does not match the model; the message names the file or tensor."""
+class CheckpointError(ValueError):
+    """A checkpoint folder that does not match the model; the message names the file or tensor.
+    A ValueError (a bad value, read from a file), so callers catching bad input catch it too."""
+
+
+# What a value read from a JSON file must be: kind -> (test, as the message says it). type(v) is
+# int, not isinstance: JSON's true reads as True, an int to isinstance. 1e999 reads as inf.
+KINDS = {
+    "object": (lambda v: isinstance(v, dict), "an object"),
+    "size": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+    "str": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "ints": (lambda v: isinstance(v, list) and all(type(i) is int for i in v),
+             "a list of integers"),
+    "strs": (lambda v: isinstance(v, list) and all(type(i) is str for i in v),
+             "a list of strings"),
+}
+
+
+def want(value, kind, path, key):
+    """`value` if it is of `kind` (KINDS), else a one-line CheckpointError naming file and key."""
+    test, expected = KINDS[kind]
+    if not test(value):
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."  # a whole object: still one line
+        raise CheckpointError(f"{path}: {key} must be {expected}, not {shown}")
+    return value
+
+
+def want_key(obj, key, kind, path, label=None):
+    """obj[key], which must be there, checked by want; `label`: the key's path, as 'metadata.x'."""
+    if key not in obj:
+        raise CheckpointError(f"{path}: missing required key '{label or key}'")
+    return want(obj[key], kind, path, label or key)
+
+
+def read_json(path, what):
+    """A JSON file's value (any type: the caller checks it); a key given twice, invalid JSON or an
+    unreadable file raises a one-line CheckpointError naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=_unique)
+    except (OSError, ValueError) as e:      # UnicodeDecodeError and JSONDecodeError: ValueErrors
+        raise CheckpointError(f"{path}: cannot read {what} ({getattr(e, 'strerror', None) or e})"
+                              ) from None
+
+
+def _unique(pairs):
+    """json's object_pairs_hook: refuse a key given twice (json would silently keep the last)."""
+    twice = [k for k, n in Counter(k for k, _ in pairs).items() if n > 1]
+    if twice:
+        raise ValueError(f"key {twice[0]!r} given twice")
+    return dict(pairs)
 
 
 def read_config(args_cls, path):
     """config.json -> args_cls (kimi.ModelArgs). Its layer lists are 1-based; unknown keys are
-    ignored; a missing key or an invalid value raises CheckpointError naming it."""
-    try:
-        cfg = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read config ({e})") from None
+    ignored; a missing key or an invalid value raises CheckpointError naming it. The values'
+    types are checked by args_cls itself (ModelArgs.__post_init__), the lists here."""
+    cfg = read_json(path, "config")
     linear = cfg.get("linear_attn_config") if isinstance(cfg, dict) else None
     if not isinstance(linear, dict):
         raise CheckpointError(f"{path}: not a Kimi-Linear config (no linear_attn_config object)")
@@ -49,10 +101,10 @@ def read_config(args_cls, path):
         if key not in src:
             raise CheckpointError(f"{path}: missing required key '{where}{key}'")
         kwargs[f.name] = src[key]
-    full, kda = kwargs["full_attn_layers"], linear.get("kda_layers", [])
+    full = want(kwargs["full_attn_layers"], "ints", path, "linear_attn_config.full_attn_layers")
+    kda = want(linear.get("kda_layers", []), "ints", path, "linear_attn_config.kda_layers")
     n = kwargs["num_hidden_layers"]
-    ints = all(isinstance(x, list) and all(type(i) is int for i in x) for x in (full, kda))
-    if not ints or (kda and type(n) is int and sorted(full + kda) != list(range(1, n + 1))):
+    if kda and type(n) is int and sorted(full + kda) != list(range(1, n + 1)):
         raise CheckpointError(f"{path}: linear_attn_config's kda_layers {kda!r} and "
                               f"full_attn_layers {full!r} must split the layers 1..{n}")
     kwargs["full_attn_layers"] = tuple(i - 1 for i in full)   # 1-based in config.json (trap 11)
@@ -63,13 +115,25 @@ def read_config(args_cls, path):
 
 
 def read_quantization(ckpt_dir):
-    """config.json's quantization_config (an FP8 folder, quantize.py's format), or None."""
+    """config.json's quantization_config (an FP8 folder), or None; its keys are fast/quantize.py's
+    format, checked there. (A config.json that is no object is read_config's to refuse.)"""
     path = Path(ckpt_dir) / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read config ({e})") from None
-    return cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    cfg = read_json(path, "config")
+    if not isinstance(cfg, dict) or cfg.get("quantization_config") is None:    # absent or null
+        return None
+    return want(cfg["quantization_config"], "object", path, "quantization_config")
+
+
+def read_index(folder):
+    """model.safetensors.index.json -> (weight_map {tensor name: shard file}, total_size)."""
+    path = Path(folder) / "model.safetensors.index.json"
+    index = want(read_json(path, "the index"), "object", path, "the index")
+    metadata = want_key(index, "metadata", "object", path)
+    total = want_key(metadata, "total_size", "size", path, "metadata.total_size")
+    weight_map = want_key(index, "weight_map", "object", path)
+    for name, shard in weight_map.items():
+        want(shard, "str", path, f"weight_map[{name!r}]")
+    return weight_map, total
 
 
 def config_json(args, dtype="bfloat16"):
@@ -113,13 +177,8 @@ def check_folder(folder, need=()):
     if missing:
         names = ", ".join(missing)
         raise CheckpointError(f"incomplete checkpoint folder {folder}: missing {names}")
-    try:
-        with open(os.path.join(folder, "model.safetensors.index.json")) as f:
-            index = json.load(f)
-        shards = sorted(set(index["weight_map"].values()))
-        total = int(index["metadata"]["total_size"])
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"cannot read {folder}/model.safetensors.index.json: {e!r}") from None
+    weight_map, total = read_index(folder)
+    shards = sorted(set(weight_map.values()))
     missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
     if missing:
         raise CheckpointError(f"incomplete checkpoint folder {folder}: missing {len(missing)} of "
@@ -145,10 +204,9 @@ def load_into(model, ckpt_dir, device, dtype=None, transform=None):
     `makes` are made by it, so the folder need not hold them."""
     ckpt_dir = Path(ckpt_dir)
     index_path = ckpt_dir / "model.safetensors.index.json"
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index_path}: cannot read the index ({e!r})") from None
+    weight_map, _ = read_index(ckpt_dir)
+    # FP8 weights only through the transform, which checks which tensors hold them
+    dtypes = FLOATS + ((torch.float8_e4m3fn,) if transform else ())
     expected = {name: t.shape for name, t in model.state_dict().items()}
     stored = set(expected) - (transform.makes if transform else set())    # the folder's names
     _check(index_path, "lists tensors this model does not have", set(weight_map) - stored)
@@ -156,7 +214,7 @@ def load_into(model, ckpt_dir, device, dtype=None, transform=None):
     shards = sorted(set(weight_map.values()))
     loaded_bytes, t0 = 0, time.perf_counter()
     for i, shard in enumerate(shards, 1):
-        state = _read_shard(ckpt_dir / shard, weight_map, expected, device)
+        state = _read_shard(ckpt_dir, shard, weight_map, expected, dtypes, device)
         if dtype is not None:
             state = {n: cast(n, t, dtype) for n, t in state.items()}
         if transform is not None:
@@ -170,9 +228,10 @@ def load_into(model, ckpt_dir, device, dtype=None, transform=None):
     _check(ckpt_dir, "left parameters unloaded", unloaded)
 
 
-def _read_shard(path, weight_map, expected, device):
-    """The tensors of one shard, checked against the index and the model's shapes."""
-    listed = {n for n, s in weight_map.items() if s == path.name}
+def _read_shard(ckpt_dir, shard, weight_map, expected, dtypes, device):
+    """The tensors of one shard, checked against the index, the model's shapes and `dtypes`."""
+    path = ckpt_dir / shard
+    listed = {n for n, s in weight_map.items() if s == shard}
     if not path.is_file():
         raise CheckpointError(f"{path}: shard listed in the index is missing")
     try:
@@ -186,6 +245,10 @@ def _read_shard(path, weight_map, expected, device):
     _check(path, "has tensors of the wrong shape", [
         f"{n} {list(t.shape)} (expected {list(expected[n])})"
         for n, t in state.items() if t.shape != expected[n]])
+    allowed = "/".join(str(d).removeprefix("torch.") for d in dtypes)
+    _check(path, f"has tensors not of dtype {allowed}", [
+        f"{n} ({str(t.dtype).removeprefix('torch.')})" for n, t in state.items()
+        if t.dtype not in dtypes])
     return state
 
 
@@ -206,29 +269,58 @@ def _check(where, problem, offenders, shown=8):
 
 
 def save(model, ckpt_dir, num_shards=2):
-    """Write config.json, num_shards safetensors shards and the index, in the official layout."""
-    ckpt_dir = Path(ckpt_dir)
+    """Write config.json, num_shards safetensors shards and the index, in the official layout.
+    The arguments are checked first (ValueError); the files are written into a hidden folder
+    inside ckpt_dir and moved into place once all are written: a failed save leaves nothing."""
+    ckpt_dir, state = Path(ckpt_dir), model.state_dict()
+    if type(num_shards) is not int or not 1 <= num_shards <= len(state):
+        raise ValueError(f"num_shards must be an integer in 1..{len(state)} (the model's "
+                         f"tensors), not {num_shards!r}")
+    on_meta = [n for n, t in state.items() if t.is_meta]
+    if on_meta:
+        raise ValueError(f"model: {len(on_meta)} tensors ({on_meta[0]}, ...) are on the meta "
+                         f"device, never loaded: nothing to save")
+    if ckpt_dir.exists() and not ckpt_dir.is_dir():
+        raise ValueError(f"ckpt_dir: {ckpt_dir} exists and is not a folder")
+    made = [p for p in (ckpt_dir, *ckpt_dir.parents) if not p.exists()]  # deepest first
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
+    # inside ckpt_dir, not beside it: on its file system (it may be a mount), moves are renames
+    tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=ckpt_dir))
+    try:
+        files = _write(model, state, tmp, num_shards)
+        for name in files:      # config.json last; older files of the same names are replaced
+            os.replace(tmp / name, ckpt_dir / name)
+        tmp.rmdir()
+    except BaseException:       # KeyboardInterrupt too
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:
+            with contextlib.suppress(OSError):      # rmdir: only while empty, as we made it
+                folder.rmdir()
+        raise
+
+
+def _write(model, state, folder, num_shards):
+    """save's files, into `folder`. -> their names, config.json last."""
     sizes = {n: t.numel() * t.element_size() for n, t in state.items()}
     total, done = sum(sizes.values()), 0
     groups = [[] for _ in range(num_shards)]
     for n in state:                         # contiguous runs of tensors, balanced by bytes
-        groups[min(num_shards - 1, (done + sizes[n] // 2) * num_shards // total)].append(n)
+        groups[min(num_shards - 1, (done + sizes[n] // 2) * num_shards // max(total, 1))].append(n)
         done += sizes[n]
-    weight_map = {}
+    weight_map, shards = {}, []
     for i, names in enumerate(groups, 1):
         shard = f"model-{i:05d}-of-{num_shards:05d}.safetensors"
         # copies: stacked experts (moe_fast.stack_experts) are views of one shared tensor
         tensors = {n: state[n].detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
                    for n in names}
-        save_file(tensors, ckpt_dir / shard, metadata={"format": "pt"})
+        save_file(tensors, folder / shard, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(names, shard))
+        shards.append(shard)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (ckpt_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
     config = config_json(model.args, dtype)
     if getattr(model, "quantization_config", None):                 # FP8 weights (quantize.py)
         config["quantization_config"] = model.quantization_config
-    config = json.dumps(config, indent=2)
-    (ckpt_dir / "config.json").write_text(config + "\n")
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return [*shards, "model.safetensors.index.json", "config.json"]
