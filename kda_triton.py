@@ -148,7 +148,7 @@ def _kda_intra_kernel(q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay,   # poin
         for r in tl.static_range(1, NB):
             between = tl.sum(tl.where((blk_m > blk_c) & (blk_m < r), tot[None, :, :], 0.), axis=1)
             col_e = tail + tl.reshape(tl.broadcast_to(between[:, None, :], [NB, BC, BK]), [C, BK])
-            k_col = tl.trans(b_k * tl.exp2(tl.where((i < r * BC)[:, None], col_e, float('-inf'))))
+            k_col = tl.trans(b_k * tl.exp2(tl.where((i < r * BC)[:, None], col_e, float("-inf"))))
             in_r = (ib == r)[:, None]            # (tl.trans of a load, not of a dot result: safe)
             Aqk_off += _dot(tl.where(in_r, q_row, 0.), k_col, tl.float32, PREC)
             Akk_off += _dot(tl.where(in_r, k_row, 0.), k_col, tl.float32, PREC)
@@ -247,16 +247,16 @@ def _check_shapes(name, q, k, v, g, beta, initial_state):
     V = v.shape[-1]
     for bad, what in [
             (K not in SUPPORTED or V not in SUPPORTED,
-             f'supports K and V in {SUPPORTED} (powers of two from 16 to 256), '
-             f'got K = {K}, V = {V}'),
-            (T < 1, 'needs T >= 1'),
-            (k.shape != q.shape or g.shape != q.shape, 'needs q, k and g all [B, T, H, K]'),
+             f"supports K and V in {SUPPORTED} (powers of two from 16 to 256), "
+             f"got K = {K}, V = {V}"),
+            (T < 1, "needs T >= 1"),
+            (k.shape != q.shape or g.shape != q.shape, "needs q, k and g all [B, T, H, K]"),
             (v.shape != (B, T, H, V) or beta.shape != (B, T, H),
-             'needs v [B, T, H, V] and beta [B, T, H]'),
+             "needs v [B, T, H, V] and beta [B, T, H]"),
             (initial_state is not None and initial_state.shape != (B, H, K, V),
-             'needs initial_state [B, H, K, V]')]:
+             "needs initial_state [B, H, K, V]")]:
         if bad:
-            raise ValueError(f'{name} {what}')
+            raise ValueError(f"{name} {what}")
     return B, T, H, K, V
 
 
@@ -266,9 +266,9 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     q, k, g [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; initial_state [B, H, K, V] fp32 or None.
     Returns o [B, T, H, V] in v's dtype and the final state [B, H, K, V] fp32 (or None).
     """
-    B, T, H, K, V = _check_shapes('chunk_kda', q, k, v, g, beta, initial_state)
+    B, T, H, K, V = _check_shapes("chunk_kda", q, k, v, g, beta, initial_state)
     if B * H > 65535:
-        raise ValueError(f'chunk_kda needs B*H <= 65535 (the grid\'s second axis), got {B * H}')
+        raise ValueError(f"chunk_kda needs B*H <= 65535 (the grid's second axis), got {B * H}")
     scale = K ** -0.5 if scale is None else scale
     # The kernels index contiguous tensors; .contiguous() is free when they already are.
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -278,10 +278,10 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     # its fp32 -> bf16 casts truncate instead of rounding to nearest (twice the error, and biased).
     mid = torch.bfloat16 if low and not INTERPRET else torch.float32   # intermediate storage
     dot = tl.bfloat16 if low and not INTERPRET else tl.float32         # scan dot operands
-    prec = 'tf32' if low else 'ieee'
+    prec = "tf32" if low else "ieee"
     if mid == torch.float32 and K > 128 and not INTERPRET:     # docs/kda.md §1 (interpreter: fine)
-        raise ValueError(f'chunk_kda: fp32 q, k, v with K = {K} > 128 overflow a GPU block\'s '
-                         f'shared memory; pass bf16 ones, or use kda_ref')
+        raise ValueError(f"chunk_kda: fp32 q, k, v with K = {K} > 128 overflow a GPU block's "
+                         f"shared memory; pass bf16 ones, or use kda_ref")
     NT = triton.cdiv(T, C)
     dev = q.device
     w, qg, kg = (torch.empty(B * H, NT * C, K, device=dev, dtype=mid) for _ in range(3))
@@ -356,7 +356,7 @@ def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output
     Same signature and result as kda_ref.recurrent_kda: o [B, T, H, V] in v's dtype and the final
     state [B, H, K, V] fp32 (or None). Inputs may be in any float dtype; all arithmetic is fp32.
     """
-    B, T, H, K, V = _check_shapes('fused_recurrent_kda', q, k, v, g, beta, initial_state)
+    B, T, H, K, V = _check_shapes("fused_recurrent_kda", q, k, v, g, beta, initial_state)
     scale = K ** -0.5 if scale is None else scale
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))   # free if they already are
     h0 = None if initial_state is None else initial_state.float().contiguous()
@@ -372,8 +372,9 @@ def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output
     return o, ht
 
 
-if __name__ == '__main__':
-    # Self-check against the recurrence and, on a GPU, a timing table (python kda_triton.py).
+if __name__ == "__main__":
+    # Self-check of chunk_kda against the fp32 recurrence: small shapes in Triton's CPU interpreter,
+    # the 48B layer's shapes on a GPU. (python -m tools.kernels kda times the kernels.)
     import math
     from kda_ref import kda_gate, l2norm, recurrent_kda
 
@@ -394,38 +395,18 @@ if __name__ == '__main__':
         assert torch.isfinite(o).all() and torch.isfinite(S).all()
         return [((a.float() - b).norm() / b.norm()).item() for a, b in ((o, o_ref), (S, S_ref))]
 
-    def median_ms(fn):
-        return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode='median')
-
     torch.manual_seed(0)
-    if not torch.cuda.is_available():
-        print('no CUDA: self-check in the Triton CPU interpreter at small shapes, no timing')
+    if torch.cuda.is_available():
+        device = "cuda"
+        print(f"{torch.cuda.get_device_name()}: the 48B layer's shapes")
+        shapes = [(1, 4096, 32, 128, 128, torch.float32), (1, 4096, 32, 128, 128, torch.bfloat16),
+                  (8, 4096, 32, 128, 128, torch.bfloat16)]
+    else:
+        device = "cpu"
+        print("no CUDA: self-check in the Triton CPU interpreter at small shapes")
         shapes = [(1, 100, 2, 32, 32, torch.float32), (2, 130, 1, 16, 64, torch.float32),
                   (1, 100, 2, 32, 32, torch.bfloat16)]
-        for B, T, H, K, V, dtype in shapes:
-            err_o, err_S = errors(make_inputs(B, T, H, K, V, dtype, 'cpu'))
-            name = f'B={B} T={T} H={H} K={K} V={V} {str(dtype)[6:]:>8}'
-            print(f'{name}: err o {err_o:.1e}  err S {err_S:.1e}')
-        raise SystemExit
-    try:                        # fla is optional: only the comparison column needs it
-        from fla.ops.kda import chunk_kda as fla
-    except ImportError:
-        fla = None
-    print(f'{torch.cuda.get_device_name()}, bf16 inputs, H=32, K=V=128; error = ||x - ref|| / '
-          '||ref|| vs the fp32 recurrence on the same bf16 inputs, over the whole sequence')
-    print(f'{"shape":>16} {"ms":>7} {"GB/s":>6} {"err o":>8} {"err S":>8} {"fla ms":>7} '
-          f'{"ours/fla":>8}', flush=True)
-    for B, T in [(1, 4096), (1, 16384), (1, 65536), (8, 4096)]:
-        H, K, V = 32, 128, 128
-        q, k, v, g, beta = inputs = make_inputs(B, T, H, K, V, torch.bfloat16, 'cuda')
-        ms = median_ms(lambda: chunk_kda(*inputs))
-        io = B * T * H * (2 * K * 2 + V * 2 * 2 + K * 4 + 4)  # q, k, v, o in bf16; g, beta in fp32
-        fla_ms = fla and median_ms(lambda: fla(q=q, k=k, v=v, g=g, beta=beta, scale=K ** -0.5))
-        err_o, err_S = errors(inputs)
-        print(f'{f"B={B} T={T}":>16} {ms:7.3f} {io / ms / 1e6:6.0f} {err_o:8.1e} {err_S:8.1e} '
-              + (f'{fla_ms:7.3f} {ms / fla_ms:8.2f}' if fla else f'{"-":>7} {"-":>8}'), flush=True)
-    x = make_inputs(16, 1, H, K, V, torch.bfloat16, 'cuda')    # one decode step reads and writes
-    h0 = torch.randn(16, H, K, V, device='cuda')                # the [K, V] state once a head
-    ms = median_ms(lambda: fused_recurrent_kda(*x, initial_state=h0, output_final_state=True))
-    tbs = 8 * h0.numel() / ms / 1e9                             # fp32 state, read and written
-    print(f'decode step B=16, fused_recurrent_kda: {ms:.3f} ms ({tbs:.2f} TB/s)')
+    for B, T, H, K, V, dtype in shapes:
+        err_o, err_S = errors(make_inputs(B, T, H, K, V, dtype, device))
+        name = f"B={B} T={T} H={H} K={K} V={V} {str(dtype)[6:]:>8}"
+        print(f"{name}: err o {err_o:.1e}  err S {err_S:.1e}")

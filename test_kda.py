@@ -20,12 +20,12 @@ from kda_triton import chunk_kda, fused_recurrent_kda
 from kda_ref import chunk_kda_ref, kda_gate, l2norm, recurrent_kda
 
 CUDA = torch.cuda.is_available()
-DEV = 'cuda' if CUDA else 'cpu'
+DEV = "cuda" if CUDA else "cpu"
 DIMS = [16, 128, 256] if CUDA else [16, 32, 64]   # K and V (few on GPU: each pair compiles)
 CHUNK_K_FP32 = [16, 128] if CUDA else DIMS        # fp32 chunk_kda on a GPU: K <= 128 (see below)
 MAX_T = 600 if CUDA else 150
-GATES = ['logsigmoid', 'bounded', 'softplus']
-NO_BF16_DOT = 'bf16 kernels need CUDA: the interpreter has no correct bf16 dot'
+GATES = ["logsigmoid", "bounded", "softplus"]
+NO_BF16_DOT = "bf16 kernels need CUDA: the interpreter has no correct bf16 dot"
 # T = 1, T < 16, around one chunk, and ragged multi-chunk lengths
 T_VALUES = st.one_of(st.sampled_from([1, 5, 15, 63, 64, 65, 128]), st.integers(1, MAX_T))
 
@@ -56,9 +56,9 @@ def make_inputs(seed, B, T, H, K, V, gate, dtype=torch.float32, device=DEV):
     randn = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
     q, k = l2norm(randn(B, T, H, K)), l2norm(randn(B, T, H, K))
     v = randn(B, T, H, V)
-    if gate == 'logsigmoid':        # mild: fla's test gate
+    if gate == "logsigmoid":        # mild: fla's test gate
         g = F.logsigmoid(randn(B, T, H, K))
-    elif gate == 'bounded':         # lower bound -5 nats per token
+    elif gate == "bounded":         # lower bound -5 nats per token
         g = -5 * torch.sigmoid(randn(B, T, H, K))
     else:                           # Kimi's unbounded softplus gate, exp(A_log) up to 16 (g ~ -85)
         A_log = torch.rand(H, generator=gen) * math.log(16)
@@ -72,8 +72,8 @@ def check(o, S, o_ref, S_ref, tol_o, tol_S):
     """Finite outputs, the reference's shapes, fp32 state, relative errors below the bounds."""
     assert torch.isfinite(o).all() and torch.isfinite(S).all()
     assert S.shape == S_ref.shape and S.dtype == torch.float32 and o.shape == o_ref.shape
-    assert ratio(o, o_ref) < tol_o, f'o: {ratio(o, o_ref):.2e}'
-    assert ratio(S, S_ref) < tol_S, f'S: {ratio(S, S_ref):.2e}'
+    assert ratio(o, o_ref) < tol_o, f"o: {ratio(o, o_ref):.2e}"
+    assert ratio(S, S_ref) < tol_S, f"S: {ratio(S, S_ref):.2e}"
 
 
 @settings(deadline=None, max_examples=25)
@@ -100,15 +100,15 @@ def test_chunk_ref_matches_recurrence_fp64(seed, T, H, K, gate, has_h0, chunk_si
     o, S = chunk_kda_ref(*x, initial_state=h0, output_final_state=True, chunk_size=chunk_size)
     o_ref, S_ref = recurrent_kda(*x, initial_state=h0, output_final_state=True)
     # fp64 throughout: the WY/UT form is exact algebra, so only fp64 rounding in another order
-    assert ratio(o, o_ref) < REORDERED_64, f'o: {ratio(o, o_ref):.2e}'
-    assert ratio(S, S_ref) < REORDERED_64, f'S: {ratio(S, S_ref):.2e}'
+    assert ratio(o, o_ref) < REORDERED_64, f"o: {ratio(o, o_ref):.2e}"
+    assert ratio(S, S_ref) < REORDERED_64, f"S: {ratio(S, S_ref):.2e}"
 
 
 @settings(deadline=None, max_examples=15)
 @given(seed=st.integers(0, 2**31), T=st.integers(2, MAX_T), data=st.data(),
        gate=st.sampled_from(GATES))
 def test_split_and_carry_state(seed, T, data, gate):
-    split = data.draw(st.integers(1, T - 1), label='split')
+    split = data.draw(st.integers(1, T - 1), label="split")
     q, k, v, g, beta = make_inputs(seed, 1, T, 2, 16, 32, gate)
     o, S = chunk_kda(q, k, v, g, beta, output_final_state=True)
     first = [x[:, :split] for x in (q, k, v, g, beta)]
@@ -139,10 +139,10 @@ def test_delta_rule_retrieval(seed, N):
     torch.testing.assert_close(o[0, N:, 0].cpu(), values, atol=REORDERED_32, rtol=REORDERED_32)
 
 
-@pytest.mark.parametrize('kernel', [chunk_kda, fused_recurrent_kda])
-@pytest.mark.parametrize('g_value', [0.0, -85.0, -1e4, -math.inf])
+@pytest.mark.parametrize("kernel", [chunk_kda, fused_recurrent_kda])
+@pytest.mark.parametrize("g_value", [0.0, -85.0, -1e4, -math.inf])
 def test_extreme_gates_stay_finite(kernel, g_value):
-    q, k, v, g, beta = make_inputs(0, 1, 100, 2, 16, 16, 'softplus')
+    q, k, v, g, beta = make_inputs(0, 1, 100, 2, 16, 16, "softplus")
     g = g.clone()
     g[:, ::3] = g_value                        # mixes the extreme value with Kimi gates near -85
     h0 = torch.randn(1, 2, 16, 16, device=DEV)
@@ -152,19 +152,19 @@ def test_extreme_gates_stay_finite(kernel, g_value):
     check(o, S, o_ref, S_ref, REORDERED_32, REORDERED_32)
 
 
-@pytest.mark.skipif(not CUDA, reason='the shared-memory limit is a GPU one')
+@pytest.mark.skipif(not CUDA, reason="the shared-memory limit is a GPU one")
 def test_fp32_chunk_with_k_256_is_refused_on_gpu():
     """fp32 tiles of K = 256 exceed a block's shared memory (H200: 278,528 of 232,448 bytes):
     a clear ValueError, not Triton's OutOfResources. bf16 at K = 256 fits (test_bf16_on_gpu)."""
-    with pytest.raises(ValueError, match='pass bf16 ones, or use kda_ref'):
-        chunk_kda(*make_inputs(0, 1, 64, 1, 256, 128, 'logsigmoid'))
+    with pytest.raises(ValueError, match="pass bf16 ones, or use kda_ref"):
+        chunk_kda(*make_inputs(0, 1, 64, 1, 256, 128, "logsigmoid"))
 
 
 @pytest.mark.skipif(not CUDA, reason=NO_BF16_DOT)
 @settings(deadline=None, max_examples=6)
 @given(seed=st.integers(0, 2**31), T=st.integers(1, 2048), gate=st.sampled_from(GATES),
        has_h0=st.booleans(), K=st.sampled_from([128, 256]))
-@example(seed=0, T=300, gate='softplus', has_h0=True, K=256)
+@example(seed=0, T=300, gate="softplus", has_h0=True, K=256)
 def test_bf16_on_gpu(seed, T, gate, has_h0, K):
     q, k, v, g, beta = make_inputs(seed, 2, T, 4, K, 128, gate, dtype=torch.bfloat16)
     h0 = torch.randn(2, 4, K, 128, device=DEV) if has_h0 else None
@@ -201,7 +201,7 @@ def test_fused_recurrent_matches_recurrence(seed, B, T, H, K, V, gate, has_h0):
        gate=st.sampled_from(GATES))
 def test_decode_steps_match_one_pass(seed, T, data, gate):
     """Prefill with chunk_kda, then T = 1 steps carrying the state == one call over the sequence."""
-    prefill = data.draw(st.integers(0, T - 1), label='prefill')
+    prefill = data.draw(st.integers(0, T - 1), label="prefill")
     x = make_inputs(seed, 2, T, 2, 16, 32, gate)
     h0 = torch.randn(2, 2, 16, 32, device=DEV)
     o, S = fused_recurrent_kda(*x, initial_state=h0, output_final_state=True)
@@ -240,9 +240,9 @@ def test_fused_recurrent_bf16_on_gpu(seed, B, T, gate, has_h0):
     check(o, S, o_ref, S_ref, U_BF16 + REORDERED_32, REORDERED_32)
 
 
-@pytest.mark.parametrize('kernel', [chunk_kda, fused_recurrent_kda])
-@pytest.mark.parametrize('K, V', [(48, 32), (32, 512), (8, 16), (16, 100)])
+@pytest.mark.parametrize("kernel", [chunk_kda, fused_recurrent_kda])
+@pytest.mark.parametrize("K, V", [(48, 32), (32, 512), (8, 16), (16, 100)])
 def test_unsupported_dims_raise(kernel, K, V):
-    q, k, v, g, beta = make_inputs(0, 1, 4, 1, K, V, 'logsigmoid')
-    with pytest.raises(ValueError, match='powers of two from 16 to 256'):
+    q, k, v, g, beta = make_inputs(0, 1, 4, 1, K, V, "logsigmoid")
+    with pytest.raises(ValueError, match="powers of two from 16 to 256"):
         kernel(q, k, v, g, beta)

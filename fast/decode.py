@@ -3,15 +3,15 @@ One decode step of kimi.py's model in ~18 kernels a layer (486 a step): the fast
 
     step(model, tokens, start_pos) = model(tokens, start_pos, last_only=True)
     for tokens [B, 1] that continue the sequences in the caches (start_pos >= 1, an int or a 0-d
-    device tensor, as sample.cuda_graph_decoder replays it).
+    device tensor, as cuda_graph_decoder below replays it).
 
 kimi.py's forward says the math in small torch operations: about 110 kernels per layer, 3,000 per
-step, each costing ~2.5 us even when replayed from a CUDA graph, so a step took 9.5 ms where its
-weights take 1.5 ms to read. This file runs the same math layer by layer in fused pieces, each with
-a torch reference beside its kernel (a test checks each, and step against model):
+step, each costing a launch's microseconds even when replayed from a CUDA graph, so a step took
+several times as long as reading its weights. This file runs the same math layer by layer in fused
+pieces, each with a torch reference beside its kernel (a test checks each, and step against model):
   - add_rmsnorm (here): the residual add and the next RMSNorm in one kernel
   - one matmul for all of a layer's input projections, stacked once by prepare (their weights
-    become views of the stacked one, as fast_moe.stack_experts does for the experts)
+    become views of the stacked one, as fast.moe.stack_experts does for the experts)
   - kda_decode.py: a KDA layer's short convs, norms, gates, recurrence and gated norm in one kernel
   - mla_decode.py: the absorbed latent attention, split over the cache (flash-decoding)
   - moe_decode.py: the router's top-k, then the selected experts (the shared one stacked with them)

@@ -4,8 +4,9 @@ between the input projections and o_proj, for one new token per row.
 
 kimi.py spends ~50 small torch kernels on this per layer and step (three short convs and their
 state shift, SiLU, casts, two l2norms, the gate, beta, the recurrence, the gated RMSNorm); in a
-CUDA graph each still costs ~2.5 us. Here: kda_decode_ref (plain torch, kimi.py's rounding points)
-and kda_decode (one launch, grid B*H), with one signature:
+CUDA graph each still costs a launch's microseconds, far more than its work. Here:
+kda_decode_ref (plain torch, kimi.py's rounding points) and kda_decode (one launch, grid B*H),
+with one signature:
 
     kda_decode[_ref](q, k, v, f_a, g_a, b, conv_state, conv_w, f_b_w, g_b_w, A_log, dt_bias,
                      o_norm_w, eps, S) -> o [B, P], the input of o_proj, in q's dtype
@@ -190,42 +191,3 @@ def random_step(B, H, K, W, dtype, device, Bmax=None, seed=0):
     o_norm_w = rand(K, scale=0.1) + 1
     S = torch.randn(B, H, K, K, generator=gen, device=device) * 0.1
     return q, k, v, f_a, g_a, b, conv_state, conv_w, f_b_w, g_b_w, A_log, dt_bias, o_norm_w, 1e-5, S
-
-
-def _time_graph(fn, calls=50, repeats=10):
-    """Median us per call of fn: `calls` calls in one CUDA graph (as the model decodes), timed
-    with CUDA events over `repeats` replays after a warm-up."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):                              # compile and warm up outside the graph
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()                                      # the first replay uploads the graph
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
-
-
-if __name__ == "__main__":
-    H, K, W = 32, 128, 4                                # Kimi-Linear-48B-A3B's KDA layer
-    for B in (1, 16):
-        args, P = random_step(B, H, K, W, torch.bfloat16, "cuda", Bmax=64), H * K
-        # bytes that must move: S read and written, the conv state read and written, the weights
-        # (two [P, K] low-rank, three convs, the small vectors), inputs and output
-        moved = (2 * B * H * K * K * 4 + 2 * 3 * B * P * (W - 1) * 2 + 2 * P * K * 2
-                 + 3 * P * W * 2 + P * 4 + (B * (4 * P + 2 * K + H)) * 2)
-        t_ker = _time_graph(lambda: kda_decode(*args))
-        t_ref = _time_graph(lambda: kda_decode_ref(*args))
-        print(f"B={B:3d}: kda_decode {t_ker:7.2f} us ({moved / t_ker / 1e3:6.0f} GB/s of "
-              f"{moved / 1e6:.2f} MB)   kda_decode_ref {t_ref:7.2f} us   x{t_ref / t_ker:.1f}")

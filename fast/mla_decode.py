@@ -1,8 +1,9 @@
 """
 Flash-decoding (split-K) latent attention for MLA decode, in two Triton launches per call.
 It equals kimi.latent_attention, the middle of MLAAttention.attend_absorbed: from the query
-rows [q_lat | q_pe] to o_lat, before W_uv. Every head's query is one row of a single attention over the
-cached latents, so one program holds all H rows of its batch row and reads each cache tile once.
+rows [q_lat | q_pe] to o_lat, before W_uv. Every head's query is one row of a single attention
+over the cached latents, so one program holds all H rows of its batch row and reads each cache
+tile once.
 
   kernel 1, _mla_split_kernel, grid (B, NUM_SPLITS): row b's visible keys [pad[b], pos] are cut
     into NUM_SPLITS ranges of whole tiles; a program walks its range BLOCK_L keys at a time:
@@ -27,10 +28,10 @@ import triton.language as tl
 from fast import INTERPRET
 
 LOG2E = 1.4426950408889634          # exp(x) = 2^(x log2 e): folded into the scale once
-# Fixed tiles (autotune breaks the interpreter), not tuned: on an H200 (2026-12-02, python
-# mla_decode.py) they read a 1M-token cache at 2.17 TB/s at B = 1 (0.56 ms a layer; 0.93 for the
-# batched matmuls), 131,072 tokens at 1.32 TB/s at B = 8. At H = 32: 166 registers, no spills, one
-# program per SM. The interpreter takes small ones so that its tests cross many tiles and splits.
+# Fixed tiles (autotune breaks the interpreter), not tuned (`python -m tools.kernels mla_decode`
+# times them against the batched matmuls): at H = 32 a split program holds its tiles in registers
+# without spilling, one program per SM. The interpreter takes small ones so that its tests cross
+# many tiles and splits.
 BLOCK_L = 16 if INTERPRET else 64       # keys per step (72 KB); fp32 takes 16 (64 would spill)
 MIN_SPLIT = 32 if INTERPRET else 256    # fewest keys per split: a partial costs 8 H R bytes
 WAVES = 1                               # B * NUM_SPLITS ~ WAVES * SMs: one program per SM
@@ -146,7 +147,7 @@ def _mla_combine_kernel(
 
 
 def mla_decode(q, kv_cache, pos, scale, pad=None, *, kv_lora_rank):
-    """= kimi.latent_attention, reading the cache once: two launches, no host sync (CUDA-graph safe).
+    """= kimi.latent_attention, reading the cache once: two launches, no host sync (graph safe).
     pos: an int (keys after it are never read), or a 0-d int64 tensor on q's device (a graph's
     step: NUM_SPLITS comes from the whole buffer and the kernel reads pos)."""
     B, H, D = q.shape
@@ -180,36 +181,3 @@ def mla_decode(q, kv_cache, pos, scale, pad=None, *, kv_lora_rank):
 def _check(ok, message):
     if not ok:
         raise ValueError(f"mla_decode: {message}")
-
-
-if __name__ == "__main__":      # H200 timing: python mla_decode.py
-    H, R, PE = 32, 512, 64
-
-    def median_ms(fn, runs=20):
-        """Median GPU time of one call, replayed from a CUDA graph (as sample.py decodes: no
-        Python launch overhead between the launches), after warm-up."""
-        for _ in range(3):                              # warm-up (and compilation)
-            fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        times = []
-        for _ in range(runs):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            stop.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(stop))
-        return sorted(times)[runs // 2]
-
-    for B, L in ((1, 4096), (1, 131072), (1, 1048576), (8, 131072)):
-        q = torch.randn(B, H, R + PE, device="cuda", dtype=torch.bfloat16)
-        cache = torch.randn(B, L, R + PE, device="cuda", dtype=torch.bfloat16)
-        pos = torch.tensor(L - 1, device="cuda")
-        nbytes = B * L * (R + PE) * 2                   # the cache, read once
-        row = f"B={B} L={L:>7} S={num_splits(L, B, q.device):>3} cache {nbytes / 1e9:.3f} GB:"
-        for name, fn in (("kernel", mla_decode), ("reference", mla_decode_ref)):
-            ms = median_ms(lambda fn=fn: fn(q, cache, pos, 192 ** -0.5, kv_lora_rank=R))
-            row += f"  {name} {ms:.3f} ms {nbytes / ms / 1e9:.2f} TB/s"
-        print(row + ("  (fits in L2)" if nbytes < 50e6 else ""))

@@ -39,10 +39,10 @@ TILE = dict(BM=8, BN=256, num_warps=4)
 def stack_experts(moe):
     """Copy moe's experts into w13 [E', 2F, D] (w1 over w3) and w2 [E', D, F]: the E routed
     experts, then the shared expert as row E when it has their width (E' = E + 1; Kimi's has), so
-    that a decode step runs it with the routed ones (decode.py). Each expert's weights become views
-    of them, so the module names and the state_dict stay the checkpoint's. Call it on the device
-    (on memory-mapped CPU weights it makes copies). After .to() or .float() the experts' weights
-    are new tensors, no longer views: calling it again stacks them anew."""
+    that a decode step runs it with the routed ones (fast.decode). Each expert's weights become
+    views of them, so the module names and the state_dict stay the checkpoint's. Call it on the
+    device (on memory-mapped CPU weights it makes copies). After .to() or .float() the experts'
+    weights are new tensors, no longer views: calling it again stacks them anew."""
     if moe.w13 is not None and moe.experts[0].w1.weight.data_ptr() == moe.w13.data_ptr():
         return                                                  # still stacked
     mats = [(e.w1, e.w3, e.w2) for e in moe.experts]            # (gate, up, down) Linears
@@ -73,8 +73,8 @@ def sorted_experts(x, ids, w13, w2):
     gate, up = F.grouped_mm(xs, w13.mT, offs=ends).chunk(2, dim=-1)         # [N*k, F] each
     out = F.grouped_mm(F.silu(gate) * up, w2.mT, offs=ends)                 # [N*k, D]
     # pos = the inverse permutation: row order[i] of (token, slot) order landed at row i. A scatter
-    # of N*k ints, cheap; scattering the [N*k, D] rows themselves (unsorted[order] = out) cost
-    # 0.7 ms a layer at N = 8192 on an H200, 4x a gather of them.
+    # of N*k ints, cheap; scattering the [N*k, D] rows themselves (unsorted[order] = out) is several
+    # times slower than gathering them.
     pos = torch.empty_like(order)
     pos[order] = torch.arange(len(order), device=order.device)
     return out, pos.view(ids.shape)
@@ -120,7 +120,7 @@ def _combine_kernel(out_ptr, pos_ptr, w_ptr, y_ptr, N, D, K: tl.constexpr, BM: t
         o = tl.load(out_ptr + row[:, None] * D + d[None, :], mask=mask, other=0.0)
         y += wj[:, None] * o.to(tl.float32)
     dt: tl.constexpr = y_ptr.dtype.element_ty
-    # the interpreter's cast truncates (fast.round_to): round_to rounds to nearest, as .to() in torch
+    # the interpreter's cast truncates (fast.round_to): round_to rounds to nearest, as torch does
     tl.store(y_ptr + n[:, None].to(tl.int64) * D + d[None, :], round_to(y, dt).to(dt), mask=mask)
 
 

@@ -1,12 +1,12 @@
 """
 The MoE of a decode step (N <= 16 tokens) in 4 Triton launches, each selected expert's weights
 (bf16, or e4m3 + scales) read once per step. Beside kimi.py: route = MoEGate.forward after its
-F.linear; experts = SparseMoeBlock.run_experts + forward's fp32 weighted sum (as moe_fast.
-grouped_experts and quantize.fp8_experts, which take ~35 torch kernels and one-row GEMMs).
+F.linear; experts = SparseMoeBlock.run_experts + forward's fp32 weighted sum (as fast.moe.
+grouped_experts and fast.quantize.fp8_experts, which take ~35 torch kernels and one-row GEMMs).
   _route_kernel    (N,)            sigmoid, + bias, k rounds of max / argmax, the weights
   _gate_up_kernel  (P, F / BN)     h = silu(x @ w1^T) * (x @ w3^T), one expert per program
   _down_kernel     (P, D / BN)     out = h @ w2^T; N = 1: grid (1, D / BN), every slot, summed
-  _combine_kernel  (N, D / BN)     y = sum_j w[n, j] out[n, j], j in order (N > 1 only)
+  _slot_sum_kernel (N, D / BN)     y = sum_j w[n, j] out[n, j], j in order (N > 1 only)
 No sort: a token picks an expert at most once (distinct top-k ids; the shared expert is row E),
 so expert e's group is the tokens whose row of ids holds e, one tile row per token (BM = 16 >= N,
 tl.dot's minimum). The program of e's first (token, slot) pair reads e's weights once for them
@@ -24,14 +24,14 @@ import triton.language as tl
 from fast import INTERPRET, round_to
 
 MAX_TOKENS = 16                         # BM: tokens per tile (tl.dot's minimum dimension)
-# Fixed tiles (autotune breaks the interpreter): UP and DOWN_SUM are the fastest at N = 1 on an
-# H200 of a sweep over BN 16/32/64, BK 128/256/512, 4/8 warps, 3/4 stages (bf16 and FP8 experts,
-# 2026-12-02: 59 us bf16, 64 us FP8 for the 9 experts). fp32 x (2x the bytes a stage) gets 2 stages:
-# 4 need 245,760 bytes of shared memory, past the H200's 232,448.
+# Fixed tiles (autotune breaks the interpreter): UP and DOWN_SUM won a timed sweep over BN, BK,
+# warps and stages at N = 1 on an H200, bf16 and FP8 experts (`python -m tools.kernels moe_decode`
+# times them). fp32 x (twice the bytes a stage) gets 2 stages: 4 need more shared memory than a
+# Hopper GPU's block has.
 UP = dict(BN=32, BK=128, num_warps=4, num_stages=3)
 DOWN = dict(BN=32, BK=256, num_warps=4, num_stages=4)
 DOWN_SUM = dict(BN=32, BK=256, num_warps=4, num_stages=4)
-COMBINE = 256                           # _combine_kernel's BN
+SLOT_SUM = 256                          # _slot_sum_kernel's BN
 
 
 # -------------------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def _down_kernel(h_ptr, ids_ptr, wts_ptr, w2_ptr, s2_ptr, out_ptr, N, KP, D, F, 
 
 
 @triton.jit
-def _combine_kernel(out_ptr, wts_ptr, y_ptr, KP, D, BN: tl.constexpr):
+def _slot_sum_kernel(out_ptr, wts_ptr, y_ptr, KP, D, BN: tl.constexpr):
     """y[n, d] = sum_j w[n, j] out[n*k' + j, d] in fp32, j in order: the same sum every run (float
     atomics would add in arrival order, and greedy decoding could change from run to run)."""
     n, d = tl.program_id(0).to(tl.int64), tl.program_id(1) * BN + tl.arange(0, BN)
@@ -227,60 +227,5 @@ def experts(x, ids, w, w13, w2, s13=None, s2=None):
         h, ids, w, w2, s2 if scaled else w2, out, N, KP, D, Fw, SUM=N == 1, **meta,
         **_fit(tiles, x))
     if N > 1:
-        _combine_kernel[(N, triton.cdiv(D, COMBINE))](out, w, y, KP, D, COMBINE)
+        _slot_sum_kernel[(N, triton.cdiv(D, SLOT_SUM))](out, w, y, KP, D, SLOT_SUM)
     return y
-
-
-if __name__ == "__main__":
-    # H200 timing (python moe_decode.py): the 48B MoE of a decode step, routing included, replayed
-    # as a CUDA graph after an L2 flush; TB/s over the bytes of the distinct selected experts.
-    import functools
-    import statistics
-    from types import SimpleNamespace
-
-    from fast import moe as moe_fast
-    from fast import quantize
-    def graph_us(fn, reps=25):
-        stream = torch.cuda.Stream()                                # warm up off the main stream
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            [fn() for _ in range(3)]
-        torch.cuda.current_stream().wait_stream(stream)
-        graph, times = torch.cuda.CUDAGraph(), []
-        with torch.cuda.graph(graph):
-            fn()
-        for _ in range(reps):
-            flush.zero_()                                           # no weights left in L2
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(), graph.replay(), end.record(), end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        return statistics.median(times)
-
-    torch.manual_seed(0)
-    E, D, F_, k, dev = 256, 2304, 1024, 8, "cuda"
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device=dev)  # 256 MB: 5x the L2
-    w13 = (torch.randn(E + 1, 2 * F_, D, device=dev) * D ** -0.5).bfloat16()     # + shared
-    w2 = (torch.randn(E + 1, D, F_, device=dev) * F_ ** -0.5).bfloat16()
-    (q13, s13), (q2, s2) = quantize.quantize_rows(w13), quantize.quantize_rows(w2)
-    fp8_moe = SimpleNamespace(w13=q13, s13=s13, w2=q2, s2=s2)      # what fp8_experts reads
-    bias = torch.randn(E, device=dev) / 10
-    print(f"{torch.cuda.get_device_name()}: E = {E} + 1 shared, k = {k} + 1, D = {D}, F = {F_}")
-
-    def step(router, fp8, x, logits):                   # route (+ the shared column), experts
-        ids, w = router(logits, bias, k, True, 2.446, True)
-        ids = torch.cat([ids, torch.full_like(ids[:, :1], E)], 1)              # [N, k + 1]
-        w = torch.cat([w, torch.ones_like(w[:, :1])], 1)
-        if router is route:
-            return experts(x, ids, w, *((q13, q2, s13, s2) if fp8 else (w13, w2)))
-        out = (quantize.fp8_experts(x, ids, fp8_moe) if fp8 else
-               moe_fast.grouped_experts(x, ids, w13, w2))          # [N, k + 1, D]
-        return torch.einsum("nk,nkd->nd", w, out.float()).to(x.dtype)
-
-    for N, fp8 in ((1, False), (1, True), (16, False), (16, True)):
-        x, logits = torch.randn(N, D, device=dev).bfloat16(), torch.randn(N, E, device=dev)
-        n = len(route(logits, bias, k, True, 2.446, True)[0].unique()) + 1      # + shared
-        MB = n * (3 * D * F_ * (1 if fp8 else 2) + fp8 * (2 * F_ + D) * 4) / 1e6    # + scales
-        for router, name in ((route, "moe_decode"), (route_ref, "torch")):
-            us = graph_us(functools.partial(step, router, fp8, x, logits))
-            print(f"N = {N:2d} {'fp8 ' if fp8 else 'bf16'} {name:10s}: {n:3d} experts, {MB:6.1f} "
-                  f"MB in {us:6.1f} us = {MB / us:4.2f} TB/s")

@@ -1,16 +1,19 @@
-"""Tests for bench.py's CPU-checkable parts: the byte and parameter counts behind its ceilings, the
-random model, the command line. (The timings need a GPU; cuda_graph_decoder, now in sample.py, is
-tested in test_kimi.py; args.cache_bytes, which the --context sweep reports, too.)"""
-import os
+"""Tests for the CPU-checkable parts of tools/: tools.bench's byte and parameter counts behind its
+ceilings, its random model (bf16 and FP8) and command line; tools.kernels' command line; the kernel
+names profile_decode groups by. (The timings need a GPU; cuda_graph_decoder is tested in
+test_decode.py, args.cache_bytes, which the --context sweep reports, in test_kimi.py; who imports
+tools, in test_imports.py.)"""
+import ast
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tools import bench
+from fast.quantize import FP8, SCALE
 from helpers import ROOT
 from kimi import CONFIGS, Transformer
+from tools import bench, kernels, profile_decode
 
 TINY = CONFIGS["tiny"]
 
@@ -56,6 +59,20 @@ def test_random_model_is_bf16_with_fp32_decay_stacked_and_finite():
     torch.testing.assert_close(cached, stateless, rtol=2 ** -7, atol=2 ** -7)
 
 
+def test_fp8_random_model_reads_fewer_bytes():
+    """bench.random_model(fp8=True): quantised tensor by tensor; a decode step's bytes, counted on
+    the model, are those of bf16 with every quantised weight at 1 byte (+ 4 per row for scales)."""
+    fp8 = bench.random_model(TINY, torch.device("cpu"), 1, 32, fp8=True)
+    bf16 = bench.random_model(TINY, torch.device("cpu"), 1, 32)
+    assert fp8.model.layers[1].block_sparse_moe.w13.dtype == FP8
+    state = fp8.state_dict()
+    saved = sum(t.numel() - 4 * state[n.removesuffix("weight") + SCALE].numel()
+                for n, t in state.items() if t.dtype == FP8 and ".experts." not in n)
+    shared = bench.model_decode_bytes(bf16, 0, 100) - bench.model_decode_bytes(fp8, 0, 100)
+    assert shared == saved
+    assert bench.model_decode_bytes(fp8, 16, 100) < bench.model_decode_bytes(bf16, 16, 100)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--context", "4,x"], "--context takes comma-separated token counts, not '4,x'"),
     (["--context", "0"], "--context lengths must be positive"),
@@ -63,7 +80,7 @@ def test_random_model_is_bf16_with_fp32_decay_stacked_and_finite():
     (["--out", "somewhere"], "--out writes the --context results: add --context"),
     (["--batch", "8"], "--batch takes a row count >= 1 and goes with --context"),
     (["--context", "8", "--batch", "0"], "--batch takes a row count >= 1 and goes with --context"),
-    (["--context", "8", "--peer"], "--compile and --peer do not apply"),
+    (["--context", "8", "--baseline"], "--compile and --baseline do not apply"),
     (["--config", "no/such/config.json"], "cannot read config"),
     (["--config", "tiny", "--context", "8", "--out", "/proc/self/x"], "cannot make --out"),
 ])
@@ -83,19 +100,37 @@ def test_bench_without_gpu_says_so_in_one_line():
     assert r.stderr.strip().splitlines() == ["error: the benchmark needs a CUDA GPU (see --help)"]
 
 
-def test_sample_py_no_longer_runs_the_benchmark(capsys):
-    import sample
-    with pytest.raises(SystemExit) as e:
-        sample.main(["--bench"])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err == "error: the benchmark is its own program now: python bench.py\n"
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the benchmark needs a CUDA GPU")
 def test_bench_runs_the_tiny_config_on_cuda(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "tools.bench", "--config", "tiny", "--context", "64,256",
-                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run([sys.executable, "-m", "tools.bench", "--config", "tiny", "--context",
+                        "64,256", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "TPOT" in r.stdout and (tmp_path / "tpot.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_kernels_without_gpu_says_so_in_one_line():
+    r = subprocess.run([sys.executable, "-m", "tools.kernels"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == ""
+    assert len(r.stdout.splitlines()) == 1 and r.stdout.startswith("no GPU: nothing to time")
+
+
+def test_kernels_bad_name_exits_2_with_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        kernels.main(["kda", "frobnicate"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: no kernel named 'frobnicate': choose among kda, ")
+
+
+def test_profile_decode_groups_name_kernels_that_exist():
+    """Each *_kernel fragment that profile_decode groups by is a Triton kernel's name in fast/
+    (a renamed kernel would otherwise fall silently into "other")."""
+    defined = {node.name for path in (ROOT / "fast").glob("*.py")
+               for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.FunctionDef)}
+    for fragment, _ in profile_decode.GROUPS:
+        if fragment.endswith("_kernel"):
+            assert fragment in defined, fragment

@@ -1,9 +1,10 @@
-"""Speed peer for bench.py: transformers' native KimiLinearForCausalLM (model_type "kimi_linear",
-transformers >= 5.17) on random weights, built from our ModelArgs. Without fla it runs transformers'
-pure-PyTorch KDA (chunk_kimi_delta_attention for prefill, recurrent_kimi_delta_attention for 1-token
-decode). That chunked fallback holds ~3 MB of fp32 temporaries per token (a [B, H, T/64, 64, 64, K]
-decay mask): on an H200 next to the 91.5 GiB of 48B weights one prefill fits T = 8192, not 16384;
-use peer_prefill's piece. `python peer_hf.py` checks it against kimi.py on a tiny model (CPU, fp32).
+"""The transformers baseline of tools/bench.py: transformers' native KimiLinearForCausalLM
+(model_type "kimi_linear", transformers >= 5.17) on random weights, built from our ModelArgs.
+Without fla it runs transformers' pure-PyTorch KDA (chunk_kimi_delta_attention for prefill,
+recurrent_kimi_delta_attention for 1-token decode). That chunked fallback holds ~3 MB of fp32
+temporaries per token (a [B, H, T/64, 64, 64, K] decay mask): beside the 91.5 GiB of 48B weights
+on a 141 GB GPU one prefill fits T = 8192, not 16384; use baseline_prefill's piece.
+`python -m tools.baseline_hf` checks it against kimi.py on a tiny model (CPU, fp32).
 """
 import torch
 from transformers import DynamicCache, KimiLinearConfig, KimiLinearForCausalLM
@@ -11,7 +12,7 @@ from transformers import DynamicCache, KimiLinearConfig, KimiLinearForCausalLM
 import checkpoint
 
 
-def peer_model(args, device, dtype=torch.bfloat16):
+def baseline_model(args, device, dtype=torch.bfloat16):
     """KimiLinearForCausalLM for `args`, allocated once, directly on `device`, random weights."""
     config = KimiLinearConfig(**checkpoint.config_json(args, str(dtype).removeprefix("torch.")),
                               pad_token_id=None, bos_token_id=None, eos_token_id=None)
@@ -34,7 +35,7 @@ def peer_model(args, device, dtype=torch.bfloat16):
 
 
 @torch.inference_mode()
-def peer_prefill(model, tokens, piece=None):
+def baseline_prefill(model, tokens, piece=None):
     """Forward over tokens [B, T]; returns the last position's logits [B, vocab]. With `piece`, the
     prompt goes in slices of that many tokens through a cache (bounds the KDA fallback's memory)."""
     if piece is None:
@@ -46,7 +47,7 @@ def peer_prefill(model, tokens, piece=None):
     return logits[:, -1]
 
 
-def peer_decoder(model, tokens, piece=None):
+def baseline_decoder(model, tokens, piece=None):
     """Prefill tokens [B, T] into a cache (in slices of `piece`, if given); return step(), which
     feeds each sequence its argmax token, updates the cache and returns new logits [B, vocab]."""
     cache = DynamicCache(config=model.config)
@@ -80,8 +81,9 @@ if __name__ == "__main__":      # tiny fp32 checks on CPU against kimi.py
 
     B, T, STEPS = 2, 150, 6                             # T > 2 KDA chunks, not a multiple of 64
     tokens = torch.randint(0, args.vocab_size, (B, T))
-    peer = peer_model(args, "cpu", torch.float32)               # (a) builds and runs
-    print("(a) peer_model: logits finite:", peer_prefill(peer, tokens).isfinite().all().item())
+    baseline = baseline_model(args, "cpu", torch.float32)       # (a) builds and runs
+    finite = baseline_prefill(baseline, tokens).isfinite().all().item()
+    print("(a) baseline_model: logits finite:", finite)
     ours = Transformer(args).eval()                             # (b) same weights, same logits
     for p in ours.parameters():                 # norms, dt_bias, router bias, A_log: random too
         if p.dim() == 1 or p.shape[-1] == 1:
@@ -92,13 +94,14 @@ if __name__ == "__main__":      # tiny fp32 checks on CPU against kimi.py
         hf = KimiLinearForCausalLM.from_pretrained(tmp, dtype=torch.float32, pad_token_id=None)
         hf.eval()
     shapes_hf = {n: t.shape for n, t in hf.state_dict().items()}
-    shapes_peer = {n: t.shape for n, t in peer.state_dict().items()}
-    assert shapes_hf == shapes_peer, "peer_model's layout differs from the loaded checkpoint's"
+    shapes_baseline = {n: t.shape for n, t in baseline.state_dict().items()}
+    assert shapes_hf == shapes_baseline, "baseline_model's layout differs from the checkpoint's"
     ref = ours(tokens, start_pos=0)[:, -1]                     # fills the caches for (c)
-    print(f"(b) prefill last logits vs kimi.py: rel err {rel(peer_prefill(hf, tokens), ref):.2e}; "
-          f"in pieces of 40: {rel(peer_prefill(hf, tokens, piece=40), ref):.2e}")
-    step, errs = peer_decoder(hf, tokens, piece=64), []         # (c) decode = ours token by token
-    fed = peer_prefill(hf, tokens).argmax(-1)                   # what step() feeds first
+    whole, pieces = baseline_prefill(hf, tokens), baseline_prefill(hf, tokens, piece=40)
+    print(f"(b) prefill last logits vs kimi.py: rel err {rel(whole, ref):.2e}; "
+          f"in pieces of 40: {rel(pieces, ref):.2e}")
+    step, errs = baseline_decoder(hf, tokens, piece=64), []     # (c) decode = ours token by token
+    fed = baseline_prefill(hf, tokens).argmax(-1)               # what step() feeds first
     for i in range(STEPS):
         got = step()
         want = ours(fed[:, None], start_pos=T + i)[:, -1]

@@ -1,23 +1,22 @@
 """The speed benchmark of the full-size model on one GPU, random weights.
 
-    python bench.py [--config NAME_OR_CONFIG_JSON] [--compile] [--peer] [--fp8]
-    python bench.py --context 4096,131072,1048576 [--out DIR] [--batch B]   # vs an all-MLA twin
+    python -m tools.bench [--config NAME_OR_CONFIG_JSON] [--compile] [--baseline] [--fp8]
+    python -m tools.bench --context 4096,131072,1048576 [--out DIR] [--batch B]  # vs all-MLA
 
 It builds the model with random weights (speed does not depend on their values) and prints
 prefill tokens/s at B = 1 and decode tokens/s after a 4096-token prompt, each next to its ceiling
 on this GPU: the bf16 matmul rate over 2 FLOP per active parameter for prefill; for decode, the HBM
 copy rate over the bytes a step must read (active weights, MLA caches, KDA states). Decode runs
-eager, as one CUDA graph per step of kimi.py's forward, as one of decode.py's fused step (what
-sample.py runs) and, with --compile, kimi.py's forward fused by torch.compile first; then
-through sample.generate itself, for B = 1, 4 and 16 prompts of different lengths. --peer
-also times Hugging Face transformers' KimiLinearForCausalLM (peer_hf.py) on random weights of
-the same shapes. --fp8 adds the same rows for FP8 weights (quantize.py), with ceilings at the FP8
-matmul rate and in the FP8 model's bytes.
+eager, as one CUDA graph per step of kimi.py's forward, as one of fast/decode.py's fused step
+(what sample.py runs) and, with --compile, kimi.py's forward fused by torch.compile first; then
+through sample.generate itself, for B = 1, 4 and 16 prompts of different lengths. --baseline
+also times Hugging Face transformers' KimiLinearForCausalLM (tools/baseline_hf.py) on random
+weights of the same shapes. --fp8 adds the same rows for FP8 weights (fast/quantize.py), with
+ceilings at the FP8 matmul rate and in the FP8 model's bytes.
 """
 import functools
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import replace
@@ -27,9 +26,10 @@ import torch
 from kimi import CONFIGS, CheckpointError, ModelArgs, Transformer
 from fast.decode import cuda_graph_decoder
 from sample import Parser, generate
+from tools.timing import cuda_time
 
-# Measured on one H200 (docs/kda.md §8): device-to-device copy 4.27 TB/s, bf16 matmul 702 TFLOP/s;
-# FP8 (e4m3, row-wise scales, F.scaled_mm) 8192^3: 1,384 TFLOP/s (2026-12-01, torch 2.11).
+# The ceilings' rates, an H200's as measured (docs/kda.md §8): device-to-device copy (bytes/s),
+# bf16 matmul and FP8 matmul (e4m3, row-wise scales, F.scaled_mm, 8192^3) in FLOP/s.
 COPY_BYTES_PER_S, MATMUL_FLOP_PER_S, FP8_MATMUL_FLOP_PER_S = 4.27e12, 702e12, 1384e12
 PREFILL_T, DECODE_B, CONTEXT, STEPS = (8192, 32768), (1, 16), 4096, 32
 GENERATE_B = (1, 4, 16)
@@ -38,7 +38,7 @@ GENERATE_B = (1, 4, 16)
 def random_model(args, device, max_batch_size, max_seq_len, seed=0, fp8=False):
     """The model on `device` in bf16 (A_log, dt_bias fp32), random weights, experts stacked, caches
     set up. Made on `device` directly, one layer at a time: no fp32 copy (the 48B model fits an H200
-    in bf16 only). fp8: each tensor is quantised as it is made (quantize.py's loader), so the FP8
+    in bf16 only). fp8: each tensor is quantised as it is made (fast.quantize's loader), so the FP8
     model never exists in bf16 (it fits 80 GB)."""
     torch.manual_seed(seed)
     with torch.device("meta"):
@@ -125,23 +125,8 @@ def model_decode_bytes(model, B, context):
     return shared + moe_layers * distinct * per_expert + cache_step_bytes(a, B, context)
 
 
-def cuda_time(fn, runs, warmup=1):
-    """Median milliseconds of fn() over `runs` calls, CUDA events, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def bench_ours(args, device, compile, fp8=False):
-    """{row name: (tokens/s, ceiling tokens/s)}; fp8: the same rows for FP8 weights (quantize.py),
+    """{row name: (tokens/s, ceiling tokens/s)}; fp8: the same rows for FP8 weights (fast.quantize),
     their ceilings at the FP8 matmul rate and in FP8 bytes."""
     rows, tag = {}, "fp8 " if fp8 else ""
     model = random_model(args, device, 1, max(PREFILL_T), fp8=fp8)
@@ -188,21 +173,22 @@ def bench_ours(args, device, compile, fp8=False):
     return rows
 
 
-def bench_peer(args, device):
-    """The same shapes through transformers' KimiLinearForCausalLM. Its pure-PyTorch KDA holds ~3 MB
-    per prompt token, so long prompts go in pieces (B x piece <= 8192 tokens per forward)."""
-    from tools.baseline_hf import peer_decoder, peer_model, peer_prefill
-    rows, model = {}, peer_model(args, device)
+def bench_baseline(args, device):
+    """The same shapes through transformers' KimiLinearForCausalLM, the baseline. Its pure-PyTorch
+    KDA holds ~3 MB per prompt token, so long prompts go in pieces (B x piece <= 8192 tokens per
+    forward)."""
+    from tools.baseline_hf import baseline_decoder, baseline_model, baseline_prefill
+    rows, model = {}, baseline_model(args, device)
     for T in PREFILL_T:
         tokens = torch.randint(0, args.vocab_size, (1, T), device=device)
         piece = 8192 if T > 8192 else None
-        tps = T / cuda_time(lambda: peer_prefill(model, tokens, piece), runs=1) * 1e3
+        tps = T / cuda_time(lambda: baseline_prefill(model, tokens, piece), runs=1) * 1e3
         name = f"prefill B=1 T={T}"
         rows[name] = f"{tps:.1f}" + (" (pieces)" if piece else "")
         print(f"transformers {name}: {rows[name]} tok/s", flush=True)
     for B in DECODE_B:
         prompt = torch.randint(0, args.vocab_size, (B, CONTEXT), device=device)
-        step = peer_decoder(model, prompt, piece=8192 // B)
+        step = baseline_decoder(model, prompt, piece=8192 // B)
         name = f"decode B={B} context {CONTEXT}"
         rows[name] = f"{B / cuda_time(step, runs=5, warmup=2) * 1e3:.1f}"
         print(f"transformers {name}: {rows[name]} tok/s", flush=True)
@@ -248,7 +234,7 @@ def bench_context(args, device, contexts, steps=16, prefill=65536, batch=1):
 def random_cache_tpot_ms(model, L, steps=16, batch=1):
     """Milliseconds per decode step of `batch` rows on caches set up for L tokens, filled here with
     random values (a step's time does not depend on them), through one CUDA graph that reads all
-    L (sample.cuda_graph_decoder: decode.py's fused step)."""
+    L (fast.decode.cuda_graph_decoder: its fused step)."""
     for name, buf in model.named_buffers():
         if buf.is_floating_point():                     # caches; not `pad` (no left padding)
             buf.normal_().mul_(0.1 if name.endswith("recurrent_state") else 1.0)
@@ -269,7 +255,7 @@ def plot(results, path):
         ax.plot(*zip(*pts), marker="o", label=variant)
     B = results[0].get("batch", 1)
     ax.set(xscale="log", xlabel="context (tokens)", ylabel=f"decode step time, B = {B} (ms)",
-           title="Kimi Linear 48B-A3B vs an all-MLA twin, one H200, bf16")
+           title=f"Kimi Linear 48B-A3B vs an all-MLA twin, {torch.cuda.get_device_name()}, bf16")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -278,19 +264,19 @@ def plot(results, path):
 
 def parse(argv):
     """The options, checked before any GPU work: (options, ModelArgs, contexts)."""
-    ap = Parser(prog="bench.py", description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m tools.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="kimi-linear-48b-a3b", help="a configuration name (" +
                     ", ".join(CONFIGS) + ") or a config.json path (default: %(default)s)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile + CUDA graph")
-    ap.add_argument("--peer", action="store_true", help="also time transformers' model "
-                    "(peer_hf.py)")
+    ap.add_argument("--baseline", action="store_true", help="also time the transformers "
+                    "baseline, KimiLinearForCausalLM (tools/baseline_hf.py)")
     ap.add_argument("--context", help="comma-separated context lengths: decode time per token and "
                     "cache size against an all-MLA twin, instead of the speed table")
     ap.add_argument("--out", help="with --context: write tpot.json and tpot.png into this folder")
     ap.add_argument("--batch", type=int, default=1, help="with --context: rows per decode step "
                     "(default: %(default)s)")
     ap.add_argument("--fp8", action="store_true", help="also the rows with FP8 weights "
-                    "(quantize.py), after the bf16 ones")
+                    "(fast/quantize.py), after the bf16 ones")
     opts = ap.parse_args(argv)
     try:
         contexts = [int(c) for c in opts.context.split(",")] if opts.context else []
@@ -302,8 +288,8 @@ def parse(argv):
         ap.error("--batch takes a row count >= 1 and goes with --context")
     if opts.out and not contexts:
         ap.error("--out writes the --context results: add --context")
-    if contexts and (opts.compile or opts.peer):
-        ap.error("--context replaces the speed table: --compile and --peer do not apply")
+    if contexts and (opts.compile or opts.baseline):
+        ap.error("--context replaces the speed table: --compile and --baseline do not apply")
     if contexts and opts.fp8:
         ap.error("--context replaces the speed table: --fp8 does not apply")
     try:
@@ -314,13 +300,13 @@ def parse(argv):
     except CheckpointError as e:
         ap.error(str(e))
     try:
-        if opts.peer:
+        if opts.baseline:
             import tools.baseline_hf  # noqa: F401 (transformers >= 5.17)
         if opts.out:
             import matplotlib  # noqa: F401
             os.makedirs(opts.out, exist_ok=True)
     except ImportError as e:
-        ap.error(f"{'--peer' if opts.peer else '--out'} needs a missing module: {e}")
+        ap.error(f"{'--baseline' if opts.baseline else '--out'} needs a missing module: {e}")
     except OSError as e:
         ap.error(f"cannot make --out {opts.out}: {e.strerror or e}")
     if not torch.cuda.is_available():
@@ -349,7 +335,7 @@ def main(argv=()):
         ours.update(bench_ours(args, device, compile=False, fp8=True))
         print(f"peak GPU memory (FP8): {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
         torch.cuda.empty_cache()
-    theirs = bench_peer(args, device) if opts.peer else {}
+    theirs = bench_baseline(args, device) if opts.baseline else {}
     print(f"{'':52} {'tok/s':>8} {'ceiling':>8} {'of ceiling':>10} {'transformers':>18}")
     for name, (tps, ceiling) in ours.items():
         other = theirs.get(name.split(",")[0], "") if "eager" not in name else ""

@@ -1,6 +1,6 @@
 """The FP8 measurements of README's "FP8 weights" section, on one H200, random weights at full size.
 
-    python docs/measure_fp8.py [--cap-gb 80] [--out results.json]
+    python -m tools.measure_fp8 [--cap-gb 80] [--out results.json]
 
 1. Accuracy end to end over a 512-token prompt: logits of the bf16 model against an fp32 reference
    (the same bf16 weights, each layer run in fp32 on the torch reference paths), and of the FP8
@@ -13,8 +13,6 @@
 """
 import argparse
 import json
-import os
-import sys
 import time
 
 import torch
@@ -22,6 +20,7 @@ import torch
 import kimi
 from fast import quantize
 from tools import bench
+from tools.timing import cuda_time
 
 GiB = 2 ** 30
 
@@ -37,7 +36,7 @@ def compare(logits, ref):
 def fp32_reference(model, tokens):
     """The logits with every layer run in fp32 (weights upcast one layer at a time: the fp32 model
     is 196 GB), KDA through kda_ref's torch code and the experts through their loop."""
-    fast, kimi._fast = kimi._fast, lambda name: None      # the torch KDA and convs, in fp32
+    kernels, kimi.KERNELS = kimi.KERNELS, False          # the torch KDA and convs, in fp32
     torch.backends.cuda.matmul.allow_tf32 = False
     h = model.model.embed_tokens(tokens).float()
     for i, layer in enumerate(model.model.layers):
@@ -46,7 +45,7 @@ def fp32_reference(model, tokens):
         ref.load_state_dict(layer.state_dict())
         h = ref(h)
         del ref
-    kimi._fast = fast
+    kimi.KERNELS = kernels
     return model.lm_head.float()(model.model.norm.float()(h))[0]   # (the model is dropped next)
 
 
@@ -100,7 +99,7 @@ def under_cap(args, device, cap):
     model.setup_cache(1, T)
     torch.cuda.reset_peak_memory_stats(device)
     tokens = torch.randint(0, args.vocab_size, (1, T), device=device)
-    ms = bench.cuda_time(lambda: model(tokens, start_pos=0, last_only=True), runs=3)
+    ms = cuda_time(lambda: model(tokens, start_pos=0, last_only=True), runs=3)
     out["prefill 8192"] = dict(peak_gib=peak(), tok_s=T / ms * 1e3)
     for L in (4096, 131072):
         out[f"decode at {L}"] = decode_at(model, device, L) | dict(peak_gib=peak())

@@ -1,15 +1,14 @@
-"""Where a decode step's time goes: decode.step of the 48B model on one GPU, kernel by kernel.
+"""Where a decode step's time goes: fast.decode.step of the 48B model on one GPU, by kernel.
 
-    python docs/profile_decode.py [--batch 1] [--context 4096] [--fp8]
+    python -m tools.profile_decode [--batch 1] [--context 4096] [--fp8]
 
 Random weights at full size (bench.random_model), caches filled by a real prefill of `--context`
-tokens, then torch.profiler over 5 eager decode.step calls (the same kernels a CUDA graph replays;
-the graph removes only the launch gaps). Prints GPU microseconds per step by kernel, the largest
-first, grouped into what they do, and the sum next to the graph's own step time.
+tokens, then torch.profiler over 5 eager fast.decode.step calls (the same kernels a CUDA graph
+replays; the graph removes only the launch gaps). Prints GPU microseconds per step by kernel, the
+largest first, grouped into what they do, and the sum next to the graph's own step time.
 """
 import argparse
 import collections
-import os
 import sys
 
 import torch
@@ -19,10 +18,11 @@ import kimi
 from fast import decode
 from fast.decode import cuda_graph_decoder
 from tools import bench
+from tools.timing import cuda_time
 
 GROUPS = (                                  # kernel-name fragment -> what it does (first match)
     ("_mla_", "MLA attention"), ("_gate_up_kernel", "experts: w13 + SiLU"),
-    ("_down_kernel", "experts: w2 + sum"), ("_combine_kernel", "experts: combine"),
+    ("_down_kernel", "experts: w2 + sum"), ("_slot_sum_kernel", "experts: slot sum"),
     ("_route_kernel", "router top-k"), ("_kda_decode_kernel", "KDA step"),
     ("_add_rmsnorm", "add + RMSNorm"), ("_rows_kernel", "FP8 projections"),
     ("gemv", "projections (GEMV)"), ("gemm", "projections (GEMM)"), ("nvjet", "projections (GEMM)"),
@@ -35,6 +35,8 @@ def main(argv):
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--fp8", action="store_true")
     a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("the decode step's kernels need a CUDA GPU")
     args, B, L, device = kimi.ModelArgs(), a.batch, a.context, torch.device("cuda")
     model = bench.random_model(args, device, B, L + 64, fp8=a.fp8)
     with torch.no_grad():
@@ -42,7 +44,7 @@ def main(argv):
     graph = cuda_graph_decoder(model, B)                    # prepares the model, too
     tok = torch.zeros(B, 1, dtype=torch.long, device=device)
     pos = iter(range(L, L + 64))
-    graph_ms = bench.cuda_time(lambda: graph(tok, next(pos)), runs=16, warmup=4)
+    graph_ms = cuda_time(lambda: graph(tok, next(pos)), runs=16, warmup=4)
     for _ in range(3):
         decode.step(model, tok, next(pos))
     torch.cuda.synchronize()

@@ -1,16 +1,16 @@
 """Where a prefill's time goes: kimi.py's forward over one prompt of the 48B model, by kernel.
 
-    python docs/profile_prefill.py [--tokens 8192] [--config tiny]
+    python -m tools.profile_prefill [--tokens 8192] [--config tiny]
 
-Random weights at full size (bench.random_model, as bench.py builds them), one cached prefill
-(start_pos=0, last_only=True, as sample.generate runs it). Prints tokens/s the way bench.py's
-prefill rows measure them (bench.cuda_time: CUDA events, median of 3 after one warm-up) next to
-the matmul ceiling, then torch.profiler's GPU time per kernel over 2 more prefills, the largest
-first. Without a GPU (a tiny --config only) it times on the host and profiles CPU operators.
+Random weights at full size (bench.random_model, as tools/bench.py builds them), one cached
+prefill (start_pos=0, last_only=True, as sample.generate runs it). Prints tokens/s the way
+tools/bench.py's prefill rows measure them (tools.timing.cuda_time: CUDA events, median of 3 after
+one warm-up) next to the matmul ceiling, then torch.profiler's GPU time per kernel over 2 more
+prefills, the largest first. Without a GPU (a tiny --config only) it times on the host and
+profiles CPU operators.
 """
 import argparse
 import collections
-import os
 import statistics
 import sys
 import time
@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import kimi
 from tools import bench
+from tools.timing import cuda_time
 
 
 def main(argv):
@@ -34,7 +35,7 @@ def main(argv):
     prefill = lambda: model(tokens, start_pos=0, last_only=True)      # noqa: E731
     with torch.no_grad():
         if cuda:
-            ms = bench.cuda_time(prefill, runs=3)
+            ms = cuda_time(prefill, runs=3)
         else:
             prefill()
             ms = statistics.median(_host_ms(prefill) for _ in range(3))

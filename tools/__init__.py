@@ -1,0 +1,13 @@
+"""Programs that measure, run from the repository's root as `python -m tools.NAME` (those that need
+a GPU say so on a CPU, and stop). They import the model and its fast paths; nothing imports them
+but the tests and each other. One timer serves them all: tools.timing.cuda_time.
+
+    bench            the full-size model on random weights against its ceilings (--baseline:
+                     transformers' model beside it; --context: against an all-MLA twin)
+    kernels          each Triton kernel against the torch code it replaces
+    profile_decode   a decode step's GPU time by kernel
+    profile_prefill  a prefill's GPU time by kernel
+    measure_fp8      FP8 weights' accuracy and memory
+    baseline_hf      transformers' KimiLinearForCausalLM as bench's baseline (needs transformers)
+    timing           cuda_time, and l2_flusher for it
+"""

@@ -1,0 +1,239 @@
+"""The Triton kernels timed on one GPU, each next to the torch code it replaces (README's tables).
+
+    python -m tools.kernels [NAME ...]      # no NAME: every kernel, in this order
+
+    kda          kda_triton.chunk_kda at the 48B layer's shapes, beside fla's chunk_kda when fla
+                 imports; one fused_recurrent_kda decode step
+    short_conv   fast.short_conv at a T = 8192 prefill, against kimi.ShortConv's torch code
+    kda_decode   fast.kda_decode, a KDA layer's decode step, against kda_decode_ref
+    mla_decode   fast.mla_decode on 4K to 1M-token caches, against kimi.latent_attention
+    moe_decode   fast.moe_decode's router and experts of a decode step, against the torch path
+    moe_combine  fast.moe.combine, the MoE's weighted sum at N = 8192 tokens, against combine_ref
+
+Every time is tools.timing.cuda_time's: CUDA events, the median of several runs after warm-up.
+kda, short_conv and moe_decode start each run on a flushed L2 cache; the decode kernels replay from
+a CUDA graph, as fast.decode runs them. Without a GPU there is nothing to time: the tests check
+every kernel against its reference in Triton's CPU interpreter (python -m pytest -q).
+"""
+import math
+import sys
+from types import SimpleNamespace
+
+import torch
+
+import kda_triton           # (imports fast first: without a GPU that chooses Triton's interpreter)
+import kimi
+from fast import kda_decode as fast_kda_decode
+from fast import mla_decode as fast_mla_decode
+from fast import moe as fast_moe
+from fast import moe_decode as fast_moe_decode
+from fast import quantize
+from fast import short_conv as fast_short_conv
+from kda_ref import kda_gate, l2norm, recurrent_kda
+from sample import Parser
+from tools.timing import cuda_time, l2_flusher
+
+H, K = 32, 128                  # Kimi-Linear-48B-A3B's KDA heads and head dim (K = V)
+
+
+def kda():
+    """chunk_kda over bf16 inputs, H = 32, K = V = 128: ms, GB/s of the bytes that cannot be
+    avoided, errors against the fp32 recurrence, fla's chunk_kda on the same inputs if it imports;
+    then one decode step of fused_recurrent_kda at B = 16."""
+    try:                        # fla is optional: only the comparison columns need it
+        from fla.ops.kda import chunk_kda as fla
+    except ImportError:
+        fla = None
+    flush = l2_flusher()
+
+    def median_ms(fn):
+        return cuda_time(fn, runs=50, warmup=5, before=flush)
+
+    print(f"{torch.cuda.get_device_name()}, bf16 inputs, H={H}, K=V={K}; error = ||x - ref|| / "
+          "||ref|| vs the fp32 recurrence on the same bf16 inputs, over the whole sequence")
+    print(f"{'shape':>16} {'ms':>7} {'GB/s':>6} {'err o':>8} {'err S':>8} {'fla ms':>7} "
+          f"{'ours/fla':>8}", flush=True)
+    for B, T in [(1, 4096), (1, 16384), (1, 65536), (8, 4096)]:
+        q, k, v, g, beta = inputs = kda_inputs(B, T, H, K, K, torch.bfloat16, "cuda")
+        ms = median_ms(lambda: kda_triton.chunk_kda(*inputs))
+        io = B * T * H * (2 * K * 2 + K * 2 * 2 + K * 4 + 4)  # q, k, v, o in bf16; g, beta fp32
+        fla_ms = fla and median_ms(lambda: fla(q=q, k=k, v=v, g=g, beta=beta, scale=K ** -0.5))
+        err_o, err_S = kda_errors(inputs)
+        print(f"{f'B={B} T={T}':>16} {ms:7.3f} {io / ms / 1e6:6.0f} {err_o:8.1e} {err_S:8.1e} "
+              + (f"{fla_ms:7.3f} {ms / fla_ms:8.2f}" if fla else f"{'-':>7} {'-':>8}"),
+              flush=True)
+    x = kda_inputs(16, 1, H, K, K, torch.bfloat16, "cuda")     # one decode step reads and writes
+    h0 = torch.randn(16, H, K, K, device="cuda")                # the [K, V] state once a head
+    ms = median_ms(lambda: kda_triton.fused_recurrent_kda(*x, initial_state=h0,
+                                                          output_final_state=True))
+    tbs = 8 * h0.numel() / ms / 1e9                             # fp32 state, read and written
+    print(f"decode step B=16, fused_recurrent_kda: {ms:.3f} ms ({tbs:.2f} TB/s)")
+
+
+def kda_inputs(B, T, H, K, V, dtype, device):
+    """Kimi-like inputs: L2-normed q, k; softplus gate, exp(A_log) in [1, 16]; sigmoid beta."""
+    q, k = (l2norm(torch.randn(B, T, H, K, device=device)).to(dtype) for _ in range(2))
+    v = torch.randn(B, T, H, V, device=device).to(dtype)
+    A_log = torch.empty(H, device=device).uniform_(0, math.log(16))
+    f = torch.randn(B, T, H, K, device=device)
+    g = kda_gate(f, A_log, torch.randn(H * K, device=device))
+    beta = torch.randn(B, T, H, device=device).sigmoid()
+    return q, k, v, g, beta
+
+
+def kda_errors(inputs):
+    """Relative L2 errors of chunk_kda's (o, final state) vs the fp32 recurrence on the inputs."""
+    o, S = kda_triton.chunk_kda(*inputs, output_final_state=True)
+    o_ref, S_ref = recurrent_kda(*(x.float() for x in inputs), output_final_state=True)
+    return [((a.float() - b).norm() / b.norm()).item() for a, b in ((o, o_ref), (S, S_ref))]
+
+
+def short_conv(B=1, T=8192, C=4096, W=4):
+    """short_conv at the 48B prefill's size against kimi.ShortConv's torch code (kimi.KERNELS
+    off), both on a flushed L2; the largest difference of their outputs."""
+    conv = kimi.ShortConv(C, W).to("cuda", torch.bfloat16).requires_grad_(False)
+    x = torch.randn(B, T, C, device="cuda", dtype=torch.bfloat16)
+    state = torch.randn(B, C, W - 1, device="cuda", dtype=torch.bfloat16)
+    flush, kernels = l2_flusher(), kimi.KERNELS
+    try:
+        kimi.KERNELS = False                                    # kimi's torch code, as on a CPU
+        ref = conv(x, state.clone())
+        t_ref = cuda_time(lambda: conv(x, state), runs=50, warmup=5, before=flush)
+    finally:
+        kimi.KERNELS = kernels
+    y = fast_short_conv.short_conv(x, conv.weight, state.clone())
+    err = (y.float() - ref.float()).abs().max().item()
+    t_ker = cuda_time(lambda: fast_short_conv.short_conv(x, conv.weight, state), runs=50,
+                      warmup=5, before=flush)       # (timed after the check: it updates state)
+    moved = 2 * B * T * C * 2                           # bytes: x read once, y written once
+    print(f"B={B} T={T} C={C} W={W} bf16: short_conv {t_ker * 1e3:.1f} us "
+          f"({moved / t_ker / 1e6:.0f} GB/s), kimi.ShortConv torch path {t_ref * 1e3:.1f} us, "
+          f"x{t_ref / t_ker:.1f}; max |difference| {err:.1e}")
+
+
+def kda_decode(W=4):
+    """One KDA layer's decode step, kda_decode against kda_decode_ref, each 50 calls in a CUDA
+    graph; GB/s over the bytes a step must move."""
+    for B in (1, 16):
+        args = fast_kda_decode.random_step(B, H, K, W, torch.bfloat16, "cuda", Bmax=64)
+        P = H * K
+        # bytes that must move: S read and written, the conv state read and written, the weights
+        # (two [P, K] low-rank, three convs, the small vectors), inputs and output
+        moved = (2 * B * H * K * K * 4 + 2 * 3 * B * P * (W - 1) * 2 + 2 * P * K * 2
+                 + 3 * P * W * 2 + P * 4 + (B * (4 * P + 2 * K + H)) * 2)
+        t_ker = 1e3 * cuda_time(lambda: fast_kda_decode.kda_decode(*args), runs=10, warmup=3,
+                                graph=50)
+        t_ref = 1e3 * cuda_time(lambda: fast_kda_decode.kda_decode_ref(*args), runs=10,
+                                warmup=3, graph=50)
+        print(f"B={B:3d}: kda_decode {t_ker:7.2f} us ({moved / t_ker / 1e3:6.0f} GB/s of "
+              f"{moved / 1e6:.2f} MB)   kda_decode_ref {t_ref:7.2f} us   x{t_ref / t_ker:.1f}")
+
+
+def mla_decode(R=512, PE=64):
+    """The absorbed latent attention of one decode step, mla_decode against kimi.latent_attention,
+    each replayed from a CUDA graph (as fast.decode runs it); TB/s over the cache, read once."""
+    for B, L in ((1, 4096), (1, 131072), (1, 1048576), (8, 131072)):
+        q = torch.randn(B, H, R + PE, device="cuda", dtype=torch.bfloat16)
+        cache = torch.randn(B, L, R + PE, device="cuda", dtype=torch.bfloat16)
+        pos = torch.tensor(L - 1, device="cuda")
+        nbytes = B * L * (R + PE) * 2
+        S = fast_mla_decode.num_splits(L, B, q.device)
+        row = f"B={B} L={L:>7} S={S:>3} cache {nbytes / 1e9:.3f} GB:"
+        for name, fn in (("kernel", fast_mla_decode.mla_decode),
+                         ("reference", kimi.latent_attention)):
+            ms = cuda_time(lambda fn=fn: fn(q, cache, pos, 192 ** -0.5, kv_lora_rank=R),
+                           runs=20, warmup=3, graph=1)
+            row += f"  {name} {ms:.3f} ms {nbytes / ms / 1e9:.2f} TB/s"
+        print(row + ("  (fits in L2)" if nbytes < 50e6 else ""))
+
+
+def moe_decode(E=256, D=2304, F=1024, k=8):
+    """The 48B MoE of a decode step, routing included: moe_decode's kernels against the torch path
+    (route_ref, grouped_experts or fp8_experts, the einsum), replayed from a CUDA graph after an L2
+    flush; TB/s over the bytes of the distinct selected experts (+ the shared one)."""
+    torch.manual_seed(0)
+    md = fast_moe_decode
+    flush = l2_flusher()
+    w13 = (torch.randn(E + 1, 2 * F, D, device="cuda") * D ** -0.5).bfloat16()    # + shared
+    w2 = (torch.randn(E + 1, D, F, device="cuda") * F ** -0.5).bfloat16()
+    (q13, s13), (q2, s2) = quantize.quantize_rows(w13), quantize.quantize_rows(w2)
+    fp8_moe = SimpleNamespace(w13=q13, s13=s13, w2=q2, s2=s2)      # what fp8_experts reads
+    bias = torch.randn(E, device="cuda") / 10
+    print(f"{torch.cuda.get_device_name()}: E = {E} + 1 shared, k = {k} + 1, D = {D}, F = {F}")
+
+    def step(router, fp8, x, logits):                   # route (+ the shared column), experts
+        ids, w = router(logits, bias, k, True, 2.446, True)
+        ids = torch.cat([ids, torch.full_like(ids[:, :1], E)], 1)              # [N, k + 1]
+        w = torch.cat([w, torch.ones_like(w[:, :1])], 1)
+        if router is md.route:
+            return md.experts(x, ids, w, *((q13, q2, s13, s2) if fp8 else (w13, w2)))
+        out = (quantize.fp8_experts(x, ids, fp8_moe) if fp8 else
+               fast_moe.grouped_experts(x, ids, w13, w2))          # [N, k + 1, D]
+        return torch.einsum("nk,nkd->nd", w, out.float()).to(x.dtype)
+
+    for N, fp8 in ((1, False), (1, True), (16, False), (16, True)):
+        x = torch.randn(N, D, device="cuda").bfloat16()
+        logits = torch.randn(N, E, device="cuda")
+        n = len(md.route(logits, bias, k, True, 2.446, True)[0].unique()) + 1    # + shared
+        MB = n * (3 * D * F * (1 if fp8 else 2) + fp8 * (2 * F + D) * 4) / 1e6   # + scales
+        for router, name in ((md.route, "moe_decode"), (md.route_ref, "torch")):
+            us = 1e3 * cuda_time(lambda: step(router, fp8, x, logits), runs=25, warmup=3,
+                                 graph=1, before=flush)
+            print(f"N = {N:2d} {'fp8 ' if fp8 else 'bf16'} {name:10s}: {n:3d} experts, {MB:6.1f} "
+                  f"MB in {us:6.1f} us = {MB / us:4.2f} TB/s")
+
+
+def moe_combine(N=8192, k=8, D=2304, E=256):
+    """The MoE's weighted sum over the grouped matmuls' expert-sorted rows: fast.moe.combine
+    against combine_ref (a gather, then the einsum), and the inverse permutation both read."""
+    g = torch.Generator("cuda").manual_seed(0)
+    ids = torch.rand(N, E, generator=g, device="cuda").topk(k).indices  # [N, k] distinct experts
+    order = ids.flatten().sort().indices
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(N * k, device="cuda")
+    pos = pos.view(N, k)
+    out = torch.randn(N * k, D, generator=g, device="cuda").bfloat16()  # [N*k, D] expert order
+    w = torch.rand(N, k, generator=g, device="cuda") * 2.446 / k
+    y, ref = fast_moe.combine(out, pos, w), fast_moe.combine_ref(out, pos, w)
+    ulps = ((y.float() - ref.float()).abs() / ref.float().abs().clamp(min=1e-30)).max() * 2 ** 8
+    print(f"cuda: N = {N}, k = {k}, D = {D}: kernel vs einsum, {(y != ref).float().mean():.2e} "
+          f"of the bf16 outputs differ, by at most {ulps:.2f} units of 2^-8 relative")
+
+    def inverse():              # pos, as fast.moe.sorted_experts makes it
+        p = torch.empty_like(order)
+        p[order] = torch.arange(N * k, device="cuda")
+        return p
+
+    MB = (N * k + N) * D * 2 / 1e6                                      # read out, write y (bf16)
+    for name, fn in (("pos (the inverse permutation)", inverse),
+                     ("gather + einsum (combine_ref)", lambda: fast_moe.combine_ref(out, pos, w)),
+                     (f"kernel {fast_moe.TILE}", lambda: fast_moe.combine(out, pos, w))):
+        t = cuda_time(fn, runs=50, warmup=3)
+        print(f"{name:45s} {t:7.3f} ms = {MB / t / 1e3:5.2f} TB/s over {MB:.0f} MB")
+
+
+TIMERS = {"kda": kda, "short_conv": short_conv, "kda_decode": kda_decode,
+          "mla_decode": mla_decode, "moe_decode": moe_decode, "moe_combine": moe_combine}
+
+
+@torch.no_grad()
+def main(argv=()):
+    ap = Parser(prog="python -m tools.kernels", description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", metavar="NAME",
+                    help="kernels to time: " + ", ".join(TIMERS) + " (default: all)")
+    names = ap.parse_args(argv).names or list(TIMERS)
+    unknown = [n for n in names if n not in TIMERS]
+    if unknown:
+        ap.error(f"no kernel named {unknown[0]!r}: choose among {', '.join(TIMERS)}")
+    if not torch.cuda.is_available():
+        print("no GPU: nothing to time (the tests check the kernels on a CPU: python -m pytest)")
+        return
+    for i, name in enumerate(names):
+        if i:
+            print()
+        print(f"== {name} ==", flush=True)
+        TIMERS[name]()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
