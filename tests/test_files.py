@@ -205,8 +205,6 @@ def test_damaged_config(ckpt, what):
     one_line(err, "config.json", message)
 
 
-@pytest.mark.xfail(raises=TypeError, strict=True, reason="fast/quantize.py prepare() does not "
-                   "check not_quantized yet (issue 23): tuple(5) raises TypeError")
 def test_quantization_config_not_quantized_a_number(ckpt):
     from fast import quantize
     damage_json(ckpt / "config.json",

@@ -237,7 +237,7 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fp8_ckpt(ckpt, tmp_path_factory):
     path = tmp_path_factory.mktemp("fp8")
-    Transformer.from_pretrained(ckpt, "cpu", FP8).save_pretrained(path, num_shards=2)
+    quantize.from_pretrained(ckpt, "cpu").save_pretrained(path, num_shards=2)
     return path
 
 
@@ -245,7 +245,7 @@ def test_fp8_model_equals_its_dequantised_twin(ckpt):
     """Every projection reads its own weight and scale: the FP8 model in fp32 (dequantising on a
     CPU) computes what a plain fp32 model with the dequantised weights computes, up to fp32
     rounding (a wrong scale or expert would be O(1)). Quantised are exactly the layers named."""
-    model = Transformer.from_pretrained(ckpt, "cpu", FP8, max_seq_len=64)
+    model = quantize.from_pretrained(ckpt, "cpu", max_seq_len=64)
     state = model.state_dict()
     quantised = {n for n, t in state.items() if t.dtype == FP8}
     assert all(n.removesuffix("weight") + SCALE in state for n in quantised)
@@ -293,7 +293,7 @@ def test_trained_tiny_model_generates_the_same_tokens_in_fp8(tmp_path):
         opt.step()
     model.save_pretrained(tmp_path)
     bf16 = greedy(Transformer.from_pretrained(tmp_path, "cpu", torch.bfloat16), seq[:, :5], 16)
-    fp8 = greedy(Transformer.from_pretrained(tmp_path, "cpu", FP8), seq[:, :5], 16)
+    fp8 = greedy(quantize.from_pretrained(tmp_path, "cpu"), seq[:, :5], 16)
     assert bf16 == seq[0, 5:21].tolist() and fp8 == bf16
 
 
@@ -305,7 +305,7 @@ def test_cuda_graph_decode_equals_eager_in_fp8(ckpt, fused):
     kimi.py's forward and for decode.py's fused step (whose FP8 experts test_moe_decode checks)."""
     from fast import decode
     import sample
-    model = Transformer.from_pretrained(ckpt, "cuda", FP8, max_seq_len=64)
+    model = quantize.from_pretrained(ckpt, "cuda", max_seq_len=64)
     prompt = torch.randint(0, TINY.vocab_size, (1, 20), device="cuda")
     graph = sample.cuda_graph_decoder(model, 1, None if fused else model)
     pos = torch.tensor(20, device="cuda")
@@ -326,7 +326,7 @@ def test_stateless_forward_equals_cached_prefill_in_fp8(ckpt):
     """model(tokens) (no cache; MLA's output reaches o_proj transposed) and a cached prefill run
     the same FP8 prefill products on the same bf16 values: equal up to bf16 rounding of the
     attention's different layout, far below e4m3's 2^-4 (a dropped scale would be O(1))."""
-    model = Transformer.from_pretrained(ckpt, "cuda", FP8, max_batch_size=2, max_seq_len=64)
+    model = quantize.from_pretrained(ckpt, "cuda", max_batch_size=2, max_seq_len=64)
     prompt = torch.randint(0, TINY.vocab_size, (2, 40), device="cuda")
     with torch.no_grad():
         stateless, cached = model(prompt), model(prompt, start_pos=0)
@@ -335,14 +335,18 @@ def test_stateless_forward_equals_cached_prefill_in_fp8(ckpt):
 
 def test_fp8_folder_round_trip(fp8_ckpt, tmp_path):
     """save_pretrained of an FP8 model writes e4m3 weights, fp32 scales and a quantization_config;
-    from_pretrained reads it back as FP8 without being asked, every stored byte equal."""
+    quantize.from_pretrained reads it back as it is, every stored byte equal; kimi's own
+    from_pretrained refuses it in one line that says how to load it."""
     config = json.loads((fp8_ckpt / "config.json").read_text())
     assert config["quantization_config"] == quantize.FORMAT and config["dtype"] == "bfloat16"
     index = json.loads((fp8_ckpt / "model.safetensors.index.json").read_text())["weight_map"]
     stored = {}
     for shard in set(index.values()):
         stored.update(load_file(fp8_ckpt / shard))
-    model = Transformer.from_pretrained(fp8_ckpt, "cpu")
+    with pytest.raises(CheckpointError, match="holds FP8 weights: .*fast.quantize") as e:
+        Transformer.from_pretrained(fp8_ckpt, "cpu")
+    assert "\n" not in str(e.value)
+    model = quantize.from_pretrained(fp8_ckpt, "cpu")
     state = model.state_dict()
     assert state.keys() == stored.keys()
     for name, t in state.items():
@@ -419,7 +423,7 @@ def no_config(config):
 def test_broken_fp8_folders_raise_one_line(fp8_ckpt, tmp_path, edit_tensors, edit_config, message):
     broken = rewrite(fp8_ckpt, tmp_path, edit_tensors, edit_config)
     with pytest.raises(CheckpointError, match=message) as e:
-        Transformer.from_pretrained(broken, "cpu", FP8)
+        quantize.from_pretrained(broken, "cpu")
     assert "\n" not in str(e.value)
 
 
