@@ -4,14 +4,16 @@
     python sample.py --ckpt moonshotai/Kimi-Linear-48B-A3B-Instruct --chat "Is 123 a prime?"
     python sample.py --ckpt DIR --max-new-tokens 64 "The capital of France is"   # Base model
     python sample.py --ckpt DIR --batch --prompt-file prompts.txt     # one prompt per line
+    python sample.py --ckpt DIR --chat      # a conversation: one user turn per line
 
-Reading order: sample (one draw), generate (prefill, then one step per token), cuda_graph_decoder
-(a step replayed from a CUDA graph), the checkpoint checks, the command line. The tokenizer and the
-chat format are in tokenizer.py, the demo checkpoint in demo.py.
+Reading order: sample (one draw), generate (prefill, then one step per token), Chat (a conversation
+in the caches), the checkpoint checks, the command line. The tokenizer and the chat format are in
+tokenizer.py, the CUDA-graph decode step in fast/decode.py, the demo checkpoint in demo.py.
 """
 import argparse
 import os
 import resource
+import signal
 import sys
 import time
 
@@ -48,7 +50,7 @@ def sample(logits, temperature=0.0, top_k=None, top_p=None):
 
 @torch.no_grad()  # not inference_mode: torch.compile fails on inference tensors (bench.py)
 def generate(model, tokenizer, prompt, max_new_tokens=200, temperature=0.0, top_k=None,
-             top_p=None, stop=None, decoder=None):
+             top_p=None, stop=None, decoder=None, start_pos=0):
     """Yield the ids that continue `prompt` (text, a list of ints or a 1-D int tensor), one at a
     time; greedy by default (see sample()). New ids are only ids `tokenizer` can decode (None: any
     id below vocab_size); an id in `stop` ends it unyielded (default: [EOS], <|im_end|>). One
@@ -56,7 +58,8 @@ def generate(model, tokenizer, prompt, max_new_tokens=200, temperature=0.0, top_
     small; `decoder` (optional): such a step, e.g. cuda_graph_decoder(model, 1), on caches that fit.
         tok.decode(list(generate(model, tok, "The capital of France is", 20)))
     A list of prompts runs as one batch, left-padded (see Transformer.forward's pad): each step
-    then yields a list of one id per prompt, None for a prompt that has stopped, until all have."""
+    then yields a list of one id per prompt, None for a prompt that has stopped, until all have.
+    start_pos > 0: one prompt that continues the sequence of start_pos ids in the caches (Chat)."""
     batch = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(
         isinstance(p, (str, list, tuple)) or torch.is_tensor(p) and p.dim() > 0 for p in prompt)
     ids = [prompt_ids(model, tokenizer, p) for p in (prompt if batch else [prompt])]
@@ -67,16 +70,19 @@ def generate(model, tokenizer, prompt, max_new_tokens=200, temperature=0.0, top_
     allowed = tokenizer.allowed(model.args.vocab_size, device) if tokenizer else None
     if stop is None:
         stop = tokenizer.stop_ids if tokenizer else ()
-    need = T + max(max_new_tokens - 1, 0)               # the last new id is never fed back
+    need = start_pos + T + max(max_new_tokens - 1, 0)   # the last new id is never fed back
     size = getattr(decoder, "batch_size", B)            # (cuda_graph_decoder's is fixed)
     if decoder is not None and (size != B or model.max_seq_len < need):
         raise ValueError(f"decoder holds {size} x {model.max_seq_len} tokens; {B} x {need} needed")
+    if start_pos and (batch or model.max_seq_len < need):  # never reallocate what it continues
+        raise ValueError(f"start_pos {start_pos}: one prompt continuing the caches, which hold "
+                         f"{model.max_seq_len} positions; {need} needed")
     if model.max_batch_size < B or model.max_seq_len < need:
         model.setup_cache(max(model.max_batch_size, B), max(model.max_seq_len, need))
-    pos, running = 0, [True] * B
-    for _ in range(max_new_tokens):
-        if pos == 0:
-            logits = model(tokens, start_pos=0, last_only=True, pad=pad)[:, -1]    # [B, V]
+    pos, running = start_pos, [True] * B
+    for i in range(max_new_tokens):
+        if i == 0:                                                  # the prefill: [B, V]
+            logits = model(tokens, start_pos=pos, last_only=True, pad=None if pos else pad)[:, -1]
         elif decoder is not None:
             logits = decoder(tokens, pos)[:, -1]
         else:
@@ -101,6 +107,79 @@ def prompt_ids(model, tokenizer, prompt):
     if ids.min() < 0 or ids.max() >= model.args.vocab_size:
         raise ValueError(f"prompt: ids must lie in 0..{model.args.vocab_size - 1}")
     return ids.cpu().long()
+
+
+# ---- a conversation in the caches ----
+class ConversationFull(ValueError):
+    """The next turn and a full reply do not fit the caches after the conversation so far."""
+
+
+class Chat:
+    """A conversation held in the model's caches: a turn prefills only its new ids (the last
+    reply's <|im_end|>, the user turn, the assistant's turn opened; see chat_prompt).
+        chat = Chat(model, tok, system="Be brief.")     # default: the model card's system turn
+        chat.say("Is 123 a prime?")                      # -> the reply's text
+        for piece in tok.stream(chat.reply("Why?")):     # or its ids, as they come
+            print(piece, end="")
+    A reply ends at a stop id or after max_new_tokens; one left early stays as far as it came.
+    chat.ids: the conversation's ids; chat.prefilled: the last turn's new ones. max_seq_len: set
+    up the caches for so many positions (default: as they are, else 4096); a turn that with a full
+    reply would not fit raises ConversationFull (reset() starts afresh). Sampling as in generate.
+    The Chat owns the caches: a generate() call in between clears them."""
+
+    def __init__(self, model, tokenizer, system=DEFAULT_SYSTEM, max_new_tokens=200,
+                 temperature=0.0, top_k=None, top_p=None, max_seq_len=None, decoder=None):
+        missing = [t for t in CHAT_TOKENS if t not in tokenizer.special]
+        if missing:
+            raise ValueError(f"Chat needs {', '.join(missing)}: not in the tokenizer")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
+        if max_seq_len or not model.max_batch_size:
+            model.setup_cache(1, max_seq_len or 4096)
+        self.model, self.tok, self.decoder = model, tokenizer, decoder
+        self.max_new_tokens = max_new_tokens
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.reset(system or "")
+
+    def reset(self, system=None):
+        """A fresh conversation; system (if not None): its new system turn, "" for none."""
+        if system is not None:
+            chat_prompt("", system)                     # refuses one holding a chat token
+            self.system = system
+        self.ids, self.fed, self.prefilled = [], 0, 0   # fed: how many of ids the caches hold
+
+    def say(self, text):
+        """The reply to the user turn `text`, as text."""
+        return self.tok.decode(list(self.reply(text)))
+
+    def reply(self, text):
+        """The ids of the reply to the user turn `text`, as they come (checked before)."""
+        ids, limit, max_new = self.ids, self.model.max_seq_len, self.max_new_tokens
+        close = "<|im_end|>" if ids else ""            # the last reply's end: not fed yet
+        turn = self.tok.encode(close + chat_prompt(text, None if ids else self.system))
+        need = len(ids) + len(turn)                     # positions once the turn is in
+        if ids and need + max_new - 1 > limit:          # (a reply's last id is never fed back)
+            raise ConversationFull(f"the conversation's {len(ids)} tokens, this turn's "
+                                   f"{len(turn)} and a reply of up to {max_new} pass "
+                                   f"max_seq_len {limit}")
+        if need > limit:
+            raise ValueError(f"this turn has {len(turn)} tokens but max_seq_len is {limit}")
+        new = prompt_ids(self.model, self.tok, ids[self.fed:] + turn)     # ids < vocab_size
+        max_new = min(max_new, limit - need + 1)        # a fresh conversation's: cut to fit
+        steps = generate(self.model, self.tok, new, max_new, **self.sampling,
+                         decoder=self.decoder, start_pos=self.fed)
+        return self._record(steps, turn, len(new), max_new)
+
+    def _record(self, steps, turn, prefilled, max_new):
+        """steps, each id added to the conversation, and self.fed kept true as they come."""
+        self.ids += turn
+        self.prefilled, self.fed, n = prefilled, 0, 0   # in flux: an error mid-step re-prefills
+        for n, t in enumerate(steps, 1):
+            self.ids.append(t)
+            self.fed = len(self.ids) - 1    # between steps the caches hold all but the newest
+            yield t                         # (a consumer that stops here leaves them so)
+            self.fed = 0
+        self.fed = len(self.ids) - (n == max_new)   # a stop id ended it: the newest was fed
 
 
 # ---- checkpoints and devices: clear one-line errors ----
@@ -155,8 +234,8 @@ def parser():
     ap = Parser(description=__doc__.splitlines()[0], epilog="Bad input exits with status 2 and "
                 "one 'error:' line. The speed benchmark is its own program: python -m tools.bench.")
     add = ap.add_argument
-    add("prompt", nargs="?", help="the prompt (else --prompt-file, else standard input; "
-        f"--demo's default: {DEMO_PROMPT!r})")
+    add("prompt", nargs="?", help="the prompt (else --prompt-file, else standard input, which "
+        f"with --chat holds a conversation; --demo's default: {DEMO_PROMPT!r})")
     add("--ckpt", help="checkpoint folder or hub id, e.g. moonshotai/Kimi-Linear-48B-A3B-Instruct "
         "(download: hf download ID --local-dir DIR)")
     add("--demo", action="store_true", help="a tiny random-weight checkpoint, written once to "
@@ -164,7 +243,9 @@ def parser():
     add("--prompt-file", help="read the prompt from this UTF-8 file")
     add("--batch", action="store_true", help="each non-empty line of the prompt (argument, file "
         "or standard input) is a prompt of its own; all are decoded together, then printed")
-    add("--chat", action="store_true", help="wrap the prompt in the Instruct chat format")
+    add("--chat", action="store_true", help="wrap the prompt in the Instruct chat format; with "
+        "no prompt, a conversation: one user turn per line of standard input, each continuing "
+        "the caches; /reset, /system TEXT, /exit; Ctrl-C stops a reply, Ctrl-D ends")
     add("--system", help=f"the system turn of --chat (default: {DEFAULT_SYSTEM!r}, the model "
         "card's example); \"\" = none, as Kimi-Linear's own chat template does without one")
     add("--max-new-tokens", type=int, default=200, help="at most this many new tokens (default: "
@@ -245,12 +326,10 @@ def encode_prompt(args, text, tok, ckpt, vocab_size):
         missing = [t for t in CHAT_TOKENS if t not in tok.special]
         if missing:
             raise UsageError(f"--chat needs {', '.join(missing)}: not in {ckpt}/tokenizer_config.json")
-        system = DEFAULT_SYSTEM if args.system is None else args.system
-        inside = [t for t in CHAT_TOKENS if t in text + system]
-        if inside:
-            raise UsageError(f"the --chat prompt or --system holds {inside[0]}, which would end or start"
-                       f" a turn (without --chat the text goes in as it is)")
-        text = chat_prompt(text, system)
+        try:
+            text = chat_prompt(text, DEFAULT_SYSTEM if args.system is None else args.system)
+        except ValueError as e:                     # a chat token inside the text
+            raise UsageError(f"{e} (without --chat the text goes in as it is)") from None
     prompt = tok.encode(text)
     if not prompt:
         raise UsageError("the prompt is empty")
@@ -274,7 +353,10 @@ def run(args):
         ckpt = demo.demo_checkpoint() if args.demo else checkpoint.resolve(args.ckpt)
     except CheckpointError as e:                    # (demo.DemoError is one)
         raise UsageError(str(e)) from None
-    text = read_prompt(args)
+    # --chat with no prompt is a conversation: its turns come later, line by line
+    talk = args.chat and not args.batch and sys.stdin is not None and args.prompt is None \
+        and args.prompt_file is None
+    text = "" if talk else read_prompt(args)        # "": checks the system turn alone
     texts = [line for line in text.splitlines() if line.strip()] if args.batch else [text]
     if not texts:
         raise UsageError("--batch: every line of the prompt is empty")
@@ -291,7 +373,7 @@ def run(args):
             raise UsageError(f"prompt {n} of {len(texts)}: {e}" if args.batch else str(e)) from None
     longest = max(len(p) for p in prompts)
     max_new = min(args.max_new_tokens, args.max_seq_len - longest + 1)  # last one not fed back
-    if max_new < args.max_new_tokens:
+    if max_new < args.max_new_tokens and not talk:
         print(f"note: --max-new-tokens cut to {max_new} to fit --max-seq-len {args.max_seq_len}",
               file=sys.stderr)
     t0 = time.perf_counter()
@@ -302,7 +384,12 @@ def run(args):
         else:
             model = Transformer.from_pretrained(ckpt, device, dtype, len(prompts), args.max_seq_len)
         print(f"loaded {ckpt} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        stream_text(args, model, tok, texts, prompts, max_new)
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        if talk:
+            converse(args, model, tok)
+        else:
+            stream_text(args, model, tok, texts, prompts, max_new)
     except CheckpointError as e:
         raise UsageError(str(e)) from None
     except (RuntimeError, MemoryError) as e:    # torch's CPU allocator raises a RuntimeError
@@ -311,57 +398,137 @@ def run(args):
             raise
         raise UsageError(f"out of memory on {device} (a smaller --max-seq-len or prompt may fit)"
                    ) from None
+    if args.demo:
+        print("note: the demo weights are random, so the text above is noise. For real text: "
+              "python sample.py --ckpt moonshotai/Kimi-Linear-48B-A3B-Instruct --chat \"Is 123 a "
+              "prime?\"", file=sys.stderr)
+
+
+def graph_decoder(model, rows):
+    """On a GPU in bf16: a CUDA-graph decode step for `rows` rows (built before any prefill)."""
+    w = model.lm_head.weight
+    return cuda_graph_decoder(model, rows) if w.is_cuda and w.dtype == torch.bfloat16 else None
+
+
+def timed(steps, stamps):
+    """steps, with the time each arrived appended to stamps (stamps[0] ends the prefill)."""
+    for t in steps:
+        stamps.append(time.perf_counter())
+        yield t
+
+
+def report(what, prefilled, t0, stamps, device, rows=1):
+    """The speeds line on stderr: `what`, then the prefill and decode rates and peak memory."""
+    n = len(stamps)
+    prefill = prefilled / (stamps[0] - t0) if n else float("nan")
+    decode = rows * (n - 1) / (stamps[-1] - stamps[0]) if n > 1 else float("nan")
+    if device.type == "cuda":
+        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated on {device}"
+    else:
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB process RSS"
+    print(f"{what}; prefill {prefill:.1f} tok/s, decode {decode:.1f} tok/s; peak memory {peak}",
+          file=sys.stderr)
 
 
 def stream_text(args, model, tok, texts, prompts, max_new):
     """Print the prompt, then the new text as it comes (--batch: each prompt with its completion,
     labelled, once all are done); then the speeds on stderr."""
     device, decoder, B = model.lm_head.weight.device, None, len(prompts)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
     if device.type == "cuda":   # capture before the clock: time what a next prompt gets
         t0 = time.perf_counter()
-        if model.lm_head.weight.dtype == torch.bfloat16 and max_new > 1:
-            decoder = cuda_graph_decoder(model, B)
+        decoder = graph_decoder(model, B) if max_new > 1 else None
         with torch.no_grad():
             model(torch.tensor([max(prompts, key=len)] * B, device=device), start_pos=0,
                   last_only=True)
         torch.cuda.synchronize(device)
         print(f"warm-up (kernels, CUDA graph): {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    stamps = []                 # when each step's new tokens arrived; stamps[0] ends the prefill
-
-    def timed(steps):
-        for t in steps:
-            stamps.append(time.perf_counter())
-            yield t
-    steps = generate(model, tok, prompts if args.batch else prompts[0], max_new, args.temperature,
-                     args.top_k, args.top_p, decoder=decoder)
+    stamps = []                 # when each step's new tokens arrived
+    steps = timed(generate(model, tok, prompts if args.batch else prompts[0], max_new,
+                           args.temperature, args.top_k, args.top_p, decoder=decoder), stamps)
     t0 = time.perf_counter()
     if args.batch:
-        steps = list(timed(steps)) or [[None] * B]  # [steps, B]: ids, None once a prompt stopped
+        steps = list(steps) or [[None] * B]  # [steps, B]: ids, None once a prompt stopped
         for b, text in enumerate(texts):
             ids = [step[b] for step in steps if step[b] is not None]
             print(f"--- prompt {b + 1} of {B} ---\n{'' if args.chat else text}{tok.decode(ids)}")
     else:
         print("" if args.chat else texts[0], end="", flush=True)
-        for piece in tok.stream(timed(steps)):
+        for piece in tok.stream(steps):
             print(piece, end="", flush=True)
         print(flush=True)
-    n = len(stamps)
-    prefill = sum(map(len, prompts)) / (stamps[0] - t0) if n else float("nan")
-    decode = B * (n - 1) / (stamps[-1] - stamps[0]) if n > 1 else float("nan")
-    if device.type == "cuda":
-        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated on {device}"
-    else:
-        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB process RSS"
-    what = f"{B} prompts of {min(map(len, prompts))}..{max(map(len, prompts))} tokens, {n} steps" \
-        if args.batch else f"prompt {len(prompts[0])} tokens, generated {n} tokens"
-    print(f"{what}; prefill {prefill:.1f} tok/s, decode {decode:.1f} tok/s; peak memory {peak}",
-          file=sys.stderr)
-    if args.demo:
-        print("note: the demo weights are random, so the text above is noise. For real text: "
-              "python sample.py --ckpt moonshotai/Kimi-Linear-48B-A3B-Instruct --chat \"Is 123 a "
-              "prime?\"", file=sys.stderr)
+    what = f"{B} prompts of {min(map(len, prompts))}..{max(map(len, prompts))} tokens, " \
+        f"{len(stamps)} steps" if args.batch else \
+        f"prompt {len(prompts[0])} tokens, generated {len(stamps)} tokens"
+    report(what, sum(map(len, prompts)), t0, stamps, device, B)
+
+
+# ---- the conversation (--chat with no prompt) ----
+def converse(args, model, tok):
+    """A Chat fed one user turn per line of standard input, typed after a '> ' marker (a piped
+    line is echoed after it, so that stdout reads as the transcript). /reset, /system TEXT (a
+    fresh conversation with this system turn; none without TEXT), /exit; Ctrl-D or the input's
+    end exits. Bad input ends a piped conversation (status 2); on a terminal, only its line."""
+    chat = Chat(model, tok, DEFAULT_SYSTEM if args.system is None else args.system,
+                args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                decoder=graph_decoder(model, 1))
+    tty = sys.stdin.isatty()
+    if tty:
+        import readline  # noqa: F401  (line editing and history for input())
+        print("type a message; /reset, /system TEXT, /exit; Ctrl-C stops a reply, Ctrl-D ends",
+              file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:                            # Ctrl-D, or the end of the input
+            print()                                 # (ends the marker's line)
+            return
+        except ValueError as e:                     # UnicodeDecodeError is a ValueError
+            raise UsageError(f"cannot read standard input: {e}") from None
+        if not tty:
+            print(line, flush=True)
+        command, _, rest = line.partition(" ")
+        if command == "/exit":
+            return
+        try:
+            if command in ("/reset", "/system"):
+                chat.reset(rest.strip() if command == "/system" else None)
+            elif line:
+                stream_reply(chat, line)
+        except ValueError as e:     # a chat token in the text; a turn longer than --max-seq-len
+            if not tty:
+                raise UsageError(str(e)) from None
+            print(f"error: {e}", file=sys.stderr)
+
+
+def stream_reply(chat, text):
+    """Stream the reply to `text`, then its speeds. The first Ctrl-C stops it at its next token,
+    never inside a step, so the caches stay exact and the conversation goes on from what was
+    shown; a second exits. A full conversation makes way for a fresh one, in one line."""
+    try:
+        steps = chat.reply(text)
+    except ConversationFull as e:
+        print(f"note: {e}; a fresh conversation begins (the same system turn)", file=sys.stderr)
+        chat.reset()
+        steps = chat.reply(text)
+    stop, stamps = [], []
+
+    def interrupt(*_):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(True)
+    old = signal.signal(signal.SIGINT, interrupt)
+    t0 = time.perf_counter()
+    try:
+        for piece in chat.tok.stream(timed(steps, stamps)):
+            print(piece, end="", flush=True)
+            if stop:
+                break
+    finally:
+        signal.signal(signal.SIGINT, old)
+    print(flush=True)
+    what = f"turn {chat.prefilled} new tokens ({len(chat.ids)} in the conversation), generated " \
+        f"{len(stamps)} tokens{', stopped by Ctrl-C' if stop else ''}"
+    report(what, chat.prefilled, t0, stamps, chat.model.lm_head.weight.device)
 
 
 if __name__ == "__main__":

@@ -527,14 +527,14 @@ def test_ctrl_c_exits_130_with_one_short_line(demo_ckpt):
 
 
 def test_sample_imports_only_the_model_tokenizer_torch_and_stdlib():
-    """sample.py's own imports: the model (kimi, checkpoint), the tokenizer and torch; the demo
-    checkpoint (demo.py) only when --demo asks for it."""
+    """sample.py's own imports: the model (kimi, checkpoint), the tokenizer, the fast paths
+    (fast/) and torch; the demo checkpoint (demo.py) only when --demo asks for it."""
     tree = ast.parse(open(os.path.join(ROOT, "sample.py"), encoding="utf-8").read())
     top = {n.module if isinstance(n, ast.ImportFrom) else a.name
            for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
            for a in n.names}
     own = {m.split(".")[0] for m in top} - set(sys.stdlib_module_names)
-    assert own == {"checkpoint", "kimi", "tokenizer", "torch"}
+    assert own == {"checkpoint", "fast", "kimi", "tokenizer", "torch"}
     code = "import sys, sample; print('bench' in sys.modules or 'demo' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
