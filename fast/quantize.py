@@ -325,7 +325,11 @@ def prepare(model, device, stored=None):
             stored.get(key) != FORMAT[key] for key in ("quant_method", "fmt", "scale_suffix"))):
         raise CheckpointError(f"config.json: quantization_config {stored!r} is not this project's "
                               f"FP8 format (quant_method {FORMAT['quant_method']!r})")
-    keep = tuple(stored.get("not_quantized", KEEP)) if stored else KEEP
+    keep = KEEP
+    if stored:
+        names = stored.get("not_quantized", list(KEEP))
+        key = "quantization_config.not_quantized"
+        keep = tuple(checkpoint.want(names, "strs", "config.json", key))
     with torch.device("meta"):
         _swap_linears(model, keep)
     slots = {}                              # expert weight name -> (its view, its scale's view)
