@@ -59,7 +59,10 @@ def generate(model, tokenizer, prompt, max_new_tokens=200, temperature=0.0, top_
         tok.decode(list(generate(model, tok, "The capital of France is", 20)))
     A list of prompts runs as one batch, left-padded (see Transformer.forward's pad): each step
     then yields a list of one id per prompt, None for a prompt that has stopped, until all have.
-    start_pos > 0: one prompt that continues the sequence of start_pos ids in the caches (Chat)."""
+    start_pos > 0: one prompt that continues the sequence of start_pos ids in the caches (Chat).
+    The sampling arguments mean what the command line's --temperature, --top-k, --top-p and
+    --max-new-tokens mean, and are refused in the same cases (one ValueError line)."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     batch = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and all(
         isinstance(p, (str, list, tuple)) or torch.is_tensor(p) and p.dim() > 0 for p in prompt)
     ids = [prompt_ids(model, tokenizer, p) for p in (prompt if batch else [prompt])]
@@ -99,11 +102,34 @@ def generate(model, tokenizer, prompt, max_new_tokens=200, temperature=0.0, top_
         tokens = new.view(B, 1)            # a stopped prompt keeps decoding, its ids unused
 
 
+def check_sampling(max_new_tokens, temperature, top_k, top_p):
+    """generate's sampling arguments, refused as the command line refuses its flags."""
+    for bad, message in [
+            (type(max_new_tokens) is not int or max_new_tokens < 1,
+             f"max_new_tokens must be an integer >= 1, not {max_new_tokens!r}"),
+            (not 0 <= temperature < float("inf"), f"temperature must be finite and >= 0, not "
+             f"{temperature!r}"),
+            (top_k is not None and not (type(top_k) is int and top_k >= 1),
+             f"top_k must be None or an integer >= 1, not {top_k!r}"),
+            (top_p is not None and not 0 < top_p <= 1, f"top_p must be None or in (0, 1], not "
+             f"{top_p!r}"),
+            (temperature == 0 and (top_k, top_p) != (None, None),
+             "top_k/top_p sample, temperature 0 is greedy: give a temperature > 0")]:
+        if bad:
+            raise ValueError(message)
+
+
 def prompt_ids(model, tokenizer, prompt):
     """One prompt (text, a list of ints or a 1-D int tensor) -> a 1-D int64 CPU tensor, checked."""
-    ids = torch.as_tensor(tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
+    expected = "prompt: expected text, a non-empty list of ints or a 1-D int tensor (or a list"
+    if isinstance(prompt, str) and tokenizer is None:
+        raise ValueError("prompt: text needs a tokenizer (generate(model, tokenizer, ...))")
+    try:
+        ids = torch.as_tensor(tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{expected} of those), not {type(prompt).__name__}") from None
     if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.dtype == torch.bool:
-        raise ValueError(f"prompt: expected text or a non-empty 1-D list/tensor of ints: {ids}")
+        raise ValueError(f"{expected} of those), got {ids.dtype} {tuple(ids.shape)}")
     if ids.min() < 0 or ids.max() >= model.args.vocab_size:
         raise ValueError(f"prompt: ids must lie in 0..{model.args.vocab_size - 1}")
     return ids.cpu().long()

@@ -70,3 +70,20 @@ def test_from_pretrained_refuses_a_bad_dtype_before_reading(tmp_path, dtype, wor
     with pytest.raises(ValueError) as e:
         Transformer.from_pretrained(tmp_path, device="cpu", dtype=dtype)    # an empty folder
     assert words in one_line(e)
+
+
+@pytest.mark.parametrize("prompt, kwargs, words", [
+    (["hello", 5], {}, "prompt: expected text, a non-empty list of ints"),
+    (torch.zeros(2, 3, dtype=torch.long), {}, "got torch.int64 (2, 3)"),         # not the tensor
+    ([], {}, "prompt: expected"),
+    ([1, 2], dict(temperature=1.0, top_p=0), "top_p must be None or in (0, 1]"),
+    ([1, 2], dict(top_k=3), "temperature 0 is greedy"),
+    ([1, 2], dict(temperature=-1.0), "temperature must be finite and >= 0"),
+    ([1, 2], dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+    ("text", {}, "text needs a tokenizer"),
+])
+def test_generate_refuses_in_one_line(model, prompt, kwargs, words):
+    from sample import generate
+    with pytest.raises(ValueError) as e:
+        list(generate(model, None, prompt, **kwargs))
+    assert words in one_line(e)

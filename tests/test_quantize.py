@@ -428,7 +428,7 @@ def test_broken_fp8_folders_raise_one_line(fp8_ckpt, tmp_path, edit_tensors, edi
 
 
 # -------------------------------------------------------------------------------------------------
-# The command line and the benchmark's FP8 model
+# The command line
 
 def test_dtype_fp8_on_the_cli(tmp_path):
     """sample.py --dtype fp8 quantises while loading and generates (the demo checkpoint); a dtype
@@ -442,18 +442,3 @@ def test_dtype_fp8_on_the_cli(tmp_path):
     r = subprocess.run(command + ["--dtype", "fp4"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "invalid choice: 'fp4'" in r.stderr
-
-
-def test_benchmark_fp8_model_reads_fewer_bytes():
-    """bench.random_model(fp8=True): quantised tensor by tensor; a decode step's bytes, counted on
-    the model, are those of bf16 with every quantised weight at 1 byte (+ 4 per row for scales)."""
-    from tools import bench
-    fp8 = bench.random_model(TINY, torch.device("cpu"), 1, 32, fp8=True)
-    bf16 = bench.random_model(TINY, torch.device("cpu"), 1, 32)
-    assert fp8.model.layers[1].block_sparse_moe.w13.dtype == FP8
-    state = fp8.state_dict()
-    saved = sum(t.numel() - 4 * state[n.removesuffix("weight") + SCALE].numel()
-                for n, t in state.items() if t.dtype == FP8 and ".experts." not in n)
-    shared = bench.model_decode_bytes(bf16, 0, 100) - bench.model_decode_bytes(fp8, 0, 100)
-    assert shared == saved
-    assert bench.model_decode_bytes(fp8, 16, 100) < bench.model_decode_bytes(bf16, 16, 100)

@@ -137,7 +137,7 @@ def bench_ours(args, device, compile, fp8=False):
         rows[f"{tag}prefill B=1 T={T}"] = (T / ms * 1e3, rate / (2 * active_params(args)))
         print(f"{tag}prefill B=1 T={T}: {T / ms * 1e3:.1f} tok/s", flush=True)
     model.setup_cache(max(DECODE_B), CONTEXT + STEPS + 16)  # the graph's MLA reads all the buffer
-    forwards = {"eager": None, "CUDA graph": model, "decode.py + graph": None}
+    forwards = {"eager": None, "CUDA graph": model, "fast.decode + graph": None}
     if compile:             # kimi.py's forward fused by torch.compile (rounds to bf16 as eager)
         options = {"emulate_precision_casts": True}
         forwards["torch.compile + graph"] = torch.compile(model, dynamic=False, options=options)
