@@ -53,6 +53,17 @@ def kda_gate(f, A_log, dt_bias):
     return -A_log.float().view(H, 1).exp() * F.softplus(z)
 
 
+def random_inputs(B, T, H, K, V, dtype=torch.float32, device="cpu"):
+    """Kimi-like (q, k, v, g, beta) for trying the kernels: L2-normed q and k, Kimi's gate with
+    decay rates exp(A_log) in [1, 16], sigmoid beta; q, k, v in dtype, g and beta fp32."""
+    q, k = (l2norm(torch.randn(B, T, H, K, device=device)).to(dtype) for _ in range(2))
+    v = torch.randn(B, T, H, V, device=device).to(dtype)
+    A_log = torch.empty(H, device=device).uniform_(0, math.log(16))
+    g = kda_gate(torch.randn(B, T, H, K, device=device), A_log, torch.randn(H * K, device=device))
+    beta = torch.randn(B, T, H, device=device).sigmoid()
+    return q, k, v, g, beta
+
+
 def _prepare(q, k, v, g, beta, scale, initial_state):
     """Shared argument handling: upcast to fp32 (fp64 stays fp64) and build the starting state."""
     B, T, H, K = q.shape

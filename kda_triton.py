@@ -375,18 +375,7 @@ def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output
 if __name__ == "__main__":
     # Self-check of chunk_kda against the fp32 recurrence: small shapes in Triton's CPU interpreter,
     # the 48B layer's shapes on a GPU. (python -m tools.kernels kda times the kernels.)
-    import math
-    from kda_ref import kda_gate, l2norm, recurrent_kda
-
-    def make_inputs(B, T, H, K, V, dtype, device):
-        """Kimi-like inputs: L2-normed q, k; softplus gate, exp(A_log) in [1, 16]; sigmoid beta."""
-        q, k = (l2norm(torch.randn(B, T, H, K, device=device)).to(dtype) for _ in range(2))
-        v = torch.randn(B, T, H, V, device=device).to(dtype)
-        A_log = torch.empty(H, device=device).uniform_(0, math.log(16))
-        f = torch.randn(B, T, H, K, device=device)
-        g = kda_gate(f, A_log, torch.randn(H * K, device=device))
-        beta = torch.randn(B, T, H, device=device).sigmoid()
-        return q, k, v, g, beta
+    from kda_ref import random_inputs, recurrent_kda
 
     def errors(inputs):
         """Relative L2 errors of (o, final state) vs the fp32 recurrence on the same inputs."""
@@ -407,6 +396,6 @@ if __name__ == "__main__":
         shapes = [(1, 100, 2, 32, 32, torch.float32), (2, 130, 1, 16, 64, torch.float32),
                   (1, 100, 2, 32, 32, torch.bfloat16)]
     for B, T, H, K, V, dtype in shapes:
-        err_o, err_S = errors(make_inputs(B, T, H, K, V, dtype, device))
+        err_o, err_S = errors(random_inputs(B, T, H, K, V, dtype, device))
         name = f"B={B} T={T} H={H} K={K} V={V} {str(dtype)[6:]:>8}"
         print(f"{name}: err o {err_o:.1e}  err S {err_S:.1e}")

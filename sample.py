@@ -226,9 +226,10 @@ def check_ckpt(ckpt, device, dtype, max_seq_len, batch_size=1):
     free = checkpoint.free_memory(device)
     if free is not None and weights + cache > free:
         hint = " (try --dtype bf16)" if dtype and dtype.itemsize > 2 else ""
-        raise UsageError(f"not enough memory on {device}: the weights need {weights / 2**30:.2f} GiB as "
-                   f"{dtype or 'stored'}{hint}, the cache for --max-seq-len {max_seq_len} "
-                   f"{cache / 2**30:.2f} GiB; {free / 2**30:.2f} GiB is free")
+        raise UsageError(f"not enough memory on {device}: the weights need "
+                         f"{weights / 2**30:.2f} GiB as {dtype or 'stored'}{hint}, the cache "
+                         f"for --max-seq-len {max_seq_len} {cache / 2**30:.2f} GiB; "
+                         f"{free / 2**30:.2f} GiB is free")
     return args
 
 
@@ -238,7 +239,8 @@ def pick_device(name):
     except RuntimeError:
         raise UsageError(f"unknown device {name!r} (try cpu or cuda)") from None
     if device.type == "cpu" and device.index:
-        raise UsageError(f"--device {name}: the CPU is one device, with no index (use --device cpu)")
+        raise UsageError(f"--device {name}: the CPU is one device, with no index "
+                         "(use --device cpu)")
     n = torch.cuda.device_count()
     if device.type not in ("cpu", "cuda") or (device.type == "cuda" and (device.index or 0) >= n):
         raise UsageError(f"--device {name} is not available here ({n} CUDA GPUs visible)")
@@ -333,7 +335,8 @@ def read_prompt(args):
     if args.prompt_file is None and (sys.stdin is None or sys.stdin.isatty()):
         if args.demo:
             return DEMO_PROMPT
-        raise UsageError("no prompt: pass it as an argument, with --prompt-file, or on standard input")
+        raise UsageError("no prompt: pass it as an argument, with --prompt-file, or on "
+                         "standard input")
     try:
         if args.prompt_file is None:
             text = sys.stdin.buffer.read().decode("utf-8")
@@ -351,7 +354,8 @@ def encode_prompt(args, text, tok, ckpt, vocab_size):
     if args.chat:
         missing = [t for t in CHAT_TOKENS if t not in tok.special]
         if missing:
-            raise UsageError(f"--chat needs {', '.join(missing)}: not in {ckpt}/tokenizer_config.json")
+            raise UsageError(f"--chat needs {', '.join(missing)}: not in "
+                             f"{ckpt}/tokenizer_config.json")
         try:
             text = chat_prompt(text, DEFAULT_SYSTEM if args.system is None else args.system)
         except ValueError as e:                     # a chat token inside the text
@@ -360,10 +364,12 @@ def encode_prompt(args, text, tok, ckpt, vocab_size):
     if not prompt:
         raise UsageError("the prompt is empty")
     if len(prompt) > args.max_seq_len:
-        raise UsageError(f"the prompt has {len(prompt)} tokens but --max-seq-len is {args.max_seq_len}")
+        raise UsageError(f"the prompt has {len(prompt)} tokens but --max-seq-len is "
+                         f"{args.max_seq_len}")
     unknown = sorted({t for t in prompt if t >= vocab_size})    # e.g. 163840, 163841
     if unknown:
-        raise UsageError(f"the prompt holds special tokens the model has no embedding for: ids {unknown}")
+        raise UsageError("the prompt holds special tokens the model has no embedding for: "
+                         f"ids {unknown}")
     return prompt
 
 
@@ -396,7 +402,8 @@ def run(args):
         try:
             prompts.append(encode_prompt(args, line, tok, ckpt, model_args.vocab_size))
         except UsageError as e:
-            raise UsageError(f"prompt {n} of {len(texts)}: {e}" if args.batch else str(e)) from None
+            message = f"prompt {n} of {len(texts)}: {e}" if args.batch else str(e)
+            raise UsageError(message) from None
     longest = max(len(p) for p in prompts)
     max_new = min(args.max_new_tokens, args.max_seq_len - longest + 1)  # last one not fed back
     if max_new < args.max_new_tokens and not talk:
@@ -422,8 +429,8 @@ def run(args):
         oom = isinstance(e, MemoryError) or "out of memory" in str(e).lower()
         if not (oom or "can't allocate memory" in str(e)):
             raise
-        raise UsageError(f"out of memory on {device} (a smaller --max-seq-len or prompt may fit)"
-                   ) from None
+        message = f"out of memory on {device} (a smaller --max-seq-len or prompt may fit)"
+        raise UsageError(message) from None
     if args.demo:
         print("note: the demo weights are random, so the text above is noise. For real text: "
               "python sample.py --ckpt moonshotai/Kimi-Linear-48B-A3B-Instruct --chat \"Is 123 a "

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
 from fast import quantize
-from helpers import ROOT
+from helpers import ROOT, randomize
 import kimi
 from kimi import CheckpointError, Transformer
 from fast.quantize import FP8, SCALE, dequantize, quantize_rows
@@ -210,27 +210,10 @@ def test_fp8_experts_on_gpu(N):
 # -------------------------------------------------------------------------------------------------
 # Loading and saving a tiny checkpoint
 
-def init_weights(model, seed=0):
-    """Random values for every parameter (norms, biases and gates too), as test_kimi.randomize."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.rand(p.shape, generator=gen)
-            if name.endswith("A_log"):
-                p.copy_(torch.log(1 + 15 * r))
-            elif name.endswith(("dt_bias", "e_score_correction_bias")):
-                p.copy_(r - 0.5)
-            elif p.dim() == 1:
-                p.copy_(0.5 + r)
-            else:
-                p.copy_((2 * r - 1) * p.shape[-1] ** -0.5)
-    return model
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("bf16")
-    init_weights(Transformer(TINY)).save_pretrained(path, num_shards=3)
+    randomize(Transformer(TINY)).save_pretrained(path, num_shards=3)
     return path
 
 

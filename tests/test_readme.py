@@ -1,4 +1,4 @@
-"""README.md stays true to the tree: the line counts it states, the files and the commands it names."""
+"""README.md stays true to the tree: the line counts it states, the files and commands it names."""
 import re
 
 from helpers import ROOT

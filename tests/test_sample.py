@@ -15,7 +15,6 @@ import tiktoken
 import torch
 from hypothesis import given, settings, strategies as st
 
-import checkpoint
 import demo
 from helpers import ROOT
 import sample

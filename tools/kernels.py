@@ -15,7 +15,6 @@ kda, short_conv and moe_decode start each run on a flushed L2 cache; the decode 
 a CUDA graph, as fast.decode runs them. Without a GPU there is nothing to time: the tests check
 every kernel against its reference in Triton's CPU interpreter (python -m pytest -q).
 """
-import math
 import sys
 from types import SimpleNamespace
 
@@ -29,7 +28,7 @@ from fast import moe as fast_moe
 from fast import moe_decode as fast_moe_decode
 from fast import quantize
 from fast import short_conv as fast_short_conv
-from kda_ref import kda_gate, l2norm, recurrent_kda
+from kda_ref import random_inputs, recurrent_kda
 from sample import Parser
 from tools.timing import cuda_time, l2_flusher
 
@@ -54,7 +53,7 @@ def kda():
     print(f"{'shape':>16} {'ms':>7} {'GB/s':>6} {'err o':>8} {'err S':>8} {'fla ms':>7} "
           f"{'ours/fla':>8}", flush=True)
     for B, T in [(1, 4096), (1, 16384), (1, 65536), (8, 4096)]:
-        q, k, v, g, beta = inputs = kda_inputs(B, T, H, K, K, torch.bfloat16, "cuda")
+        q, k, v, g, beta = inputs = random_inputs(B, T, H, K, K, torch.bfloat16, "cuda")
         ms = median_ms(lambda: kda_triton.chunk_kda(*inputs))
         io = B * T * H * (2 * K * 2 + K * 2 * 2 + K * 4 + 4)  # q, k, v, o in bf16; g, beta fp32
         fla_ms = fla and median_ms(lambda: fla(q=q, k=k, v=v, g=g, beta=beta, scale=K ** -0.5))
@@ -62,23 +61,12 @@ def kda():
         print(f"{f'B={B} T={T}':>16} {ms:7.3f} {io / ms / 1e6:6.0f} {err_o:8.1e} {err_S:8.1e} "
               + (f"{fla_ms:7.3f} {ms / fla_ms:8.2f}" if fla else f"{'-':>7} {'-':>8}"),
               flush=True)
-    x = kda_inputs(16, 1, H, K, K, torch.bfloat16, "cuda")     # one decode step reads and writes
+    x = random_inputs(16, 1, H, K, K, torch.bfloat16, "cuda")  # one decode step reads, writes
     h0 = torch.randn(16, H, K, K, device="cuda")                # the [K, V] state once a head
     ms = median_ms(lambda: kda_triton.fused_recurrent_kda(*x, initial_state=h0,
                                                           output_final_state=True))
     tbs = 8 * h0.numel() / ms / 1e9                             # fp32 state, read and written
     print(f"decode step B=16, fused_recurrent_kda: {ms:.3f} ms ({tbs:.2f} TB/s)")
-
-
-def kda_inputs(B, T, H, K, V, dtype, device):
-    """Kimi-like inputs: L2-normed q, k; softplus gate, exp(A_log) in [1, 16]; sigmoid beta."""
-    q, k = (l2norm(torch.randn(B, T, H, K, device=device)).to(dtype) for _ in range(2))
-    v = torch.randn(B, T, H, V, device=device).to(dtype)
-    A_log = torch.empty(H, device=device).uniform_(0, math.log(16))
-    f = torch.randn(B, T, H, K, device=device)
-    g = kda_gate(f, A_log, torch.randn(H * K, device=device))
-    beta = torch.randn(B, T, H, device=device).sigmoid()
-    return q, k, v, g, beta
 
 
 def kda_errors(inputs):
