@@ -1,13 +1,13 @@
 """The classroom notebooks run top to bottom, and the committed copies hold their outputs.
 
-    python -m pytest -q test_notebooks.py
+    python -m pytest -q tests/test_notebooks.py
         executes every notebooks/*.ipynb (a copy in memory; the committed files are not touched)
-    python test_notebooks.py notebooks/NAME.ipynb
+    python tests/test_notebooks.py notebooks/NAME.ipynb
         executes NAME in place, outputs included, and prints its run time: do this before committing
 
 Each notebook runs in a fresh `python3` kernel (ipykernel, on this interpreter) with the notebook's
-own folder as the working directory, as Jupyter does, so a notebook imports the repository's modules
-after `sys.path.insert(0, '..')`.
+own folder as the working directory, as Jupyter does; its first cell finds the repository's root
+and puts it on the module path.
 """
 import pathlib
 import sys
@@ -18,7 +18,7 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from helpers import ROOT
+ROOT = pathlib.Path(__file__).resolve().parent.parent     # (not helpers': this file runs alone too)
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 CELL_TIMEOUT_S = 300        # one cell; a notebook that needs longer is too slow for a class anyway
@@ -54,7 +54,8 @@ def test_notebook_committed_with_outputs(path):
     nbformat.validate(nb)
     counts = [cell.execution_count for cell in code_cells(nb)]
     assert counts == list(range(1, len(counts) + 1)), (
-        f"{path.name}: execution counts {counts}; run `python test_notebooks.py {path}` and commit")
+        f"{path.name}: execution counts {counts}; run `python tests/test_notebooks.py {path}` "
+        "and commit")
     assert any(cell.outputs for cell in code_cells(nb)), f"{path.name} has no outputs"
     errors = [out for cell in code_cells(nb) for out in cell.outputs if out.output_type == "error"]
     assert not errors, f"{path.name}: committed with error outputs"
@@ -62,8 +63,8 @@ def test_notebook_committed_with_outputs(path):
 
 def main(argv):
     if not argv:
-        print("error: no notebook given (usage: python test_notebooks.py notebooks/NAME.ipynb ...)",
-              file=sys.stderr)
+        usage = "python tests/test_notebooks.py notebooks/NAME.ipynb"
+        print(f"error: no notebook given (usage: {usage})", file=sys.stderr)
         return 2
     paths = [pathlib.Path(arg).resolve() for arg in argv]
     missing = [str(p) for p in paths if p.suffix != ".ipynb" or not p.is_file()]
