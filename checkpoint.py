@@ -196,10 +196,22 @@ def free_memory(device):
     return None
 
 
+def check_plain_load(ckpt_dir, dtype):
+    """Before a load without transform: dtype is None or a float type, and the folder does not
+    hold FP8 weights; either, else one line that says how to load them."""
+    fp8 = "FP8 weights load through fast.quantize.from_pretrained(dir)"
+    if dtype == torch.float8_e4m3fn:
+        raise ValueError(f"dtype=torch.float8_e4m3fn: {fp8}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype: expected None or a float type like torch.bfloat16: {dtype!r}")
+    if read_quantization(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir} holds FP8 weights: {fp8}")
+
+
 def load_into(model, ckpt_dir, device, dtype=None, transform=None):
     """Fill a meta-device model from the folder, shard by shard, straight onto `device`: host memory
     stays about one shard (on a CPU without a dtype change the weights stay memory-mapped).
-    `dtype` casts all but A_log and dt_bias, which stay fp32 (trap 10). `transform` (quantize.py's
+    `dtype` casts all but A_log and dt_bias, which stay fp32 (trap 10). `transform` (fast/quantize.py's
     FP8 loader) maps each tensor read, after the cast, to {name: tensor}; the names in its set
     `makes` are made by it, so the folder need not hold them."""
     ckpt_dir = Path(ckpt_dir)

@@ -14,12 +14,10 @@ Glossary (sizes for 48B-A3B):
 Layer map (0-based): MLA at 3, 7, 11, 15, 19, 23, 26; KDA everywhere else. Layer 0 has a
 dense MLP (`mlp`), layers 1..26 a MoE (`block_sparse_moe`). There is no positional encoding:
 order enters only through the KDA recurrence, the short convs and the MLA causal mask.
-Each layer is written as the math; the fast paths are listed in "Fast paths" at the end.
 
-References: the Kimi Linear tech report (https://arxiv.org/abs/2510.26692); the official
-modeling_kimi.py at https://huggingface.co/moonshotai/Kimi-Linear-48B-A3B-Instruct; fla's
-fla/ops/kda/naive.py (https://github.com/fla-org/flash-linear-attention). This repository's
-own specification is docs/architecture.md: "§n" and "trap n" below refer to it.
+References: the tech report (https://arxiv.org/abs/2510.26692); the official modeling_kimi.py
+(https://huggingface.co/moonshotai/Kimi-Linear-48B-A3B-Instruct); fla's fla/ops/kda/naive.py
+(https://github.com/fla-org/flash-linear-attention); ours, docs/architecture.md ("§n", "trap n").
 """
 import math
 from dataclasses import dataclass, fields
@@ -35,21 +33,18 @@ from kda_ref import chunk_kda_ref, kda_gate, l2norm, recurrent_kda
 
 try:    # the fast paths need Triton; without it (macOS, say) every layer runs its torch code
     import kda_triton
-    from fast import moe as fast_moe
-    from fast import short_conv as fast_conv
+    from fast import moe as fast_moe, short_conv as fast_conv
 except ModuleNotFoundError as e:
     if e.name != "triton":
         raise
     kda_triton = fast_moe = fast_conv = None
 
-# The one switch between the definitions below and the fast paths listed at the end: Triton
-# kernels that compute what a layer's torch code computes. False: torch code everywhere.
-KERNELS = kda_triton is not None
+KERNELS = kda_triton is not None   # the one switch to the fast paths (the end); False: torch
 
 
 def use_kernels(*tensors):
-    """Whether a Triton kernel replaces the torch code for these inputs: KERNELS is on, they
-    are on a GPU, and no gradient is asked for (the kernels are forward-only)."""
+    """Whether a Triton kernel, computing what a layer's torch code computes, replaces it for
+    these inputs: KERNELS is on, they are on a GPU, no gradient is asked for (forward-only)."""
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     return KERNELS and tensors[0].is_cuda and not wants_grad
 
@@ -58,11 +53,10 @@ def use_kernels(*tensors):
 
 @dataclass(frozen=True)
 class ModelArgs:
-    """The model's sizes: the defaults are Kimi-Linear-48B-A3B, the names config.json's.
-    KDA: kda_num_heads H, kda_head_dim K = V, short_conv_kernel_size W; full_attn_layers
-    (0-based) are MLA, the rest KDA. MLA: kv_lora_rank R; qk_rope_head_dim is one key slot
-    shared by the heads, never rotated. intermediate_size: layer 0's dense MLP;
-    moe_intermediate_size: one expert's. CONFIGS: smaller ones; from_json: a config.json."""
+    """The model's sizes: the defaults are Kimi-Linear-48B-A3B, the names config.json's. KDA:
+    kda_num_heads H, kda_head_dim K = V, short_conv_kernel_size W; full_attn_layers (0-based) are
+    MLA, the rest KDA. MLA: kv_lora_rank R; qk_rope_head_dim, a key slot shared by the heads,
+    unrotated. intermediate_size: layer 0's MLP, moe_intermediate_size one expert's. (CONFIGS)"""
     vocab_size: int = 163840
     hidden_size: int = 2304
     num_hidden_layers: int = 27
@@ -127,8 +121,7 @@ class ModelArgs:
     def cache_bytes(self, batch_size, seq_len, dtype=torch.bfloat16):
         """Bytes of setup_cache(batch_size, seq_len): per MLA layer c and k_pe of each
         position; per KDA layer W-1 inputs of q, k, v and the fp32 S [H, K, V]; per row a pad."""
-        mla = len(self.full_attn_layers)
-        kda = self.num_hidden_layers - mla
+        mla, kda = len(self.full_attn_layers), self.num_hidden_layers - len(self.full_attn_layers)
         P, K = self.kda_num_heads * self.kda_head_dim, self.kda_head_dim
         per_mla = seq_len * (self.kv_lora_rank + self.qk_rope_head_dim) * dtype.itemsize
         per_kda = 3 * P * (self.short_conv_kernel_size - 1) * dtype.itemsize + P * K * 4
@@ -224,9 +217,7 @@ class KimiDeltaAttention(nn.Module):
         self.q_proj = nn.Linear(D, H * K, bias=False)
         self.k_proj = nn.Linear(D, H * K, bias=False)
         self.v_proj = nn.Linear(D, H * K, bias=False)
-        self.q_conv1d = ShortConv(H * K, self.W)
-        self.k_conv1d = ShortConv(H * K, self.W)
-        self.v_conv1d = ShortConv(H * K, self.W)
+        self.q_conv1d, self.k_conv1d, self.v_conv1d = (ShortConv(H * K, self.W) for _ in range(3))
         # Forget gate, low rank (D -> K -> P, no activation between); A_log per head, dt_bias
         # per channel (trap 4), both fp32 always; initialised as fla does (decay rates 1..16).
         self.f_a_proj = nn.Linear(D, K, bias=False)
@@ -263,8 +254,7 @@ class KimiDeltaAttention(nn.Module):
         k = self.k_conv1d(self.k_proj(x), states[1]).view(B, T, H, K)
         v = self.v_conv1d(self.v_proj(x), states[2]).view(B, T, H, K)
         # g = -exp(A_log) * softplus(f + dt_bias), fp32 and <= 0 (trap 3)
-        f = self.f_b_proj(self.f_a_proj(x)).view(B, T, H, K)
-        g = kda_gate(f, self.A_log, self.dt_bias)
+        g = kda_gate(self.f_b_proj(self.f_a_proj(x)).view(B, T, H, K), self.A_log, self.dt_bias)
         beta = self.b_proj(x).float().sigmoid()             # [B, T, H], upcast (trap 10)
         # L2 norm with eps on the sum of squares (trap 6); the kernel applies 1/sqrt(K)
         S0 = None if new else self.recurrent_state[:B]
@@ -301,8 +291,7 @@ class MLAAttention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         D, self.H, self.R = args.hidden_size, args.num_attention_heads, args.kv_lora_rank
-        self.nope, self.pe = args.qk_nope_head_dim, args.qk_rope_head_dim
-        self.v = args.v_head_dim
+        self.nope, self.pe, self.v = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
         self.scale = (self.nope + self.pe) ** -0.5      # 1/sqrt(192), no mscale (trap 2)
         self.q_proj = nn.Linear(D, self.H * (self.nope + self.pe), bias=False)   # no q LoRA
         self.kv_a_proj_with_mqa = nn.Linear(D, self.R + self.pe, bias=False)
@@ -349,8 +338,7 @@ class MLAAttention(nn.Module):
             j = torch.arange(L, device=q.device)
             mask = j <= i                                           # [T, L]
             if pad is not None:     # a padding query sees itself only (a row of -inf is NaN)
-                mask = (mask & (j >= pad[:, None, None])) | (j == i)
-                mask = mask[:, None]                                # [B, 1, T, L]
+                mask = ((mask & (j >= pad[:, None, None])) | (j == i))[:, None]  # [B, 1, T, L]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            scale=self.scale)
@@ -462,8 +450,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         D = args.hidden_size
         self.input_layernorm = RMSNorm(D, args.rms_norm_eps)
-        is_mla = i in args.full_attn_layers
-        self.self_attn = MLAAttention(args) if is_mla else KimiDeltaAttention(args)
+        self.self_attn = (MLAAttention if i in args.full_attn_layers else KimiDeltaAttention)(args)
         self.post_attention_layernorm = RMSNorm(D, args.rms_norm_eps)
         # The checkpoint names the FFN `mlp` in layer 0 and `block_sparse_moe` elsewhere.
         self.is_moe = (args.num_experts > 0 and i >= args.first_k_dense_replace
@@ -489,8 +476,7 @@ class Transformer(nn.Module):
         logits = model(next_token, start_pos=T)    # one decode step
         logits = model(prompts, start_pos=0, pad=n)    # left-padded prompts
 
-    The module tree equals the checkpoint's names (model.layers.{i}.self_attn.q_proj, ...).
-    """
+    The module tree equals the checkpoint's names (model.layers.{i}.self_attn.q_proj, ...)."""
     def __init__(self, args: ModelArgs):
         """args: a ModelArgs (CONFIGS[name], ModelArgs.from_json(path), ...). Random weights"""
         super().__init__()
@@ -505,8 +491,7 @@ class Transformer(nn.Module):
         self.max_batch_size = self.max_seq_len = 0
 
     def setup_cache(self, max_batch_size, max_seq_len):
-        """(Re)allocate every layer's cache (non-persistent buffers) in the model's dtype and
-        device: args.cache_bytes(max_batch_size, max_seq_len) bytes. Needed for start_pos."""
+        """(Re)allocate the caches start_pos needs: args.cache_bytes(...) bytes, not saved."""
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         w = self.model.embed_tokens.weight
         for layer in self.model.layers:
@@ -549,11 +534,9 @@ class Transformer(nn.Module):
         (B, T), V = tokens.shape, self.args.vocab_size
         _require(B >= 1 and T >= 1, f"tokens: expected at least one id, got {(B, T)}")
         if torch.is_tensor(start_pos):  # a graph's step: no host sync, no tensor in a message
-            ok = T == 1 and start_pos.dim() == 0
-            _require(ok, "a tensor start_pos is for steps of one token")
+            _require(T == 1 and start_pos.dim() == 0, "a tensor start_pos is for one-token steps")
         else:       # reading the ids back syncs with the device: checked in eager calls only
-            ok = bool(((tokens >= 0) & (tokens < V)).all())
-            _require(ok, f"tokens: ids lie in 0..{V - 1}")
+            _require(bool(((tokens >= 0) & (tokens < V)).all()), f"tokens: ids lie in 0..{V - 1}")
             ok = start_pos is None or (type(start_pos) is int and start_pos >= 0)
             _require(ok, f"start_pos: expected None, an int >= 0 or a tensor: {start_pos!r}")
             ok = start_pos is None or start_pos + T <= self.max_seq_len
@@ -569,8 +552,7 @@ class Transformer(nn.Module):
                  "pad goes with start_pos None or 0 (the first tokens; the cache keeps it)")
         ok = pad.shape == (B,) and not pad.is_floating_point() and pad.dtype != torch.bool
         _require(ok, f"pad: expected {B} ints (one per row), got {pad.dtype} {tuple(pad.shape)}")
-        ok = bool(((0 <= pad) & (pad < T)).all())
-        _require(ok, f"pad: need 0 <= pad < {T}: {pad.tolist()}")
+        _require(bool(((0 <= pad) & (pad < T)).all()), f"pad: need 0 <= pad < {T}: {pad.tolist()}")
         return pad.long()
 
     def stack_experts(self):
@@ -587,13 +569,8 @@ class Transformer(nn.Module):
         """Load an official checkpoint folder shard by shard (every name and shape checked; a
         CheckpointError of one line otherwise). dtype (None: as stored) casts all but A_log
         and dt_bias, which stay fp32. In eval mode, without gradients, caches set up."""
-        fp8 = "FP8 weights load through fast.quantize.from_pretrained(dir)"
-        _require(dtype != torch.float8_e4m3fn, f"dtype=torch.float8_e4m3fn: {fp8}")
-        ok = dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point)
-        _require(ok, f"dtype: expected None or a float type like torch.bfloat16: {dtype!r}")
+        checkpoint.check_plain_load(ckpt_dir, dtype)    # FP8 is fast.quantize.from_pretrained
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if checkpoint.read_quantization(ckpt_dir):
-            raise CheckpointError(f"{ckpt_dir} holds FP8 weights: {fp8}")
         args = ModelArgs.from_json(Path(ckpt_dir) / "config.json")
         with torch.device("meta"):                                  # no memory, no init
             model = cls(args)
@@ -612,8 +589,7 @@ class Transformer(nn.Module):
 # ---- Fast paths: each computes what a definition above does; tests check each equality ----
 #   - KDA and the short convs on a GPU, without gradients: kda_triton.py, fast/short_conv.py
 #   - MLA decode: attend_absorbed (part of the MLA idea) instead of attend
-#   - MoE: fast.moe.grouped_moe (grouped matmuls, a Triton weighted sum) in place of the loop
-#     and the einsum, once stack_experts has run (from_pretrained does on a GPU)
+#   - MoE: fast.moe.grouped_moe in place of the loop and einsum, once stack_experts has run
 #   - transforms of a built model, never imported here: FP8 weights (fast.quantize), a decode
 #     step in ~18 kernels a layer instead of ~110, replayed from a CUDA graph (fast.decode)
 
@@ -621,5 +597,4 @@ if __name__ == "__main__":      # smoke run: a tiny random model, stateless vs t
     model, tokens = Transformer(CONFIGS["tiny"]), torch.randint(0, 256, (1, 100))
     model.setup_cache(max_batch_size=1, max_seq_len=100)
     steps = torch.cat([model(tokens[:, t:t + 1], start_pos=t) for t in range(100)], dim=1)
-    error = (steps - model(tokens)).abs().max()
-    print(f"max |difference| from the stateless forward: {error:.1e}")
+    print(f"max |difference| from the stateless forward: {(steps - model(tokens)).abs().max():.1e}")

@@ -37,7 +37,7 @@ def one_line(error):
     (torch.zeros(1, 1, dtype=torch.long), dict(start_pos=64), ValueError, "max_seq_len=64"),
     (torch.zeros(3, 1, dtype=torch.long), dict(start_pos=8), ValueError, "max_batch_size=2"),
     (torch.zeros(1, 2, dtype=torch.long), dict(start_pos=torch.tensor(3)), ValueError,
-     "steps of one token"),
+     "one-token steps"),
 ])
 def test_forward_refuses_in_one_line(model, tokens, kwargs, error, words):
     with pytest.raises(error) as e, torch.no_grad():
