@@ -211,9 +211,9 @@ def check_plain_load(ckpt_dir, dtype):
 def load_into(model, ckpt_dir, device, dtype=None, transform=None):
     """Fill a meta-device model from the folder, shard by shard, straight onto `device`: host memory
     stays about one shard (on a CPU without a dtype change the weights stay memory-mapped).
-    `dtype` casts all but A_log and dt_bias, which stay fp32 (trap 10). `transform` (fast/quantize.py's
-    FP8 loader) maps each tensor read, after the cast, to {name: tensor}; the names in its set
-    `makes` are made by it, so the folder need not hold them."""
+    `dtype` casts all but A_log and dt_bias, which stay fp32 (trap 10). `transform` (the FP8
+    loader of fast/quantize.py) maps each tensor read, after the cast, to {name: tensor}; the names
+    in its set `makes` are made by it, so the folder need not hold them."""
     ckpt_dir = Path(ckpt_dir)
     index_path = ckpt_dir / "model.safetensors.index.json"
     weight_map, _ = read_index(ckpt_dir)
