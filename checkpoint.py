@@ -27,7 +27,7 @@ FLOATS = (torch.bfloat16, torch.float16, torch.float32)     # what a weight may 
 LINEAR_KEYS = {"kda_num_heads": "num_heads", "kda_head_dim": "head_dim",
                "short_conv_kernel_size": "short_conv_kernel_size",
                "full_attn_layers": "full_attn_layers"}
-OURS = ("routing_weights_biased",)          # ModelArgs fields that config.json does not have
+NOT_IN_CONFIG = ("routing_weights_biased",)  # ModelArgs fields that config.json lacks
 
 
 class CheckpointError(ValueError):
@@ -96,7 +96,7 @@ def read_config(args_cls, path):
         src, key, where = cfg, f.name, ""
         if f.name in LINEAR_KEYS:
             src, key, where = linear, LINEAR_KEYS[f.name], "linear_attn_config."
-        if f.name in OURS:
+        if f.name in NOT_IN_CONFIG:
             continue
         if key not in src:
             raise CheckpointError(f"{path}: missing required key '{where}{key}'")
@@ -139,7 +139,7 @@ def read_index(folder):
 def config_json(args, dtype="bfloat16"):
     """args -> the official config.json dict (1-based layer lists)."""
     cfg = {f.name: getattr(args, f.name) for f in fields(args)
-           if f.name not in LINEAR_KEYS and f.name not in OURS}
+           if f.name not in LINEAR_KEYS and f.name not in NOT_IN_CONFIG}
     full = [i + 1 for i in args.full_attn_layers]
     kda = [i for i in range(1, args.num_hidden_layers + 1) if i not in full]
     linear = {key: getattr(args, name) for name, key in LINEAR_KEYS.items()}

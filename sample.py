@@ -453,14 +453,14 @@ def timed(steps, stamps):
 def report(what, prefilled, t0, stamps, device, rows=1):
     """The speeds line on stderr: `what`, then the prefill and decode rates and peak memory."""
     n = len(stamps)
-    prefill = prefilled / (stamps[0] - t0) if n else float("nan")
-    decode = rows * (n - 1) / (stamps[-1] - stamps[0]) if n > 1 else float("nan")
+    prefill_rate = prefilled / (stamps[0] - t0) if n else float("nan")
+    decode_rate = rows * (n - 1) / (stamps[-1] - stamps[0]) if n > 1 else float("nan")
     if device.type == "cuda":
         peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated on {device}"
     else:
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB process RSS"
-    print(f"{what}; prefill {prefill:.1f} tok/s, decode {decode:.1f} tok/s; peak memory {peak}",
-          file=sys.stderr)
+    print(f"{what}; prefill {prefill_rate:.1f} tok/s, decode {decode_rate:.1f} tok/s; "
+          f"peak memory {peak}", file=sys.stderr)
 
 
 def stream_text(args, model, tok, texts, prompts, max_new):

@@ -132,6 +132,8 @@ class Tokenizer:
         return [t for s in _slices(text) for t in self.enc.encode(s, allowed_special="all")]
 
     def decode(self, ids):
+        """ids -> text. Bytes that are not whole UTF-8 characters become U+FFFD (stream() holds
+        them back until the character is complete)."""
         return self.enc.decode(ids)
 
     def stream(self, ids):
