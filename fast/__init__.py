@@ -13,7 +13,8 @@ Transforms (take a built model and change how it runs):
 Importing this package chooses Triton's CPU interpreter where there is no GPU. It must come before
 Triton's own first import, which builds tl.sum and the other library functions for the compiler or
 for the interpreter once and for all: every file in fast/ runs this first, as its package, and
-kda_triton.py imports it before triton.
+kda_triton.py imports it before triton. What the fast paths share is here too: round_to (a bf16
+rounding the interpreter gets right) and stack_linears (weights stacked, the layers' views of them).
 """
 import os
 import sys
@@ -47,3 +48,21 @@ def round_to(x, DT: tl.constexpr):
         return u.to(tl.float32, bitcast=True)
     else:
         return x.to(DT).to(tl.float32)
+
+
+@torch.no_grad()     # the stack is a plain tensor, outside autograd
+def stack_linears(linears):
+    """Stack nn.Linear (or fast.quantize.Fp8Linear) layers over their outputs: -> (weight
+    [sum N, K], scale [sum N, 1] or None). Each layer's weight (and scale) becomes a view of the
+    stack, so the module names and the state_dict stay the checkpoint's."""
+    fp8 = hasattr(linears[0], "weight_scale")
+    weight = torch.cat([m.weight for m in linears])
+    scale = torch.cat([m.weight_scale for m in linears]) if fp8 else None
+    start = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight = torch.nn.Parameter(weight[start:start + n], requires_grad=False)
+        if fp8:
+            m.weight_scale = torch.nn.Parameter(scale[start:start + n], requires_grad=False)
+        start += n
+    return weight, scale

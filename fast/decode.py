@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 import kimi
-from fast import kda_decode, mla_decode, moe_decode, round_to
+from fast import kda_decode, mla_decode, moe_decode, round_to, stack_linears
 from fast import moe as fast_moe
 
 
@@ -73,23 +73,6 @@ def add_rmsnorm(h, delta, norm):
 
 # -------------------------------------------------------------------------------------------------
 # Stacked projections
-
-@torch.no_grad()     # the stack is a plain tensor, outside autograd
-def stack_linears(linears):
-    """Stack nn.Linear (or quantize.Fp8Linear) layers over their outputs: -> (weight [sum N, K],
-    scale [sum N, 1] or None). Each layer's weight (and scale) becomes a view of the stack."""
-    fp8 = hasattr(linears[0], "weight_scale")
-    weight = torch.cat([m.weight for m in linears])
-    scale = torch.cat([m.weight_scale for m in linears]) if fp8 else None
-    start = 0
-    for m in linears:
-        n = m.weight.shape[0]
-        m.weight = torch.nn.Parameter(weight[start:start + n], requires_grad=False)
-        if fp8:
-            m.weight_scale = torch.nn.Parameter(scale[start:start + n], requires_grad=False)
-        start += n
-    return weight, scale
-
 
 def linear(x, weight, scale):
     """x @ weight.T for a stack_linears result (FP8: quantize.fp8_linear's decode product)."""

@@ -23,12 +23,11 @@ Shapes: N tokens, k experts per token, D hidden, F expert width, E experts.
 tests/test_moe.py and tests/test_kimi.py check the equalities.
 """
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fast import round_to
+from fast import round_to, stack_linears
 
 # Fixed tile (autotune breaks the interpreter). BN = 256 divides D = 2304; with 4 warps a program
 # loads BM * BN / 128 = 16 values a thread per slot, in 16-byte pieces, and its k slots unrolled.
@@ -49,14 +48,11 @@ def stack_experts(moe):
     s = moe.shared_experts
     if s.gate_proj.weight.shape == moe.experts[0].w1.weight.shape:
         mats.append((s.gate_proj, s.up_proj, s.down_proj))
-    w13 = torch.stack([torch.cat([gate.weight, up.weight]) for gate, up, _ in mats])
-    w2 = torch.stack([down.weight for _, _, down in mats])
-    for (gate, up, down), gate_up, down_w in zip(mats, w13, w2):
-        w1, w3 = gate_up.chunk(2)
-        gate.weight = nn.Parameter(w1, requires_grad=False)
-        up.weight = nn.Parameter(w3, requires_grad=False)
-        down.weight = nn.Parameter(down_w, requires_grad=False)
-    moe.w13, moe.w2 = w13, w2
+    # rows gate_0, up_0, gate_1, up_1, ... of one matrix are w13 [E', 2F, D], one expert a slice
+    E_, D = len(mats), moe.experts[0].w1.in_features
+    w13 = stack_linears([m for gate, up, _ in mats for m in (gate, up)])[0].view(E_, -1, D)
+    moe.w2 = stack_linears([down for _, _, down in mats])[0].view(E_, D, -1)
+    moe.w13 = w13
 
 
 def sorted_experts(x, ids, w13, w2):
