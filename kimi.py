@@ -344,12 +344,12 @@ class MLAAttention(nn.Module):
                                            scale=self.scale)
         return o.transpose(1, 2)                                    # [B, T, H, 128]
 
-    def attend_absorbed(self, q, ckv, pos, pad=None):
+    def attend_absorbed(self, q, ckv, pos, pad=None, attention=latent_attention):
         """Decode: q [B, H, 192] of one token at pos (an int, or a 0-d tensor in a CUDA graph),
         its entry ckv [B, 1, R + 64] -> o [B, 1, H, 128], = `attend` without expanding the cache.
         With kv_b_proj split into W_uk, W_uv [H, 128, R], q_nope . (W_uk c) = (q_nope W_uk) . c
         and sum_j p_j W_uv c_j = W_uv (sum_j p_j c_j): each head is one query row of a single
-        attention over the cached latents, as DeepSeek-V3 and vLLM decode."""
+        attention over the cached latents, as DeepSeek-V3 decodes (or a kernel equal to it)."""
         B = q.shape[0]
         L = self.kv_cache.shape[1] if torch.is_tensor(pos) else pos + 1
         self.kv_cache[:B].index_copy_(1, torch.as_tensor(pos, device=q.device).view(1), ckv)
@@ -359,7 +359,7 @@ class MLAAttention(nn.Module):
         q_nope, q_pe = q.split([self.nope, self.pe], dim=-1)       # [B, H, 128], [B, H, 64]
         q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)          # [B, H, R]
         q_rows = torch.cat([q_lat, q_pe], dim=-1)                   # [B, H, R + 64]
-        o_lat = latent_attention(q_rows, cache, pos, self.scale, pad, kv_lora_rank=self.R)
+        o_lat = attention(q_rows, cache, pos, self.scale, pad, kv_lora_rank=self.R)
         return torch.einsum("bhr,hdr->bhd", o_lat, w_uv)[:, None]   # [B, 1, H, 128]
 
 

@@ -149,21 +149,13 @@ def kda_step(attn, x, fast):
 
 
 def mla_step(attn, x, pos, pad, fast):
-    """= MLAAttention.forward for one token per row at position pos: x [B, D] -> [B, D]. pos: an
-    int, or a 0-d device tensor (a CUDA graph's), for which the kernel reads the whole buffer."""
+    """= MLAAttention.forward for one token per row at position pos: x [B, D] -> [B, D], its
+    attend_absorbed with the split-K kernel (fast) or kimi.latent_attention inside."""
     B, H, R = x.shape[0], attn.H, attn.R
     q, c, k_pe = linear(x, *attn.stacked).split([H * (attn.nope + attn.pe), R, attn.pe], dim=-1)
     ckv = torch.cat([attn.kv_a_layernorm(c), k_pe], dim=-1)        # [B, R + pe]: the new entry
-    attn.kv_cache[:B].index_copy_(1, torch.as_tensor(pos, device=x.device).view(1), ckv[:, None])
-    # absorbed attention (MLAAttention.attend_absorbed): every head a query row over the latents
-    w_uk, w_uv = attn.kv_b_proj.weight.view(H, attn.nope + attn.v, R).split([attn.nope, attn.v], 1)
-    q_nope, q_pe = q.view(B, H, -1).split([attn.nope, attn.pe], dim=-1)
-    q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)             # [B, H, R]
-    L = None if torch.is_tensor(pos) else pos + 1                 # None: the whole buffer
-    kernel = mla_decode.mla_decode if fast else kimi.latent_attention
-    o_lat = kernel(torch.cat([q_lat, q_pe], dim=-1), attn.kv_cache[:B, :L], pos, attn.scale, pad,
-                   kv_lora_rank=R)
-    o = torch.einsum("bhr,hdr->bhd", o_lat, w_uv)                   # [B, H, 128]
+    attention = mla_decode.mla_decode if fast else kimi.latent_attention
+    o = attn.attend_absorbed(q.view(B, H, -1), ckv[:, None], pos, pad, attention)  # [B, 1, H, V]
     return attn.o_proj(o.reshape(B, H * attn.v))
 
 
