@@ -1,11 +1,12 @@
 """Tests for the CPU-checkable parts of tools/: tools.bench's byte and parameter counts behind its
-ceilings, its random model (bf16 and FP8) and command line; tools.kernels' command line; the kernel
-names profile_decode groups by. (The timings need a GPU; cuda_graph_decoder is tested in
-test_decode.py, args.cache_bytes, which the --context sweep reports, in test_kimi.py; who imports
-tools, in test_imports.py.)"""
+ceilings, its random model (bf16 and FP8), --throughput's batch arithmetic, its command line;
+tools.kernels' command line; the kernel names profile_decode groups by. (The timings need a GPU;
+cuda_graph_decoder is tested in test_decode.py, args.cache_bytes, which the --context sweep and
+largest_batch use, in test_kimi.py; who imports tools, in test_imports.py.)"""
 import ast
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from kimi import CONFIGS, Transformer
 from tools import bench, kernels, profile_decode
 
 TINY = CONFIGS["tiny"]
+FULL = CONFIGS["kimi-linear-48b-a3b"]
 
 
 def test_active_params_count_what_one_token_touches():
@@ -73,16 +75,60 @@ def test_fp8_random_model_reads_fewer_bytes():
     assert bench.model_decode_bytes(fp8, 16, 100) < bench.model_decode_bytes(bf16, 16, 100)
 
 
+def test_largest_batch_is_the_rows_that_fit_beside_the_weights():
+    weights, step, safety = 50 * 10**9, 2**20, bench.SAFETY_BYTES
+    for L in (4096, 131072, 1048576):
+        row = FULL.cache_bytes(1, L) + step
+        one = weights + safety + row                        # room for exactly one row
+        assert bench.largest_batch(FULL, L, one, weights, step) == 1
+        assert bench.largest_batch(FULL, L, one + row - 1, weights, step) == 1
+        assert bench.largest_batch(FULL, L, one + 5 * row, weights, step) == 6
+        with pytest.raises(ValueError) as e:                # not one row: refused in one line
+            bench.largest_batch(FULL, L, one - 1, weights, step)
+        assert str(e.value).startswith(f"not one row fits at context {L}: ")
+        assert "\n" not in str(e.value)
+
+
+def test_largest_batch_grows_with_memory_and_shrinks_with_context():
+    memories = [g * 10**9 for g in (60, 80, 100, 141, 200)]
+    contexts = (4096, 32768, 131072, 524288, 1048576)
+    weights, step = 50 * 10**9, 8 * 2**20
+
+    def batch(args, L, memory):
+        try:
+            return bench.largest_batch(args, L, memory, weights, step)
+        except ValueError:
+            return 0
+    for args in (FULL, bench.variants(FULL)[1][1], TINY):
+        table = [[batch(args, L, m) for m in memories] for L in contexts]
+        assert all(row == sorted(row) for row in table)                     # more memory
+        assert all(list(col) == sorted(col, reverse=True) for col in zip(*table))  # longer context
+    # the twin keeps 27 layers' latents to Kimi Linear's 7: fewer rows, at 1M none under 80 GB
+    twin = bench.variants(FULL)[1][1]
+    assert all(batch(twin, L, 141 * 10**9) < batch(FULL, L, 141 * 10**9) for L in contexts[2:])
+    assert batch(twin, 1048576, 80 * 10**9) == 0 < batch(FULL, 1048576, 80 * 10**9)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--context", "4,x"], "--context takes comma-separated token counts, not '4,x'"),
     (["--context", "0"], "--context lengths must be positive"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
-    (["--out", "somewhere"], "--out writes the --context results: add --context"),
+    (["--out", "somewhere"], "--out writes the --context or --throughput results: add one"),
     (["--batch", "8"], "--batch takes a row count >= 1 and goes with --context"),
     (["--context", "8", "--batch", "0"], "--batch takes a row count >= 1 and goes with --context"),
     (["--context", "8", "--baseline"], "--compile and --baseline do not apply"),
     (["--config", "no/such/config.json"], "cannot read config"),
     (["--config", "tiny", "--context", "8", "--out", "/proc/self/x"], "cannot make --out"),
+    (["--memory-cap-gb", "80"], "--memory-cap-gb takes a positive number of GB and goes with "
+     "--throughput"),
+    (["--throughput", "--memory-cap-gb", "0"], "--memory-cap-gb takes a positive number of GB"),
+    (["--throughput", "--memory-cap-gb", "-5"], "--memory-cap-gb takes a positive number of GB"),
+    (["--throughput", "--memory-cap-gb", "nan"], "--memory-cap-gb takes a positive number of GB"),
+    (["--throughput", "--memory-cap-gb", "inf"], "--memory-cap-gb takes a positive number of GB"),
+    (["--throughput", "--memory-cap-gb", "x"], "invalid float value: 'x'"),
+    (["--throughput", "--batch", "4"], "--throughput finds its batch, FP8: --batch, --compile"),
+    (["--throughput", "--fp8"], "--throughput finds its batch, FP8: --batch, --compile"),
+    (["--throughput", "--context", "0"], "--context lengths must be positive"),
 ])
 def test_bad_bench_arguments_exit_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -98,6 +144,31 @@ def test_bench_without_gpu_says_so_in_one_line():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["error: the benchmark needs a CUDA GPU (see --help)"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+@pytest.mark.parametrize("argv", [["--throughput"], ["--throughput", "--memory-cap-gb", "80",
+                                                     "--context", "1048576"]])
+def test_throughput_without_gpu_says_so_in_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--config", "tiny", *argv])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: the benchmark needs a CUDA GPU (see --help)"]
+
+
+def test_throughput_contexts_by_default_and_a_cap_within_the_gpu(monkeypatch, capsys):
+    """parse as on a GPU of 80e9 bytes (its checks need none)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(total_memory=80 * 10**9))
+    opts, _, contexts = bench.parse(["--config", "tiny", "--throughput", "--memory-cap-gb", "80"])
+    assert contexts == list(bench.THROUGHPUT_CONTEXTS) and opts.memory_cap_gb == 80
+    assert bench.parse(["--config", "tiny", "--throughput", "--context", "64"])[2] == [64]
+    with pytest.raises(SystemExit) as e:
+        bench.parse(["--config", "tiny", "--throughput", "--memory-cap-gb", "80.5"])
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines() == [
+        "error: --memory-cap-gb 80.5 is more than this GPU holds (see --help)"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the benchmark needs a CUDA GPU")

@@ -2,6 +2,7 @@
 
     python -m tools.bench [--config NAME_OR_CONFIG_JSON] [--compile] [--baseline] [--fp8]
     python -m tools.bench --context 4096,131072,1048576 [--out DIR] [--batch B]  # vs all-MLA
+    python -m tools.bench --throughput [--context L,...] [--memory-cap-gb N] [--out DIR]
 
 It builds the model with random weights (speed does not depend on their values) and prints
 prefill tokens/s at B = 1 and decode tokens/s after a 4096-token prompt, each next to its ceiling
@@ -12,7 +13,8 @@ eager, as one CUDA graph per step of kimi.py's forward, as one of fast/decode.py
 through sample.generate itself, for B = 1, 4 and 16 prompts of different lengths. --baseline
 also times Hugging Face transformers' KimiLinearForCausalLM (tools/baseline_hf.py) on random
 weights of the same shapes. --fp8 adds the same rows for FP8 weights (fast/quantize.py), with
-ceilings at the FP8 matmul rate and in the FP8 model's bytes.
+ceilings at the FP8 matmul rate and in the FP8 model's bytes. --throughput: decode tokens/s at
+the largest batch that fits the GPU, FP8 weights, Kimi Linear against its all-MLA twin.
 """
 import functools
 import json
@@ -33,6 +35,11 @@ from tools.timing import cuda_time
 COPY_BYTES_PER_S, MATMUL_FLOP_PER_S, FP8_MATMUL_FLOP_PER_S = 4.27e12, 702e12, 1384e12
 PREFILL_T, DECODE_B, CONTEXT, STEPS = (8192, 32768), (1, 16), 4096, 32
 GENERATE_B = (1, 4, 16)
+THROUGHPUT_CONTEXTS = (131072, 524288, 1048576)
+# --throughput measures a one-row step with this many cached keys: enough that the latent attention
+# splits over every SM (fast/mla_decode.num_splits), so its partials are as large as at 1M
+MEASURE_CONTEXT = 65536
+SAFETY_BYTES = 2**30        # left free: the allocator's rounding, what the measured step misses
 
 
 def random_model(args, device, max_batch_size, max_seq_len, seed=0, fp8=False):
@@ -201,8 +208,7 @@ def bench_context(args, device, contexts, steps=16, prefill=65536, batch=1):
     the model and its all-MLA twin (every layer MLA, all else equal). The caches are filled with
     random values, not by a prefill: a step's time does not depend on them. -> list of dicts."""
     results = []
-    twin = replace(args, full_attn_layers=tuple(range(args.num_hidden_layers)))
-    for variant, a in (("Kimi Linear", args), ("all-MLA twin", twin)):
+    for variant, a in variants(args):
         model = random_model(a, device, 1, 1)
         for L in contexts:
             row = dict(variant=variant, context=L, batch=batch,
@@ -231,6 +237,75 @@ def bench_context(args, device, contexts, steps=16, prefill=65536, batch=1):
     return results
 
 
+def variants(args):
+    """(name, ModelArgs) of the model and its all-MLA twin (every layer MLA, all else equal)."""
+    return ("Kimi Linear", args), ("all-MLA twin", replace(
+        args, full_attn_layers=tuple(range(args.num_hidden_layers))))
+
+
+def largest_batch(args, context, memory_bytes, weight_bytes, step_bytes_per_row):
+    """The most rows whose caches (args.cache_bytes, linear in the rows) and decode step fit in
+    memory_bytes beside the weights, SAFETY_BYTES left free. ValueError if not one row fits."""
+    room = memory_bytes - weight_bytes - SAFETY_BYTES           # for the caches and the step
+    per_row = args.cache_bytes(1, context) + step_bytes_per_row  # cache_bytes(B): B times this
+    if room < per_row:
+        raise ValueError(f"not one row fits at context {context}: {per_row / 2**30:.2f} GiB a row, "
+                         f"{max(room, 0) / 2**30:.2f} GiB beside the weights")
+    return int(room // per_row)
+
+
+def bench_throughput(args, device, contexts, cap_bytes=None, steps=16):
+    """Decode tokens/s at the largest batch that fits (largest_batch; memory: what the allocator
+    holds and the GPU has free, at most cap_bytes), FP8 weights, for the model and its all-MLA
+    twin; caches random as in bench_context. -> list of dicts, each with the ratio Kimi / twin."""
+    results = []
+    for variant, a in variants(args):
+        model = random_model(a, device, 1, MEASURE_CONTEXT, fp8=True)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        random_cache_tpot_ms(model, MEASURE_CONTEXT, steps=2)      # a one-row step, its graph
+        # per row: all of a one-row step (its fixed part too, counted B times: a margin)
+        step_bytes = torch.cuda.max_memory_allocated(device) - before
+        model.setup_cache(0, 0)
+        torch.cuda.empty_cache()
+        # the weights, decode.prepare's stacks, and the part-used segments they sit in (the cap
+        # bounds the reserve)
+        weight_bytes = torch.cuda.memory_reserved(device)
+        for L in contexts:
+            free, _ = torch.cuda.mem_get_info(device)
+            memory = min(free + torch.cuda.memory_reserved(device), cap_bytes or float("inf"))
+            row = dict(variant=variant, context=L, batch=0, cache_gib=None, ms_per_step=None,
+                       tokens_per_s=None, memory_gib=memory / 2**30,     # largest_batch's inputs
+                       weight_gib=weight_bytes / 2**30, step_gib_per_row=step_bytes / 2**30,
+                       safety_gib=SAFETY_BYTES / 2**30)
+            try:
+                row["batch"] = B = largest_batch(a, L, memory, weight_bytes, step_bytes)
+                row["cache_gib"] = a.cache_bytes(B, L) / 2**30
+                torch.cuda.reset_peak_memory_stats(device)
+                model.setup_cache(B, L)
+                row["ms_per_step"] = random_cache_tpot_ms(model, L, steps, B)
+                row["tokens_per_s"] = B / row["ms_per_step"] * 1e3
+                row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            except (ValueError, torch.OutOfMemoryError) as e:   # ValueError: largest_batch's
+                row["note"] = str(e).splitlines()[0]
+            model.setup_cache(0, 0)
+            torch.cuda.empty_cache()
+            results.append(row)
+            print(f"{variant:12} context {L:>8}: batch {row['batch']:>3}, " + (row.get("note") or
+                  f"cache {row['cache_gib']:.2f} GiB, {row['ms_per_step']:.2f} ms a step, "
+                  f"{row['tokens_per_s']:.1f} tok/s"), flush=True)
+        model = None
+        torch.cuda.empty_cache()
+    tps = {(r["variant"], r["context"]): r["tokens_per_s"] for r in results}
+    for r in results:
+        kimi, twin = (tps[name, r["context"]] for name, _ in variants(args))
+        r["kimi_over_twin"] = kimi / twin if kimi and twin else None
+    for r in results[:len(contexts)]:                   # Kimi Linear's rows
+        print(f"context {r['context']:>8}: tokens/s, Kimi Linear / all-MLA twin: " + (
+              f"{r['kimi_over_twin']:.2f}" if r["kimi_over_twin"] else "none (one did not run)"))
+    return results
+
+
 def random_cache_tpot_ms(model, L, steps=16, batch=1):
     """Milliseconds per decode step of `batch` rows on caches set up for L tokens, filled here with
     random values (a step's time does not depend on them), through one CUDA graph that reads all
@@ -243,19 +318,19 @@ def random_cache_tpot_ms(model, L, steps=16, batch=1):
     return cuda_time(lambda: step(tok, L - 1), runs=steps, warmup=4)
 
 
-def plot(results, path):
-    """TPOT against context for both variants (matplotlib, optional) -> PNG at `path`."""
+def plot(results, path, y="tpot_ms", ylabel=None, weights="bf16"):
+    """y (TPOT by default) against context for both variants (matplotlib, optional) -> PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for variant in dict.fromkeys(r["variant"] for r in results):
-        pts = [(r["context"], r["tpot_ms"]) for r in results
-               if r["variant"] == variant and r["tpot_ms"]]
-        ax.plot(*zip(*pts), marker="o", label=variant)
-    B = results[0].get("batch", 1)
-    ax.set(xscale="log", xlabel="context (tokens)", ylabel=f"decode step time, B = {B} (ms)",
-           title=f"Kimi Linear 48B-A3B vs an all-MLA twin, {torch.cuda.get_device_name()}, bf16")
+        pts = [(r["context"], r[y]) for r in results if r["variant"] == variant and r[y]]
+        if pts:                                     # none, where not one row fits
+            ax.plot(*zip(*pts), marker="o", label=variant)
+    ylabel = ylabel or f"decode step time, B = {results[0].get('batch', 1)} (ms)"
+    ax.set(xscale="log", xlabel="context (tokens)", ylabel=ylabel, title="Kimi Linear 48B-A3B vs "
+           f"an all-MLA twin, {torch.cuda.get_device_name()}, {weights}")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -272,11 +347,18 @@ def parse(argv):
                     "baseline, KimiLinearForCausalLM (tools/baseline_hf.py)")
     ap.add_argument("--context", help="comma-separated context lengths: decode time per token and "
                     "cache size against an all-MLA twin, instead of the speed table")
-    ap.add_argument("--out", help="with --context: write tpot.json and tpot.png into this folder")
+    ap.add_argument("--out", help="with --context: write tpot.json and tpot.png into this folder; "
+                    "with --throughput: throughput.json and .png (throughput_Ngb.* if capped)")
     ap.add_argument("--batch", type=int, default=1, help="with --context: rows per decode step "
                     "(default: %(default)s)")
     ap.add_argument("--fp8", action="store_true", help="also the rows with FP8 weights "
                     "(fast/quantize.py), after the bf16 ones")
+    ap.add_argument("--throughput", action="store_true", help="decode tokens/s at the largest "
+                    "batch that fits, FP8 weights, against the all-MLA twin, at --context (default "
+                    + ",".join(map(str, THROUGHPUT_CONTEXTS)) + ")")
+    ap.add_argument("--memory-cap-gb", type=float, metavar="N", help="with --throughput: let "
+                    "this process hold at most N x 1e9 bytes of GPU memory "
+                    "(set_per_process_memory_fraction)")
     opts = ap.parse_args(argv)
     try:
         contexts = [int(c) for c in opts.context.split(",")] if opts.context else []
@@ -284,10 +366,17 @@ def parse(argv):
         ap.error(f"--context takes comma-separated token counts, not {opts.context!r}")
     if any(c < 1 for c in contexts):
         ap.error("--context lengths must be positive")
+    cap = opts.memory_cap_gb
+    if cap is not None and not (opts.throughput and 0 < cap < float("inf")):   # nan fails too
+        ap.error("--memory-cap-gb takes a positive number of GB and goes with --throughput")
+    if opts.throughput and (opts.batch != 1 or opts.compile or opts.baseline or opts.fp8):
+        ap.error("--throughput finds its batch, FP8: --batch, --compile, --baseline, --fp8 do not "
+                 "apply")
+    contexts = contexts or list(THROUGHPUT_CONTEXTS if opts.throughput else ())
     if opts.batch < 1 or (opts.batch != 1 and not contexts):
         ap.error("--batch takes a row count >= 1 and goes with --context")
     if opts.out and not contexts:
-        ap.error("--out writes the --context results: add --context")
+        ap.error("--out writes the --context or --throughput results: add one")
     if contexts and (opts.compile or opts.baseline):
         ap.error("--context replaces the speed table: --compile and --baseline do not apply")
     if contexts and opts.fp8:
@@ -311,6 +400,8 @@ def parse(argv):
         ap.error(f"cannot make --out {opts.out}: {e.strerror or e}")
     if not torch.cuda.is_available():
         ap.error("the benchmark needs a CUDA GPU")
+    if (cap or 0) * 1e9 > torch.cuda.get_device_properties(0).total_memory:
+        ap.error(f"--memory-cap-gb {cap:g} is more than this GPU holds")
     return opts, args, contexts
 
 
@@ -318,14 +409,25 @@ def parse(argv):
 def main(argv=()):
     opts, args, contexts = parse(argv)
     device = torch.device("cuda")
-    print(f"{active_params(args) / 1e9:.2f} B active parameters per token; random bf16 weights on "
-          f"{torch.cuda.get_device_name(device)}", flush=True)
-    if contexts:
-        results = bench_context(args, device, contexts, batch=opts.batch)
+    print(f"{active_params(args) / 1e9:.2f} B active parameters per token; random "
+          f"{'FP8' if opts.throughput else 'bf16'} weights on {torch.cuda.get_device_name(device)}",
+          flush=True)
+    cap = opts.memory_cap_gb
+    if cap:                                         # the allocator's limit, for all that follows
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(cap * 1e9 / total, device)
+    if opts.throughput:
+        results = bench_throughput(args, device, contexts, int(cap * 1e9) if cap else None)
+        name = "throughput" + (f"_{cap:g}gb" if cap else "")
+        how = ("tokens_per_s", "decode tokens/s at the largest batch that fits",
+               "FP8" + (f", {cap:g} GB cap" if cap else ""))
+    elif contexts:
+        results, name, how = bench_context(args, device, contexts, batch=opts.batch), "tpot", ()
+    if contexts:                                    # (--throughput's are never empty)
         if opts.out:
-            with open(os.path.join(opts.out, "tpot.json"), "w") as f:
+            with open(os.path.join(opts.out, name + ".json"), "w") as f:
                 json.dump(results, f, indent=1)
-            plot(results, os.path.join(opts.out, "tpot.png"))
+            plot(results, os.path.join(opts.out, name + ".png"), *how)
         return
     ours = bench_ours(args, device, opts.compile)
     peak = torch.cuda.max_memory_allocated(device) / 2**30
