@@ -332,7 +332,7 @@ def _write(model, state, folder, num_shards):
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
     config = config_json(model.args, dtype)
-    if getattr(model, "quantization_config", None):                 # FP8 weights (quantize.py)
+    if getattr(model, "quantization_config", None):                 # FP8 weights (fast/quantize.py)
         config["quantization_config"] = model.quantization_config
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return [*shards, "model.safetensors.index.json", "config.json"]

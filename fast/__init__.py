@@ -6,9 +6,10 @@ Kernels (tensors in, tensors out; they never import kimi):
     kda_decode.py   a KDA layer's decode step, from the projections to o_proj's input
     mla_decode.py   the absorbed latent attention of one decode step, split over the cache
     moe_decode.py   one decode step's router and experts, each expert's weights read once
+    fp8.py          FP8 weights: the per-channel format, the decode product and the scaled matmuls
 Transforms (take a built model and change how it runs):
     decode.py       decode.step, one decode step in fused kernels, and cuda_graph_decoder
-    quantize.py     FP8 weights: from_pretrained, Fp8Linear, Fp8MoE, save_pretrained
+    quantize.py     a model in FP8: from_pretrained (quantised as it loads), Fp8MoE
 
 Importing this package chooses Triton's CPU interpreter where there is no GPU. It must come before
 Triton's own first import, which builds tl.sum and the other library functions for the compiler or
@@ -52,7 +53,7 @@ def round_to(x, DT: tl.constexpr):
 
 @torch.no_grad()     # the stack is a plain tensor, outside autograd
 def stack_linears(linears):
-    """Stack nn.Linear (or fast.quantize.Fp8Linear) layers over their outputs: -> (weight
+    """Stack nn.Linear (or fast.fp8.Fp8Linear) layers over their outputs: -> (weight
     [sum N, K], scale [sum N, 1] or None). Each layer's weight (and scale) becomes a view of the
     stack, so the module names and the state_dict stay the checkpoint's."""
     fp8 = hasattr(linears[0], "weight_scale")

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 import kimi
-from fast import kda_decode, mla_decode, moe_decode, round_to, stack_linears
+from fast import fp8, kda_decode, mla_decode, moe_decode, round_to, stack_linears
 from fast import moe as fast_moe
 
 
@@ -75,11 +75,10 @@ def add_rmsnorm(h, delta, norm):
 # Stacked projections
 
 def linear(x, weight, scale):
-    """x @ weight.T for a stack_linears result (FP8: quantize.fp8_linear's decode product)."""
+    """x @ weight.T for a stack_linears result (FP8: fast.fp8.fp8_linear's decode product)."""
     if scale is None:
         return F.linear(x, weight)
-    from fast import quantize
-    return quantize.fp8_linear(x, weight, scale)
+    return fp8.fp8_linear(x, weight, scale)
 
 
 KDA_IN = ("q_proj", "k_proj", "v_proj", "f_a_proj", "g_a_proj", "b_proj")
@@ -104,8 +103,7 @@ def _plain(m):
     """A Linear's weight in the model's dtype (an Fp8Linear's dequantised: exact in bf16)."""
     if not hasattr(m, "weight_scale"):
         return m.weight
-    from fast import quantize
-    return quantize.dequantize(m.weight, m.weight_scale, torch.bfloat16)
+    return fp8.dequantize(m.weight, m.weight_scale, torch.bfloat16)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 The MoE of a decode step (N <= 16 tokens) in 4 Triton launches, each selected expert's weights
 (bf16, or e4m3 + scales) read once per step. Beside kimi.py: route = MoEGate.forward after its
 F.linear; experts = SparseMoeBlock.run_experts + forward's fp32 weighted sum (as fast.moe.
-grouped_experts and fast.quantize.fp8_experts, which take ~35 torch kernels and one-row GEMMs).
+grouped_experts and fast.fp8.fp8_experts, which take ~35 torch kernels and one-row GEMMs).
   _route_kernel    (N,)            sigmoid, + bias, k rounds of max / argmax, the weights
   _gate_up_kernel  (P, F / BN)     h = silu(x @ w1^T) * (x @ w3^T), one expert per program
   _down_kernel     (P, D / BN)     out = h @ w2^T; N = 1: grid (1, D / BN), every slot, summed

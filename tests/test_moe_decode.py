@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from fast.moe_decode import experts, experts_ref, route, route_ref
 import kimi
-from fast.quantize import dequantize, quantize_rows
+from fast.fp8 import dequantize, quantize_rows
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"     # kernels: compiled on a GPU, else the interpreter
 TINY = kimi.CONFIGS["tiny"]

@@ -1,5 +1,5 @@
-"""Tests for quantize.py (FP8 weights): e4m3's error bound, the products against references with
-outlier channels, the kernels (Triton's CPU interpreter; bf16 and the FP8 GEMMs on a GPU), loading a
+"""Tests for fast/fp8.py and fast/quantize.py (FP8 weights): e4m3's error bound, the products
+against references with outlier channels, the kernels (Triton's CPU interpreter; bf16 and the FP8 GEMMs on a GPU), loading a
 tiny checkpoint in FP8, the FP8 folder round trip and broken FP8 folders."""
 import json
 import os
@@ -12,11 +12,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
-from fast import quantize
-from helpers import ROOT, randomize
 import kimi
+from fast import quantize
+from fast.fp8 import (DECODE_ROWS, FP8, dequantize, fp8_experts, fp8_linear, fp8_rows,
+                      quantize_rows, quantize_rows_triton, scaled_linear)
+from fast.quantize import SCALE
+from helpers import ROOT, randomize
 from kimi import CheckpointError, Transformer
-from fast.quantize import FP8, SCALE, dequantize, quantize_rows
+
 CUDA = torch.cuda.is_available()
 FP8_GPU = CUDA and torch.cuda.get_device_capability() >= (8, 9)
 NEEDS_FP8_GPU = "needs a GPU with FP8 (compute capability >= 8.9)"
@@ -93,12 +96,12 @@ def test_fp8_linear_matches_reference_within_e4m3_bound(path):
     q, scale = quantize_rows(w)
     dw = e4m3_error(w, scale)
     if path == "dequantise":
-        out = quantize.fp8_linear(x, q, scale)
+        out = fp8_linear(x, q, scale)
         dx = torch.zeros_like(x, dtype=torch.float64)
     else:                                   # on the FP8 GPU if there is one, else on the CPU
         dev = "cuda" if FP8_GPU else "cpu"
         try:
-            out = quantize.scaled_linear(x.to(dev), q.to(dev), scale.to(dev)).cpu()
+            out = scaled_linear(x.to(dev), q.to(dev), scale.to(dev)).cpu()
         except NotImplementedError:         # CUDA builds of torch 2.11 have no CPU F.scaled_mm
             pytest.skip("this torch build has no F.scaled_mm on the CPU")
         dx = e4m3_error(x, quantize_rows(x)[1])
@@ -118,9 +121,9 @@ def test_fp8_linear_on_gpu_within_e4m3_bound(M, layout):
     x, w = outlier_inputs(M, 2304, 512, seed=M)
     q, scale = quantize_rows(w)
     x_gpu = x.cuda() if layout == "rows" else x.T.contiguous().cuda().T
-    out = quantize.fp8_linear(x_gpu, q.cuda(), scale.cuda()).cpu()
+    out = fp8_linear(x_gpu, q.cuda(), scale.cuda()).cpu()
     dx = torch.zeros_like(x, dtype=torch.float64)
-    if M > quantize.DECODE_ROWS:
+    if M > DECODE_ROWS:
         dx = e4m3_error(x, quantize_rows(x)[1])
     error = (out.double() - x.double() @ w.double().T).abs()
     assert (error <= product_bound(x, w, dx, e4m3_error(w, scale), U_BF16)).all()
@@ -143,11 +146,11 @@ def test_rows_kernel_matches_dequantised_product():
     ref = torch.einsum("mk,mnk->mn", x.double(), w.double())
     bound = K * 2.0 ** -24 * torch.einsum("mk,mnk->mn", x.double().abs(), w.double().abs())
     dev = "cuda" if CUDA else "cpu"
-    out = quantize.fp8_rows(x.to(dev), q.to(dev), scale.to(dev), experts.to(dev)).cpu()
+    out = fp8_rows(x.to(dev), q.to(dev), scale.to(dev), experts.to(dev)).cpu()
     assert ((out.double() - ref).abs() <= bound).all()
     ref = x[:5].double() @ dequantize(q[0], scale[0]).double().T                 # ungrouped
     bound = K * 2.0 ** -24 * (x[:5].double().abs() @ dequantize(q[0], scale[0]).double().abs().T)
-    out = quantize.fp8_rows(x[:5].to(dev), q[:1].to(dev), scale[:1].to(dev)).cpu()
+    out = fp8_rows(x[:5].to(dev), q[:1].to(dev), scale[:1].to(dev)).cpu()
     assert ((out.double() - ref).abs() <= bound).all()
 
 
@@ -156,7 +159,7 @@ def test_rows_kernel_matches_dequantised_product():
 def test_quantize_kernel_equals_quantize_rows():
     x = with_outliers((300, 2304), OUTLIERS, 100.0, seed=5).cuda()
     x[7] = 0
-    q, scale = quantize.quantize_rows_triton(x)
+    q, scale = quantize_rows_triton(x)
     q_ref, scale_ref = quantize_rows(x)
     assert torch.equal(scale, scale_ref)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
@@ -201,9 +204,9 @@ def test_fp8_experts_on_gpu(N):
     fp8, plain, x = moe_with_dequantised_twin(N, seed=N, device="cuda")
     with torch.no_grad():
         ids = fp8.gate(x.cuda().bfloat16())[0]
-        out = quantize.fp8_experts(x.cuda().bfloat16(), ids, fp8).float().cpu()
+        out = fp8_experts(x.cuda().bfloat16(), ids, fp8).float().cpu()
         ref = plain.run_experts(x.bfloat16().float(), ids.cpu())
-    tolerance = 8 * U_BF16 if N <= quantize.DECODE_ROWS else 2 * U
+    tolerance = 8 * U_BF16 if N <= DECODE_ROWS else 2 * U
     assert ((out - ref).norm() / ref.norm()).item() < tolerance
 
 

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fast.quantize import FP8, SCALE
+from fast.fp8 import FP8
+from fast.quantize import SCALE
 from helpers import ROOT
 from kimi import CONFIGS, Transformer
 from tools import bench, kernels, profile_decode

@@ -26,7 +26,7 @@ from fast import kda_decode as fast_kda_decode
 from fast import mla_decode as fast_mla_decode
 from fast import moe as fast_moe
 from fast import moe_decode as fast_moe_decode
-from fast import quantize
+from fast.fp8 import fp8_experts, quantize_rows
 from fast import short_conv as fast_short_conv
 from kda_ref import random_inputs, recurrent_kda
 from sample import Parser
@@ -144,7 +144,7 @@ def moe_decode(E=256, D=2304, F=1024, k=8):
     flush = l2_flusher()
     w13 = (torch.randn(E + 1, 2 * F, D, device="cuda") * D ** -0.5).bfloat16()    # + shared
     w2 = (torch.randn(E + 1, D, F, device="cuda") * F ** -0.5).bfloat16()
-    (q13, s13), (q2, s2) = quantize.quantize_rows(w13), quantize.quantize_rows(w2)
+    (q13, s13), (q2, s2) = quantize_rows(w13), quantize_rows(w2)
     fp8_moe = SimpleNamespace(w13=q13, s13=s13, w2=q2, s2=s2)      # what fp8_experts reads
     bias = torch.randn(E, device="cuda") / 10
     print(f"{torch.cuda.get_device_name()}: E = {E} + 1 shared, k = {k} + 1, D = {D}, F = {F}")
@@ -155,7 +155,7 @@ def moe_decode(E=256, D=2304, F=1024, k=8):
         w = torch.cat([w, torch.ones_like(w[:, :1])], 1)
         if router is md.route:
             return md.experts(x, ids, w, *((q13, q2, s13, s2) if fp8 else (w13, w2)))
-        out = (quantize.fp8_experts(x, ids, fp8_moe) if fp8 else
+        out = (fp8_experts(x, ids, fp8_moe) if fp8 else
                fast_moe.grouped_experts(x, ids, w13, w2))          # [N, k + 1, D]
         return torch.einsum("nk,nkd->nd", w, out.float()).to(x.dtype)
 

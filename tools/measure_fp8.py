@@ -18,7 +18,7 @@ import time
 import torch
 
 import kimi
-from fast import quantize
+from fast.fp8 import dequantize
 from tools import bench
 from tools.timing import cuda_time
 
@@ -75,7 +75,7 @@ def accuracy(args, device, T=512):
     torch.cuda.empty_cache()
     model = tame(bench.random_model(args, device, 0, 0, fp8=True))  # the same seed: same weights
     layer = model.model.layers[1].self_attn.q_proj
-    twin = quantize.dequantize(layer.weight[:64], layer.weight_scale[:64])
+    twin = dequantize(layer.weight[:64], layer.weight_scale[:64])
     assert ((twin - q_proj.float()).abs() <= q_proj.float().abs() / 16 + 2 ** -9).all()
     fp8 = model(tokens)[0]
     model = None

@@ -1,0 +1,246 @@
+"""
+FP8 (e4m3) weights: the format and the products, tensors in and tensors out (fast/quantize.py
+builds a model from them).
+
+Format: weight [N, K] float8_e4m3fn and weight_scale [N, 1] fp32, one per output channel, with
+W = float(weight) * weight_scale. Each scale is the smallest power of two that brings the row's
+largest |w| to <= 448 (e4m3's largest value), so dividing by it and multiplying by it are exact:
+the only rounding is e4m3's own, at most 2^-4 of each value (2^-10 of the scale below e4m3's normal
+range). Per channel rather than DeepSeek-V3's 128 x 128 blocks: with injected outlier channels both
+give the same error (e4m3 spans 2^17, so an outlier 100x the typical value does not push the rest
+below the normal range), and rows map to FP8 GEMMs with row-wise scales (measured: README).
+
+Compute, by where and how many rows (fp8_linear, fp8_experts):
+  - a GPU with FP8 (compute capability >= 8.9), more than DECODE_ROWS rows (prefill): activations
+    are quantised per token (a Triton kernel) and multiplied on FP8 tensor cores with row-wise
+    scales (F.scaled_mm; the routed experts through F.scaled_grouped_mm)
+  - the same GPU, at most DECODE_ROWS rows (decode): _rows_kernel reads each FP8 weight once,
+    converts it to bf16 in registers (exact) and accumulates in fp32; the routed experts' rows are
+    grouped by expert, and only the selected experts are read
+  - anything else (CPU, older GPUs): dequantise and multiply in fp32 (correct, slow)
+Shapes: M rows (tokens), K inputs, N outputs, E experts, F expert width.
+"""
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from fast import INTERPRET
+
+FP8 = torch.float8_e4m3fn
+DECODE_ROWS = 16                        # at most this many rows (tokens): _rows_kernel, not a GEMM
+# _rows_kernel's tiles: BM rows, BN outputs, BK inputs per step (fixed: autotune breaks the
+# interpreter), the winners of a timed sweep of BN and BK over decode shapes on an H200.
+ROWS = dict(BM=16, BN=32, BK=256, num_warps=4, num_stages=4)
+QUANT_BK = 1024                         # _quantize_kernel's inputs per step
+
+
+# -------------------------------------------------------------------------------------------------
+# The format: power-of-two scales, one per row
+
+def pow2_scale(amax):
+    """The smallest power of two s with amax / s <= 448, for amax >= 0 fp32 [..., 1]. With
+    amax = m 2^e, m in [0.5, 1): s = 2^(e - 9), or 2^(e - 8) when m > 448 / 512."""
+    m, e = torch.frexp(amax.clamp(min=2.0 ** -100))     # all-zero rows: any scale will do
+    return torch.ldexp(torch.ones_like(m), e - 9 + (m > 0.875).int())
+
+
+def quantize_rows(x):
+    """x [..., K] -> (q [..., K] float8_e4m3fn, scale [..., 1] fp32) with x ~ q * scale."""
+    x = x.float()
+    scale = pow2_scale(x.abs().amax(-1, keepdim=True))
+    return (x / scale).to(FP8), scale                  # exact division; one rounding, to e4m3
+
+
+def dequantize(q, scale, dtype=torch.float32):
+    """q * scale in `dtype` (exact in fp32 and in bf16: 4 significant bits times a power of two)."""
+    return (q.float() * scale).to(dtype)
+
+
+@functools.cache
+def _has_fp8(device):
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_gpu(x):
+    """Whether x lives on a GPU with FP8 tensor cores (the fast paths); else dequantise."""
+    return _has_fp8(x.device)
+
+
+# -------------------------------------------------------------------------------------------------
+# Kernels: per-token activation quantisation (prefill), and the decode product
+
+@triton.jit
+def _quantize_kernel(
+        # pointers
+        x_ptr, q_ptr, s_ptr,
+        # sizes, strides
+        K, stride_x,
+        # meta
+        BK: tl.constexpr):
+    """= quantize_rows for one row of x per program: the row max, its power-of-two scale, q."""
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros((BK,), dtype=tl.float32)
+    for k0 in range(0, K, BK):                          # 1. the row's largest |x|
+        k = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + row * stride_x + k, mask=k < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    amax = tl.maximum(tl.max(amax, axis=0), 2.0 ** -100)
+    # 2. pow2_scale from the bits: amax = 1.f 2^E -> s = 2^(E - 8), doubled when 1.f > 1.75
+    bits = amax.to(tl.int32, bitcast=True)
+    E = ((bits >> 23) & 255) - 127
+    e = E - 8 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+    tl.store(s_ptr + row, ((e + 127) << 23).to(tl.float32, bitcast=True))
+    inverse = ((127 - e) << 23).to(tl.float32, bitcast=True)          # 2^-e, from the bits too
+    for k0 in range(0, K, BK):                          # 3. q = x / scale (exact), rounded to e4m3
+        k = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + row * stride_x + k, mask=k < K, other=0.0).to(tl.float32)
+        tl.store(q_ptr + row * K + k, (x * inverse).to(tl.float8e4nv), mask=k < K)
+
+
+def quantize_rows_triton(x):
+    """= quantize_rows(x) for x [M, K], bit for bit, in one kernel: x read twice, q written once."""
+    M, K = x.shape
+    if x.stride(-1) != 1:           # MLA's output arrives with its columns strided (a transpose)
+        x = x.contiguous()
+    q = torch.empty(M, K, dtype=FP8, device=x.device)
+    scale = torch.empty(M, 1, dtype=torch.float32, device=x.device)
+    _quantize_kernel[(M,)](x, q, scale, K, x.stride(0), BK=QUANT_BK)
+    return q, scale
+
+
+@triton.jit
+def _rows_kernel(
+        # pointers
+        x_ptr, w_ptr, s_ptr, out_ptr, expert_ptr, end_ptr,
+        # sizes
+        M, N, K,
+        # strides (rows of x and out are contiguous)
+        stride_x, stride_out,
+        # meta
+        GROUPED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        DOT: tl.constexpr, PREC: tl.constexpr):
+    """out[m, n] = s[e, n] * sum_k x[m, k] w[e, n, k] for the rows m of expert e (all rows and e = 0
+    unless GROUPED). Program (r, j) owns outputs j*BN.. of the group that starts at row r (rows are
+    sorted by expert; programs whose row starts no group do nothing): each weight is read once."""
+    first = tl.program_id(0)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    if GROUPED:
+        e = tl.load(expert_ptr + first).to(tl.int64)
+        before = tl.load(expert_ptr + first - 1, mask=first > 0, other=-1)
+        starts = e != before
+        end = tl.load(end_ptr + first)                  # one past the group's last row
+    else:                                               # one group: every row, expert 0
+        e = first.to(tl.int64) * 0
+        starts = first == 0
+        end = M
+    if starts:
+        w_rows = w_ptr + e * N * K + n[None, :].to(tl.int64) * K                   # [1, BN]
+        scale = tl.load(s_ptr + e * N + n, mask=n < N, other=0.0)                  # [BN]
+        for m0 in range(first, end, BM):                # usually one pass: few rows per group
+            m = m0 + tl.arange(0, BM)
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                k = k0 + tl.arange(0, BK)
+                x = tl.load(x_ptr + m[:, None].to(tl.int64) * stride_x + k[None, :],
+                            mask=(m[:, None] < end) & (k[None, :] < K), other=0.0)     # [BM, BK]
+                w = tl.load(w_rows + k[:, None], mask=(k[:, None] < K) & (n[None, :] < N),
+                            other=0.0)                  # [BK, BN] e4m3: exact in bf16 and fp32
+                acc += tl.dot(x.to(DOT), w.to(DOT), input_precision=PREC)
+            out = acc * scale[None, :]                  # a power of two: exact
+            tl.store(out_ptr + m[:, None].to(tl.int64) * stride_out + n[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=(m[:, None] < end) & (n[None, :] < N))
+
+
+def fp8_rows(x, weight, scale, experts=None):
+    """x [M, K] -> [M, N] in x's dtype: row m times (weight[e] * scale[e]).T, e = experts[m].
+    weight [E, N, K] e4m3, scale [E, N, 1] fp32; experts [M] sorted (None: E = 1, every row).
+    Decode's product: the weights are read once per group of rows, accumulated in fp32."""
+    M, K = x.shape
+    E, N, _ = weight.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    grouped = experts is not None
+    ends = torch.searchsorted(experts, experts, right=True) if grouped else None
+    # bf16 operands on a GPU (exact for e4m3 and bf16 x); fp32 in the interpreter, whose bf16
+    # tl.dot is silently wrong, and for fp32 x ('ieee': no TF32 rounding of x)
+    low = x.dtype == torch.bfloat16 and not INTERPRET
+    grid = (M if grouped else 1, triton.cdiv(N, ROWS["BN"]))
+    _rows_kernel[grid](x, weight, scale, out, experts, ends, M, N, K, x.stride(0), out.stride(0),
+                       GROUPED=grouped, DOT=tl.bfloat16 if low else tl.float32,
+                       PREC="tf32" if low else "ieee", **ROWS)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# Linear layers and the experts
+
+def scaled_linear(x, weight, scale):
+    """x [M, K] @ (weight * scale).T on FP8 tensor cores: x quantised per token (row-wise scales on
+    both sides; F.scaled_mm accumulates in fp32) -> [M, N] in x's dtype (bf16 or fp32)."""
+    xq, xs = quantize_rows_triton(x) if x.is_cuda else quantize_rows(x)
+    return F.scaled_mm(xq, weight.T, xs, F.ScalingType.RowWise, scale.view(1, -1),
+                       F.ScalingType.RowWise, output_dtype=x.dtype)
+
+
+def fp8_linear(x, weight, scale):
+    """x [..., K] -> x @ (weight * scale).T [..., N] in x's dtype, by the paths in the docstring."""
+    x2 = x.reshape(-1, x.shape[-1])                                 # [M, K]
+    N, K = weight.shape
+    if not fp8_gpu(x):
+        y = x2.float() @ dequantize(weight, scale).T                # CPU: dequantise, fp32
+    elif len(x2) <= DECODE_ROWS:
+        y = fp8_rows(x2, weight[None], scale[None])                 # decode
+    elif K % 16 == 0 and N % 16 == 0:
+        y = scaled_linear(x2, weight, scale)                        # prefill
+    else:                                                           # shapes FP8 GEMMs refuse
+        y = x2.float() @ dequantize(weight, scale).T
+    return y.to(x.dtype).view(*x.shape[:-1], N)
+
+
+class Fp8Linear(nn.Module):
+    """nn.Linear (no bias) with e4m3 weights and a power-of-two fp32 scale per output channel."""
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(out_features, 1), requires_grad=False)
+
+    def forward(self, x):
+        return fp8_linear(x, self.weight, self.weight_scale)
+
+
+def fp8_experts(x, ids, moe):
+    """= SparseMoeBlock.run_experts with FP8 experts: x [N, D], ids [N, k] -> [N, k, D]. On an FP8
+    GPU the weights are moe.w13 [E, 2F, D], moe.w2 [E, D, F] with scales moe.s13, moe.s2 (prepare
+    stacks them as they load: each expert's Fp8Linear holds views of them)."""
+    if not fp8_gpu(x):
+        return moe.run_experts(x, ids)                  # the loop, each expert dequantised
+    expert_of_row, order = ids.flatten().sort()         # (token, slot) pairs grouped by expert
+    xs = x[order // ids.shape[1]]                       # [N*k, D], expert e's rows contiguous
+    if len(x) <= DECODE_ROWS:                           # decode: read the selected experts only
+        gate, up = fp8_rows(xs, moe.w13, moe.s13, expert_of_row).chunk(2, dim=-1)
+        out = fp8_rows(F.silu(gate) * up, moe.w2, moe.s2, expert_of_row)
+    else:                                               # prefill: FP8 grouped GEMMs
+        E = len(moe.w13)
+        experts = torch.arange(E, device=x.device)
+        ends = torch.searchsorted(expert_of_row, experts, right=True).int()     # [E] row ends
+        gate, up = _grouped(xs, moe.w13, moe.s13, ends).chunk(2, dim=-1)        # [N*k, F] each
+        out = _grouped(F.silu(gate) * up, moe.w2, moe.s2, ends)                 # [N*k, D]
+    unsorted = torch.empty_like(out)
+    unsorted[order] = out                               # back to (token, slot) order
+    return unsorted.view(*ids.shape, -1)
+
+
+def _grouped(x, weight, scale, ends):
+    """Rows of x [M, K] (expert e's rows end at ends[e]) times their expert's (weight * scale).T
+    -> [M, N] bf16; x quantised per token."""
+    xq, xs = quantize_rows_triton(x)
+    return F.scaled_grouped_mm(xq, weight.mT, xs.view(-1), F.ScalingType.RowWise,
+                               scale.view(len(weight), -1), F.ScalingType.RowWise, offs=ends,
+                               output_dtype=torch.bfloat16)
