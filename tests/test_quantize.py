@@ -1,6 +1,7 @@
 """Tests for fast/fp8.py and fast/quantize.py (FP8 weights): e4m3's error bound, the products
-against references with outlier channels, the kernels (Triton's CPU interpreter; bf16 and the FP8 GEMMs on a GPU), loading a
-tiny checkpoint in FP8, the FP8 folder round trip and broken FP8 folders."""
+against references with outlier channels, the kernels (Triton's CPU interpreter; bf16 and the FP8
+GEMMs on a GPU), loading a tiny checkpoint in FP8, the FP8 folder round trip and broken FP8
+folders."""
 import json
 import os
 import subprocess
