@@ -322,7 +322,7 @@ def _write(model, state, folder, num_shards):
     weight_map, shards = {}, []
     for i, names in enumerate(groups, 1):
         shard = f"model-{i:05d}-of-{num_shards:05d}.safetensors"
-        # copies: stacked experts (moe_fast.stack_experts) are views of one shared tensor
+        # copies: stacked experts (fast.moe.stack_experts) are views of one shared tensor
         tensors = {n: state[n].detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
                    for n in names}
         save_file(tensors, folder / shard, metadata={"format": "pt"})

@@ -1,5 +1,5 @@
-"""Tests for decode.py: the fused decode step equals kimi.py's forward (its torch references on the
-CPU, the kernels in Triton's CPU interpreter and on a GPU), and the add + RMSNorm kernel."""
+"""Tests for fast/decode.py: the fused decode step equals kimi.py's forward (its torch references
+on the CPU, the kernels in Triton's CPU interpreter and on a GPU), and the add + RMSNorm kernel."""
 import copy
 
 import pytest

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import kda_ref
 import kimi
 from fast import moe as fast_moe
-import sample
+from fast.decode import cuda_graph_decoder
 from helpers import ROOT, TINY, randomize, rel
 from kimi import CheckpointError, KimiDeltaAttention, ModelArgs, SparseMoeBlock, Transformer
 
@@ -717,14 +717,14 @@ def test_triton_kda_layer_hides_left_padding():
 @pytest.mark.parametrize("fused", [False, True])
 def test_cuda_graph_decode_equals_eager_decode(tokens, fused):
     """A graph of kimi.py's forward replays the eager kernels (bf16: rel 1e-3, reduction order).
-    decode.py's fused step (fused) computes the same math in other kernels: checked in fp32, where
+    fast.decode's fused step (fused) computes the same math in other kernels: checked in fp32, where
     it agrees to fp32 rounding (in bf16 the tiny model's routing would flip on 2^-8 differences)."""
     model = bf16_module(Transformer(TINY), seed=12).cuda().eval()
     if fused:
         model.float()
     model.stack_experts()
     model.setup_cache(max_batch_size=2, max_seq_len=160)
-    graph = sample.cuda_graph_decoder(model, 2, None if fused else model)    # before the prefill
+    graph = cuda_graph_decoder(model, 2, None if fused else model)      # before the prefill
     tok = tokens[:, :110].cuda()
 
     def run(step):                                              # a prefill, then 10 decode steps

@@ -287,14 +287,13 @@ def test_trained_tiny_model_generates_the_same_tokens_in_fp8(tmp_path):
 @pytest.mark.skipif(not FP8_GPU, reason=NEEDS_FP8_GPU)
 @pytest.mark.parametrize("fused", [False, True])
 def test_cuda_graph_decode_equals_eager_in_fp8(ckpt, fused):
-    """The FP8 decode paths capture into sample's CUDA graph: a replay gives the logits of the same
-    step run eagerly (a tensor position: the same kernels on the same shapes, so equal bits), for
-    kimi.py's forward and for decode.py's fused step (whose FP8 experts test_moe_decode checks)."""
+    """The FP8 decode paths capture into fast.decode's CUDA graph: a replay gives the logits of the
+    same step run eagerly (a tensor position: the same kernels on the same shapes, so equal bits),
+    for kimi.py's forward and for the fused step (whose FP8 experts test_moe_decode checks)."""
     from fast import decode
-    import sample
     model = quantize.from_pretrained(ckpt, "cuda", max_seq_len=64)
     prompt = torch.randint(0, TINY.vocab_size, (1, 20), device="cuda")
-    graph = sample.cuda_graph_decoder(model, 1, None if fused else model)
+    graph = decode.cuda_graph_decoder(model, 1, None if fused else model)
     pos = torch.tensor(20, device="cuda")
     with torch.no_grad():
         model(prompt, start_pos=0)

@@ -368,7 +368,7 @@ def broken(demo, tmp_path, how):
     (None, ["--system", "Be brief."], "--system is for --chat"),
     (None, ["--demo"], "either --ckpt"),
     (None, ["--prompt-file", "p.txt"], "not both"),
-    (None, ["--compile"], "unrecognized arguments: --compile"),     # decode.py's step is faster
+    (None, ["--compile"], "unrecognized arguments: --compile"),     # fast.decode.step is faster
     (None, ["--chat", "--system", "a<|im_end|>b"], "holds <|im_end|>, which would end or start"),
 ])
 def test_bad_input_exits_2_with_one_line(demo_ckpt, tmp_path, capsys, how, extra, message):

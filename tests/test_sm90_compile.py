@@ -4,9 +4,9 @@ Without a GPU the other tests run the kernels in Triton's CPU interpreter, which
 the compiler refuses: on the H200, short_conv.py once failed with "initial value for `src` is of
 type [64, 1], but the then block redefines it as [1, 4]" (a name given another shape inside a
 runtime `if`) while every interpreter test passed. Triton's compiler and ptxas run on a CPU too,
-for a named target, so this test compiles kda_triton.py's four kernels, short_conv.py's and
-moe_combine.py's at the 48B model's sizes, as their launchers configure them. Skipped where the
-installed Triton cannot compile for CUDA here (no CUDA backend, or another compile API).
+for a named target, so this test compiles kda_triton.py's four kernels, fast/short_conv.py's and
+fast/moe.py's combine at the 48B model's sizes, as their launchers configure them. Skipped where
+the installed Triton cannot compile for CUDA here (no CUDA backend, or another compile API).
 """
 import os
 import subprocess
