@@ -1,4 +1,4 @@
-"""Tests for the conversation: sample.Chat and `sample.py --chat` with no prompt, on the demo
+"""Tests for the conversation: generation.Chat and `sample.py --chat` with no prompt, on the demo
 checkpoint (CPU, greedy, a few tokens a reply). The caches are exact: every reply equals the one a
 single prefill of the whole transcript gives. The command line is run in this process where it can
 be (standard input a StringIO), in a subprocess where a signal or a terminal is the point."""
@@ -19,7 +19,7 @@ import demo
 from helpers import ROOT
 import sample
 from kimi import Transformer
-from sample import Chat, ConversationFull, generate
+from generation import Chat, ConversationFull, generate
 from tokenizer import Tokenizer, chat_prompt
 
 QUESTIONS = ["Is 123 a prime?", "Why is that?", "the model of attention"]

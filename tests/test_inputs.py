@@ -83,7 +83,7 @@ def test_from_pretrained_refuses_a_bad_dtype_before_reading(tmp_path, dtype, wor
     ("text", {}, "text needs a tokenizer"),
 ])
 def test_generate_refuses_in_one_line(model, prompt, kwargs, words):
-    from sample import generate
+    from generation import generate
     with pytest.raises(ValueError) as e:
         list(generate(model, None, prompt, **kwargs))
     assert words in one_line(e)

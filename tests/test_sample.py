@@ -17,11 +17,11 @@ from hypothesis import given, settings, strategies as st
 
 import demo
 from helpers import ROOT
+import generation
 import sample
 import tokenizer
 from demo import demo_ranks, write_tokenizer
 from kimi import CONFIGS, Transformer
-from sample import generate
 from tokenizer import PAT_STR, Tokenizer, chat_prompt
 
 
@@ -153,21 +153,21 @@ def test_top_k_top_p_stay_in_their_set(logits, k, p, temperature, seed):
     torch.manual_seed(seed)
     x = torch.tensor([logits]).repeat(16, 1)
     kth = x[0].topk(min(k, len(logits))).values[-1]
-    assert (x[0, sample.sample(x, temperature, top_k=k)] >= kth).all()     # stored values: exact
+    assert (x[0, generation.sample(x, temperature, top_k=k)] >= kth).all()   # stored: exact
     probs = (x[0].double() / temperature).softmax(-1)   # fp64, as sample() computes them
-    for t in sample.sample(x, temperature, top_p=p):
+    for t in generation.sample(x, temperature, top_p=p):
         # The mass clearly above t is short of p. sample() rounds in another order (max first),
         # so "clearly": more than 1e-9 relative, and 1e-12 on the sum: both far above fp64
         # rounding (~1e-16 per value, ~1e-15 over 40 terms), far below the drawn p's and probs.
         assert probs[probs > probs[t] * (1 + 1e-9)].sum() < p + 1e-12
-    assert (sample.sample(x, 0.0) == x[0].argmax()).all()
+    assert (generation.sample(x, 0.0) == x[0].argmax()).all()
 
 
 @pytest.mark.parametrize("temperature", [1e-45, 1e-320, 1e300, 1.7e308])
 def test_extreme_temperatures_draw_valid_ids(temperature):
     torch.manual_seed(0)
     logits = torch.tensor([[0.5, 3.0, -2.0, 1.0, float("-inf")]]).repeat(64, 1)
-    ids = sample.sample(logits, temperature)
+    ids = generation.sample(logits, temperature)
     assert ids.min() >= 0 and ids.max() <= 3                # never the -inf (disallowed) id
     if temperature < 1:                                     # ~ argmax: one maximum, so exact
         assert (ids == 1).all()
@@ -194,7 +194,7 @@ def assert_greedy(model, prompt, new):
 @settings(deadline=None, max_examples=6)
 @given(st.lists(st.integers(0, 319), min_size=1, max_size=20))
 def test_greedy_picks_the_argmax_of_full_re_forwards(tiny, prompt):
-    new = list(generate(tiny, None, prompt, 10, stop=()))
+    new = list(generation.generate(tiny, None, prompt, 10, stop=()))
     assert len(new) == 10
     assert_greedy(tiny, prompt, new)
 
@@ -203,17 +203,17 @@ def test_generate_takes_text_lists_and_tensors_and_sets_up_caches(tok, tiny):
     tiny.setup_cache(0, 0)                                  # as a fresh model: no caches
     prompt = tok.encode("the of and")
     assert max(prompt) < 320
-    new = list(generate(tiny, None, prompt, 6, stop=()))
+    new = list(generation.generate(tiny, None, prompt, 6, stop=()))
     assert tiny.max_batch_size == 1 and tiny.max_seq_len == len(prompt) + 5
     assert_greedy(tiny, prompt, new)
     tiny.setup_cache(1, 2)                                  # too small: generate grows it
     for form in (torch.tensor(prompt), torch.tensor(prompt, dtype=torch.int32), "the of and"):
-        new = list(generate(tiny, tok, form, 6, stop=()))
+        new = list(generation.generate(tiny, tok, form, 6, stop=()))
         assert tiny.max_seq_len >= len(prompt) + 5 and len(new) == 6
         assert_greedy(tiny, prompt, new)
     for bad in ([], [[1, 2], []], [1.5], [320], [-1], [[1], [2.5]]):
         with pytest.raises(ValueError, match="prompt"):
-            list(generate(tiny, None, bad, 2))
+            list(generation.generate(tiny, None, bad, 2))
 
 
 def test_generate_batch_equals_each_prompt_alone(tiny):
@@ -222,11 +222,11 @@ def test_generate_batch_equals_each_prompt_alone(tiny):
     that meets a stop id yields None from then on; the batch ends when every row has stopped."""
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (2, 9, 67, 130)]
-    alone = [list(generate(tiny, None, p, 8, stop=())) for p in prompts]
-    rows = list(zip(*generate(tiny, None, prompts, 8, stop=())))
+    alone = [list(generation.generate(tiny, None, p, 8, stop=())) for p in prompts]
+    rows = list(zip(*generation.generate(tiny, None, prompts, 8, stop=())))
     assert [list(r) for r in rows] == alone
     stop = alone[1][3]                      # row 1 stops at its 4th id; others where it occurs
-    steps = list(generate(tiny, None, prompts, 8, stop=[stop]))
+    steps = list(generation.generate(tiny, None, prompts, 8, stop=[stop]))
     for b, ids in enumerate(alone):
         cut = ids.index(stop) if stop in ids else len(ids)
         got = [step[b] for step in steps]
@@ -243,7 +243,7 @@ def test_generate_emits_only_ids_the_tokenizer_decodes(tmp_path):
         model.lm_head.weight[256:300] *= 100                # the model prefers the unknown ids
     for temperature in (0.0, 1e300):                        # greedy; then uniform over allowed
         torch.manual_seed(1)
-        ids = list(generate(model, t, [1, 2, 3], 40, temperature=temperature, stop=()))
+        ids = list(generation.generate(model, t, [1, 2, 3], 40, temperature=temperature, stop=()))
         assert len(ids) == 40 and not any(256 <= i < 300 for i in ids)
         t.decode(ids)                                       # decodes without a KeyError
 
@@ -526,14 +526,14 @@ def test_ctrl_c_exits_130_with_one_short_line(demo_ckpt):
 
 
 def test_sample_imports_only_the_model_tokenizer_torch_and_stdlib():
-    """sample.py's own imports: the model (kimi, checkpoint), the tokenizer, the fast paths
-    (fast/) and torch; the demo checkpoint (demo.py) only when --demo asks for it."""
+    """sample.py's own imports: the model (kimi, checkpoint), the tokenizer, generation.py, the
+    fast paths (fast/) and torch; the demo checkpoint (demo.py) only when --demo asks for it."""
     tree = ast.parse(open(os.path.join(ROOT, "sample.py"), encoding="utf-8").read())
     top = {n.module if isinstance(n, ast.ImportFrom) else a.name
            for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
            for a in n.names}
     own = {m.split(".")[0] for m in top} - set(sys.stdlib_module_names)
-    assert own == {"checkpoint", "fast", "kimi", "tokenizer", "torch"}
+    assert own == {"checkpoint", "fast", "generation", "kimi", "tokenizer", "torch"}
     code = "import sys, sample; print('bench' in sys.modules or 'demo' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)

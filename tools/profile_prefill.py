@@ -2,8 +2,8 @@
 
     python -m tools.profile_prefill [--tokens 8192] [--config tiny]
 
-Random weights at full size (bench.random_model, as tools/bench.py builds them), one cached
-prefill (start_pos=0, last_only=True, as sample.generate runs it). Prints tokens/s the way
+Random weights at full size (tools.fullsize.random_model, as the benchmark builds them), one cached
+prefill (start_pos=0, last_only=True, as generation.generate runs it). Prints tokens/s the way
 tools/bench.py's prefill rows measure them (tools.timing.cuda_time: CUDA events, median of 3 after
 one warm-up) next to the matmul ceiling, then torch.profiler's GPU time per kernel over 2 more
 prefills, the largest first. Without a GPU (a tiny --config only) it times on the host and
@@ -19,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import kimi
-from tools import bench
+from tools import fullsize
 from tools.timing import cuda_time
 
 
@@ -30,7 +30,7 @@ def main(argv):
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     args, T = kimi.CONFIGS[a.config], a.tokens
-    model = bench.random_model(args, torch.device("cuda" if cuda else "cpu"), 1, T)
+    model = fullsize.random_model(args, torch.device("cuda" if cuda else "cpu"), 1, T)
     tokens = torch.randint(0, args.vocab_size, (1, T), device=model.lm_head.weight.device)
     prefill = lambda: model(tokens, start_pos=0, last_only=True)      # noqa: E731
     with torch.no_grad():
@@ -39,7 +39,7 @@ def main(argv):
         else:
             prefill()
             ms = statistics.median(_host_ms(prefill) for _ in range(3))
-        ceiling = bench.MATMUL_FLOP_PER_S / (2 * bench.active_params(args))
+        ceiling = fullsize.MATMUL_FLOP_PER_S / (2 * fullsize.active_params(args))
         print(f"prefill B=1 T={T}: {T / ms * 1e3:,.0f} tokens/s, {T / ms * 1e3 / ceiling:.1%} of "
               f"the H200 matmul ceiling ({ceiling:,.0f} tokens/s)")
         activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
