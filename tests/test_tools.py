@@ -1,5 +1,6 @@
-"""Tests for the CPU-checkable parts of tools/: tools.bench's byte and parameter counts behind its
-ceilings, its random model (bf16 and FP8), --throughput's batch arithmetic, its command line;
+"""Tests for the CPU-checkable parts of tools/: tools.fullsize's byte and parameter counts behind
+the ceilings, its random model (bf16 and FP8), tools.long_context's --throughput batch
+arithmetic, tools.bench's command line;
 tools.kernels' command line; the kernel names profile_decode groups by. (The timings need a GPU;
 cuda_graph_decoder is tested in test_decode.py, args.cache_bytes, which the --context sweep and
 largest_batch use, in test_kimi.py; who imports tools, in test_imports.py.)"""
@@ -15,7 +16,7 @@ from fast.fp8 import FP8
 from fast.quantize import SCALE
 from helpers import ROOT
 from kimi import CONFIGS, Transformer
-from tools import bench, kernels, profile_decode
+from tools import bench, fullsize, kernels, long_context, profile_decode
 
 TINY = CONFIGS["tiny"]
 FULL = CONFIGS["kimi-linear-48b-a3b"]
@@ -28,26 +29,27 @@ def test_active_params_count_what_one_token_touches():
                   if ".experts." not in n and n != "model.embed_tokens.weight")
     touched += sum(sum(p.numel() for p in layer.block_sparse_moe.experts[0].parameters()) * k
                    for layer in model.model.layers if layer.is_moe)
-    assert bench.active_params(TINY) == touched
+    assert fullsize.active_params(TINY) == touched
 
 
 def test_decode_bytes_grow_by_cached_tokens_and_distinct_experts():
-    one = bench.decode_bytes(TINY, 1, 100)
-    assert bench.decode_bytes(TINY, 1, 101) - one == \
+    one = fullsize.decode_bytes(TINY, 1, 100)
+    assert fullsize.decode_bytes(TINY, 1, 101) - one == \
         len(TINY.full_attn_layers) * (TINY.kv_lora_rank + TINY.qk_rope_head_dim) * 2
     # B = 16 sequences read the shared weights once and each distinct expert once: over 16
     # separate B = 1 steps, that saves 15 copies of the shared weights and the repeats among
     # 16 x k experts
     moe_layers = TINY.num_hidden_layers - TINY.first_k_dense_replace
-    extra = (bench.decode_bytes(TINY, 16, 0) - 16 * bench.decode_bytes(TINY, 1, 0)
-             + 15 * 2 * bench.active_params(TINY))                 # = experts beyond the first k
-    most = moe_layers * (TINY.num_experts - TINY.num_experts_per_token) * bench.expert_bytes(TINY)
+    extra = (fullsize.decode_bytes(TINY, 16, 0) - 16 * fullsize.decode_bytes(TINY, 1, 0)
+             + 15 * 2 * fullsize.active_params(TINY))          # = experts beyond the first k
+    unused = TINY.num_experts - TINY.num_experts_per_token
+    most = moe_layers * unused * fullsize.expert_bytes(TINY)
     # decode_bytes is a float (expected distinct experts); the sum above is exact to fp64 rounding
     assert 0 < extra <= most * (1 + 1e-12)
 
 
 def test_random_model_is_bf16_with_fp32_decay_stacked_and_finite():
-    model = bench.random_model(TINY, torch.device("cpu"), max_batch_size=2, max_seq_len=32)
+    model = fullsize.random_model(TINY, torch.device("cpu"), max_batch_size=2, max_seq_len=32)
     for name, p in model.named_parameters():
         assert p.dtype == (torch.float32 if name.endswith(("A_log", "dt_bias")) else torch.bfloat16)
     assert model.max_batch_size == 2 and model.max_seq_len == 32
@@ -63,29 +65,29 @@ def test_random_model_is_bf16_with_fp32_decay_stacked_and_finite():
 
 
 def test_fp8_random_model_reads_fewer_bytes():
-    """bench.random_model(fp8=True): quantised tensor by tensor; a decode step's bytes, counted on
-    the model, are those of bf16 with every quantised weight at 1 byte (+ 4 per row for scales)."""
-    fp8 = bench.random_model(TINY, torch.device("cpu"), 1, 32, fp8=True)
-    bf16 = bench.random_model(TINY, torch.device("cpu"), 1, 32)
+    """fullsize.random_model(fp8=True): quantised tensor by tensor; a decode step's bytes, counted
+    on the model, are those of bf16 with every quantised weight at 1 byte (+ 4 a row of scales)."""
+    fp8 = fullsize.random_model(TINY, torch.device("cpu"), 1, 32, fp8=True)
+    bf16 = fullsize.random_model(TINY, torch.device("cpu"), 1, 32)
     assert fp8.model.layers[1].block_sparse_moe.w13.dtype == FP8
     state = fp8.state_dict()
     saved = sum(t.numel() - 4 * state[n.removesuffix("weight") + SCALE].numel()
                 for n, t in state.items() if t.dtype == FP8 and ".experts." not in n)
-    shared = bench.model_decode_bytes(bf16, 0, 100) - bench.model_decode_bytes(fp8, 0, 100)
+    shared = fullsize.model_decode_bytes(bf16, 0, 100) - fullsize.model_decode_bytes(fp8, 0, 100)
     assert shared == saved
-    assert bench.model_decode_bytes(fp8, 16, 100) < bench.model_decode_bytes(bf16, 16, 100)
+    assert fullsize.model_decode_bytes(fp8, 16, 100) < fullsize.model_decode_bytes(bf16, 16, 100)
 
 
 def test_largest_batch_is_the_rows_that_fit_beside_the_weights():
-    weights, step, safety = 50 * 10**9, 2**20, bench.SAFETY_BYTES
+    weights, step, safety = 50 * 10**9, 2**20, long_context.SAFETY_BYTES
     for L in (4096, 131072, 1048576):
         row = FULL.cache_bytes(1, L) + step
         one = weights + safety + row                        # room for exactly one row
-        assert bench.largest_batch(FULL, L, one, weights, step) == 1
-        assert bench.largest_batch(FULL, L, one + row - 1, weights, step) == 1
-        assert bench.largest_batch(FULL, L, one + 5 * row, weights, step) == 6
+        assert long_context.largest_batch(FULL, L, one, weights, step) == 1
+        assert long_context.largest_batch(FULL, L, one + row - 1, weights, step) == 1
+        assert long_context.largest_batch(FULL, L, one + 5 * row, weights, step) == 6
         with pytest.raises(ValueError) as e:                # not one row: refused in one line
-            bench.largest_batch(FULL, L, one - 1, weights, step)
+            long_context.largest_batch(FULL, L, one - 1, weights, step)
         assert str(e.value).startswith(f"not one row fits at context {L}: ")
         assert "\n" not in str(e.value)
 
@@ -97,15 +99,15 @@ def test_largest_batch_grows_with_memory_and_shrinks_with_context():
 
     def batch(args, L, memory):
         try:
-            return bench.largest_batch(args, L, memory, weights, step)
+            return long_context.largest_batch(args, L, memory, weights, step)
         except ValueError:
             return 0
-    for args in (FULL, bench.variants(FULL)[1][1], TINY):
+    for args in (FULL, long_context.variants(FULL)[1][1], TINY):
         table = [[batch(args, L, m) for m in memories] for L in contexts]
         assert all(row == sorted(row) for row in table)                     # more memory
         assert all(list(col) == sorted(col, reverse=True) for col in zip(*table))  # longer context
     # the twin keeps 27 layers' latents to Kimi Linear's 7: fewer rows, at 1M none under 80 GB
-    twin = bench.variants(FULL)[1][1]
+    twin = long_context.variants(FULL)[1][1]
     assert all(batch(twin, L, 141 * 10**9) < batch(FULL, L, 141 * 10**9) for L in contexts[2:])
     assert batch(twin, 1048576, 80 * 10**9) == 0 < batch(FULL, 1048576, 80 * 10**9)
 
@@ -164,7 +166,7 @@ def test_throughput_contexts_by_default_and_a_cap_within_the_gpu(monkeypatch, ca
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: SimpleNamespace(total_memory=80 * 10**9))
     opts, _, contexts = bench.parse(["--config", "tiny", "--throughput", "--memory-cap-gb", "80"])
-    assert contexts == list(bench.THROUGHPUT_CONTEXTS) and opts.memory_cap_gb == 80
+    assert contexts == list(long_context.THROUGHPUT_CONTEXTS) and opts.memory_cap_gb == 80
     assert bench.parse(["--config", "tiny", "--throughput", "--context", "64"])[2] == [64]
     with pytest.raises(SystemExit) as e:
         bench.parse(["--config", "tiny", "--throughput", "--memory-cap-gb", "80.5"])

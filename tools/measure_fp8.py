@@ -19,7 +19,7 @@ import torch
 
 import kimi
 from fast.fp8 import dequantize
-from tools import bench
+from tools import fullsize, long_context
 from tools.timing import cuda_time
 
 GiB = 2 ** 30
@@ -67,13 +67,13 @@ def tame(model, factor=2.0 ** -3):
 def accuracy(args, device, T=512):
     tokens = torch.randint(0, args.vocab_size, (1, T), device=device,
                            generator=torch.Generator(device).manual_seed(1))
-    model = tame(bench.random_model(args, device, 0, 0))
+    model = tame(fullsize.random_model(args, device, 0, 0))
     q_proj = model.model.layers[1].self_attn.q_proj.weight[:64].clone()  # to check the FP8 twin
     bf16 = model(tokens)[0]
     fp32 = fp32_reference(model, tokens)
     model = None
     torch.cuda.empty_cache()
-    model = tame(bench.random_model(args, device, 0, 0, fp8=True))  # the same seed: same weights
+    model = tame(fullsize.random_model(args, device, 0, 0, fp8=True))  # the same seed: same weights
     layer = model.model.layers[1].self_attn.q_proj
     twin = dequantize(layer.weight[:64], layer.weight_scale[:64])
     assert ((twin - q_proj.float()).abs() <= q_proj.float().abs() / 16 + 2 ** -9).all()
@@ -91,7 +91,7 @@ def under_cap(args, device, cap):
     out, peak = {}, lambda: torch.cuda.max_memory_allocated(device) / GiB
     torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
-    model = bench.random_model(args, device, 0, 0, fp8=True)
+    model = fullsize.random_model(args, device, 0, 0, fp8=True)
     out["load"] = dict(peak_gib=peak(), seconds=time.time() - t0,
                        weights_gib=torch.cuda.memory_allocated(device) / GiB)
     weights = torch.cuda.memory_allocated(device)
@@ -124,7 +124,7 @@ def decode_at(model, device, L, steps=16):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     model.setup_cache(1, L)
-    return dict(tpot_ms=bench.random_cache_tpot_ms(model, L, steps))
+    return dict(tpot_ms=long_context.random_cache_tpot_ms(model, L, steps))
 
 
 def main():

@@ -2,7 +2,7 @@
 
     python -m tools.profile_decode [--batch 1] [--context 4096] [--fp8]
 
-Random weights at full size (bench.random_model), caches filled by a real prefill of `--context`
+Random weights at full size (fullsize.random_model), caches filled by a real prefill of `--context`
 tokens, then torch.profiler over 5 eager fast.decode.step calls (the same kernels a CUDA graph
 replays; the graph removes only the launch gaps). Prints GPU microseconds per step by kernel, the
 largest first, grouped into what they do, and the sum next to the graph's own step time.
@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 import kimi
 from fast import decode
 from fast.decode import cuda_graph_decoder
-from tools import bench
+from tools import fullsize
 from tools.timing import cuda_time
 
 GROUPS = (                                  # kernel-name fragment -> what it does (first match)
@@ -38,7 +38,7 @@ def main(argv):
     if not torch.cuda.is_available():
         ap.error("the decode step's kernels need a CUDA GPU")
     args, B, L, device = kimi.ModelArgs(), a.batch, a.context, torch.device("cuda")
-    model = bench.random_model(args, device, B, L + 64, fp8=a.fp8)
+    model = fullsize.random_model(args, device, B, L + 64, fp8=a.fp8)
     with torch.no_grad():
         model(torch.randint(0, args.vocab_size, (B, L), device=device), start_pos=0)
     graph = cuda_graph_decoder(model, B)                    # prepares the model, too
