@@ -33,11 +33,11 @@ from kda_ref import chunk_kda_ref, kda_gate, l2norm, recurrent_kda
 
 try:    # the fast paths need Triton; without it (macOS, say) every layer runs its torch code
     import kda_triton
-    from fast import moe as fast_moe, short_conv as fast_conv
+    from fast import moe as fast_moe, pointwise as fast_pw, short_conv as fast_conv
 except ModuleNotFoundError as e:
     if e.name != "triton":
         raise
-    kda_triton = fast_moe = fast_conv = None
+    kda_triton = fast_moe = fast_pw = fast_conv = None
 
 KERNELS = kda_triton is not None   # the one switch to the fast paths (the end); False: torch
 
@@ -157,6 +157,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if use_kernels(x, self.weight):
+            return fast_pw.rms_norm(x, self.weight, self.eps)       # the same in one kernel
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
         return x32.to(x.dtype) * self.weight        # cast back *before* the weight (trap 10)
@@ -165,6 +167,8 @@ class RMSNorm(nn.Module):
 class GatedRMSNorm(RMSNorm):
     """KDA's o_norm: per-head RMSNorm, times sigmoid(gate); all fp32, one final cast."""
     def forward(self, x, gate):                     # x, gate [B, T, H, V]
+        if use_kernels(x, gate, self.weight):
+            return fast_pw.gated_rms_norm(x, gate, self.weight, self.eps)
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
         y = y * self.weight.float() * torch.sigmoid(gate.float())     # not SiLU (trap 8)
@@ -194,16 +198,21 @@ class ShortConv(nn.Conv1d):
 # ---- Mixers: KDA (20 layers) and MLA (7 layers) ----
 
 def kda_core(q, k, v, g, beta, initial_state=None):
-    """q, k, v [B, T, H, K] -> (o [B, T, H, V], S fp32 [B, H, K, V]). As the official code:
-    the recurrent form for inputs of <= 64 tokens (decode), with q and k in fp32; the chunked
-    form for longer ones, with q and k rounded to the model dtype first (trap 13)."""
+    """q, k (before their L2 norm: fp32, eps on the sum of squares, trap 6), v [B, T, H, K] ->
+    (o [B, T, H, V], S fp32 [B, H, K, V]). As the official code: the recurrent form for inputs
+    of <= 64 tokens (decode), q and k in fp32; the chunked form for longer ones, q and k rounded
+    to the model dtype first (trap 13). The kernels apply 1/sqrt(K)."""
     T, K = q.shape[1], q.shape[-1]
     fast = use_kernels(q, k, v, g, beta)            # the same two forms as Triton kernels
     if T <= 64:
+        q, k = l2norm(q.float()), l2norm(k.float())
         kernel = kda_triton.fused_recurrent_kda if fast else recurrent_kda
+    elif fast:                                      # the norm and the rounding in one kernel
+        q, k = fast_pw.l2norm(q, v.dtype), fast_pw.l2norm(k, v.dtype)
+        kernel = kda_triton.chunk_kda
     else:
-        q, k = q.to(v.dtype), k.to(v.dtype)
-        kernel = kda_triton.chunk_kda if fast else chunk_kda_ref
+        q, k = l2norm(q.float()).to(v.dtype), l2norm(k.float()).to(v.dtype)
+        kernel = chunk_kda_ref
     return kernel(q, k, v, g, beta, scale=K ** -0.5, initial_state=initial_state,
                   output_final_state=True)
 
@@ -254,11 +263,12 @@ class KimiDeltaAttention(nn.Module):
         k = self.k_conv1d(self.k_proj(x), states[1]).view(B, T, H, K)
         v = self.v_conv1d(self.v_proj(x), states[2]).view(B, T, H, K)
         # g = -exp(A_log) * softplus(f + dt_bias), fp32 and <= 0 (trap 3)
-        g = kda_gate(self.f_b_proj(self.f_a_proj(x)).view(B, T, H, K), self.A_log, self.dt_bias)
+        f = self.f_b_proj(self.f_a_proj(x)).view(B, T, H, K)
+        gate_fn = fast_pw.kda_gate if use_kernels(f, self.A_log) else kda_gate   # one kernel
+        g = gate_fn(f, self.A_log, self.dt_bias)
         beta = self.b_proj(x).float().sigmoid()             # [B, T, H], upcast (trap 10)
-        # L2 norm with eps on the sum of squares (trap 6); the kernel applies 1/sqrt(K)
         S0 = None if new else self.recurrent_state[:B]
-        o, S = kda_core(l2norm(q.float()), l2norm(k.float()), v, g, beta, S0)
+        o, S = kda_core(q, k, v, g, beta, S0)
         if cached:
             self.recurrent_state[:B] = S
         gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, K)
@@ -587,7 +597,8 @@ class Transformer(nn.Module):
 
 
 # ---- Fast paths: each computes what a definition above does; tests check each equality ----
-#   - KDA and the short convs on a GPU, without gradients: kda_triton.py, fast/short_conv.py
+#   - KDA, the short convs, the norms and KDA's gate on a GPU, without gradients: kda_triton.py,
+#     fast/short_conv.py, fast/pointwise.py
 #   - MLA decode: attend_absorbed (part of the MLA idea) instead of attend
 #   - MoE: fast.moe.grouped_moe in place of the loop and einsum, once stack_experts has run
 #   - transforms of a built model, never imported here: FP8 weights (fast.quantize), a decode

@@ -2,6 +2,7 @@
 
 Kernels (tensors in, tensors out; they never import kimi):
     short_conv.py   ShortConv.forward in one kernel
+    pointwise.py    the norms (RMSNorm, GatedRMSNorm, l2norm) and KDA's gate, one kernel each
     moe.py          the routed experts as grouped matmuls, and their weighted sum in one kernel
     kda_decode.py   a KDA layer's decode step, from the projections to o_proj's input
     mla_decode.py   the absorbed latent attention of one decode step, split over the cache

@@ -9,7 +9,7 @@ import ast
 from helpers import ROOT
 
 KERNELS = {"kda_triton", "fast.short_conv", "fast.moe", "fast.kda_decode", "fast.mla_decode",
-           "fast.moe_decode", "fast.fp8"}
+           "fast.moe_decode", "fast.fp8", "fast.pointwise"}
 TRANSFORMS = {"fast.decode", "fast.quantize"}
 TOOL_TESTS = {"tests.test_tools"}       # a tool's own tests import it; nothing else does
 

@@ -18,7 +18,7 @@ from helpers import ROOT
 
 SCRIPT = r"""
 import kda_triton
-from fast import moe, short_conv
+from fast import moe, pointwise, short_conv
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -56,6 +56,13 @@ for has_state in (True, False):
 tile = moe.TILE
 build(moe._combine_kernel, dict(out_ptr=BF, pos_ptr=I64, w_ptr=F32, y_ptr=BF),
       dict(K=8, BM=tile["BM"], BN=tile["BN"]), tile["num_warps"])
+for kind, N in ((pointwise.RMS, 2304), (pointwise.GATED, 128), (pointwise.L2, 128)):
+    BN = triton.next_power_of_2(N)
+    build(pointwise._norm_kernel, dict(x=BF, gate=BF, w=BF, y=BF, eps="fp32"),
+          dict(KIND=kind, BR=max(1, pointwise.TILE // BN), BN=BN), pointwise.WARPS)
+build(pointwise._gate_kernel, dict(f=BF, A_log=F32, dt_bias=F32, g=F32),
+      dict(K=128, BLOCK=pointwise.GATE_BLOCK), pointwise.WARPS)
+print("all compiled")
 """
 
 
@@ -69,4 +76,4 @@ def test_prefill_kernels_compile_for_sm90():
             pytest.skip(f"Triton cannot compile for sm_90 here: {last}")
         pytest.fail(f"a kernel does not compile for sm_90 (it would fail on the H200):\n"
                     f"{run.stdout}{run.stderr[-3000:]}")
-    assert run.stdout.count("compiled") == 7, run.stdout
+    assert "all compiled" in run.stdout, run.stdout
