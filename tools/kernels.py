@@ -4,7 +4,9 @@
 
     kda          kda_triton.chunk_kda at the 48B layer's shapes, beside fla's chunk_kda when fla
                  imports; one fused_recurrent_kda decode step
-    short_conv   fast.short_conv at a T = 8192 prefill, against kimi.ShortConv's torch code
+    short_conv   fast.short_conv at a T = 8192 prefill, against kimi.ShortConv's torch code; a tile
+                 sweep
+    pointwise    fast.pointwise's norms and gate at a T = 8192 prefill, against kimi.py's torch code
     kda_decode   fast.kda_decode, a KDA layer's decode step, against kda_decode_ref
     mla_decode   fast.mla_decode on 4K to 1M-token caches, against kimi.latent_attention
     moe_decode   fast.moe_decode's router and experts of a decode step, against the torch path
@@ -15,6 +17,7 @@ kda, short_conv and moe_decode start each run on a flushed L2 cache; the decode 
 a CUDA graph, as fast.decode runs them. Without a GPU there is nothing to time: the tests check
 every kernel against its reference in Triton's CPU interpreter (python -m pytest -q).
 """
+import itertools
 import sys
 from types import SimpleNamespace
 
@@ -27,8 +30,9 @@ from fast import mla_decode as fast_mla_decode
 from fast import moe as fast_moe
 from fast import moe_decode as fast_moe_decode
 from fast.fp8 import fp8_experts, quantize_rows
+from fast import pointwise as fast_pointwise
 from fast import short_conv as fast_short_conv
-from kda_ref import random_inputs, recurrent_kda
+from kda_ref import kda_gate, l2norm, random_inputs, recurrent_kda
 from sample import Parser
 from tools.timing import cuda_time, l2_flusher
 
@@ -97,6 +101,46 @@ def short_conv(B=1, T=8192, C=4096, W=4):
     print(f"B={B} T={T} C={C} W={W} bf16: short_conv {t_ker * 1e3:.1f} us "
           f"({moved / t_ker / 1e6:.0f} GB/s), kimi.ShortConv torch path {t_ref * 1e3:.1f} us, "
           f"x{t_ref / t_ker:.1f}; max |difference| {err:.1e}")
+    tiles = {}                                  # the tile: a sweep (the launcher reads these)
+    fixed = fast_short_conv.BT, fast_short_conv.BC, fast_short_conv.WARPS
+    try:
+        for tile in itertools.product((32, 64, 128), (64, 128, 256), (4, 8)):
+            fast_short_conv.BT, fast_short_conv.BC, fast_short_conv.WARPS = tile
+            tiles[tile] = cuda_time(lambda: fast_short_conv.short_conv(x, conv.weight, state),
+                                    runs=30, warmup=3, before=flush)
+    finally:
+        fast_short_conv.BT, fast_short_conv.BC, fast_short_conv.WARPS = fixed
+    print("tiles (BT, BC, warps), fastest first: " + ", ".join(
+        f"{t} {ms * 1e3:.1f} us" for t, ms in sorted(tiles.items(), key=lambda i: i[1])[:6]))
+
+
+def pointwise(T=8192, D=2304, H=32, K=128):
+    """fast.pointwise's kernels at a T = 8192 prefill's sizes against kimi.py's torch code (the
+    norms with kimi.KERNELS off), each on a flushed L2; GB/s over the bytes each must move."""
+    bf, gen = torch.bfloat16, torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(T, D, generator=gen, device="cuda").to(bf)
+    o, z = (torch.randn(T, H, K, generator=gen, device="cuda").to(bf) for _ in range(2))
+    norm = kimi.RMSNorm(D).to("cuda", bf).requires_grad_(False)
+    onorm = kimi.GatedRMSNorm(K).to("cuda", bf).requires_grad_(False)
+    A_log, dt_bias = torch.rand(H, device="cuda"), torch.randn(H * K, device="cuda")
+    rows = [("RMSNorm [T, D]", lambda: norm(x), 2 * x.nbytes),
+            ("GatedRMSNorm [T, H, K]", lambda: onorm(o, z), 3 * o.nbytes),
+            ("l2norm -> bf16 [T, H, K]", lambda: l2norm(o.float()).to(bf), 2 * o.nbytes),
+            ("kda_gate [T, H, K]", lambda: kda_gate(z, A_log, dt_bias), 3 * z.nbytes)]
+    fused = [lambda: fast_pointwise.rms_norm(x, norm.weight, norm.eps),
+             lambda: fast_pointwise.gated_rms_norm(o, z, onorm.weight, onorm.eps),
+             lambda: fast_pointwise.l2norm(o, bf),
+             lambda: fast_pointwise.kda_gate(z, A_log, dt_bias)]
+    flush, kernels = l2_flusher(), kimi.KERNELS
+    for (name, torch_fn, moved), fn in zip(rows, fused):
+        try:
+            kimi.KERNELS = False                                # kimi's torch code, as on a CPU
+            t_ref = cuda_time(torch_fn, runs=30, warmup=3, before=flush)
+        finally:
+            kimi.KERNELS = kernels
+        t = cuda_time(fn, runs=30, warmup=3, before=flush)
+        print(f"{name:26s} kernel {t * 1e3:7.1f} us ({moved / t / 1e6:5.0f} GB/s), torch "
+              f"{t_ref * 1e3:7.1f} us, x{t_ref / t:.1f}", flush=True)
 
 
 def kda_decode(W=4):
@@ -200,7 +244,7 @@ def moe_combine(N=8192, k=8, D=2304, E=256):
         print(f"{name:45s} {t:7.3f} ms = {MB / t / 1e3:5.2f} TB/s over {MB:.0f} MB")
 
 
-TIMERS = {"kda": kda, "short_conv": short_conv, "kda_decode": kda_decode,
+TIMERS = {"kda": kda, "short_conv": short_conv, "pointwise": pointwise, "kda_decode": kda_decode,
           "mla_decode": mla_decode, "moe_decode": moe_decode, "moe_combine": moe_combine}
 
 
