@@ -18,6 +18,9 @@ then to fp32 [N, k, D] (600 MB a layer at N = 8192) and reduces that; the kernel
 out once, where it lies, and writes y. Each program sums its k rows in slot order: the same sum
 every run, no atomics (float atomics add in arrival order).
   _combine_kernel  (N / BM, D / BN)     BM tokens x BN columns a program
+Before it, SiLU(gate) * up of the grouped matmul's [N*k, 2F] rows in one pass (silu_mul), where
+torch takes two (F.silu, then the product) over views of half rows.
+  _silu_mul_kernel (N*k / BM, F / BN)
 
 Shapes: N tokens, k experts per token, D hidden, F expert width, E experts.
 tests/test_moe.py and tests/test_kimi.py check the equalities.
@@ -32,6 +35,7 @@ from fast import round_to, stack_linears
 # Fixed tile (autotune breaks the interpreter). BN = 256 divides D = 2304; with 4 warps a program
 # loads BM * BN / 128 = 16 values a thread per slot, in 16-byte pieces, and its k slots unrolled.
 TILE = dict(BM=8, BN=256, num_warps=4)
+SILU_TILE = dict(BM=8, BN=256, num_warps=4)    # silu_mul's: 16 values of each half a thread
 
 
 @torch.no_grad()     # the stacks are plain tensors, outside autograd
@@ -55,10 +59,11 @@ def stack_experts(moe):
     moe.w13 = w13
 
 
-def sorted_experts(x, ids, w13, w2):
+def sorted_experts(x, ids, w13, w2, kernel=False):
     """The rows of SparseMoeBlock.run_experts in expert order: x [N, D], ids [N, k] -> (out
     [N*k, D], pos [N, k]) with out[pos[n, j]] = expert ids[n, j] applied to token n. Every expert's
-    rows go through one grouped matmul (a stacked shared expert, row E, gets none)."""
+    rows go through one grouped matmul (a stacked shared expert, row E, gets none). kernel: SiLU
+    and the product in silu_mul's kernel (forward only)."""
     if (x.dtype, x.device) != (w13.dtype, w13.device):     # the model was moved or cast since
         raise ValueError(f"stacked experts are {w13.dtype} on {w13.device}, the input {x.dtype} on "
                          f"{x.device}: call model.stack_experts() again after .to() or .float()")
@@ -66,8 +71,13 @@ def sorted_experts(x, ids, w13, w2):
     xs = x[order // ids.shape[1]]                           # [N*k, D], expert e's rows contiguous
     experts = torch.arange(len(w13), device=x.device)
     ends = torch.searchsorted(expert_of_row, experts, right=True).int()     # [E] row ends
-    gate, up = F.grouped_mm(xs, w13.mT, offs=ends).chunk(2, dim=-1)         # [N*k, F] each
-    out = F.grouped_mm(F.silu(gate) * up, w2.mT, offs=ends)                 # [N*k, D]
+    gu = F.grouped_mm(xs, w13.mT, offs=ends)                                # [N*k, 2F]
+    if kernel:                                          # the same in one pass over gu
+        h = silu_mul(gu)
+    else:
+        gate, up = gu.chunk(2, dim=-1)                                      # [N*k, F] each
+        h = F.silu(gate) * up
+    out = F.grouped_mm(h, w2.mT, offs=ends)                                 # [N*k, D]
     # pos = the inverse permutation: row order[i] of (token, slot) order landed at row i. A scatter
     # of N*k ints, cheap; scattering the [N*k, D] rows themselves (unsorted[order] = out) is several
     # times slower than gathering them.
@@ -93,9 +103,9 @@ def combine_ref(out, pos, w):
 def grouped_moe(x, ids, w, w13, w2, kernel=False):
     """= torch.einsum("nk,nkd->nd", w, run_experts(x, ids).float()).to(x.dtype), the routed part of
     SparseMoeBlock.forward: x [N, D], ids [N, k], w fp32 [N, k] -> [N, D] in x's dtype. kernel:
-    the weighted sum is combine's Triton kernel (the same fp32 sum in another order; forward only),
-    else the einsum."""
-    out, pos = sorted_experts(x, ids, w13, w2)
+    SiLU(gate) * up and the weighted sum are Triton kernels (silu_mul; combine: the same fp32 sum
+    in another order; forward only), else torch's code and the einsum."""
+    out, pos = sorted_experts(x, ids, w13, w2, kernel)
     if kernel:
         return combine(out, pos, w)
     return combine_ref(out, pos, w)
@@ -130,3 +140,29 @@ def combine(out, pos, w, BM=TILE["BM"], BN=TILE["BN"], num_warps=TILE["num_warps
     _combine_kernel[(triton.cdiv(N, BM), triton.cdiv(D, BN))](
         out, pos, w, y, N, D, K, BM, BN, num_warps=num_warps)
     return y
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, h_ptr, M, F, BM: tl.constexpr, BN: tl.constexpr):
+    """h[m, f] = silu(gate[m, f]) * up[m, f] for BM rows and BN columns, gate and up the halves
+    of gu [M, 2F]."""
+    m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)[:, None]    # [BM, 1] rows
+    f = tl.program_id(1) * BN + tl.arange(0, BN)[None, :]                   # [1, BN] columns
+    mask = (m < M) & (f < F)
+    gate = tl.load(gu_ptr + m * 2 * F + f, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gu_ptr + m * 2 * F + F + f, mask=mask, other=0.0).to(tl.float32)
+    dt: tl.constexpr = h_ptr.dtype.element_ty
+    # torch rounds twice: F.silu's fp32 result to the dtype, then the product
+    s = round_to(gate / (1.0 + tl.exp(-gate)), dt)
+    tl.store(h_ptr + m * F + f, round_to(s * up, dt).to(dt), mask=mask)
+
+
+def silu_mul(gu, BM=SILU_TILE["BM"], BN=SILU_TILE["BN"], num_warps=SILU_TILE["num_warps"]):
+    """= F.silu(gate) * up for gate, up = gu.chunk(2, dim=-1): gu [M, 2F] contiguous (the
+    grouped matmul's output) -> h [M, F] in gu's dtype. Forward only."""
+    M, F2 = gu.shape
+    F_ = F2 // 2
+    h = gu.new_empty(M, F_)
+    _silu_mul_kernel[(triton.cdiv(M, BM), triton.cdiv(F_, BN))](
+        gu.contiguous(), h, M, F_, BM, min(BN, triton.next_power_of_2(F_)), num_warps=num_warps)
+    return h

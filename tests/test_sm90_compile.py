@@ -60,6 +60,8 @@ for kind, N in ((pointwise.RMS, 2304), (pointwise.GATED, 128), (pointwise.L2, 12
     BN = triton.next_power_of_2(N)
     build(pointwise._norm_kernel, dict(x=BF, gate=BF, w=BF, y=BF, eps="fp32"),
           dict(KIND=kind, BR=max(1, pointwise.TILE // BN), BN=BN), pointwise.WARPS)
+build(moe._silu_mul_kernel, dict(gu_ptr=BF, h_ptr=BF),
+      dict(BM=moe.SILU_TILE["BM"], BN=moe.SILU_TILE["BN"]), moe.SILU_TILE["num_warps"])
 build(pointwise._gate_kernel, dict(f=BF, A_log=F32, dt_bias=F32, g=F32),
       dict(K=128, BLOCK=pointwise.GATE_BLOCK), pointwise.WARPS)
 print("all compiled")

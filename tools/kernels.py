@@ -10,7 +10,8 @@
     kda_decode   fast.kda_decode, a KDA layer's decode step, against kda_decode_ref
     mla_decode   fast.mla_decode on 4K to 1M-token caches, against kimi.latent_attention
     moe_decode   fast.moe_decode's router and experts of a decode step, against the torch path
-    moe_combine  fast.moe.combine, the MoE's weighted sum at N = 8192 tokens, against combine_ref
+    moe_combine  fast.moe.combine, the MoE's weighted sum at N = 8192 tokens, against combine_ref;
+                 fast.moe.silu_mul against torch's SiLU and product
 
 Every time is tools.timing.cuda_time's: CUDA events, the median of several runs after warm-up.
 kda, short_conv and moe_decode start each run on a flushed L2 cache; the decode kernels replay from
@@ -22,6 +23,7 @@ import sys
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
 import kda_triton           # (imports fast first: without a GPU that chooses Triton's interpreter)
 import kimi
@@ -240,6 +242,12 @@ def moe_combine(N=8192, k=8, D=2304, E=256):
     for name, fn in (("pos (the inverse permutation)", inverse),
                      ("gather + einsum (combine_ref)", lambda: fast_moe.combine_ref(out, pos, w)),
                      (f"kernel {fast_moe.TILE}", lambda: fast_moe.combine(out, pos, w))):
+        t = cuda_time(fn, runs=50, warmup=3)
+        print(f"{name:45s} {t:7.3f} ms = {MB / t / 1e3:5.2f} TB/s over {MB:.0f} MB")
+    gu = torch.randn(N * k, 2 * 1024, generator=g, device="cuda").bfloat16()   # [N*k, 2F]
+    MB = gu.numel() * 3 / 1e6                          # read gu, write h [N*k, F] (bf16)
+    for name, fn in (("F.silu(gate) * up", lambda: F.silu(gu[:, :1024]) * gu[:, 1024:]),
+                     (f"silu_mul {fast_moe.SILU_TILE}", lambda: fast_moe.silu_mul(gu))):
         t = cuda_time(fn, runs=50, warmup=3)
         print(f"{name:45s} {t:7.3f} ms = {MB / t / 1e3:5.2f} TB/s over {MB:.0f} MB")
 
