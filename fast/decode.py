@@ -1,5 +1,5 @@
 """
-One decode step of kimi.py's model in ~18 kernels a layer (486 a step): the fast path of generation.
+One decode step of kimi.py's model in a few fused kernels a layer: the fast path of generation.
 
     step(model, tokens, start_pos) = model(tokens, start_pos, last_only=True)
     for tokens [B, 1] that continue the sequences in the caches (start_pos >= 1, an int or a 0-d
@@ -11,11 +11,12 @@ several times as long as reading its weights. This file runs the same math layer
 pieces, each with a torch reference beside its kernel (a test checks each, and step against model):
   - add_rmsnorm (here): the residual add and the next RMSNorm in one kernel
   - one matmul for all of a layer's input projections, stacked once by prepare (their weights
-    become views of the stacked one, as fast.moe.stack_experts does for the experts)
+    become views of the stacked one, as fast.moe.stack_experts does for the experts); GEMV picks
+    cuBLAS or fast.fp8.gemv for the bf16 ones
   - kda_decode.py: a KDA layer's short convs, norms, gates, recurrence and gated norm in one kernel
   - mla_decode.py: the absorbed latent attention, split over the cache (flash-decoding)
-  - moe_decode.py: the router's top-k, then the selected experts (the shared one stacked with them)
-    read once in two kernels
+  - moe_decode.py: the router's top-k (it writes the shared expert's slot too), then the selected
+    experts (the shared one stacked with them as row E) read once
 Everything else is kimi.py's own modules. Shapes: B rows, D hidden, P = H*K KDA width, N = B.
 """
 import functools
@@ -74,11 +75,23 @@ def add_rmsnorm(h, delta, norm):
 # -------------------------------------------------------------------------------------------------
 # Stacked projections
 
+# bf16 projections of a decode step: True = fast.fp8.gemv (Triton, split over K so that every SM
+# streams an equal share), False = cuBLAS (F.linear). FP8 weights always take fast.fp8's path.
+GEMV = False
+
+
 def linear(x, weight, scale):
-    """x @ weight.T for a stack_linears result (FP8: fast.fp8.fp8_linear's decode product)."""
-    if scale is None:
-        return F.linear(x, weight)
-    return fp8.fp8_linear(x, weight, scale)
+    """x @ weight.T for x [B, K] and a stack_linears result (FP8: fast.fp8.fp8_linear)."""
+    if scale is not None:
+        return fp8.fp8_linear(x, weight, scale)
+    if GEMV and x.is_cuda and len(x) <= fp8.DECODE_ROWS:
+        return fp8.gemv(x, weight)
+    return F.linear(x, weight)
+
+
+def project(x, m):
+    """= m(x) for an nn.Linear or fast.fp8.Fp8Linear m, through linear (the GEMV switch)."""
+    return linear(x, m.weight, getattr(m, "weight_scale", None))
 
 
 KDA_IN = ("q_proj", "k_proj", "v_proj", "f_a_proj", "g_a_proj", "b_proj")
@@ -130,7 +143,7 @@ def step(model, tokens, start_pos, fast=True):
         h, x = norm(h, delta, layer.post_attention_layernorm)
         delta = moe_step(layer.block_sparse_moe, x, fast) if layer.is_moe else layer.mlp(x)
     h, x = norm(h, delta, model.model.norm)
-    return model.lm_head(x).float()[:, None]               # [B, 1, vocab]
+    return project(x, model.lm_head).float()[:, None]      # [B, 1, vocab]
 
 
 def kda_step(attn, x, fast):
@@ -143,7 +156,7 @@ def kda_step(attn, x, fast):
     kernel = kda_decode.kda_decode if fast else kda_decode.kda_decode_ref
     o = kernel(q, k, v, f_a, g_a, b, attn.conv_state[:, :B], conv_w, f_b_w, g_b_w, attn.A_log,
                attn.dt_bias, attn.o_norm.weight, attn.o_norm.eps, attn.recurrent_state[:B])
-    return attn.o_proj(o)                                   # o [B, P]
+    return project(o, attn.o_proj)                          # o [B, P]
 
 
 def mla_step(attn, x, pos, pad, fast):
@@ -154,7 +167,13 @@ def mla_step(attn, x, pos, pad, fast):
     ckv = torch.cat([attn.kv_a_layernorm(c), k_pe], dim=-1)        # [B, R + pe]: the new entry
     attention = mla_decode.mla_decode if fast else kimi.latent_attention
     o = attn.attend_absorbed(q.view(B, H, -1), ckv[:, None], pos, pad, attention)  # [B, 1, H, V]
-    return attn.o_proj(o.reshape(B, H * attn.v))
+    return project(o.reshape(B, H * attn.v), attn.o_proj)
+
+
+# How the shared expert joins the routed ones (kept so that tools.profile_decode can time each):
+# "route": stacked as row E, its slot written by the route kernel; "cat": stacked, its slot
+# appended by torch.cat (four small kernels a layer); "apart": its own MLP after the experts.
+SHARED = "route"
 
 
 def moe_step(moe, x, fast):
@@ -167,15 +186,17 @@ def moe_step(moe, x, fast):
     else:
         logits = F.linear(x.float(), gate.weight.float())
     route = moe_decode.route if fast else moe_decode.route_ref
+    stacked = len(moe.w13) > args.num_experts and SHARED != "apart"    # the shared one: row E
+    slot = (args.num_experts, 1.0) if stacked and SHARED == "route" else None   # weight 1: y + s
     ids, w = route(logits, gate.e_score_correction_bias, args.num_experts_per_token,
-                   args.moe_renormalize, args.routed_scaling_factor, args.routing_weights_biased)
-    shared = len(moe.w13) > args.num_experts                 # stacked as expert E: one more slot
-    if shared:
+                   args.moe_renormalize, args.routed_scaling_factor, args.routing_weights_biased,
+                   slot)
+    if stacked and slot is None:
         ids = torch.cat([ids, torch.full_like(ids[:, :1], args.num_experts)], dim=1)
         w = torch.cat([w, torch.ones_like(w[:, :1])], dim=1)
     experts = moe_decode.experts if fast else moe_decode.experts_ref
     y = experts(x, ids, w, moe.w13, moe.w2, getattr(moe, "s13", None), getattr(moe, "s2", None))
-    return y if shared else y + moe.shared_experts(x)
+    return y if stacked else y + moe.shared_experts(x)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -183,7 +204,7 @@ def moe_step(moe, x, fast):
 
 def cuda_graph_decoder(model, batch_size, forward=None):
     """decode(tokens [B, 1], start_pos) -> logits [B, 1, vocab]: one step replayed from a CUDA
-    graph: step's ~18 kernels a layer, or forward(tokens, start_pos=, last_only=True) if given
+    graph: step's fused kernels, or forward(tokens, start_pos=, last_only=True) if given
     (tools/bench.py times kimi.py's forward so). One graph serves every position (a device tensor;
     MLA reads its whole cache, masked). Build it after setup_cache, before a prefill."""
     device = model.lm_head.weight.device

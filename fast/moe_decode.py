@@ -3,17 +3,31 @@ The MoE of a decode step (N <= 16 tokens) in 4 Triton launches, each selected ex
 (bf16, or e4m3 + scales) read once per step. Beside kimi.py: route = MoEGate.forward after its
 F.linear; experts = SparseMoeBlock.run_experts + forward's fp32 weighted sum (as fast.moe.
 grouped_experts and fast.fp8.fp8_experts, which take ~35 torch kernels and one-row GEMMs).
-  _route_kernel    (N,)            sigmoid, + bias, k rounds of max / argmax, the weights
-  _gate_up_kernel  (P, F / BN)     h = silu(x @ w1^T) * (x @ w3^T), one expert per program
-  _down_kernel     (P, D / BN)     out = h @ w2^T; N = 1: grid (1, D / BN), every slot, summed
-  _slot_sum_kernel (N, D / BN)     y = sum_j w[n, j] out[n, j], j in order (N > 1 only)
+  _route_kernel      (N,)          sigmoid, + bias, k rounds of max / argmax, the weights; and the
+                                   shared expert's slot (its id, its weight) after the k routed
+  _gate_up_kernel    (P, F / BN)   h = silu(x @ w1^T) * (x @ w3^T), one expert per program
+  _down_kernel       (P, D / BN)   out = h @ w2^T (DOWN_N1 "sum": grid (1, D / BN), every slot)
+  _down_split_kernel (programs,)   N = 1: out = h @ w2^T as fp32 partials over S splits of F, the
+                                   (slot, BN outputs, split) units shared out equally (below)
+  _slot_sum_kernel   (N, D / BN)   y = sum_j w[n, j] round(sum_s part[s, n, j]), j and s in order
 No sort: a token picks an expert at most once (distinct top-k ids; the shared expert is row E),
 so expert e's group is the tokens whose row of ids holds e, one tile row per token (BM = 16 >= N,
 tl.dot's minimum). The program of e's first (token, slot) pair reads e's weights once for them
 all; the programs of e's other pairs return at once.
+Two ways to lay a product on tl.dot (SWAP): tokens as the rows and weights as the columns, or
+weights as the rows of a [BN, BK] tile and the 16 token slots as the columns (SWAP, the default).
+On Hopper the second runs as the asynchronous warpgroup MMA (wgmma: 64 rows or more), which reads
+the weight tile from shared memory itself, where the first issues a shared-memory load per MMA.
+At N = 1 the w2 step has 9 x D / BN units of work (slot, output rows) and at most SMs programs
+can run at once: one program per unit leaves SMs idle in the last wave. _down_split_kernel cuts
+F into S splits (S chosen so the busiest program streams the fewest bytes) and gives program g
+the units [g U / G, (g + 1) U / G) as one pipelined loop; the fp32 partials are summed in a fixed
+order by _slot_sum_kernel, so a replay gives the same bits.
 Shapes: N tokens, E experts (E' = E + 1 with the shared one stacked), k experts per token
-(k' = k + 1 with the shared one), D hidden, F expert width, P = N * k' (token, slot) pairs.
+(k' = k + 1 with the shared one), D hidden, F expert width, P = N * k' (token, slot) pairs,
+S splits of F.
 """
+import functools
 import itertools
 
 import torch
@@ -24,36 +38,61 @@ import triton.language as tl
 from fast import INTERPRET, round_to
 
 MAX_TOKENS = 16                         # BM: tokens per tile (tl.dot's minimum dimension)
-# Fixed tiles (autotune breaks the interpreter): UP and DOWN_SUM won a timed sweep over BN, BK,
-# warps and stages at N = 1 on an H200, bf16 and FP8 experts (`python -m tools.kernels moe_decode`
-# times them). fp32 x (twice the bytes a stage) gets 2 stages: 4 need more shared memory than a
-# Hopper GPU's block has.
+# The variants, kept so that `python -m tools.kernels moe_decode` times them side by side:
+SWAP = True                             # weights as tl.dot's rows (wgmma on Hopper); False: columns
+DOWN_N1 = "split"                       # N = 1's w2: "split", "sum" (one program per BN outputs
+#                                         loops over every slot), "pairs" (N > 1's kernel)
+E4M3_BITS = True                        # e4m3 -> bf16 through fp32's bits; False: Triton's cast
+# Fixed tiles (autotune breaks the interpreter). UP and DOWN_SUM won a timed sweep over BN, BK,
+# warps and stages at N = 1 on an H200, bf16 and FP8 experts, in the row form (the SWAP ones are
+# that sweep's choices carried over, untimed). fp32 x (twice the bytes a stage) gets 2 stages: 4
+# need more shared memory than a Hopper GPU's block has. SWAP's gate_up tile is [2 BN, BK]: BN
+# rows of w1 over the same rows of w3, 64 rows for wgmma.
 UP = dict(BN=32, BK=128, num_warps=4, num_stages=3)
+UP_SWAP = dict(BN=32, BK=128, num_warps=4, num_stages=4)
 DOWN = dict(BN=32, BK=256, num_warps=4, num_stages=4)
+DOWN_SWAP = dict(BN=64, BK=128, num_warps=4, num_stages=4)
 DOWN_SUM = dict(BN=32, BK=256, num_warps=4, num_stages=4)
+# The interpreter takes small split tiles, so that its tests cross units, splits and programs;
+# e4m3 weights take twice the BK (one program per SM keeps a bf16 tile's bytes in flight).
+SPLIT = dict(BN=32 if INTERPRET else 64, BK=16 if INTERPRET else 128, num_warps=4, num_stages=4)
+WAVES = 1                               # _down_split_kernel's programs: WAVES per SM
 SLOT_SUM = 256                          # _slot_sum_kernel's BN
+
+
+@functools.cache
+def _sm_count(device):
+    if device.type != "cuda":
+        return 132                      # an H100 / H200's count, for the interpreter's grids
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # -------------------------------------------------------------------------------------------------
 # Routing
 
-def route_ref(logits, bias, k, renormalize, scaling, biased):
+def route_ref(logits, bias, k, renormalize, scaling, biased, shared=None):
     """= kimi.MoEGate.forward from its logits [N, E] fp32: (ids [N, k] int64, w [N, k] fp32).
-    ids by descending biased score, as route (whose ties go to the lowest id; topk's: free)."""
+    ids by descending biased score, as route (whose ties go to the lowest id; topk's: free).
+    shared = (id, weight): one more slot, the shared expert's, after the k routed ones."""
     s = torch.sigmoid(logits.float())
     scores = s + bias.float()                                       # [N, E] chooses the experts
     ids = scores.topk(k, dim=-1).indices                            # [N, k]
     w = (scores if biased else s).gather(-1, ids)                   # [N, k]
     if renormalize and k > 1:
         w = w / (w.sum(-1, keepdim=True) + 1e-20)
-    return ids, w * scaling
+    w = w * scaling
+    if shared is not None:
+        ids = torch.cat([ids, torch.full_like(ids[:, :1], shared[0])], dim=1)     # [N, k + 1]
+        w = torch.cat([w, torch.full_like(w[:, :1], shared[1])], dim=1)
+    return ids, w
 
 
 @triton.jit
-def _route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, E, scaling, K: tl.constexpr,
-                  BE: tl.constexpr, BK: tl.constexpr, RENORMALIZE: tl.constexpr,
-                  BIASED: tl.constexpr):
-    """= route_ref for one token per program: k rounds of (max, lowest index reaching it)."""
+def _route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, E, scaling, shared_id, shared_w,
+                  K: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
+                  RENORMALIZE: tl.constexpr, BIASED: tl.constexpr):
+    """= route_ref for one token per program: k rounds of (max, lowest index reaching it), then
+    (KP = K + 1) the shared slot, so that no torch.cat follows."""
     n = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BE)
     s = tl.sigmoid(tl.load(logits_ptr + n * E + e, mask=e < E, other=0.0))          # [BE]
@@ -71,16 +110,24 @@ def _route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, E, scaling, K: tl.conste
         score = tl.where(e == j, float("-inf"), score)              # taken: out of later rounds
     if RENORMALIZE:
         w = w / (tl.sum(w, axis=0) + 1e-20)                         # lanes r >= K hold 0
-    tl.store(ids_ptr + n * K + r, ids.to(tl.int64), mask=r < K)
-    tl.store(w_ptr + n * K + r, w * scaling, mask=r < K)
+    w = w * scaling
+    if KP > K:                                                      # the shared expert's slot
+        ids = tl.where(r == K, shared_id, ids)
+        w = tl.where(r == K, shared_w, w)
+    tl.store(ids_ptr + n * KP + r, ids.to(tl.int64), mask=r < KP)
+    tl.store(w_ptr + n * KP + r, w, mask=r < KP)
 
 
-def route(logits, bias, k, renormalize, scaling, biased):
-    """= route_ref in one launch: logits [N, E] fp32, bias [E] -> (ids [N, k] int64, w fp32)."""
+def route(logits, bias, k, renormalize, scaling, biased, shared=None):
+    """= route_ref in one launch: logits [N, E] fp32, bias [E] -> (ids [N, k'] int64, w fp32)."""
     N, E = logits.shape
-    ids, w = logits.new_empty(N, k, dtype=torch.int64), logits.new_empty(N, k, dtype=torch.float32)
-    _route_kernel[(N,)](logits.float().contiguous(), bias, ids, w, E, float(scaling), K=k,
-                        BE=triton.next_power_of_2(E), BK=triton.next_power_of_2(k),
+    KP = k + (shared is not None)
+    shared_id, shared_w = shared if shared is not None else (0, 0.0)
+    ids = logits.new_empty(N, KP, dtype=torch.int64)
+    w = logits.new_empty(N, KP, dtype=torch.float32)
+    _route_kernel[(N,)](logits.float().contiguous(), bias, ids, w, E, float(scaling),
+                        int(shared_id), float(shared_w), K=k, KP=KP,
+                        BE=triton.next_power_of_2(E), BK=triton.next_power_of_2(KP),
                         RENORMALIZE=renormalize and k > 1, BIASED=biased)
     return ids, w
 
@@ -104,6 +151,18 @@ def experts_ref(x, ids, w, w13, w2, s13=None, s2=None):
 
 
 @triton.jit
+def _operand(w, DOT: tl.constexpr, BITS: tl.constexpr):
+    """A weight tile as tl.dot's operand type. e4m3 -> bf16 (BITS): fp32's top 16 bits are the
+    bf16 value, exact (e4m3 has 3 mantissa bits); an fp16 unpack and a widening half-precision
+    add get there, where the cast spends a slow conversion op (F2F) on every element."""
+    if BITS and DOT == tl.bfloat16 and w.dtype == tl.float8e4nv:
+        bits = w.to(tl.float32).to(tl.uint32, bitcast=True)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return w.to(DOT)
+
+
+@triton.jit
 def _group(ids_ptr, p, N, KP, BM: tl.constexpr, BJ: tl.constexpr):
     """Pair p's expert e = ids[p]; whether p is e's first pair (the leader, who does the work);
     per token t: whether t chose e (member [BM]) and in which slot (slot [BM])."""
@@ -119,24 +178,41 @@ def _group(ids_ptr, p, N, KP, BM: tl.constexpr, BJ: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(x_ptr, ids_ptr, w13_ptr, s13_ptr, h_ptr, N, KP, D, F, SCALED: tl.constexpr,
-                    DOT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
-                    BJ: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                    SWAP: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr,
+                    PREC: tl.constexpr, BM: tl.constexpr, BJ: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr):
     """h[t*k' + slot, f] = silu(gate) * up for expert ids[p]'s tokens t, outputs f of block 1."""
     e, leader, member, slot = _group(ids_ptr, tl.program_id(0), N, KP, BM, BJ)
     if leader:
         t = tl.arange(0, BM)
         f = tl.program_id(1) * BN + tl.arange(0, BN)
-        w1 = w13_ptr + e * 2 * F * D + f[None, :].to(tl.int64) * D    # [1, BN] rows of w1 (gate)
-        gate, up = tl.zeros((BM, BN), tl.float32), tl.zeros((BM, BN), tl.float32)
-        for k0 in range(0, D, BK):
-            k = k0 + tl.arange(0, BK)
-            x = tl.load(x_ptr + t[:, None] * D + k[None, :], other=0.0,
-                        mask=member[:, None] & (k[None, :] < D)).to(DOT)    # [BM, BK]: e's tokens
-            mask = (k[:, None] < D) & (f[None, :] < F)
-            w1_t = tl.load(w1 + k[:, None], mask=mask, other=0.0)   # [BK, BN]; e4m3 -> bf16 exact
-            w3_t = tl.load(w1 + F * D + k[:, None], mask=mask, other=0.0)   # w3 (up): F rows on
-            gate += tl.dot(x, w1_t.to(DOT), input_precision=PREC)
-            up += tl.dot(x, w3_t.to(DOT), input_precision=PREC)
+        w13 = w13_ptr + e * 2 * F * D
+        if SWAP:    # one [2 BN, BK] tile: rows f of w1 (gate) over rows f of w3 (up, F rows on)
+            r = tl.arange(0, 2 * BN)
+            fr = tl.program_id(1) * BN + r % BN                     # [2 BN] output of each row
+            rows = w13 + ((r // BN) * F + fr)[:, None].to(tl.int64) * D
+            acc = tl.zeros((2 * BN, BM), tl.float32)
+            for k0 in range(0, D, BK):
+                k = k0 + tl.arange(0, BK)
+                xT = tl.load(x_ptr + t[None, :] * D + k[:, None], other=0.0,
+                             mask=member[None, :] & (k[:, None] < D))  # [BK, BM]: e's tokens
+                w = tl.load(rows + k[None, :], mask=(fr[:, None] < F) & (k[None, :] < D),
+                            other=0.0)                              # [2 BN, BK]
+                acc = tl.dot(_operand(w, DOT, BITS), xT.to(DOT), acc, input_precision=PREC)
+            # [2, BN, BM] -> [BM, BN, 2] -> gate, up [BM, BN]: the row form's layout from here
+            gate, up = tl.split(tl.permute(tl.reshape(acc, (2, BN, BM)), (2, 1, 0)))
+        else:
+            w1 = w13 + f[None, :].to(tl.int64) * D                  # [1, BN] rows of w1 (gate)
+            gate, up = tl.zeros((BM, BN), tl.float32), tl.zeros((BM, BN), tl.float32)
+            for k0 in range(0, D, BK):
+                k = k0 + tl.arange(0, BK)
+                x = tl.load(x_ptr + t[:, None] * D + k[None, :], other=0.0,
+                            mask=member[:, None] & (k[None, :] < D)).to(DOT)    # [BM, BK]
+                mask = (k[:, None] < D) & (f[None, :] < F)
+                w1_t = tl.load(w1 + k[:, None], mask=mask, other=0.0)           # [BK, BN]
+                w3_t = tl.load(w1 + F * D + k[:, None], mask=mask, other=0.0)   # w3 (up)
+                gate += tl.dot(x, _operand(w1_t, DOT, BITS), input_precision=PREC)
+                up += tl.dot(x, _operand(w3_t, DOT, BITS), input_precision=PREC)
         if SCALED:                                                  # powers of two: exact
             gate *= tl.load(s13_ptr + e * 2 * F + f, mask=f < F, other=0.0)[None, :]
             up *= tl.load(s13_ptr + e * 2 * F + F + f, mask=f < F, other=0.0)[None, :]
@@ -151,8 +227,9 @@ def _gate_up_kernel(x_ptr, ids_ptr, w13_ptr, s13_ptr, h_ptr, N, KP, D, F, SCALED
 
 @triton.jit
 def _down_kernel(h_ptr, ids_ptr, wts_ptr, w2_ptr, s2_ptr, out_ptr, N, KP, D, F, SUM: tl.constexpr,
-                 SCALED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                 BM: tl.constexpr, BJ: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 SCALED: tl.constexpr, SWAP: tl.constexpr, BITS: tl.constexpr,
+                 DOT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BJ: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr):
     """out[t*k' + slot, d] = h @ w2^T for pair program 0's expert, outputs d of block 1. SUM: one
     program per block loops over every pair, and writes y[t, d] = sum w * out in pair order."""
     t = tl.arange(0, BM)
@@ -166,14 +243,25 @@ def _down_kernel(h_ptr, ids_ptr, wts_ptr, w2_ptr, s2_ptr, out_ptr, N, KP, D, F, 
         if leader:
             rows = (t * KP + slot)[:, None]                         # [BM, 1] pairs = rows of h
             w2 = w2_ptr + e * D * F + d[None, :].to(tl.int64) * F   # [1, BN] rows of w2
-            acc = tl.zeros((BM, BN), tl.float32)
-            for k0 in range(0, F, BK):
-                k = k0 + tl.arange(0, BK)
-                h = tl.load(h_ptr + rows * F + k[None, :], mask=member[:, None] & (k[None, :] < F),
-                            other=0.0)                              # [BM, BK]
-                w2_t = tl.load(w2 + k[:, None], mask=(k[:, None] < F) & (d[None, :] < D),
-                               other=0.0)                           # [BK, BN]
-                acc += tl.dot(h.to(DOT), w2_t.to(DOT), input_precision=PREC)
+            if SWAP:                                                # w2 rows as tl.dot's rows
+                acc = tl.zeros((BN, BM), tl.float32)
+                for k0 in range(0, F, BK):
+                    k = k0 + tl.arange(0, BK)
+                    hT = tl.load(h_ptr + rows.T * F + k[:, None], other=0.0,
+                                 mask=member[None, :] & (k[:, None] < F))   # [BK, BM]
+                    w2_t = tl.load(w2.T + k[None, :], mask=(d[:, None] < D) & (k[None, :] < F),
+                                   other=0.0)                       # [BN, BK]
+                    acc = tl.dot(_operand(w2_t, DOT, BITS), hT.to(DOT), acc, input_precision=PREC)
+                acc = tl.trans(acc)                                 # [BM, BN]
+            else:
+                acc = tl.zeros((BM, BN), tl.float32)
+                for k0 in range(0, F, BK):
+                    k = k0 + tl.arange(0, BK)
+                    h = tl.load(h_ptr + rows * F + k[None, :], other=0.0,
+                                mask=member[:, None] & (k[None, :] < F))    # [BM, BK]
+                    w2_t = tl.load(w2 + k[:, None], mask=(k[:, None] < F) & (d[None, :] < D),
+                                   other=0.0)                       # [BK, BN]
+                    acc += tl.dot(h.to(DOT), _operand(w2_t, DOT, BITS), input_precision=PREC)
             if SCALED:
                 acc *= tl.load(s2_ptr + e * D + d, mask=d < D, other=0.0)[None, :]
             out = round_to(acc, dt)                             # kimi's w2(h) in bf16
@@ -188,15 +276,48 @@ def _down_kernel(h_ptr, ids_ptr, wts_ptr, w2_ptr, s2_ptr, out_ptr, N, KP, D, F, 
 
 
 @triton.jit
-def _slot_sum_kernel(out_ptr, wts_ptr, y_ptr, KP, D, BN: tl.constexpr):
-    """y[n, d] = sum_j w[n, j] out[n*k' + j, d] in fp32, j in order: the same sum every run (float
-    atomics would add in arrival order, and greedy decoding could change from run to run)."""
+def _down_split_kernel(h_ptr, ids_ptr, w2_ptr, s2_ptr, part_ptr, KP, D, F, UNITS, SPLITS, STEPS,
+                       SCALED: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr,
+                       PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """N = 1: part[s, j, d] = sum_k h[j, k] w2[ids[j], d, k] over split s's STEPS k-steps (times
+    the FP8 scale), for units u = (slot j, block of BN outputs d, split s) in that order. Program
+    g takes units [g U / G, (g + 1) U / G), pipelined as one loop of k-steps across the units'
+    boundaries: every program streams the same bytes, one unit's worth at most apart."""
+    g, G = tl.program_id(0), tl.num_programs(0)
+    blocks = tl.cdiv(D, BN)
+    r = tl.arange(0, BM)[:, None]
+    # flatten: the unit and k-step loops as one software pipeline (loads run ahead across units)
+    for u in tl.range(g * UNITS // G, (g + 1) * UNITS // G, flatten=True):
+        j, b, s = u // (blocks * SPLITS), u // SPLITS % blocks, u % SPLITS
+        e = tl.load(ids_ptr + j)                    # int64: e D F passes 2^31
+        d = b * BN + tl.arange(0, BN)[:, None]      # [BN, 1]
+        acc = tl.zeros((BN, BM), tl.float32)
+        for step in range(STEPS):
+            k = (s * STEPS + step) * BK + tl.arange(0, BK)
+            h = tl.load(h_ptr + j * F + r * 0 + k[None, :], mask=(r == 0) & (k[None, :] < F),
+                        other=0.0)                  # [BM, BK]: row 0 holds the token
+            w = tl.load(w2_ptr + (e * D + d) * F + k[None, :], mask=(d < D) & (k[None, :] < F),
+                        other=0.0)                  # [BN, BK]
+            acc = tl.dot(_operand(w, DOT, BITS), tl.trans(h.to(DOT)), acc, input_precision=PREC)
+        if SCALED:                                  # a power of two: exact in any split
+            acc *= tl.load(s2_ptr + e * D + d, mask=d < D, other=0.0)
+        tl.store(part_ptr + (s * KP + j) * D + d + r.T, acc, mask=(d < D) & (r.T == 0))
+
+
+@triton.jit
+def _slot_sum_kernel(part_ptr, wts_ptr, y_ptr, N, KP, D, SPLITS, BN: tl.constexpr):
+    """y[n, d] = sum_j w[n, j] round(sum_s part[s, n*k' + j, d]) in fp32, j and s in order: the
+    same sum every run (float atomics would add in arrival order, and greedy decoding could change
+    from run to run). round: kimi's w2(h) in bf16 (nothing to do for bf16 partials, S = 1)."""
     n, d = tl.program_id(0).to(tl.int64), tl.program_id(1) * BN + tl.arange(0, BN)
+    dt: tl.constexpr = y_ptr.dtype.element_ty
     y = tl.zeros((BN,), tl.float32)
     for j in range(KP):
-        out = tl.load(out_ptr + (n * KP + j) * D + d, mask=d < D, other=0.0).to(tl.float32)
-        y += tl.load(wts_ptr + n * KP + j) * out
-    dt: tl.constexpr = y_ptr.dtype.element_ty
+        out = tl.zeros((BN,), tl.float32)
+        for s in range(SPLITS):
+            row = (s * N + n) * KP + j
+            out += tl.load(part_ptr + row * D + d, mask=d < D, other=0.0).to(tl.float32)
+        y += tl.load(wts_ptr + n * KP + j) * round_to(out, dt)
     tl.store(y_ptr + n * D + d, round_to(y, dt).to(dt), mask=d < D)
 
 
@@ -205,9 +326,29 @@ def _fit(tiles, x):
     return dict(tiles, num_stages=2) if x.dtype == torch.float32 else tiles
 
 
+def _splits(blocks, steps, programs):
+    """S, a divisor of the k-steps: the one whose busiest program streams the fewest k-steps,
+    ceil(blocks S / programs) steps / S (the fewest splits of equal ones)."""
+    divisors = [s for s in range(1, steps + 1) if steps % s == 0]
+    return min(divisors, key=lambda s: -(-blocks * s // programs) * (steps // s))
+
+
+def _split_down(h, ids, w2, s2, x, meta):
+    """_down_split_kernel's launch for one token: -> (part [S, k', D] fp32, S)."""
+    (KP, Fw), D = h.shape, w2.shape[1]
+    tiles = _fit(dict(SPLIT, BK=SPLIT["BK"] * (2 if w2.element_size() == 1 else 1)), x)
+    blocks, steps = KP * triton.cdiv(D, tiles["BN"]), triton.cdiv(Fw, tiles["BK"])
+    programs = WAVES * _sm_count(x.device)
+    S = _splits(blocks, steps, programs)
+    part = torch.empty(S, KP, D, dtype=torch.float32, device=x.device)
+    _down_split_kernel[(min(blocks * S, programs),)](
+        h, ids, w2, s2, part, KP, D, Fw, blocks * S, S, steps // S, **meta, **tiles)
+    return part, S
+
+
 def experts(x, ids, w, w13, w2, s13=None, s2=None):
     """= experts_ref (x [N <= 16, D], ids [N, k'] distinct per row, w [N, k'] fp32) in 3 launches
-    (N = 1: 2). Each selected expert's weights are read once; the sums are deterministic."""
+    (DOWN_N1 "sum": 2). Each selected expert's weights are read once; the sums are deterministic."""
     (N, D), KP, Fw = x.shape, ids.shape[1], w2.shape[-1]
     if N > MAX_TOKENS:
         raise ValueError(f"experts: {N} tokens, the decode kernels take at most {MAX_TOKENS}")
@@ -215,17 +356,27 @@ def experts(x, ids, w, w13, w2, s13=None, s2=None):
     # bf16 operands on a GPU (e4m3 -> bf16 is exact); fp32 in the interpreter, whose bf16 tl.dot
     # is silently wrong, and for fp32 x ('ieee': no TF32 rounding of x)
     low = x.dtype == torch.bfloat16 and not INTERPRET
-    meta = dict(SCALED=scaled,
+    meta = dict(SCALED=scaled, BITS=E4M3_BITS,
                 DOT=tl.bfloat16 if low else tl.float32, PREC="tf32" if low else "ieee",
-                BM=MAX_TOKENS, BJ=triton.next_power_of_2(KP))
+                BM=MAX_TOKENS)
+    BJ = triton.next_power_of_2(KP)
     h = x.new_empty(N * KP, Fw)                                     # [P, F]
-    _gate_up_kernel[(N * KP, triton.cdiv(Fw, UP["BN"]))](
-        x, ids, w13, s13 if scaled else w13, h, N, KP, D, Fw, **meta, **_fit(UP, x))
-    y, tiles = x.new_empty(N, D), DOWN_SUM if N == 1 else DOWN
-    out = y if N == 1 else x.new_empty(N * KP, D)                   # [P, D]
-    _down_kernel[(1 if N == 1 else N * KP, triton.cdiv(D, tiles["BN"]))](
-        h, ids, w, w2, s2 if scaled else w2, out, N, KP, D, Fw, SUM=N == 1, **meta,
-        **_fit(tiles, x))
-    if N > 1:
-        _slot_sum_kernel[(N, triton.cdiv(D, SLOT_SUM))](out, w, y, KP, D, SLOT_SUM)
+    up = UP_SWAP if SWAP else UP
+    _gate_up_kernel[(N * KP, triton.cdiv(Fw, up["BN"]))](
+        x, ids, w13, s13 if scaled else w13, h, N, KP, D, Fw, SWAP=SWAP, BJ=BJ, **meta,
+        **_fit(up, x))
+    y, down = x.new_empty(N, D), DOWN_N1 if N == 1 else "pairs"
+    if down == "sum":                                               # y in one launch
+        _down_kernel[(1, triton.cdiv(D, DOWN_SUM["BN"]))](
+            h, ids, w, w2, s2 if scaled else w2, y, N, KP, D, Fw, SUM=True, SWAP=False, BJ=BJ,
+            **meta, **_fit(DOWN_SUM, x))
+        return y
+    if down == "split":
+        part, S = _split_down(h, ids, w2, s2 if scaled else w2, x, meta)
+    else:                                                           # bf16 out [P, D] of each pair
+        tiles, part, S = DOWN_SWAP if SWAP else DOWN, x.new_empty(N * KP, D), 1
+        _down_kernel[(N * KP, triton.cdiv(D, tiles["BN"]))](
+            h, ids, w, w2, s2 if scaled else w2, part, N, KP, D, Fw, SUM=False, SWAP=SWAP, BJ=BJ,
+            **meta, **_fit(tiles, x))
+    _slot_sum_kernel[(N, triton.cdiv(D, SLOT_SUM))](part, w, y, N, KP, D, S, SLOT_SUM)
     return y

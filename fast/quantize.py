@@ -88,8 +88,9 @@ def prepare(model, device, stored=None):
     """Turn a meta-device model (or any module of one) into its FP8 form and return the transform
     that checkpoint.load_into applies to every tensor it reads. stored: the folder's
     quantization_config if it already holds FP8 weights (read as they are), else None (its bf16 or
-    fp32 weights are quantised as they arrive on `device`). The routed experts' weights go straight
-    into stacked tensors allocated here, so the model never holds them twice."""
+    fp32 weights are quantised as they arrive on `device`). The experts' weights go straight into
+    stacked tensors allocated here (the routed ones, then the shared one as row E when it has
+    their width, as fast.moe.stack_experts stacks bf16), so the model never holds them twice."""
     if stored is not None and (not isinstance(stored, dict) or any(
             stored.get(key) != FORMAT[key] for key in ("quant_method", "fmt", "scale_suffix"))):
         raise CheckpointError(f"config.json: quantization_config {stored!r} is not this project's "
@@ -106,15 +107,21 @@ def prepare(model, device, stored=None):
         if isinstance(moe, Fp8MoE):
             E, D = len(moe.experts), moe.experts[0].w1.in_features
             F2 = 2 * moe.experts[0].w1.out_features
-            moe.w13 = torch.empty(E, F2, D, dtype=FP8, device=device)
-            moe.w2 = torch.empty(E, D, F2 // 2, dtype=FP8, device=device)
-            moe.s13 = torch.empty(E, F2, 1, device=device)
-            moe.s2 = torch.empty(E, D, 1, device=device)
-            for j in range(E):
+            mats = [(f"experts.{j}.w1", f"experts.{j}.w3", f"experts.{j}.w2") for j in range(E)]
+            # the shared expert as row E when it has their width (fast.moe stacks bf16 so): the
+            # decode kernels then read it with the routed ones
+            if moe.shared_experts.gate_proj.out_features == F2 // 2:
+                mats.append(tuple(f"shared_experts.{n}" for n in ("gate_proj", "up_proj",
+                                                                  "down_proj")))
+            moe.w13 = torch.empty(len(mats), F2, D, dtype=FP8, device=device)
+            moe.w2 = torch.empty(len(mats), D, F2 // 2, dtype=FP8, device=device)
+            moe.s13 = torch.empty(len(mats), F2, 1, device=device)
+            moe.s2 = torch.empty(len(mats), D, 1, device=device)
+            for j, (gate, up, down) in enumerate(mats):
                 w1, w3 = moe.w13[j].chunk(2)
                 s1, s3 = moe.s13[j].chunk(2)
-                for name, w, s in (("w1", w1, s1), ("w3", w3, s3), ("w2", moe.w2[j], moe.s2[j])):
-                    slots[f"{prefix}.experts.{j}.{name}.weight".lstrip(".")] = (w, s)
+                for name, w, s in ((gate, w1, s1), (up, w3, s3), (down, moe.w2[j], moe.s2[j])):
+                    slots[f"{prefix}.{name}.weight".lstrip(".")] = (w, s)
     model.quantization_config = dict(FORMAT, not_quantized=list(keep))     # save_pretrained's
     fp8 = [n for n, m in model.named_modules() if isinstance(m, Fp8Linear)]
     names = {f"{n}.weight".lstrip(".") for n in fp8}
@@ -147,7 +154,7 @@ class Fp8Loader:
         return {name: self._place(name, 0, q), scale_name: self._place(name, 1, scale)}
 
     def _place(self, weight, i, t):
-        """Routed experts: copy into the stacked tensors and hand back the view; else t itself."""
+        """Experts: copy into the stacked tensors and hand back the view; else t itself."""
         if weight not in self.slots:
             return t
         return self.slots[weight][i].copy_(t)
