@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import kimi
-from fast import decode
+from fast import decode, quantize
+from fast import moe as fast_moe
 from helpers import TINY, randomize, rel
 from kimi import Transformer
 
@@ -46,9 +47,10 @@ def prefilled(dtype, device, seed=3):
     return model, tokens[:, 131:]
 
 
-def run_steps(model, tokens, step):
-    """Logits of len(tokens[0]) decode steps continuing from position 131, and the caches after."""
-    out = [step(model, tokens[:, t:t + 1], 131 + t) for t in range(tokens.shape[1])]
+def run_steps(model, tokens, step, start=131):
+    """Logits of len(tokens[0]) decode steps continuing from position start, and the caches
+    after."""
+    out = [step(model, tokens[:, t:t + 1], start + t) for t in range(tokens.shape[1])]
     return torch.cat(out, dim=1), {n: b.clone() for n, b in model.named_buffers()}
 
 
@@ -57,17 +59,58 @@ def model_step(model, tokens, pos):
         return model(tokens, start_pos=pos, last_only=True)
 
 
-@pytest.mark.parametrize("fast", [False, True])
-def test_step_equals_model_forward_fp32(fast):
+@pytest.mark.parametrize("fast, gemv", [(False, False), (True, False), pytest.param(
+    True, True, marks=pytest.mark.skipif(not CUDA, reason="decode.GEMV acts on a GPU only"))])
+def test_step_equals_model_forward_fp32(fast, gemv, monkeypatch):
     """fp32: every piece computes kimi's math in another order, so logits and caches agree to fp32
     rounding (rel 1e-5); fast=False checks the glue and the references, fast=True the kernels (on
-    a GPU when there is one). In bf16 a tiny model's top-2-of-8 routing flips on 2^-8 differences,
-    so the kernels' bf16 rounding is checked per kernel (test_*_decode.py) at the 48B sizes."""
+    a GPU when there is one; gemv: its projections through fast.fp8.gemv). In bf16 a tiny model's
+    top-2-of-8 routing flips on 2^-8 differences, so the kernels' bf16 rounding is checked per
+    kernel (test_*_decode.py) at the 48B sizes."""
+    monkeypatch.setattr(decode, "GEMV", gemv)
     model, tokens = prefilled(torch.float32, DEV if fast else "cpu")
     fused = copy.deepcopy(model)
     decode.prepare(fused)
     want, want_caches = run_steps(model, tokens, model_step)
     got, got_caches = run_steps(fused, tokens, lambda m, t, p: decode.step(m, t, p, fast=fast))
+    assert rel(got, want) < 1e-5
+    for name, cache in want_caches.items():
+        assert rel(got_caches[name], cache) < 1e-5 or name == "pad", name
+
+
+@pytest.mark.parametrize("shared", ["route", "cat", "apart"])
+def test_moe_step_equals_the_block(shared, monkeypatch):
+    """The three ways the shared expert joins the routed ones (decode.SHARED: its slot written by
+    the route kernel, appended by torch.cat, or its own MLP) compute the block's forward: fp32,
+    the same products summed in another order (rel 1e-5)."""
+    monkeypatch.setattr(decode, "SHARED", shared)
+    block = randomize(kimi.SparseMoeBlock(TINY), 7).to(DEV).eval()
+    fast_moe.stack_experts(block)                           # the shared expert as row E
+    x = torch.randn(3, TINY.hidden_size, generator=torch.Generator().manual_seed(7)).to(DEV)
+    with torch.no_grad():
+        want = block(x[:, None])[:, 0]
+        assert rel(decode.moe_step(block, x, fast=True), want) < 1e-5
+
+
+def test_step_equals_model_forward_with_fp8_weights(tmp_path):
+    """An FP8 model (e4m3 projections and experts, the shared expert stacked as row E) with its
+    other parameters in fp32: the step's kernels (the FP8 expert kernels, the GEMV on a GPU)
+    compute the model's forward from the same exact weights, up to fp32 rounding (rel 1e-5)."""
+    randomize(Transformer(TINY), 4).save_pretrained(tmp_path)
+    model = quantize.from_pretrained(tmp_path, DEV, max_batch_size=2, max_seq_len=16)
+    for p in model.parameters():                            # activations in fp32
+        if p.dtype == torch.bfloat16:
+            p.data = p.data.float()
+    model.setup_cache(2, 16)                                # caches in fp32 too
+    moe = model.model.layers[1].block_sparse_moe
+    assert len(moe.w13) == TINY.num_experts + 1             # routed + shared
+    tokens = torch.randint(0, TINY.vocab_size, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model(tokens[:, :10].to(DEV), start_pos=0)
+    fused = copy.deepcopy(model)
+    decode.prepare(fused)
+    want, want_caches = run_steps(model, tokens[:, 10:].to(DEV), model_step, start=10)
+    got, got_caches = run_steps(fused, tokens[:, 10:].to(DEV), decode.step, start=10)
     assert rel(got, want) < 1e-5
     for name, cache in want_caches.items():
         assert rel(got_caches[name], cache) < 1e-5 or name == "pad", name

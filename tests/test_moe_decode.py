@@ -5,9 +5,12 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from fast import fp8, moe_decode
 from fast.moe_decode import experts, experts_ref, route, route_ref
 import kimi
 from fast.fp8 import dequantize, quantize_rows
+import triton
+import triton.language as tl
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"     # kernels: compiled on a GPU, else the interpreter
 TINY = kimi.CONFIGS["tiny"]
@@ -93,13 +96,18 @@ def test_experts_ref_equals_kimi_block(fp8):
 
 @settings(max_examples=6, deadline=None)
 @given(N=st.sampled_from([1, 3, 16]), renormalize=st.booleans(), biased=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_route_kernel_equals_ref(N, renormalize, biased, seed):
+       shared=st.sampled_from([None, (256, 1.0), (300, 0.5)]), seed=st.integers(0, 2**16))
+def test_route_kernel_equals_ref(N, renormalize, biased, shared, seed):
+    """With shared = (id, weight), the kernel writes that slot after the k routed ones."""
     gen = torch.Generator().manual_seed(seed)
     logits, bias = torch.randn(N, 256, generator=gen), torch.randn(256, generator=gen) * 0.1
     logits, bias = logits.to(DEV), bias.to(DEV)
-    args = (bias.bfloat16(), 8, renormalize, 2.446, biased)
-    ids, w = by_id(*route(logits, *args))
+    args = (bias.bfloat16(), 8, renormalize, 2.446, biased, shared)
+    ids, w = route(logits, *args)
+    assert ids.shape == (N, 8 + (shared is not None))
+    if shared is not None:          # stored values, copied: exact
+        assert (ids[:, 8] == shared[0]).all() and (w[:, 8] == shared[1]).all()
+    ids, w = by_id(ids, w)
     ids_ref, w_ref = by_id(*route_ref(logits, *args))
     assert torch.equal(ids, ids_ref)
     torch.testing.assert_close(w, w_ref, rtol=2**-20, atol=0)      # fp32 (2^-24): a few roundings
@@ -111,11 +119,26 @@ def test_route_kernel_ties_lowest_index_first():
     assert ids.tolist() == [list(range(8))]
 
 
+# (SWAP, DOWN_N1, SMs): the default; the row form with N = 1's one-program sum (the old path);
+# N > 1's pair kernel at N = 1 in both forms; the split kernel with 5 programs for its 12 units
+# (tiny sizes: 3 slots x 2 blocks of outputs x 2 splits), so that programs cross units
+VARIANTS = {"swap-split": (True, "split", 132), "rows-sum": (False, "sum", 132),
+            "swap-pairs": (True, "pairs", 132), "rows-pairs": (False, "pairs", 132),
+            "swap-split-5-SMs": (True, "split", 5)}
+CASES = [pytest.param(1, v, id=f"1-{name}") for name, v in VARIANTS.items()] + [
+    pytest.param(N, VARIANTS[name], id=f"{N}-{name}") for N in (3, 16)
+    for name in ("swap-split", "rows-sum")]
+
+
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("N", [1, 3, 16])
-def test_experts_kernel_equals_ref(N, fp8):
+@pytest.mark.parametrize("N, variant", CASES)
+def test_experts_kernel_equals_ref(N, variant, fp8, monkeypatch):
     """Tiny config, routed ids + the shared expert's column: the interpreter's kernels round at
     kimi's points as the reference does; only the fp32 sums' order differs."""
+    swap, down, sms = variant
+    monkeypatch.setattr(moe_decode, "SWAP", swap)
+    monkeypatch.setattr(moe_decode, "DOWN_N1", down)
+    monkeypatch.setattr(moe_decode, "_sm_count", lambda device: sms)
     block, w13, w2 = tiny_block(N)
     s13 = s2 = None
     if fp8:
@@ -131,15 +154,39 @@ def test_experts_kernel_equals_ref(N, fp8):
     close(y, experts_ref(x, ids, w, w13, w2, s13, s2), x, ids, w, w13, w2, s13, s2)
 
 
+@triton.jit
+def _operand_kernel(w_ptr, out_ptr, FROM_FP8_PY: tl.constexpr):
+    i = tl.arange(0, 256)
+    w = tl.load(w_ptr + i)
+    if FROM_FP8_PY:
+        tl.store(out_ptr + i, fp8._operand(w, tl.bfloat16))
+    else:
+        tl.store(out_ptr + i, moe_decode._operand(w, tl.bfloat16, True))
+
+
+@pytest.mark.parametrize("from_fp8_py", [False, True])
+def test_e4m3_to_bf16_through_the_bits_is_the_cast(from_fp8_py):
+    """Every e4m3 code but the two NaNs (0x7F, 0xFF: no weight holds one; the interpreter's e4m3
+    -> fp32 gives them 480) as bf16 through fp32's top half: the same bits as torch's exact cast
+    (the interpreter on a CPU; the kernels use it only where tl.dot takes bf16, on a GPU)."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    w = codes.view(torch.float8_e4m3fn).to(DEV)
+    out = torch.empty(256, dtype=torch.bfloat16, device=DEV)
+    _operand_kernel[(1,)](w, out, from_fp8_py)
+    numbers = (codes & 0x7F) != 0x7F
+    want = w.cpu().to(torch.bfloat16)
+    assert torch.equal(out.cpu()[numbers].view(torch.int16), want[numbers].view(torch.int16))
+
+
 # -------------------------------------------------------------------------------------------------
 # The 48B sizes on a GPU
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU (the 48B expert sizes; bf16 tl.dot)")
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("N", [1, 16])
-def test_experts_on_gpu_at_48b_sizes(N, fp8):
+def test_experts_on_gpu_at_48b_sizes(N, fp8, monkeypatch):
     """route and experts (+ the shared expert as row E) against the references, bf16 tl.dot on the
-    GPU; twice, bit for bit (fixed summation order)."""
+    GPU, every variant (SWAP, DOWN_N1, E4M3_BITS); twice, bit for bit (fixed summation order)."""
     if fp8 and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("e4m3 loads need compute capability >= 8.9")
     torch.manual_seed(N)
@@ -157,8 +204,12 @@ def test_experts_on_gpu_at_48b_sizes(N, fp8):
     assert torch.equal(ids_s, ids_r)
     # fp32; Triton's exp on a GPU is ex2.approx (~2^-22 relative): a few 2^-20 after renormalising
     torch.testing.assert_close(w_s, w_r, rtol=2**-16, atol=0)
-    ids = torch.cat([ids, torch.full_like(ids[:, :1], E)], 1)      # + the shared expert, row E
-    w = torch.cat([w, torch.ones_like(w[:, :1])], 1)
-    y = experts(x, ids, w, w13, w2, s13, s2)
-    close(y, experts_ref(x, ids, w, w13, w2, s13, s2), x, ids, w, w13, w2, s13, s2)
-    assert torch.equal(y, experts(x, ids, w, w13, w2, s13, s2))    # deterministic: no atomics
+    ids, w = route(*args, shared=(E, 1.0))                          # + the shared expert, row E
+    ref = experts_ref(x, ids, w, w13, w2, s13, s2)
+    for swap, down, bits in [(True, "split", True), (False, "sum", False), (True, "pairs", True),
+                             (False, "pairs", True), (True, "split", False)]:
+        for name, value in (("SWAP", swap), ("DOWN_N1", down), ("E4M3_BITS", bits)):
+            monkeypatch.setattr(moe_decode, name, value)
+        y = experts(x, ids, w, w13, w2, s13, s2)
+        close(y, ref, x, ids, w, w13, w2, s13, s2)
+        assert torch.equal(y, experts(x, ids, w, w13, w2, s13, s2))    # no atomics: same bits
