@@ -210,7 +210,7 @@ def _operand(w, DOT: tl.constexpr):
         return w.to(DOT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "UNITS", "SPLITS", "STEPS"])    # == 1: no recompiles
 def _gemv_kernel(
         # pointers
         x_ptr, w_ptr, s_ptr, out_ptr,

@@ -6,7 +6,7 @@ over the cached latents, so one program holds all H rows of its batch row and re
 tile once.
 
   kernel 1, _mla_split_kernel, grid (B, NUM_SPLITS): row b's visible keys [pad[b], pos] are cut
-    into NUM_SPLITS ranges of whole tiles; a program walks its range BLOCK_L keys at a time:
+    into NUM_SPLITS ranges of whole tiles; a program walks its range BL keys at a time:
     s = q_lat c^T + q_pe k_pe^T, online softmax (running max m, sum l, fp32, in log2 units),
     acc += p c; it writes its partial (m, l, acc). Ranges after pos are empty: no loop, no acc.
   kernel 2, _mla_combine_kernel, grid (B, H, R / BLOCK_R): o = sum_s 2^(m_s - M) acc_s /
@@ -28,15 +28,18 @@ import triton.language as tl
 from fast import INTERPRET
 
 LOG2E = 1.4426950408889634          # exp(x) = 2^(x log2 e): folded into the scale once
-# Fixed tiles (autotune breaks the interpreter), not tuned (`python -m tools.kernels mla_decode`
-# times them against the batched matmuls): at H = 32 a split program holds its tiles in registers
-# without spilling, one program per SM. The interpreter takes small ones so that its tests cross
-# many tiles and splits.
-BLOCK_L = 16 if INTERPRET else 64       # keys per step (72 KB); fp32 takes 16 (64 would spill)
+# The split kernel's configuration, fixed (autotune breaks the interpreter) and not tuned:
+# `python -m tools.kernels mla_decode` times it beside a few others (its MLA_CONFIGS) at 4K to 1M
+# keys. BL keys per step (BL = 64: 72 KB a tile, fp32 takes 16: 64 would spill); HEADS: the H
+# query rows padded to at least this many (16: tl.dot's minimum; 64 runs both products as
+# Hopper's warpgroup MMA, asynchronous and reading shared memory itself, for twice the
+# multiply-adds at H = 32); stages: tiles in flight + 1. At H = 32 one program fills an SM's
+# registers, so a program per SM (WAVES = 1). The interpreter takes small tiles so that its tests
+# cross many tiles and splits.
+SPLIT = dict(BL=16 if INTERPRET else 64, HEADS=16, num_warps=8, num_stages=2)
 MIN_SPLIT = 32 if INTERPRET else 256    # fewest keys per split: a partial costs 8 H R bytes
 WAVES = 1                               # B * NUM_SPLITS ~ WAVES * SMs: one program per SM
 BLOCK_S, BLOCK_R = 16, 64               # combine: splits per step, latent columns per program
-SPLIT_WARPS, SPLIT_STAGES = 8, 2        # 2 stages: the next tile loads during this one's dots
 
 
 @functools.cache
@@ -76,7 +79,8 @@ def _mla_split_kernel(
     chunk = tl.maximum(tl.cdiv(tl.cdiv(end - first, S), BL) * BL, MIN_SPLIT)
     lo = first + split * chunk
     hi = tl.minimum(lo + chunk, end)
-    h = tl.arange(0, HP)                                # heads padded to 16 (tl.dot's minimum)
+    h = tl.arange(0, HP)                                # heads padded (SPLIT's HEADS); the
+    #                                                     padding rows' q = 0: finite, never stored
     r = tl.arange(0, RP)
     e = tl.arange(0, PEP)                               # PE = 8 padded to 16 likewise
     q_row = q + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh
@@ -167,11 +171,11 @@ def mla_decode(q, kv_cache, pos, scale, pad=None, *, kv_lora_rank):
     _mla_split_kernel[(B, S)](
         q, kv_cache, pos, q if pad is None else pad.to(torch.int64), m_part, l_part, acc_part,
         L, S, scale * LOG2E, q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1),
-        H=H, R=R, PE=PE, HP=max(16, triton.next_power_of_2(H)), RP=triton.next_power_of_2(R),
-        PEP=max(16, triton.next_power_of_2(PE)), BL=BLOCK_L if low else 16, MIN_SPLIT=MIN_SPLIT,
-        POS_TENSOR=pos_tensor, HAS_PAD=pad is not None, DOT=dot,
-        PREC="tf32" if low else "ieee",                # fp32 inputs: no TF32 rounding
-        num_warps=SPLIT_WARPS, num_stages=SPLIT_STAGES)
+        H=H, R=R, PE=PE, HP=max(SPLIT["HEADS"], 16, triton.next_power_of_2(H)),
+        RP=triton.next_power_of_2(R), PEP=max(16, triton.next_power_of_2(PE)),
+        BL=SPLIT["BL"] if low else 16, MIN_SPLIT=MIN_SPLIT, POS_TENSOR=pos_tensor,
+        HAS_PAD=pad is not None, DOT=dot, PREC="tf32" if low else "ieee",   # fp32: no TF32
+        num_warps=SPLIT["num_warps"], num_stages=SPLIT["num_stages"])
     BR = min(BLOCK_R, triton.next_power_of_2(R))
     _mla_combine_kernel[(B, H, triton.cdiv(R, BR))](
         m_part, l_part, acc_part, o, S, o.stride(0), o.stride(1), H=H, R=R, BS=BLOCK_S, BR=BR)

@@ -275,7 +275,7 @@ def _down_kernel(h_ptr, ids_ptr, wts_ptr, w2_ptr, s2_ptr, out_ptr, N, KP, D, F, 
                  mask=(t[:, None] < N) & (d[None, :] < D))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["UNITS", "SPLITS", "STEPS"])    # == 1: no recompiles
 def _down_split_kernel(h_ptr, ids_ptr, w2_ptr, s2_ptr, part_ptr, KP, D, F, UNITS, SPLITS, STEPS,
                        SCALED: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr,
                        PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):

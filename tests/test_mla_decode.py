@@ -63,7 +63,7 @@ def test_reference_equals_attend_absorbed(pos_tensor, with_pad):
 @example(B=1, H=4, L=300, pos_frac=1.0, pos_tensor=False, with_pad=False, seed=2)  # all splits
 def test_kernel_matches_reference_interpreter(B, H, L, pos_frac, pos_tensor, with_pad, seed):
     """Tiny config (R = 32, PE = 8) in fp32: heads and PE padded to 16, many splits of 32 keys
-    (BLOCK_L = 16 in the interpreter), empty splits when pos is far below the buffer's end."""
+    (BL = 16 in the interpreter), empty splits when pos is far below the buffer's end."""
     R, PE = TINY.kv_lora_rank, TINY.qk_rope_head_dim
     pos = round(pos_frac * (L - 1))
     q, cache, pad = inputs(B, H, R, PE, L, pos, with_pad, torch.float32, DEV, seed=seed)
@@ -72,6 +72,19 @@ def test_kernel_matches_reference_interpreter(B, H, L, pos_frac, pos_tensor, wit
     got = mla_decode.mla_decode(q, cache, pos, 0.2, pad, kv_lora_rank=R)
     # fp32 both: sums of <= 40 products and an online softmax in another order, O(1) values;
     # a few hundred fp32 roundings (2^-24 each) stay far below 1e-5
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [16, 64])
+def test_kernel_with_heads_padded_to_64(heads, monkeypatch):
+    """SPLIT's HEADS = 64 pads the query rows to 64 (Hopper's warpgroup MMA): the padding rows
+    (q = 0) stay finite and are never stored, so the result is the same attention (fp32, as the
+    interpreter test above: 1e-5); every split of a 300-key buffer, left padding."""
+    monkeypatch.setitem(mla_decode.SPLIT, "HEADS", heads)
+    R, PE = TINY.kv_lora_rank, TINY.qk_rope_head_dim
+    q, cache, pad = inputs(3, 4, R, PE, 300, 299, True, torch.float32, DEV, seed=5)
+    want = latent_attention(q, cache, 299, 0.2, pad, kv_lora_rank=R)
+    got = mla_decode.mla_decode(q, cache, 299, 0.2, pad, kv_lora_rank=R)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
