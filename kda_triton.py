@@ -1,4 +1,5 @@
-"""Chunked KDA forward in three Triton kernels, plus a fused one-token step for decode.
+"""Chunked KDA in three Triton kernels (its backward: kda_backward.py), plus a fused one-token step
+for decode.
 Read kda_ref.py first: chunk_kda and fused_recurrent_kda here have the signature and the result
 of kda_ref.recurrent_kda, and chunk_kda's steps are chunk_kda_ref's, numbered the same way.
 
@@ -23,10 +24,15 @@ every 16 rows plus block totals (docs/kda.md §4, §5). w, u, qg, kg, Aqk are st
 bf16/fp16 inputs (as fla does; ~3e-3 relative error), in fp32 otherwise; G, Akk, the inverse and
 the running state: fp32.
 
+Gradients: when an input requires grad, chunk_kda runs the same kernels inside an autograd Function
+(_ChunkKDA), with two constexpr stores switched on for the backward (kda_backward.py): kernel 2
+keeps Tinv (STORE_TINV), kernel 3 the state entering each chunk and v_new (STORE_H); w, qg, kg,
+Aqk and 2^gamma are kept rather than freed. Without gradients neither store is compiled in.
+
 fused_recurrent_kda, _kda_step_kernel, grid (B*H, V / BV): recurrent_kda's three steps token by
 token (decode, T = 1, short inputs); the [K, BV] fp32 state slice is read once, written once.
 Supported: K and V powers of two from 16 to 256, any B, H (chunk_kda: B*H <= 65535), T >= 1.
-Not here: backward, varlen (cu_seqlens), fused gate / l2norm / sigmoid(beta).
+Not here: varlen (cu_seqlens), fused gate / l2norm / sigmoid(beta), fused_recurrent_kda's backward.
 Layout: q, k, g [B, T, H, K]; v, o [B, T, H, V]; beta [B, T, H]; state [B, H, K, V] fp32.
 """
 import torch
@@ -35,25 +41,16 @@ from fast import INTERPRET  # noqa: I001 (first: without a GPU it chooses Triton
 import triton
 import triton.language as tl
 
-C = 64                      # chunk size: tokens per program of kernel 2 and per step of kernel 3
-BC = 16                     # diagonal block size of Akk / Aqk (smallest tl.dot tile)
+from kda_backward import BC, C, G_FLOOR, RCP_LN2, _dot, chunk_kda_bwd, precision
+
+# C = 64 tokens per chunk, BC = 16 rows per diagonal block, the exp2 and gate-floor constants and
+# the _dot helper are kda_backward's (one copy, shared: the forward imports them from there)
 BK = 32                     # channel slice of kernel 2's loops: [C, BK] tiles, [C, C] @ [C, BK]
 BV_SCAN = 64                # V-slice per scan program (32 crashed with h0 on Triton 3.6, H200)
 BV_STEP = 32                # V-slice per decode-step program (as fla's fused_recurrent_kda)
 # Fixed configs instead of autotune: multi-config autotune breaks the CPU interpreter.
 DIAG_HEADS, DIAG_WARPS, INTRA_WARPS, SCAN_WARPS, SCAN_STAGES, STEP_WARPS = 4, 2, 4, 4, 2, 4
-# Globals read inside @triton.jit must be tl.constexpr (compiled Triton refuses plain globals).
-# 1 / ln 2: g goes to log2 units once, then exp2 everywhere (docs/kda.md §4)
-RCP_LN2 = tl.constexpr(1.4426950408889634)
-G_FLOOR = tl.constexpr(-128.0)              # per-token gate floor (nats): see step 1
 SUPPORTED = (16, 32, 64, 128, 256)
-
-
-@triton.jit
-def _dot(a, b, DOT: tl.constexpr, PREC: tl.constexpr):
-    # Operands are cast to DOT: bf16 on a GPU for speed, fp32 in the interpreter, whose bf16 tl.dot
-    # is silently wrong. PREC is 'ieee' for fp32 inputs, else a GPU uses TF32 (docs/kda.md §6).
-    return tl.dot(a.to(DOT), b.to(DOT), input_precision=PREC)
 
 
 @triton.jit
@@ -92,10 +89,10 @@ def _kda_diag_kernel(q, k, g, Akkd, Aqk,                            # pointers
 
 
 @triton.jit
-def _kda_intra_kernel(q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay,   # pointers
+def _kda_intra_kernel(q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay, tinv,   # pointers
                       T, H, scale, s_qk, s_v, s_beta,               # sizes, token strides
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
-                      BK: tl.constexpr, PREC: tl.constexpr):
+                      BK: tl.constexpr, PREC: tl.constexpr, STORE_TINV: tl.constexpr):
     """Steps 1, 2b, 3 and 4 for one chunk (grid: chunks x heads), after _kda_diag_kernel."""
     n = tl.program_id(0).to(tl.int64)          # chunk; int64 so that offsets cannot overflow
     bh = tl.program_id(1).to(tl.int64)
@@ -180,6 +177,8 @@ def _kda_intra_kernel(q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay,   # poin
     for _ in tl.static_range(NB - 2):
         X = eye - _dot(M, X, tl.float32, PREC)
     Tinv = _dot(X, D_inv, tl.float32, PREC)                                    # [C, C]
+    if STORE_TINV:                               # for the backward (fp32): no second solve
+        tl.store(tinv + row[:, None] * C + i[None, :], Tinv)
 
     # ---- 4. w = Tinv (beta k 2^G), u = Tinv (beta v) (qg, kg and 2^gamma: in the loop above) ----
     for k0 in range(0, K, BK):
@@ -202,11 +201,11 @@ def _kda_intra_kernel(q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay,   # poin
 
 
 @triton.jit
-def _kda_scan_kernel(w, u, qg, kg, Aqk, decay, o, h0, ht,            # pointers
+def _kda_scan_kernel(w, u, qg, kg, Aqk, decay, o, h0, ht, hn, vn,    # pointers
                      T, H, NT, s_o,                                  # sizes, o's token stride
                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
                      HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, DOT: tl.constexpr,
-                     PREC: tl.constexpr):
+                     PREC: tl.constexpr, STORE_H: tl.constexpr):
     iv = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -230,6 +229,10 @@ def _kda_scan_kernel(w, u, qg, kg, Aqk, decay, o, h0, ht,            # pointers
         b_decay = tl.load(decay + (bh * NT + n) * K + ck)                 # [K] 2^gamma
         # ---- 5. v_new = u - w S ----
         v_new = b_u - _dot(b_w, S, DOT, PREC)                             # [C, BV]
+        if STORE_H:     # for the backward: the state entering chunk n, and v_new
+            tl.store(hn + ((bh * NT + n) * K + ck[:, None]) * V + cv[None, :],
+                     S.to(hn.dtype.element_ty))
+            tl.store(vn + row[:, None] * V + cv[None, :], v_new.to(vn.dtype.element_ty))
         # ---- 6. o = qg S + Aqk v_new (uses the state *entering* the chunk) ----
         b_o = _dot(b_qg, S, DOT, PREC) + _dot(b_A, v_new, DOT, PREC)
         t = n * C + i
@@ -261,7 +264,8 @@ def _check_shapes(name, q, k, v, g, beta, initial_state):
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
-    """Chunked KDA forward. Same signature and result as kda_ref.recurrent_kda.
+    """Chunked KDA. Same signature and result as kda_ref.recurrent_kda, and differentiable: with
+    inputs that require grad, o and the final state backpropagate through kda_backward.
 
     q, k, g [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; initial_state [B, H, K, V] fp32 or None.
     Returns o [B, T, H, V] in v's dtype and the final state [B, H, K, V] fp32 (or None).
@@ -270,18 +274,25 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     if B * H > 65535:
         raise ValueError(f"chunk_kda needs B*H <= 65535 (the grid's second axis), got {B * H}")
     scale = K ** -0.5 if scale is None else scale
-    # The kernels index contiguous tensors; .contiguous() is free when they already are.
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    g, beta = g.float().contiguous(), beta.float().contiguous()
-    low = q.dtype in (torch.bfloat16, torch.float16)
-    # bf16 storage and bf16 scan dots only when compiled: the interpreter's bf16 tl.dot is wrong and
-    # its fp32 -> bf16 casts truncate instead of rounding to nearest (twice the error, and biased).
-    mid = torch.bfloat16 if low and not INTERPRET else torch.float32   # intermediate storage
-    dot = tl.bfloat16 if low and not INTERPRET else tl.float32         # scan dot operands
-    prec = "tf32" if low else "ieee"
-    if mid == torch.float32 and K > 128 and not INTERPRET:     # docs/kda.md §1 (interpreter: fine)
+    if precision(q.dtype)[0] == torch.float32 and K > 128 and not INTERPRET:   # docs/kda.md §1
         raise ValueError(f"chunk_kda: fp32 q, k, v with K = {K} > 128 overflow a GPU block's "
                          f"shared memory; pass bf16 ones, or use kda_ref")
+    # The kernels index contiguous tensors; .contiguous() is free when they already are. These
+    # casts are torch operations, so autograd carries the gradients back through them.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    g, beta = g.float().contiguous(), beta.float().contiguous()
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    inputs = (q, k, v, g, beta, h0)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
+        return _ChunkKDA.apply(*inputs, scale, output_final_state)
+    return _forward(*inputs, scale, output_final_state, save=False)[:2]
+
+
+def _forward(q, k, v, g, beta, h0, scale, output_final_state, save):
+    """The three kernels -> o, ht and, if save, what kda_backward.chunk_kda_bwd reads."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    mid, dot, prec = precision(q.dtype)      # intermediates' storage, scan dots, tl.dot precision
     NT = triton.cdiv(T, C)
     dev = q.device
     w, qg, kg = (torch.empty(B * H, NT * C, K, device=dev, dtype=mid) for _ in range(3))
@@ -289,26 +300,48 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     Aqk = torch.empty(B * H, NT * C, C, device=dev, dtype=mid)
     decay = torch.empty(B * H, NT, K, device=dev, dtype=torch.float32)
     Akkd = torch.empty(B * H, NT * C, BC, device=dev, dtype=torch.float32)  # step 2a's blocks
+    # only for the backward: Tinv (fp32), the state entering each chunk and v_new
+    tinv = torch.empty(B * H, NT * C, C, device=dev, dtype=torch.float32) if save else None
+    hn = torch.empty(B * H, NT, K, V, device=dev, dtype=mid) if save else None
+    vn = torch.empty_like(u) if save else None
     _kda_diag_kernel[(B * NT * C, triton.cdiv(H, DIAG_HEADS))](
         q, k, g, Akkd, Aqk, T, H, NT, scale, H * K,
         K=K, C=C, BC=BC, BH=DIAG_HEADS, num_warps=DIAG_WARPS)
     _kda_intra_kernel[(NT, B * H)](
-        q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay,
+        q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay, tinv,
         T, H, scale, H * K, H * V, H,
-        K=K, V=V, C=C, BC=BC, BK=min(BK, K, V), PREC=prec,
+        K=K, V=V, C=C, BC=BC, BK=min(BK, K, V), PREC=prec, STORE_TINV=save,
         num_warps=INTRA_WARPS)
     o = torch.empty_like(v)
-    h0 = None if initial_state is None else initial_state.float().contiguous()
     ht = torch.empty(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     BV = min(BV_SCAN, V)
     # prefetching the next chunk doubles the shared-memory tiles: only when small (bf16, K <= 128)
     stages = SCAN_STAGES if mid == torch.bfloat16 and K <= 128 else 1
     _kda_scan_kernel[(V // BV, B * H)](
-        w, u, qg, kg, Aqk, decay, o, h0, ht,
+        w, u, qg, kg, Aqk, decay, o, h0, ht, hn, vn,
         T, H, NT, H * V,
         K=K, V=V, C=C, BV=BV, HAS_H0=h0 is not None, STORE_HT=output_final_state,
-        DOT=dot, PREC=prec, num_warps=SCAN_WARPS, num_stages=stages)
-    return o, ht
+        DOT=dot, PREC=prec, STORE_H=save, num_warps=SCAN_WARPS, num_stages=stages)
+    return o, ht, (Aqk, w, qg, kg, decay, tinv, hn, vn)
+
+
+class _ChunkKDA(torch.autograd.Function):
+    """chunk_kda with a backward: the forward keeps what kda_backward.chunk_kda_bwd reads."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state):
+        o, ht, saved = _forward(q, k, v, g, beta, h0, scale, output_final_state, save=True)
+        ctx.save_for_backward(q, k, v, g, beta, *saved)
+        ctx.scale, ctx.need_dh0 = scale, h0 is not None and h0.requires_grad
+        ctx.set_materialize_grads(False)         # an unused output's gradient stays None
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, beta, *saved = ctx.saved_tensors
+        do = torch.zeros_like(v) if do is None else do          # only the final state was used
+        grads = chunk_kda_bwd(q, k, v, g, beta, ctx.scale, saved, do, dht, ctx.need_dh0)
+        return *grads, None, None                                # none for scale, the flag
 
 
 @triton.jit

@@ -249,3 +249,126 @@ def test_unsupported_dims_raise(kernel, K, V):
     q, k, v, g, beta = make_inputs(0, 1, 4, 1, K, V, "logsigmoid")
     with pytest.raises(ValueError, match="powers of two from 16 to 256"):
         kernel(q, k, v, g, beta)
+
+
+# ---- the backward: gradients of chunk_kda against fp64 autograd through the recurrence ----
+BWD_K = [16, 128] if CUDA else [16, 32]           # K = 128 on CPU: one @example (interpreter time)
+BWD_SWEEP = 6 if CUDA else 12
+GRADS = ["dq", "dk", "dv", "dg", "dbeta", "dh0"]
+
+
+def kda_grads(fn, inputs, h0, do, dht, dtype=None):
+    """Gradients of (o * do).sum() + (ht * dht).sum() through fn, in dtype (None: as given) ->
+    [dq, dk, dv, dg, dbeta] (+ dh0 with an initial state). dht None: o alone, no final state."""
+    # fresh leaves: x.to(its own dtype) would be x itself, and gradients would accumulate there
+    xs = [x.detach().to(dtype or x.dtype).clone() for x in inputs]
+    if h0 is not None:
+        xs.append(h0.detach().to(dtype or h0.dtype).clone())
+    for x in xs:
+        x.requires_grad_()
+    o, S = fn(*xs[:5], initial_state=xs[5] if h0 is not None else None,
+              output_final_state=dht is not None)
+    loss = (o * do.to(o.dtype)).sum()
+    if dht is not None:
+        loss = loss + (S * dht.to(S.dtype)).sum()
+    loss.backward()
+    return [x.grad for x in xs]
+
+
+def random_cotangents(seed, B, T, H, K, V, has_h0, final):
+    """(h0, do, dht): random initial state (or None), output gradient, final-state gradient."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    h0 = torch.randn(B, H, K, V, generator=gen) if has_h0 else None
+    do = torch.randn(B, T, H, V, generator=gen)
+    dht = torch.randn(B, H, K, V, generator=gen) if final else None
+    return [None if x is None else x.to(DEV) for x in (h0, do, dht)]
+
+
+@settings(deadline=None, max_examples=BWD_SWEEP)
+@given(seed=st.integers(0, 2**31), T=st.sampled_from([1, 5, 15, 63, 64, 65, 100, 130]),
+       H=st.integers(1, 2), K=st.sampled_from(BWD_K), V=st.sampled_from([16, 32]),
+       gate=st.sampled_from(GATES), has_h0=st.booleans(), final=st.booleans())
+@example(seed=1, T=70, H=1, K=128, V=16, gate="softplus", has_h0=True, final=True)
+def test_chunk_kda_backward_matches_fp64(seed, T, H, K, V, gate, has_h0, final):
+    inputs = make_inputs(seed, 1, T, H, K, V, gate)
+    h0, do, dht = random_cotangents(seed, 1, T, H, K, V, has_h0, final)
+    ours = kda_grads(chunk_kda, inputs, h0, do, dht)
+    ref = kda_grads(recurrent_kda, inputs, h0, do, dht, torch.float64)
+    chunked = kda_grads(chunk_kda_ref, inputs, h0, do, dht, torch.float32)
+    for name, x, c, r in zip(GRADS, ours, chunked, ref):
+        assert torch.isfinite(x).all(), name
+        assert x.dtype == torch.float32 and x.shape == r.shape, name
+        if r.norm() == 0:
+            # dg with T = 1 and no initial state: the gate decays a zero state. The kernel's terms
+            # cancel exactly there (a - a), so its gradient is 0 too.
+            assert x.norm() == 0, name
+            continue
+        # Both are fp32 chunked forms of the same math. On long or strongly gated inputs the
+        # kernel is the more accurate (its exponents are sums of at most 16 gates; it measured
+        # 0.03-1x chunk_kda_ref's error), but on short ones both sit at fp32's rounding floor,
+        # where which one is lower is chance: chunk_kda's own forward then differs from
+        # chunk_kda_ref's by up to 5x, and dg, a difference of O(1) terms, reaches 70 u.
+        # Hence 2x chunk_kda_ref's error plus 2^7 u (7.6e-6).
+        assert ratio(x, r) <= 2 * ratio(c, r) + 2 ** 7 * U32, \
+            f"{name}: {ratio(x, r):.2e} vs chunk_kda_ref's {ratio(c, r):.2e}"
+
+
+@pytest.mark.parametrize("g_value", [-1e4, -math.inf])
+def test_backward_extreme_gates(g_value):
+    q, k, v, g, beta = make_inputs(0, 1, 100, 2, 16, 16, "softplus")
+    g = g.clone()
+    g[:, ::3] = g_value                        # mixes the extreme value with Kimi gates near -85
+    h0, do, dht = random_cotangents(0, 1, 100, 2, 16, 16, True, True)
+    ours = kda_grads(chunk_kda, [q, k, v, g, beta], h0, do, dht)
+    ref = kda_grads(recurrent_kda, [q, k, v, g, beta], h0, do, dht, torch.float64)
+    # (chunk_kda_ref's gradients are NaN here: it subtracts -inf from -inf.) The kernel's g is
+    # clamped at G_FLOOR, whose derivative is 0 below it, as exp(g) makes the true one; fp32 in
+    # another order than the recurrence's: the forward's bound, 2^10 u (measured 2e-5 on dg).
+    for name, x, r in zip(GRADS, ours, ref):
+        assert torch.isfinite(x).all(), name
+        assert ratio(x, r) < REORDERED_32, f"{name}: {ratio(x, r):.2e}"
+
+
+def test_backward_of_the_final_state_alone():
+    """Only ht in the loss (o's gradient is None), an initial state that needs no gradient."""
+    q, k, v, g, beta = x = [t.requires_grad_() for t in make_inputs(0, 1, 40, 1, 16, 16, "bounded")]
+    h0, _, dht = random_cotangents(0, 1, 40, 1, 16, 16, True, True)
+    (chunk_kda(*x, initial_state=h0, output_final_state=True)[1] * dht).sum().backward()
+    ours = [t.grad for t in x]
+    ref = kda_grads(recurrent_kda, x, h0, torch.zeros_like(v), dht, torch.float64)
+    for name, a, r in zip(GRADS, ours, ref):
+        assert ratio(a, r) < REORDERED_32, f"{name}: {ratio(a, r):.2e}"    # fp32, as above
+
+
+def test_inference_path_builds_no_graph():
+    x = [t.requires_grad_() for t in make_inputs(0, 1, 70, 2, 16, 16, "softplus")]
+    with torch.no_grad():
+        o, S = chunk_kda(*x, output_final_state=True)
+    assert o.grad_fn is None and S.grad_fn is None      # the plain forward: nothing kept for later
+    o_grad, S_grad = chunk_kda(*x, output_final_state=True)
+    assert o_grad.grad_fn is not None and S_grad.grad_fn is not None
+    # the same arithmetic either way (the stores for the backward change none of it); 16 u allows
+    # for the compiler contracting otherwise (FMA) in the two compiled variants
+    check(o_grad.detach(), S_grad.detach(), o, S, 2 ** 4 * U32, 2 ** 4 * U32)
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_BF16_DOT)
+@settings(deadline=None, max_examples=4)
+@given(seed=st.integers(0, 2**31), T=st.integers(1, 1024), gate=st.sampled_from(GATES),
+       has_h0=st.booleans(), K=st.sampled_from([128, 256]))
+@example(seed=0, T=1000, gate="softplus", has_h0=True, K=128)
+def test_backward_bf16_on_gpu(seed, T, gate, has_h0, K):
+    inputs = make_inputs(seed, 2, T, 4, K, 128, gate, dtype=torch.bfloat16)
+    h0, do, dht = random_cotangents(seed, 2, T, 4, K, 128, has_h0, True)
+    ours = kda_grads(chunk_kda, inputs, h0, do.bfloat16(), dht)
+    # the reference sees the same bf16-rounded inputs and do, upcast to fp64
+    ref = kda_grads(recurrent_kda, inputs, h0, do.bfloat16(), dht, torch.float64)
+    assert [x.dtype for x in ours[:3]] == [torch.bfloat16] * 3
+    # w, qg, kg, Aqk, the states and v_new are stored in bf16 and the scans multiply bf16 operands
+    # (each <= u), as in the forward (0.8 u on o); dq, dk, dv are rounded to bf16 once more at the
+    # store: 2 u. dg and dbeta are differences of larger terms (fla's bars are 2.5x dq's): 5 u.
+    # Not yet measured on a GPU.
+    bounds = [2 * U_BF16] * 3 + [5 * U_BF16] * 2 + [2 * U_BF16]
+    for name, x, r, tol in zip(GRADS, ours, ref, bounds):
+        assert torch.isfinite(x).all(), name
+        assert ratio(x, r) < tol, f"{name}: {ratio(x, r):.2e}"

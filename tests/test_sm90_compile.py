@@ -4,8 +4,9 @@ Without a GPU the other tests run the kernels in Triton's CPU interpreter, which
 the compiler refuses: on the H200, short_conv.py once failed with "initial value for `src` is of
 type [64, 1], but the then block redefines it as [1, 4]" (a name given another shape inside a
 runtime `if`) while every interpreter test passed. Triton's compiler and ptxas run on a CPU too,
-for a named target, so this test compiles kda_triton.py's four kernels, fast/short_conv.py's and
-fast/moe.py's combine at the 48B model's sizes, as their launchers configure them. Skipped where
+for a named target, so this test compiles kda_triton.py's four kernels (with and without the
+backward's stores), kda_backward.py's three, fast/short_conv.py's and fast/moe.py's combine at
+the 48B model's sizes, as their launchers configure them. Skipped where
 the installed Triton cannot compile for CUDA here (no CUDA backend, or another compile API).
 """
 import os
@@ -17,6 +18,7 @@ import pytest
 from helpers import ROOT
 
 SCRIPT = r"""
+import kda_backward
 import kda_triton
 from fast import moe, pointwise, short_conv
 import triton
@@ -41,12 +43,14 @@ def build(fn, pointers, constexprs, num_warps, num_stages=3):
 kt, KV = kda_triton, dict(K=128, V=128)
 build(kt._kda_diag_kernel, dict(q=BF, k=BF, g=F32, Akkd=F32, Aqk=BF),
       dict(K=128, C=kt.C, BC=kt.BC, BH=kt.DIAG_HEADS), kt.DIAG_WARPS)
-build(kt._kda_intra_kernel, dict(q=BF, k=BF, v=BF, g=F32, beta=F32, Akkd=F32, w=BF, u=BF, qg=BF,
-                                 kg=BF, Aqk=BF, decay=F32),
-      dict(KV, C=kt.C, BC=kt.BC, BK=kt.BK, PREC="tf32"), kt.INTRA_WARPS)
-build(kt._kda_scan_kernel, dict(w=BF, u=BF, qg=BF, kg=BF, Aqk=BF, decay=F32, o=BF, h0=F32, ht=F32),
-      dict(KV, C=kt.C, BV=kt.BV_SCAN, HAS_H0=True, STORE_HT=True, DOT=tl.bfloat16, PREC="tf32"),
-      kt.SCAN_WARPS, kt.SCAN_STAGES)
+for store in (False, True):     # the inference path, and the forward that keeps the backward's
+    build(kt._kda_intra_kernel, dict(q=BF, k=BF, v=BF, g=F32, beta=F32, Akkd=F32, w=BF, u=BF,
+                                     qg=BF, kg=BF, Aqk=BF, decay=F32, tinv=F32),
+          dict(KV, C=kt.C, BC=kt.BC, BK=kt.BK, PREC="tf32", STORE_TINV=store), kt.INTRA_WARPS)
+    build(kt._kda_scan_kernel, dict(w=BF, u=BF, qg=BF, kg=BF, Aqk=BF, decay=F32, o=BF, h0=F32,
+                                    ht=F32, hn=BF, vn=BF),
+          dict(KV, C=kt.C, BV=kt.BV_SCAN, HAS_H0=True, STORE_HT=True, DOT=tl.bfloat16,
+               PREC="tf32", STORE_H=store), kt.SCAN_WARPS, kt.SCAN_STAGES)
 build(kt._kda_step_kernel, dict(q=BF, k=BF, v=BF, g=F32, beta=F32, o=BF, h0=F32, ht=F32),
       dict(KV, BV=kt.BV_STEP, HAS_H0=True, STORE_HT=True), kt.STEP_WARPS)
 for has_state in (True, False):
@@ -64,6 +68,18 @@ build(moe._silu_mul_kernel, dict(gu_ptr=BF, h_ptr=BF),
       dict(BM=moe.SILU_TILE["BM"], BN=moe.SILU_TILE["BN"]), moe.SILU_TILE["num_warps"])
 build(pointwise._gate_kernel, dict(f=BF, A_log=F32, dt_bias=F32, g=F32),
       dict(K=128, BLOCK=pointwise.GATE_BLOCK), pointwise.WARPS)
+kb = kda_backward
+build(kb._kda_bwd_scan_kernel, dict(qg=BF, kg=BF, w=BF, Aqk=BF, decay=F32, do=BF, dht=F32, dhn=BF,
+                                    dvn=F32, dh0=F32),
+      dict(KV, C=kb.C, BV=kb.BV_BWD_SCAN, HAS_DHT=True, STORE_DH0=True, DOT=tl.bfloat16,
+           PREC="tf32"), kb.BWD_SCAN_WARPS)
+build(kb._kda_bwd_wy_kernel, dict(v=BF, beta=F32, do=BF, vn=BF, dvn=F32, tinv=F32, dv=BF,
+                                  dAqk=F32, dAkk=F32, dbeta_wy=F32),
+      dict(V=128, C=kb.C, BV=kb.BV_BWD, PREC="tf32"), kb.BWD_WY_WARPS)
+build(kb._kda_bwd_intra_kernel, dict(q=BF, k=BF, g=F32, beta=F32, do=BF, vn=BF, dvn=F32, hn=BF,
+                                     dhn=BF, tinv=F32, dAqk=F32, dAkk=F32, dbeta_wy=F32, dq=BF,
+                                     dk=BF, dg=F32, dbeta=F32),
+      dict(KV, C=kb.C, BC=kb.BC, BK=kb.BK_BWD, BV=kb.BV_BWD, PREC="tf32"), kb.BWD_INTRA_WARPS)
 print("all compiled")
 """
 

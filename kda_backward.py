@@ -1,0 +1,341 @@
+"""Chunked KDA backward in three Triton kernels: the gradients of kda_triton.chunk_kda.
+Read kda_triton.py first: the steps below are its forward steps (and chunk_kda_ref's), run
+backwards; docs/kda.md §5a derives each line.
+
+Per chunk of C = 64 tokens, with S the state entering it (saved by the forward as h_n), dS' the
+gradient of the state leaving it, dO the gradient of the chunk's output:
+  kernel 1, _kda_bwd_scan_kernel, grid (V / BV, B*H): one program walks one head's chunks from the
+    last to the first, holding a [K, BV] slice of dS' in fp32 registers (steps 7, 6 and 5 reversed)
+      dv_new = Aqk^T dO + kg dS'                       (stored, fp32; dS' stored per chunk)
+      dS     = 2^gamma dS' + qg^T dO - w^T dv_new      (= dS' of the chunk before; after the
+                                                        first chunk it is d initial_state)
+  kernel 2, _kda_bwd_wy_kernel, grid (NT, B*H): steps 4 and 3 reversed, over V slices
+      dU = Tinv^T dv_new:  dv = beta dU,  dbeta += sum_v v dU
+      dAqk = dO v_new^T (j <= i),  dAkk = -dU v_new^T (j < i)      (fp32 scratch)
+  kernel 3, _kda_bwd_intra_kernel, grid (NT, B*H): steps 4, 2 and 1 reversed, over K slices
+      through S and dS':  dq = scale 2^G (dO S^T),  dk += 2^(gamma - G) (v_new dS'^T)
+      through w:  dk += beta 2^G dW with dW = -Tinv^T (dv_new S^T)
+      through Aqk and Akk: the same anchored products as the forward's step 2 (left of the
+        diagonal blocks) and exact per-entry exponents (the diagonal blocks)
+      dG = q dq + k (dk through 2^G factors) - k (dk through 2^-G factors), plus the chunk-end
+        terms of gamma on the last row;  dg = the reverse cumsum of dG inside the chunk
+
+Why dg is a reverse cumsum: every factor x 2^(+-G) has the derivative +-x dx with respect to G (in
+natural units, as g is), so all the pairwise decays collapse into one vector per token; G is a
+cumsum of g restarted every chunk. No exponent is ever positive, as in the forward: the same
+anchors, the same G_FLOOR clamp (whose derivative zeroes dg below it), exp2 of masked exponents.
+
+Saved by the forward (only when a gradient is needed; the inference path stores none of it): its
+own intermediates Aqk, w, qg, kg and 2^gamma, kept instead of freed; Tinv (fp32), the state
+entering every chunk h_n and v_new. Recomputed here: G and its 16-row block sums (a cumsum in
+registers), every 2^G factor and pairwise decay, u (never needed: dAkk = -dU v_new^T). dq, dk, dg,
+dbeta, dA and dv_new stay fp32 until the final store.
+"""
+import torch
+
+from fast import INTERPRET  # noqa: I001 (first: without a GPU it chooses Triton's interpreter)
+import triton
+import triton.language as tl
+
+C = 64                      # chunk size: tokens per program of kernel 2 and per step of kernel 3
+BC = 16                     # diagonal block size of Akk / Aqk (smallest tl.dot tile)
+# The backward's tiles (fixed, no autotune): a V-slice of 64 per scan program, as the forward's
+# scan; [C, 32] V-slices and [C, 16] K-slices in kernels 2 and 3, whose registers run short first
+# (compiled for sm_90 with 4 warps, or with wider slices, they spill).
+BV_BWD_SCAN, BV_BWD, BK_BWD = 64, 32, 16
+BWD_SCAN_WARPS, BWD_WY_WARPS, BWD_INTRA_WARPS = 4, 8, 8
+# Globals read inside @triton.jit must be tl.constexpr (compiled Triton refuses plain globals).
+# 1 / ln 2: g goes to log2 units once, then exp2 everywhere (docs/kda.md §4)
+RCP_LN2 = tl.constexpr(1.4426950408889634)
+G_FLOOR = tl.constexpr(-128.0)              # per-token gate floor (nats): see kda_triton step 1
+
+
+@triton.jit
+def _dot(a, b, DOT: tl.constexpr, PREC: tl.constexpr):
+    # Operands are cast to DOT: bf16 on a GPU for speed, fp32 in the interpreter, whose bf16 tl.dot
+    # is silently wrong. PREC is 'ieee' for fp32 inputs, else a GPU uses TF32 (docs/kda.md §6).
+    return tl.dot(a.to(DOT), b.to(DOT), input_precision=PREC)
+
+
+def precision(dtype):
+    """(storage dtype of the intermediates, scan dot operand dtype, tl.dot precision) for inputs
+    of `dtype`, shared by the forward and the backward."""
+    low = dtype in (torch.bfloat16, torch.float16)
+    # bf16 storage and bf16 scan dots only when compiled: the interpreter's bf16 tl.dot is wrong and
+    # its fp32 -> bf16 casts truncate instead of rounding to nearest (twice the error, and biased).
+    mid = torch.bfloat16 if low and not INTERPRET else torch.float32
+    dot = tl.bfloat16 if low and not INTERPRET else tl.float32
+    return mid, dot, "tf32" if low else "ieee"
+
+
+@triton.jit
+def _kda_bwd_scan_kernel(qg, kg, w, Aqk, decay, do, dht, dhn, dvn, dh0,    # pointers
+                         T, H, NT, s_o,                                   # sizes, do's token stride
+                         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                         HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, DOT: tl.constexpr,
+                         PREC: tl.constexpr):
+    """Steps 7, 6, 5 reversed, chunks last to first: dv_new per chunk and dS' per chunk."""
+    iv = tl.program_id(0).to(tl.int64)          # int64 so that offsets cannot overflow
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    i = tl.arange(0, C)
+    ck = tl.arange(0, K)
+    cv = iv * BV + tl.arange(0, BV)
+    state = (bh * K + ck[:, None]) * V + cv[None, :]                      # [K, BV] in [B*H, K, V]
+    if HAS_DHT:
+        dS = tl.load(dht + state)
+    else:
+        dS = tl.zeros([K, BV], dtype=tl.float32)
+    for m in range(NT):  # runtime trip count: Triton 3.6's interpreter needs numpy < 2.4 for this
+        n = NT - 1 - m
+        row = (bh * NT + n) * C + i                                      # [C] intermediate rows
+        # the transposed operands are loaded transposed (swapped strides), never tl.trans'ed: a
+        # tl.trans of a tl.dot result fed into tl.dot miscompiles on Hopper (docs/kda.md §6)
+        b_AT = tl.load(Aqk + row[None, :] * C + i[:, None])              # [C, C] Aqk^T
+        b_kg = tl.load(kg + row[:, None] * K + ck[None, :])               # [C, K]
+        b_qgT = tl.load(qg + row[None, :] * K + ck[:, None])              # [K, C]
+        b_wT = tl.load(w + row[None, :] * K + ck[:, None])                # [K, C]
+        b_decay = tl.load(decay + (bh * NT + n) * K + ck)                 # [K] 2^gamma
+        t = n * C + i
+        b_do = tl.load(do + ((b * T + t) * s_o + h * V)[:, None] + cv[None, :],
+                       mask=(t < T)[:, None], other=0.)                   # [C, BV]
+        tl.store(dhn + ((bh * NT + n) * K + ck[:, None]) * V + cv[None, :],
+                 dS.to(dhn.dtype.element_ty))                            # dS' of chunk n
+        # ---- 6. and 7. reversed: v_new feeds o through Aqk and the next state through kg ----
+        b_dvn = _dot(b_AT, b_do, DOT, PREC) + _dot(b_kg, dS, DOT, PREC)   # [C, BV]
+        tl.store(dvn + row[:, None] * V + cv[None, :], b_dvn)
+        # ---- 7., 6. and 5. reversed: S feeds S' (2^gamma), o (qg) and v_new (-w) ----
+        dS = b_decay[:, None] * dS + _dot(b_qgT, b_do, DOT, PREC) - _dot(b_wT, b_dvn, DOT, PREC)
+    if STORE_DH0:
+        tl.store(dh0 + state, dS)
+
+
+@triton.jit
+def _kda_bwd_wy_kernel(v, beta, do, vn, dvn, tinv, dv, dAqk, dAkk, dbeta_wy,   # pointers
+                       T, H, scale, s_v, s_beta,                 # sizes, token strides
+                       V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Steps 4 (u = Tinv beta v) and 3 reversed for one chunk: dv, part of dbeta, dAqk, dAkk."""
+    n = tl.program_id(0).to(tl.int64)          # chunk; int64 so that offsets cannot overflow
+    bh = tl.program_id(1).to(tl.int64)
+    NT = tl.num_programs(0)
+    b, h = bh // H, bh % H
+    i = tl.arange(0, C)
+    t = n * C + i
+    valid = t < T                                # ragged last chunk: rows past T load 0
+    bt = b * T + t
+    row = (bh * NT + n) * C + i
+    b_beta = tl.load(beta + bt * s_beta + h, mask=valid, other=0.)                  # [C]
+    b_TT = tl.load(tinv + row[None, :] * C + i[:, None])         # [C, C] Tinv^T, swapped strides
+    dA_qk = tl.zeros([C, C], dtype=tl.float32)
+    dA_kk = tl.zeros([C, C], dtype=tl.float32)
+    b_db = tl.zeros([C], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        cv = v0 + tl.arange(0, BV)
+        # dU = the gradient of (beta v) and, through v_new = u - w S, all that Tinv receives:
+        # dTinv = dv_new (beta v - beta k 2^G S)^T, so dAkk = -Tinv^T dTinv Tinv^T = -dU v_new^T
+        b_dU = _dot(b_TT, tl.load(dvn + row[:, None] * V + cv[None, :]), tl.float32, PREC)
+        p_v = bt[:, None] * s_v + h * V + cv[None, :]                     # [C, BV] offsets
+        b_v = tl.load(v + p_v, mask=valid[:, None], other=0.).to(tl.float32)
+        b_db += tl.sum(b_v * b_dU, axis=1)
+        tl.store(dv + p_v, (b_beta[:, None] * b_dU).to(dv.dtype.element_ty), mask=valid[:, None])
+        b_do = tl.load(do + p_v, mask=valid[:, None], other=0.)
+        b_vnT = tl.load(vn + row[None, :] * V + cv[:, None])              # [BV, C] v_new^T
+        dA_qk += _dot(b_do, b_vnT, tl.float32, PREC)
+        dA_kk -= _dot(b_dU, b_vnT, tl.float32, PREC)
+    out = row[:, None] * C + i[None, :]
+    # masked with where (never a product with a 0/1 mask), scale folded in as the forward does
+    tl.store(dAqk + out, tl.where(i[:, None] >= i[None, :], dA_qk * scale, 0.))
+    tl.store(dAkk + out, tl.where(i[:, None] > i[None, :], dA_kk, 0.))
+    tl.store(dbeta_wy + row, b_db)
+
+
+@triton.jit
+def _pick(x3, jj, NB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """[NB, BC, BK] -> [NB * BC, BK]: every row replaced by row jj of its 16-row block."""
+    sel = tl.sum(tl.where(tl.arange(0, BC)[None, :, None] == jj, x3, 0.), axis=1)   # [NB, BK]
+    return tl.reshape(tl.broadcast_to(sel[:, None, :], [NB, BC, BK]), [NB * BC, BK])
+
+
+@triton.jit
+def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk, dbeta_wy,  # in
+                          dq, dk, dg, dbeta,                      # pointers: the gradients
+                          T, H, scale, s_qk, s_v, s_beta,         # sizes, token strides
+                          K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
+                          BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Steps 4 (w, qg, kg), 2 and 1 reversed for one chunk: dq, dk, dg and dbeta."""
+    n = tl.program_id(0).to(tl.int64)          # chunk; int64 so that offsets cannot overflow
+    bh = tl.program_id(1).to(tl.int64)
+    NT = tl.num_programs(0)
+    b, h = bh // H, bh % H
+    NB: tl.constexpr = C // BC
+    i = tl.arange(0, C)                          # token within the chunk (rows; also columns j)
+    ib = i // BC                                 # its 16-row block
+    ii = i % BC                                  # its row within the block
+    t = n * C + i
+    valid = t < T                                # ragged last chunk: rows past T load 0
+    bt = b * T + t
+    row = (bh * NT + n) * C + i
+    cj = ib * BC                                 # [C] first token of each row's block
+    b_beta = tl.load(beta + bt * s_beta + h, mask=valid, other=0.)                  # [C]
+    blk_c = tl.arange(0, NB)[:, None, None]      # [NB, 1, 1] and [1, NB, 1]: block indices
+    blk_m = tl.arange(0, NB)[None, :, None]
+    r3 = tl.arange(0, BC)[None, :, None]         # [1, BC, 1] row within a block
+    b_db = tl.load(dbeta_wy + row)               # kernel 2's part of dbeta
+    state = (bh * NT + n) * K * V
+    for k0 in range(0, K, BK):  # a loop, not unrolled: compile time
+        c = k0 + tl.arange(0, BK)
+        p = bt[:, None] * s_qk + h * K + c[None, :]                        # [C, BK] offsets
+        b_q = tl.load(q + p, mask=valid[:, None], other=0.).to(tl.float32)
+        b_k = tl.load(k + p, mask=valid[:, None], other=0.).to(tl.float32)
+        g_in = tl.load(g + p, mask=valid[:, None], other=0.)
+        # ---- 1. G as the forward builds it: 16-row block cumsums Gb plus block totals ----
+        Gb3 = tl.cumsum(tl.reshape(tl.maximum(g_in, G_FLOOR), [NB, BC, BK]), axis=1) * RCP_LN2
+        tot = tl.sum(tl.where(r3 == BC - 1, Gb3, 0.), axis=1)               # [NB, BK] block totals
+        b_Gb = tl.reshape(Gb3, [C, BK])
+        tail3 = tot[:, None, :] - Gb3                                       # tot_c - Gb_j <= 0
+        before = tl.sum(tl.where(blk_m < blk_c, tot[None, :, :], 0.), axis=1)   # blocks before c
+        after = tl.sum(tl.where(blk_m > blk_c, tot[None, :, :], 0.), axis=1)    # blocks after c
+        e_G = tl.exp2(tl.reshape(Gb3 + before[:, None, :], [C, BK]))           # 2^G_i
+        e_kg = tl.exp2(tl.reshape(tail3 + after[:, None, :], [C, BK]))         # 2^(gamma - G_i)
+        e_gamma = tl.exp2(tl.sum(tot, axis=0))                                  # [BK]
+
+        # ---- 4. reversed, the state's part: qg, kg and w met S or dS' in the scan ----
+        d_qg = tl.zeros([C, BK], dtype=tl.float32)          # dO S^T
+        d_w = tl.zeros([C, BK], dtype=tl.float32)           # dv_new S^T
+        d_kg = tl.zeros([C, BK], dtype=tl.float32)          # v_new dS'^T
+        S_dS = tl.zeros([BK], dtype=tl.float32)             # sum_v S dS', for 2^gamma
+        for v0 in range(0, V, BV):
+            cv = v0 + tl.arange(0, BV)
+            p_v = bt[:, None] * s_v + h * V + cv[None, :]
+            b_do = tl.load(do + p_v, mask=valid[:, None], other=0.)           # [C, BV]
+            b_dvn = tl.load(dvn + row[:, None] * V + cv[None, :])            # [C, BV]
+            b_vn = tl.load(vn + row[:, None] * V + cv[None, :])              # [C, BV]
+            st = state + c[None, :] * V + cv[:, None]                         # [BV, BK] S^T
+            b_hT = tl.load(hn + st).to(tl.float32)
+            b_dhT = tl.load(dhn + st).to(tl.float32)
+            d_qg += _dot(b_do, b_hT, tl.float32, PREC)
+            d_w += _dot(b_dvn, b_hT, tl.float32, PREC)
+            d_kg += _dot(b_vn, b_dhT, tl.float32, PREC)
+            S_dS += tl.sum(b_hT * b_dhT, axis=0)
+        b_dq = d_qg * scale * e_G
+        d_kg = d_kg * e_kg                                   # the gradient of k through kg
+        # w = Tinv (beta k 2^G): the gradient of (beta k 2^G) is Tinv^T (-dv_new S^T)
+        b_TT = tl.load(tinv + row[None, :] * C + i[:, None])     # [C, C] Tinv^T, swapped strides
+        d_kb = -_dot(b_TT, d_w, tl.float32, PREC)
+        b_dk = b_beta[:, None] * e_G * d_kb + d_kg
+        b_db += tl.sum(b_k * e_G * d_kb, axis=1)
+        # what G receives from each factor x 2^(+-G): +-x dx (unit-free: no ln 2 anywhere)
+        b_dG = b_q * b_dq + b_k * b_beta[:, None] * e_G * d_kb - b_k * d_kg
+        # gamma: through kg = k 2^(gamma - G) and S' = 2^gamma S + ...
+        d_gamma = tl.sum(b_k * d_kg, axis=0) + e_gamma * S_dS                  # [BK]
+
+        # ---- 2b. reversed: blocks left of the diagonal, the forward's anchors ----
+        # rows: row block r, anchor n_r = G at the last row of block r-1, as in the forward.
+        # columns: column block c, anchor m_c = G at its last row: the row operand is
+        # x_i 2^(G_i - m_c) (i after block c), the column factor 2^(m_c - G_j) = 2^(tot_c - Gb_j).
+        # The [C, C] tiles of dA are loaded one row block at a time (masked loads), where they are
+        # used: registers, not memory, are what these loops run short of.
+        tail = tl.reshape(tail3, [C, BK])
+        p_A = row[:, None] * C + i[None, :]                  # [C, C] dA[i, j]
+        p_AT = row[None, :] * C + i[:, None]                 # [C, C] dA[j, i]: dA^T
+        row_q = tl.zeros([C, BK], dtype=tl.float32)         # sum_j dAqk k_j 2^(n_r - G_j)
+        row_k = tl.zeros([C, BK], dtype=tl.float32)         # sum_j dAkk k_j 2^(n_r - G_j)
+        col = tl.zeros([C, BK], dtype=tl.float32)           # sum_i (dAqk q_i + dAkk beta_i k_i)
+        for r in tl.static_range(1, NB):                     #       2^(G_i - m_c)
+            between = tl.sum(tl.where((blk_m > blk_c) & (blk_m < r), tot[None, :, :], 0.), axis=1)
+            col_e = tail + tl.reshape(tl.broadcast_to(between[:, None, :], [NB, BC, BK]), [C, BK])
+            k_col = b_k * tl.exp2(tl.where((i < r * BC)[:, None], col_e, float("-inf")))
+            in_r = (ib == r)[:, None]
+            row_q += _dot(tl.load(dAqk + p_A, mask=in_r, other=0.), k_col, tl.float32, PREC)
+            row_k += _dot(tl.load(dAkk + p_A, mask=in_r, other=0.), k_col, tl.float32, PREC)
+        for cb in tl.static_range(0, NB - 1):
+            # Gb_i + the totals of the blocks strictly between cb and i's block: G_i - m_cb <= 0
+            between = tl.sum(tl.where((blk_m > cb) & (blk_m < blk_c), tot[None, :, :], 0.), axis=1)
+            row_e = tl.reshape(Gb3 + between[:, None, :], [C, BK])
+            e_row = tl.exp2(tl.where((ib > cb)[:, None], row_e, float("-inf")))
+            in_c = (ib == cb)[:, None]
+            col += _dot(tl.load(dAqk + p_AT, mask=in_c, other=0.), b_q * e_row, tl.float32, PREC)
+            col += _dot(tl.load(dAkk + p_AT, mask=in_c, other=0.), b_beta[:, None] * b_k * e_row,
+                        tl.float32, PREC)
+        e_Gb = tl.exp2(b_Gb)
+        d_qA = row_q * e_Gb                                  # dq through Aqk
+        d_kA = row_k * e_Gb                                  # dk through Akk's row side, / beta_i
+        d_kc = col * tl.exp2(tail)                           # dk through the column sides
+
+        # ---- 2a. reversed: the diagonal blocks, every entry its own exponent ----
+        # Masked before exp2: where(j < i, Gb_i - Gb_j, -inf), never exp2 first (inf * 0 = NaN).
+        # j = i (Aqk's diagonal, factor 1) comes after the loop: it gives dG_i q_i dAqk_ii k_i -
+        # k_i dAqk_ii q_i = 0 exactly, so it is left out of dG, not added and cancelled in fp32.
+        q3 = tl.reshape(b_q, [NB, BC, BK])
+        k3 = tl.reshape(b_k, [NB, BC, BK])
+        for jj in range(BC):                             # a loop, not unrolled: registers
+            q_j = _pick(q3, jj, NB, BC, BK)                  # [C, BK] token jj of the row's block
+            k_j = _pick(k3, jj, NB, BC, BK)
+            Gb_j = _pick(Gb3, jj, NB, BC, BK)
+            # row side: row i takes column j = cj + jj, for j < i
+            e_r = tl.exp2(tl.where((ii > jj)[:, None], b_Gb - Gb_j, float("-inf")))
+            d_qA += tl.load(dAqk + row * C + cj + jj)[:, None] * k_j * e_r
+            d_kA += tl.load(dAkk + row * C + cj + jj)[:, None] * k_j * e_r
+            # column side: row j takes row i = cj + jj, for i > j
+            e_c = tl.exp2(tl.where((ii < jj)[:, None], Gb_j - b_Gb, float("-inf")))
+            at_i = (row - ii + jj) * C + i           # [C] dA[i, j] with i = cj + jj
+            beta_i = tl.load(beta + (bt - ii + jj) * s_beta + h, mask=t - ii + jj < T, other=0.)
+            d_kc += (tl.load(dAqk + at_i)[:, None] * q_j
+                     + (tl.load(dAkk + at_i) * beta_i)[:, None] * k_j) * e_c
+        a_ii = tl.load(dAqk + row * C + i)[:, None]          # [C, 1] dAqk[i, i]
+        b_dq += d_qA + a_ii * b_k
+        b_dk += b_beta[:, None] * d_kA + d_kc + a_ii * b_q
+        b_db += tl.sum(b_k * d_kA, axis=1)
+        b_dG += b_q * d_qA + b_k * b_beta[:, None] * d_kA - b_k * d_kc
+        # gamma is G at the last row (padded rows past T add g = 0): its gradient joins there
+        b_dG += tl.where((i == C - 1)[:, None], d_gamma[None, :], 0.)
+        # ---- 1. reversed: G = cumsum of g in the chunk, so dg = the reverse cumsum of dG; the
+        # clamp at G_FLOOR passes no gradient below it ----
+        b_dg = tl.where(g_in >= G_FLOOR, tl.cumsum(b_dG, axis=0, reverse=True), 0.)
+        tl.store(dq + p, b_dq.to(dq.dtype.element_ty), mask=valid[:, None])
+        tl.store(dk + p, b_dk.to(dk.dtype.element_ty), mask=valid[:, None])
+        tl.store(dg + p, b_dg, mask=valid[:, None])
+    tl.store(dbeta + bt * s_beta + h, b_db, mask=valid)
+
+
+def chunk_kda_bwd(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
+    """Gradients of kda_triton.chunk_kda from what its forward saved.
+
+    q, k, g [B, T, H, K]; v, do [B, T, H, V]; beta [B, T, H] (contiguous, g and beta fp32);
+    saved = (Aqk, w, qg, kg, decay, tinv, hn, vn), the forward's [B*H, NT*C, *] intermediates;
+    dht [B, H, K, V] fp32 or None. Returns dq, dk, dv in the inputs' dtypes, dg, dbeta fp32 and
+    d initial_state [B, H, K, V] fp32 (None unless need_dh0).
+    """
+    Aqk, w, qg, kg, decay, tinv, hn, vn = saved
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(T, C)
+    _, dot, prec = precision(q.dtype)
+    dev = q.device
+    do = do.contiguous()
+    dht = None if dht is None else dht.float().contiguous()
+    dvn = torch.empty(B * H, NT * C, V, device=dev, dtype=torch.float32)
+    dhn = torch.empty_like(hn)                                   # [B*H, NT, K, V]: dS' per chunk
+    dh0 = torch.empty(B, H, K, V, device=dev, dtype=torch.float32) if need_dh0 else None
+    BV = min(BV_BWD_SCAN, V)
+    _kda_bwd_scan_kernel[(V // BV, B * H)](
+        qg, kg, w, Aqk, decay, do, dht, dhn, dvn, dh0,
+        T, H, NT, H * V,
+        K=K, V=V, C=C, BV=BV, HAS_DHT=dht is not None, STORE_DH0=need_dh0,
+        DOT=dot, PREC=prec, num_warps=BWD_SCAN_WARPS)
+    dv = torch.empty_like(v)
+    dAqk, dAkk = (torch.empty(B * H, NT * C, C, device=dev, dtype=torch.float32) for _ in "qk")
+    dbeta_wy = torch.empty(B * H, NT * C, device=dev, dtype=torch.float32)
+    _kda_bwd_wy_kernel[(NT, B * H)](
+        v, beta, do, vn, dvn, tinv, dv, dAqk, dAkk, dbeta_wy,
+        T, H, scale, H * V, H,
+        V=V, C=C, BV=min(BV_BWD, V), PREC=prec, num_warps=BWD_WY_WARPS)
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dg, dbeta = torch.empty_like(g), torch.empty_like(beta)
+    _kda_bwd_intra_kernel[(NT, B * H)](
+        q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk, dbeta_wy,
+        dq, dk, dg, dbeta,
+        T, H, scale, H * K, H * V, H,
+        K=K, V=V, C=C, BC=BC, BK=min(BK_BWD, K), BV=min(BV_BWD, V), PREC=prec,
+        num_warps=BWD_INTRA_WARPS)
+    return dq, dk, dv, dg, dbeta, dh0
