@@ -4,6 +4,8 @@
 
     kda          kda_triton.chunk_kda at the 48B layer's shapes, beside fla's chunk_kda when fla
                  imports; one fused_recurrent_kda decode step
+    kda_bwd      chunk_kda's forward + backward (kda_backward) at the 48B layer's shapes, beside
+                 fla's chunk_kda when fla imports
     short_conv   fast.short_conv at a T = 8192 prefill, against kimi.ShortConv's torch code; a tile
                  sweep
     pointwise    fast.pointwise's norms and gate at a T = 8192 prefill, against kimi.py's torch code
@@ -84,6 +86,46 @@ def kda_errors(inputs):
     o, S = kda_triton.chunk_kda(*inputs, output_final_state=True)
     o_ref, S_ref = recurrent_kda(*(x.float() for x in inputs), output_final_state=True)
     return [((a.float() - b).norm() / b.norm()).item() for a, b in ((o, o_ref), (S, S_ref))]
+
+
+def kda_bwd():
+    """chunk_kda's forward + backward over bf16 inputs, H = 32, K = V = 128, an initial state and
+    gradients for o and the final state, beside fla's chunk_kda on the same inputs if it imports;
+    for both, the largest error of the six gradients against our fp32 path on fp32 copies."""
+    try:                        # fla is optional: only the comparison columns need it
+        from fla.ops.kda import chunk_kda as fla
+    except ImportError:
+        fla = None
+    flush = l2_flusher()
+    print(f"{torch.cuda.get_device_name()}, bf16 inputs, H={H}, K=V={K}, forward + backward; err = "
+          "max over dq dk dv dg dbeta dh0 of ||x - ref|| / ||ref||, ref = chunk_kda in fp32")
+    print(f"{'shape':>16} {'ms':>7} {'err':>8} {'fla ms':>7} {'fla err':>8} {'ours/fla':>8}",
+          flush=True)
+    for B, T in [(1, 4096), (1, 16384), (8, 4096)]:
+        h0 = torch.randn(B, H, K, K, device="cuda")
+        x = [*random_inputs(B, T, H, K, K, torch.bfloat16, "cuda"), h0]     # q, k, v, g, beta, h0
+        do, dht = torch.randn_like(x[2]), torch.randn_like(h0)
+
+        def grads(fn, xs):                                      # the six gradients of one pass
+            xs = [t.detach().requires_grad_() for t in xs]
+            o, S = fn(*xs[:5], initial_state=xs[5], output_final_state=True)
+            return torch.autograd.grad((o, S), xs, (do.to(o.dtype), dht))
+
+        def fla_kda(*args, **kwargs):
+            return fla(*args, scale=K ** -0.5, **kwargs)
+
+        with torch.enable_grad():                               # main() runs under no_grad
+            ref = grads(kda_triton.chunk_kda, [t.float() for t in x])
+            row = []
+            for fn in [kda_triton.chunk_kda] + ([fla_kda] if fla else []):
+                ms = cuda_time(lambda fn=fn: grads(fn, x), runs=20, warmup=3, before=flush)
+                err = max(((a.float() - r).norm() / r.norm()).item()
+                          for a, r in zip(grads(fn, x), ref))
+                row.append((ms, err))
+        (ms, err), (fla_ms, fla_err) = row[0], (row[1] if fla else (None, None))
+        print(f"{f'B={B} T={T}':>16} {ms:7.3f} {err:8.1e} "
+              + (f"{fla_ms:7.3f} {fla_err:8.1e} {ms / fla_ms:8.2f}" if fla else
+                 f"{'-':>7} {'-':>8} {'-':>8}"), flush=True)
 
 
 def short_conv(B=1, T=8192, C=4096, W=4):
@@ -318,6 +360,22 @@ def gemv(M_values=(1, 16)):
                 us = 1e3 * cuda_time(fn, runs=25, warmup=3, graph=1, before=flush)
                 line += f"  {label} {us:7.1f} ({nbytes / us / 1e6:4.2f})"
             print(line, flush=True)
+    N, K = shapes["KDA in (q, k, v, f_a, g_a, b)"]        # gemv's pipeline depth and programs
+    w = torch.randn(N, K, device="cuda").bfloat16()
+    q, s = quantize_rows(w)
+    x = torch.randn(1, K, device="cuda").bfloat16()
+    default = (dict(fast_fp8.GEMV_TILES), fast_fp8.WAVES)
+    for stages, waves in ((default[0]["num_stages"], default[1]), (3, 1), (4, 2)):
+        fast_fp8.GEMV_TILES, fast_fp8.WAVES = dict(default[0], num_stages=stages), waves
+        try:
+            line = f"M= 1 KDA in, gemv with {stages} stages, {waves} program(s) an SM:"
+            for label, args, nbytes in (("bf16", (x, w), N * K * 2), ("fp8", (x, q, s), N * K)):
+                us = 1e3 * cuda_time(lambda: fast_fp8.gemv(*args), runs=25, warmup=3, graph=1,
+                                     before=flush)
+                line += f"  {label} {us:7.1f} ({nbytes / us / 1e6:4.2f})"
+            print(line, flush=True)
+        finally:
+            fast_fp8.GEMV_TILES, fast_fp8.WAVES = default
 
 
 def moe_combine(N=8192, k=8, D=2304, E=256):
@@ -355,9 +413,9 @@ def moe_combine(N=8192, k=8, D=2304, E=256):
         print(f"{name:45s} {t:7.3f} ms = {MB / t / 1e3:5.2f} TB/s over {MB:.0f} MB")
 
 
-TIMERS = {"kda": kda, "short_conv": short_conv, "pointwise": pointwise, "kda_decode": kda_decode,
-          "mla_decode": mla_decode, "moe_decode": moe_decode, "gemv": gemv,
-          "moe_combine": moe_combine}
+TIMERS = {"kda": kda, "kda_bwd": kda_bwd, "short_conv": short_conv, "pointwise": pointwise,
+          "kda_decode": kda_decode, "mla_decode": mla_decode, "moe_decode": moe_decode,
+          "gemv": gemv, "moe_combine": moe_combine}
 
 
 @torch.no_grad()
