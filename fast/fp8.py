@@ -42,11 +42,11 @@ DECODE_ROWS = 16                        # at most this many rows (tokens): _rows
 # interpreter), the winners of a timed sweep of BN and BK over decode shapes on an H200.
 ROWS = dict(BM=16, BN=32, BK=256, num_warps=4, num_stages=4)
 GEMV = True                             # decode rows: gemv; False: _rows_kernel (as before)
-# gemv's tiles, not timed yet (the interpreter's are small, so that its tests cross units, splits
-# and programs); fp32 x gets 2 stages (twice the bytes a stage), e4m3 weights twice the BK (one
-# program per SM keeps a bf16 tile's bytes in flight)
+# gemv's tiles, not timed yet: one program per SM, so 5 stages keep 4 tiles (64 KB) in flight;
+# e4m3 weights take twice the BK (the same bytes a tile), fp32 x 2 stages (twice the bytes a
+# stage). The interpreter's are small, so that its tests cross units, splits and programs.
 GEMV_TILES = dict(BN=16 if INTERPRET else 64, BK=16 if INTERPRET else 128, num_warps=4,
-                  num_stages=4)
+                  num_stages=5)
 WAVES = 1                               # gemv's programs: WAVES per SM
 REDUCE_STEPS = 4                        # the partials' sum launch, priced in a program's k-steps
 QUANT_BK = 1024                         # _quantize_kernel's inputs per step
@@ -265,6 +265,8 @@ def gemv(x, weight, scale=None):
     once (as F.linear): weight [N, K] in x's dtype (scale None) or e4m3 with scale [N, 1] fp32.
     Each weight is read once; no host sync, no atomics (graph-safe, the same bits every run)."""
     (M, K), N = x.shape, weight.shape[0]
+    if weight.stride() != (K, 1):                   # the kernel reads rows K apart
+        raise ValueError(f"gemv: weight {tuple(weight.shape)} needs contiguous rows")
     if x.stride(-1) != 1:
         x = x.contiguous()
     # bf16 operands on a GPU (exact for e4m3 and bf16 x); fp32 in the interpreter, whose bf16

@@ -44,18 +44,19 @@ DOWN_N1 = "split"                       # N = 1's w2: "split", "sum" (one progra
 #                                         loops over every slot), "pairs" (N > 1's kernel)
 E4M3_BITS = True                        # e4m3 -> bf16 through fp32's bits; False: Triton's cast
 # Fixed tiles (autotune breaks the interpreter). UP and DOWN_SUM won a timed sweep over BN, BK,
-# warps and stages at N = 1 on an H200, bf16 and FP8 experts, in the row form (the SWAP ones are
-# that sweep's choices carried over, untimed). fp32 x (twice the bytes a stage) gets 2 stages: 4
-# need more shared memory than a Hopper GPU's block has. SWAP's gate_up tile is [2 BN, BK]: BN
-# rows of w1 over the same rows of w3, 64 rows for wgmma.
+# warps and stages at N = 1 on an H200, bf16 and FP8 experts, in the row form; the others are
+# untimed. fp32 x (twice the bytes a stage) gets 2 stages: 4 need more shared memory than a
+# Hopper GPU's block has. SWAP's gate_up tile is [2 BN, BK]: BN rows of w1 over the same rows of
+# w3, 64 rows for wgmma; 3 stages (60 KB) let 3 programs share an SM, so N = 1's 288 fit at once.
 UP = dict(BN=32, BK=128, num_warps=4, num_stages=3)
-UP_SWAP = dict(BN=32, BK=128, num_warps=4, num_stages=4)
+UP_SWAP = dict(BN=32, BK=128, num_warps=4, num_stages=3)
 DOWN = dict(BN=32, BK=256, num_warps=4, num_stages=4)
-DOWN_SWAP = dict(BN=64, BK=128, num_warps=4, num_stages=4)
+DOWN_SWAP = dict(BN=64, BK=128, num_warps=4, num_stages=3)
 DOWN_SUM = dict(BN=32, BK=256, num_warps=4, num_stages=4)
-# The interpreter takes small split tiles, so that its tests cross units, splits and programs;
-# e4m3 weights take twice the BK (one program per SM keeps a bf16 tile's bytes in flight).
-SPLIT = dict(BN=32 if INTERPRET else 64, BK=16 if INTERPRET else 128, num_warps=4, num_stages=4)
+# _down_split_kernel: one program per SM, so 5 stages keep 4 tiles (64 KB) in flight; e4m3
+# weights take twice the BK, the same bytes a tile. The interpreter takes small tiles, so that
+# its tests cross units, splits and programs.
+SPLIT = dict(BN=32 if INTERPRET else 64, BK=16 if INTERPRET else 128, num_warps=4, num_stages=5)
 WAVES = 1                               # _down_split_kernel's programs: WAVES per SM
 SLOT_SUM = 256                          # _slot_sum_kernel's BN
 
