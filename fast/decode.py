@@ -61,12 +61,14 @@ def add_rmsnorm_ref(h, delta, norm):
 
 
 def add_rmsnorm(h, delta, norm):
-    """= add_rmsnorm_ref in one kernel (norm: a kimi.RMSNorm)."""
-    h = h.contiguous()                                  # one row stride for h, delta and outputs
-    delta = delta.contiguous() if delta is not None else None
+    """= add_rmsnorm_ref in one kernel (norm: a kimi.RMSNorm). Without delta, h may be a column
+    slice (rows apart by its stride): MLA's latent, normed where the projection left it."""
+    if delta is not None or h.stride(-1) != 1:
+        h = h.contiguous()                              # one row stride for h and delta
+        delta = delta.contiguous() if delta is not None else None
     B, D = h.shape
     h_out = torch.empty_like(h) if delta is not None else h
-    n_out = torch.empty_like(h)
+    n_out = h.new_empty(B, D)                           # rows D apart, as h_out's
     _add_rmsnorm_kernel[(B,)](h, delta, norm.weight, h_out, n_out, D, h.stride(0), norm.eps,
                               HAS_DELTA=delta is not None, BD=triton.next_power_of_2(D))
     return h_out, n_out
@@ -164,7 +166,8 @@ def mla_step(attn, x, pos, pad, fast):
     attend_absorbed with the split-K kernel (fast) or kimi.latent_attention inside."""
     B, H, R = x.shape[0], attn.H, attn.R
     q, c, k_pe = linear(x, *attn.stacked).split([H * (attn.nope + attn.pe), R, attn.pe], dim=-1)
-    ckv = torch.cat([attn.kv_a_layernorm(c), k_pe], dim=-1)        # [B, R + pe]: the new entry
+    norm = add_rmsnorm if fast else add_rmsnorm_ref    # one kernel for RMSNorm's several
+    ckv = torch.cat([norm(c, None, attn.kv_a_layernorm)[1], k_pe], dim=-1)   # [B, R + pe]
     attention = mla_decode.mla_decode if fast else kimi.latent_attention
     o = attn.attend_absorbed(q.view(B, H, -1), ckv[:, None], pos, pad, attention)  # [B, 1, H, V]
     return project(o.reshape(B, H * attn.v), attn.o_proj)

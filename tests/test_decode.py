@@ -27,11 +27,15 @@ def test_add_rmsnorm_kernel_equals_reference(dtype, with_delta):
     with torch.no_grad():
         want = decode.add_rmsnorm_ref(h, delta, norm)
         got = decode.add_rmsnorm(h, delta, norm)
+        wide = torch.randn(3, 300, generator=gen).to(DEV, dtype)    # h as a column slice, as
+        sliced = decode.add_rmsnorm(wide[:, 50:250], None, norm)[1]     # MLA's latent arrives
     # the sum is exact-rounded in both (one bf16 or fp32 add); the norm's mean is a reduction in a
     # different order, so the normed output may differ by one rounding of its dtype
     assert torch.equal(got[0], want[0])
     ulp = torch.finfo(dtype).eps
     assert (got[1].float() - want[1].float()).abs().max() <= 2 * ulp * want[1].float().abs().max()
+    want = norm(wide[:, 50:250]).float()
+    assert (sliced.float() - want).abs().max() <= 2 * ulp * want.abs().max()     # the same
 
 
 def prefilled(dtype, device, seed=3):
