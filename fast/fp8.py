@@ -37,7 +37,7 @@ import triton.language as tl
 from fast import INTERPRET, round_to
 
 FP8 = torch.float8_e4m3fn
-DECODE_ROWS = 16                        # at most this many rows (tokens): _rows_kernel, not a GEMM
+DECODE_ROWS = 16                        # at most this many rows (tokens): gemv, not a GEMM
 # _rows_kernel's tiles: BM rows, BN outputs, BK inputs per step (fixed: autotune breaks the
 # interpreter), the winners of a timed sweep of BN and BK over decode shapes on an H200.
 ROWS = dict(BM=16, BN=32, BK=256, num_warps=4, num_stages=4)

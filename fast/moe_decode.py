@@ -1,6 +1,6 @@
 """
-The MoE of a decode step (N <= 16 tokens) in 4 Triton launches, each selected expert's weights
-(bf16, or e4m3 + scales) read once per step. Beside kimi.py: route = MoEGate.forward after its
+The MoE of a decode step (N <= 16 tokens) in 4 Triton launches (3 with N = 1's DOWN_N1 "sum"),
+each selected expert's weights (bf16, or e4m3 + scales) read once per step. Beside kimi.py: route = MoEGate.forward after its
 F.linear; experts = SparseMoeBlock.run_experts + forward's fp32 weighted sum (as fast.moe.
 grouped_experts and fast.fp8.fp8_experts, which take ~35 torch kernels and one-row GEMMs).
   _route_kernel      (N,)          sigmoid, + bias, k rounds of max / argmax, the weights; and the
@@ -18,8 +18,9 @@ Two ways to lay a product on tl.dot (SWAP): tokens as the rows and weights as th
 weights as the rows of a [BN, BK] tile and the 16 token slots as the columns (SWAP, the default).
 On Hopper the second runs as the asynchronous warpgroup MMA (wgmma: 64 rows or more), which reads
 the weight tile from shared memory itself, where the first issues a shared-memory load per MMA.
-At N = 1 the w2 step has 9 x D / BN units of work (slot, output rows) and at most SMs programs
-can run at once: one program per unit leaves SMs idle in the last wave. _down_split_kernel cuts
+At N = 1 the w2 step has k' D / BN units of work (slot, output rows), a few per SM: one program
+per unit leaves SMs idle in the last wave, and one per block of outputs (DOWN_N1 "sum", 72
+programs) leaves 60 of 132 idle throughout. _down_split_kernel cuts
 F into S splits (S chosen so the busiest program streams the fewest bytes) and gives program g
 the units [g U / G, (g + 1) U / G) as one pipelined loop; the fp32 partials are summed in a fixed
 order by _slot_sum_kernel, so a replay gives the same bits.
