@@ -43,7 +43,7 @@ BC = 16                     # diagonal block size of Akk / Aqk (smallest tl.dot 
 # scan; [C, 32] V-slices and [C, 16] K-slices in kernels 2 and 3, whose registers run short first
 # (compiled for sm_90 with 4 warps, or with wider slices, they spill).
 BV_BWD_SCAN, BV_BWD, BK_BWD = 64, 32, 16
-BWD_SCAN_WARPS, BWD_WY_WARPS, BWD_INTRA_WARPS = 4, 8, 8
+BWD_SCAN_WARPS, BWD_WY_WARPS, BWD_INTRA_WARPS, BWD_SCAN_STAGES = 4, 8, 8, 2
 # Globals read inside @triton.jit must be tl.constexpr (compiled Triton refuses plain globals).
 # 1 / ln 2: g goes to log2 units once, then exp2 everywhere (docs/kda.md §4)
 RCP_LN2 = tl.constexpr(1.4426950408889634)
@@ -310,7 +310,7 @@ def chunk_kda_bwd(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, C)
-    _, dot, prec = precision(q.dtype)
+    mid, dot, prec = precision(q.dtype)
     dev = q.device
     do = do.contiguous()
     dht = None if dht is None else dht.float().contiguous()
@@ -318,11 +318,14 @@ def chunk_kda_bwd(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
     dhn = torch.empty_like(hn)                                   # [B*H, NT, K, V]: dS' per chunk
     dh0 = torch.empty(B, H, K, V, device=dev, dtype=torch.float32) if need_dh0 else None
     BV = min(BV_BWD_SCAN, V)
+    # prefetching the next chunk doubles the shared-memory tiles: only when small (bf16, K <= 128;
+    # fp32 at K = 128 with the default 3 stages would need 294,912 bytes, more than a block has)
+    stages = BWD_SCAN_STAGES if mid == torch.bfloat16 and K <= 128 else 1
     _kda_bwd_scan_kernel[(V // BV, B * H)](
         qg, kg, w, Aqk, decay, do, dht, dhn, dvn, dh0,
         T, H, NT, H * V,
         K=K, V=V, C=C, BV=BV, HAS_DHT=dht is not None, STORE_DH0=need_dh0,
-        DOT=dot, PREC=prec, num_warps=BWD_SCAN_WARPS)
+        DOT=dot, PREC=prec, num_warps=BWD_SCAN_WARPS, num_stages=stages)
     dv = torch.empty_like(v)
     dAqk, dAkk = (torch.empty(B * H, NT * C, C, device=dev, dtype=torch.float32) for _ in "qk")
     dbeta_wy = torch.empty(B * H, NT * C, device=dev, dtype=torch.float32)

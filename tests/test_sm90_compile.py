@@ -72,7 +72,7 @@ kb = kda_backward
 build(kb._kda_bwd_scan_kernel, dict(qg=BF, kg=BF, w=BF, Aqk=BF, decay=F32, do=BF, dht=F32, dhn=BF,
                                     dvn=F32, dh0=F32),
       dict(KV, C=kb.C, BV=kb.BV_BWD_SCAN, HAS_DHT=True, STORE_DH0=True, DOT=tl.bfloat16,
-           PREC="tf32"), kb.BWD_SCAN_WARPS)
+           PREC="tf32"), kb.BWD_SCAN_WARPS, kb.BWD_SCAN_STAGES)
 build(kb._kda_bwd_wy_kernel, dict(v=BF, beta=F32, do=BF, vn=BF, dvn=F32, tinv=F32, dv=BF,
                                   dAqk=F32, dAkk=F32, dbeta_wy=F32),
       dict(V=128, C=kb.C, BV=kb.BV_BWD, PREC="tf32"), kb.BWD_WY_WARPS)
