@@ -9,6 +9,7 @@ gradient of the state leaving it, dO the gradient of the chunk's output:
       dv_new = Aqk^T dO + kg dS'                       (stored, fp32; dS' stored per chunk)
       dS     = 2^gamma dS' + qg^T dO - w^T dv_new      (= dS' of the chunk before; after the
                                                         first chunk it is d initial_state)
+      (scale is folded into the forward's qg and Aqk, as there)
   kernel 2, _kda_bwd_wy_kernel, grid (NT, B*H): steps 4 and 3 reversed, over V slices
       dU = Tinv^T dv_new:  dv = beta dU,  dbeta += sum_v v dU
       dAqk = dO v_new^T (j <= i),  dAkk = -dU v_new^T (j < i)      (fp32 scratch)
@@ -26,10 +27,12 @@ cumsum of g restarted every chunk. No exponent is ever positive, as in the forwa
 anchors, the same G_FLOOR clamp (whose derivative zeroes dg below it), exp2 of masked exponents.
 
 Saved by the forward (only when a gradient is needed; the inference path stores none of it): its
-own intermediates Aqk, w, qg, kg and 2^gamma, kept instead of freed; Tinv (fp32), the state
-entering every chunk h_n and v_new. Recomputed here: G and its 16-row block sums (a cumsum in
-registers), every 2^G factor and pairwise decay, u (never needed: dAkk = -dU v_new^T). dq, dk, dg,
-dbeta, dA and dv_new stay fp32 until the final store.
+own intermediates Aqk, w, qg, kg and 2^gamma, kept instead of freed (computing them again would
+take a kernel that writes them again); Tinv in fp32 (kda_triton's STORE_TINV: no second solve),
+the state entering every chunk h_n and v_new (STORE_H: no replay of the scan). Recomputed here,
+cheaper than a round trip through memory: G and its 16-row block sums (a cumsum in registers),
+every 2^G factor and pairwise decay. u is neither kept nor recomputed: dAkk = -dU v_new^T needs
+none. dq, dk, dg, dbeta, dA and dv_new stay fp32 until the final store.
 """
 import torch
 
@@ -37,7 +40,7 @@ from fast import INTERPRET  # noqa: I001 (first: without a GPU it chooses Triton
 import triton
 import triton.language as tl
 
-C = 64                      # chunk size: tokens per program of kernel 2 and per step of kernel 3
+C = 64                      # chunk size, the forward's and the backward's
 BC = 16                     # diagonal block size of Akk / Aqk (smallest tl.dot tile)
 # The backward's tiles (fixed, no autotune): a V-slice of 64 per scan program, as the forward's
 # scan; [C, 32] V-slices and [C, 16] K-slices in kernels 2 and 3, whose registers run short first

@@ -332,7 +332,7 @@ class _ChunkKDA(torch.autograd.Function):
     def forward(ctx, q, k, v, g, beta, h0, scale, output_final_state):
         o, ht, saved = _forward(q, k, v, g, beta, h0, scale, output_final_state, save=True)
         ctx.save_for_backward(q, k, v, g, beta, *saved)
-        ctx.scale, ctx.need_dh0 = scale, h0 is not None and h0.requires_grad
+        ctx.scale, ctx.need_dh0 = scale, ctx.needs_input_grad[5]     # h0's gradient: if asked
         ctx.set_materialize_grads(False)         # an unused output's gradient stays None
         return o, ht
 
