@@ -115,8 +115,12 @@ def gpu_bound(q, cache, pos, scale, pad, want):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the 48B sizes in bf16)")
 @pytest.mark.parametrize("L", [1, 4096, 100000])
 @pytest.mark.parametrize("pos_tensor", [False, True])
-def test_kernel_gpu_48b(L, pos_tensor):
-    """H = 32, R = 512, PE = 64, bf16; a tensor pos reads a buffer 3000 keys longer than pos."""
+@pytest.mark.parametrize("config", [{}, dict(BL=32, HEADS=64, num_stages=3)],
+                         ids=["default", "64-heads"])
+def test_kernel_gpu_48b(L, pos_tensor, config, monkeypatch):
+    """H = 32, R = 512, PE = 64, bf16; a tensor pos reads a buffer 3000 keys longer than pos.
+    config: SPLIT as it is, and with the query rows padded to 64 (the warpgroup MMA's path)."""
+    monkeypatch.setattr(mla_decode, "SPLIT", dict(mla_decode.SPLIT, **config))
     H, R, PE, B = 32, 512, 64, 2
     Lmax = L + 3000 if pos_tensor else L
     q, cache, pad = inputs(B, H, R, PE, Lmax, L - 1, True, torch.bfloat16, "cuda")
