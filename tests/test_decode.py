@@ -89,10 +89,10 @@ def test_moe_step_equals_the_block(shared, monkeypatch):
     the same products summed in another order (rel 1e-5)."""
     monkeypatch.setattr(decode, "SHARED", shared)
     block = randomize(kimi.SparseMoeBlock(TINY), 7).to(DEV).eval()
-    fast_moe.stack_experts(block)                           # the shared expert as row E
     x = torch.randn(3, TINY.hidden_size, generator=torch.Generator().manual_seed(7)).to(DEV)
     with torch.no_grad():
-        want = block(x[:, None])[:, 0]
+        want = block(x[:, None])[:, 0]                      # kimi's loop over the experts
+        fast_moe.stack_experts(block)                       # the shared expert as row E
         assert rel(decode.moe_step(block, x, fast=True), want) < 1e-5
 
 
