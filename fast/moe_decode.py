@@ -1,8 +1,9 @@
 """
 The MoE of a decode step (N <= 16 tokens) in 4 Triton launches (3 with N = 1's DOWN_N1 "sum"),
-each selected expert's weights (bf16, or e4m3 + scales) read once per step. Beside kimi.py: route = MoEGate.forward after its
-F.linear; experts = SparseMoeBlock.run_experts + forward's fp32 weighted sum (as fast.moe.
-grouped_experts and fast.fp8.fp8_experts, which take ~35 torch kernels and one-row GEMMs).
+each selected expert's weights (bf16, or e4m3 + scales) read once per step. Beside kimi.py:
+route = MoEGate.forward after its F.linear; experts = SparseMoeBlock.run_experts + forward's fp32
+weighted sum (as fast.moe.grouped_experts and fast.fp8.fp8_experts, which take ~35 torch kernels
+and one-row GEMMs).
   _route_kernel      (N,)          sigmoid, + bias, k rounds of max / argmax, the weights; and the
                                    shared expert's slot (its id, its weight) after the k routed
   _gate_up_kernel    (P, F / BN)   h = silu(x @ w1^T) * (x @ w3^T), one expert per program
