@@ -41,7 +41,7 @@ DECODE_ROWS = 16                        # at most this many rows (tokens): gemv,
 # _rows_kernel's tiles: BM rows, BN outputs, BK inputs per step (fixed: autotune breaks the
 # interpreter), the winners of a timed sweep of BN and BK over decode shapes on an H200.
 ROWS = dict(BM=16, BN=32, BK=256, num_warps=4, num_stages=4)
-GEMV = True                             # decode rows: gemv; False: _rows_kernel (as before)
+GEMV = False                            # decode rows: _rows_kernel; True: gemv (slower, timed)
 # gemv's tiles, not timed yet: one program per SM, so 5 stages keep 4 tiles (64 KB) in flight;
 # e4m3 weights take twice the BK (the same bytes a tile), fp32 x 2 stages (twice the bytes a
 # stage). The interpreter's are small, so that its tests cross units, splits and programs.

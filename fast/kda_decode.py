@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fast import round_to
+from fast import round_to, softplus
 from kda_ref import kda_gate, l2norm, recurrent_kda
 
 WARPS = 8           # the [128, 128] fp32 state tile over 256 threads: 64 registers each
@@ -123,16 +123,9 @@ def _kda_decode_kernel(
     # 2. l2norm, eps on the sum of squares (an rms eps would be K times too small: trap 6)
     qc = qc * tl.rsqrt(tl.sum(qc * qc, axis=0) + L2_EPS) * scale     # and q's 1/sqrt(K)
     kc = kc * tl.rsqrt(tl.sum(kc * kc, axis=0) + L2_EPS)
-    # 3. g = -exp(A_log) softplus(z), torch's softplus: z above 20 is returned as is. Below, as
-    # max(z, 0) + log1p(exp(-|z|)), log1p(u) = log(1 + u) u / ((1 + u) - 1): exact where 1 + u
-    # rounds (log(1 + u) alone gives 0 for u < 6e-8, where torch's log1p gives u).
+    # 3. g = -exp(A_log) softplus(z), torch's softplus (fast.softplus)
     z = f + tl.load(dt_bias + c).to(tl.float32)
-    u = tl.exp(-tl.abs(z))
-    up = 1.0 + u
-    d = tl.where(up == 1.0, 1.0, up - 1.0)             # no 0 / 0 in the branch not taken
-    log1p = tl.where(up == 1.0, u, tl.log(up) * (u / d))
-    softplus = tl.where(z > 20.0, z, tl.maximum(z, 0.0) + log1p)
-    g = -tl.exp(tl.load(A_log + h).to(tl.float32)) * softplus                  # [K], <= 0
+    g = -tl.exp(tl.load(A_log + h).to(tl.float32)) * softplus(z)               # [K], <= 0
     beta = tl.sigmoid(tl.load(b + row * s_b + h).to(tl.float32))              # 4.
     # 5. the recurrence on the [K, V] fp32 tile, read once and written once. exp(g): g <= 0, so no
     # overflow; g = -inf (a huge gate) gives 0, a full reset, as torch does

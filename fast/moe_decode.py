@@ -42,8 +42,8 @@ from fast import INTERPRET, round_to
 MAX_TOKENS = 16                         # BM: tokens per tile (tl.dot's minimum dimension)
 # The variants, kept so that `python -m tools.kernels moe_decode` times them side by side:
 SWAP = True                             # weights as tl.dot's rows (wgmma on Hopper); False: columns
-DOWN_N1 = "split"                       # N = 1's w2: "split", "sum" (one program per BN outputs
-#                                         loops over every slot), "pairs" (N > 1's kernel)
+DOWN_N1 = "pairs"                       # N = 1's w2: "pairs" (N > 1's kernel, the fastest timed),
+#                         "split" (persistent split-K), "sum" (a program per BN outputs, every slot)
 E4M3_BITS = True                        # e4m3 -> bf16 through fp32's bits; False: Triton's cast
 # Fixed tiles (autotune breaks the interpreter). UP and DOWN_SUM won a timed sweep over BN, BK,
 # warps and stages at N = 1 on an H200, bf16 and FP8 experts, in the row form; the others are

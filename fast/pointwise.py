@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fast import round_to
+from fast import round_to, softplus
 
 TILE = 4096                 # values a program: BR = TILE // BN rows (one row when N > TILE / 2)
 GATE_BLOCK, WARPS = 1024, 4
@@ -56,15 +56,8 @@ def _gate_kernel(f, A_log, dt_bias, g, n, HK, K: tl.constexpr, BLOCK: tl.constex
     on = i < n
     c = i % HK                                      # channel h*K + k
     z = tl.load(f + i, mask=on, other=0.).to(tl.float32) + tl.load(dt_bias + c, mask=on, other=0.)
-    # torch's softplus: z above 20 as is; below, max(z, 0) + log1p(exp(-|z|)) with
-    # log1p(u) = log(1 + u) u / ((1 + u) - 1), exact where 1 + u rounds to 1 (log alone gives 0)
-    u = tl.exp(-tl.abs(z))
-    up = 1. + u
-    d = tl.where(up == 1., 1., up - 1.)             # no 0 / 0 in the branch not taken
-    log1p = tl.where(up == 1., u, tl.log(up) * (u / d))
-    softplus = tl.where(z > 20., z, tl.maximum(z, 0.) + log1p)
     a = tl.load(A_log + c // K, mask=on, other=0.)
-    tl.store(g + i, -tl.exp(a) * softplus, mask=on)
+    tl.store(g + i, -tl.exp(a) * softplus(z), mask=on)
 
 
 def _norm(x, gate, weight, eps, kind, dtype):
