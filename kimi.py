@@ -42,11 +42,12 @@ except ModuleNotFoundError as e:
 KERNELS = kda_triton is not None   # the one switch to the fast paths (the end); False: torch
 
 
-def use_kernels(*tensors):
+def use_kernels(*tensors, backward=False):
     """Whether a Triton kernel, computing what a layer's torch code computes, replaces it for
-    these inputs: KERNELS is on, they are on a GPU, no gradient is asked for (forward-only)."""
+    these inputs: KERNELS is on, they are on a GPU, and no gradient is asked for, unless the
+    kernel has a backward (backward=True: chunk_kda's; the others are forward-only)."""
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return KERNELS and tensors[0].is_cuda and not wants_grad
+    return KERNELS and tensors[0].is_cuda and (backward or not wants_grad)
 
 
 # ---- Config ----
@@ -210,9 +211,10 @@ def kda_core(q, k, v, g, beta, initial_state=None):
     elif fast:                                      # the norm and the rounding in one kernel
         q, k = fast_pw.l2norm(q, v.dtype), fast_pw.l2norm(k, v.dtype)
         kernel = kda_triton.chunk_kda
-    else:
+    else:                           # on a GPU chunk_kda trains too (its backward: kda_backward.py)
         q, k = l2norm(q.float()).to(v.dtype), l2norm(k.float()).to(v.dtype)
-        kernel = chunk_kda_ref
+        train = use_kernels(q, k, v, g, beta, backward=True)
+        kernel = kda_triton.chunk_kda if train else chunk_kda_ref
     return kernel(q, k, v, g, beta, scale=K ** -0.5, initial_state=initial_state,
                   output_final_state=True)
 
@@ -598,7 +600,7 @@ class Transformer(nn.Module):
 
 # ---- Fast paths: each computes what a definition above does; tests check each equality ----
 #   - KDA, the short convs, the norms and KDA's gate on a GPU, without gradients: kda_triton.py,
-#     fast/short_conv.py, fast/pointwise.py
+#     fast/short_conv.py, fast/pointwise.py; with gradients, chunk_kda (and its backward)
 #   - MLA decode: attend_absorbed (part of the MLA idea) instead of attend
 #   - MoE: fast.moe.grouped_moe in place of the loop and einsum, once stack_experts has run
 #   - transforms of a built model, never imported here: FP8 weights (fast.quantize), a decode

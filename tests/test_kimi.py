@@ -186,6 +186,38 @@ def test_tiny_model_learns():
     assert losses[-1] < 0.2 * losses[0]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="chunk_kda trains on a CUDA GPU only")
+def test_training_through_chunk_kda_equals_the_torch_path(monkeypatch):
+    """On a GPU, training runs KDA through kda_triton.chunk_kda and its backward (T > 64). Two
+    copies of a tiny fp32 model, one with the kernels and one with kimi's torch code, take the
+    same 20 Adam steps on the same batches: the losses fall the same way. fp32 throughout ('ieee'
+    dots): the two differ by rounding, ~1e-6 a step, which the steps compound; 1e-3 leaves room."""
+    torch.manual_seed(0)
+    fast = randomize(Transformer(TINY)).cuda()
+    slow = copy.deepcopy(fast)
+    calls = []
+    chunk_kda = kimi.kda_triton.chunk_kda
+    monkeypatch.setattr(kimi.kda_triton, "chunk_kda", lambda *a, **kw: calls.append(1) or
+                        chunk_kda(*a, **kw))
+    gen = torch.Generator().manual_seed(7)
+    batches = [torch.randint(0, TINY.vocab_size, (2, 97), generator=gen).cuda() for _ in range(20)]
+    losses = {}
+    for name, model, kernels in (("kernels", fast, True), ("torch", slow, False)):
+        monkeypatch.setattr(kimi, "KERNELS", kernels)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        losses[name] = []
+        for seq in batches:
+            logits = model(seq[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), seq[:, 1:].flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    assert calls, "the KDA layers did not run chunk_kda"
+    a, b = torch.tensor(losses["kernels"]), torch.tensor(losses["torch"])
+    assert (a[-1] < a[0]) and ((a - b).abs() <= 1e-3 * b).all(), (a, b)
+
+
 def test_named_configs():
     assert kimi.CONFIGS["kimi-linear-48b-a3b"] == ModelArgs()
     for name, args in kimi.CONFIGS.items():
