@@ -191,11 +191,16 @@ def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk,
         b_q = tl.load(q + p, mask=valid[:, None], other=0.).to(tl.float32)
         b_k = tl.load(k + p, mask=valid[:, None], other=0.).to(tl.float32)
         g_in = tl.load(g + p, mask=valid[:, None], other=0.)
-        # ---- 1. G as the forward builds it: 16-row block cumsums Gb plus block totals ----
-        Gb3 = tl.cumsum(tl.reshape(tl.maximum(g_in, G_FLOOR), [NB, BC, BK]), axis=1) * RCP_LN2
+        # ---- 1. G as the forward builds it: 16-row block cumsums Gb plus block totals; the sum
+        # of g after j in its block (tot_c - Gb_j) summed directly, one row on (see kernel 2) ----
+        g_c = tl.reshape(tl.maximum(g_in, G_FLOOR), [NB, BC, BK])         # clamped as forward
+        g3 = g_c * RCP_LN2                                                  # log2 units
+        Gb3 = tl.cumsum(g_c, axis=1) * RCP_LN2
         tot = tl.sum(tl.where(r3 == BC - 1, Gb3, 0.), axis=1)               # [NB, BK] block totals
         b_Gb = tl.reshape(Gb3, [C, BK])
-        tail3 = tot[:, None, :] - Gb3                                       # tot_c - Gb_j <= 0
+        g_next = tl.load(g + p + s_qk, mask=((ii < BC - 1) & (t + 1 < T))[:, None], other=0.)
+        tail3 = tl.cumsum(tl.reshape(tl.maximum(g_next, G_FLOOR), [NB, BC, BK]), axis=1,
+                          reverse=True) * RCP_LN2                          # tot_c - Gb_j <= 0
         before = tl.sum(tl.where(blk_m < blk_c, tot[None, :, :], 0.), axis=1)   # blocks before c
         after = tl.sum(tl.where(blk_m > blk_c, tot[None, :, :], 0.), axis=1)    # blocks after c
         e_G = tl.exp2(tl.reshape(Gb3 + before[:, None, :], [C, BK]))           # 2^G_i
@@ -262,29 +267,33 @@ def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk,
                         tl.float32, PREC)
         e_Gb = tl.exp2(b_Gb)
         d_qA = row_q * e_Gb                                  # dq through Aqk
-        d_kA = row_k * e_Gb                                  # dk through Akk's row side, / beta_i
+        d_kA = row_k * e_Gb                                  # dk through Akk's rows, before beta_i
         d_kc = col * tl.exp2(tail)                           # dk through the column sides
 
         # ---- 2a. reversed: the diagonal blocks, every entry its own exponent ----
-        # Masked before exp2: where(j < i, Gb_i - Gb_j, -inf), never exp2 first (inf * 0 = NaN).
-        # j = i (Aqk's diagonal, factor 1) comes after the loop: it gives dG_i q_i dAqk_ii k_i -
-        # k_i dAqk_ii q_i = 0 exactly, so it is left out of dG, not added and cancelled in fp32.
+        # As in kernel 1 of the forward, the exponent G_i - G_j is the sum of g over (j, i], kept
+        # as a running sum (never a difference of cumsums) and masked before exp2: where(j < i,
+        # E, -inf), never exp2 first (inf * 0 = NaN). j = i (Aqk's diagonal, factor 1) comes after
+        # the loops: it gives dG_i q_i dAqk_ii k_i - k_i dAqk_ii q_i = 0 exactly, so it is left out
+        # of dG, not added and cancelled in fp32.
         q3 = tl.reshape(b_q, [NB, BC, BK])
         k3 = tl.reshape(b_k, [NB, BC, BK])
-        for jj in range(BC):                             # a loop, not unrolled: registers
-            q_j = _pick(q3, jj, NB, BC, BK)                  # [C, BK] token jj of the row's block
-            k_j = _pick(k3, jj, NB, BC, BK)
-            Gb_j = _pick(Gb3, jj, NB, BC, BK)
-            # row side: row i takes column j = cj + jj, for j < i
-            e_r = tl.exp2(tl.where((ii > jj)[:, None], b_Gb - Gb_j, float("-inf")))
+        E = tl.zeros([C, BK], dtype=tl.float32)
+        for d in range(BC):             # row side, j = cj + jj for jj = 15 .. 0: row i, j < i
+            jj = BC - 1 - d
+            E = tl.where((ii > jj)[:, None], E + _pick(g3, jj + 1, NB, BC, BK), 0.)   # (j, i]
+            k_j = _pick(k3, jj, NB, BC, BK)                  # [C, BK] token jj of the row's block
+            e_r = tl.exp2(tl.where((ii > jj)[:, None], E, float("-inf")))
             d_qA += tl.load(dAqk + row * C + cj + jj)[:, None] * k_j * e_r
             d_kA += tl.load(dAkk + row * C + cj + jj)[:, None] * k_j * e_r
-            # column side: row j takes row i = cj + jj, for i > j
-            e_c = tl.exp2(tl.where((ii < jj)[:, None], Gb_j - b_Gb, float("-inf")))
+        E = tl.zeros([C, BK], dtype=tl.float32)
+        for jj in range(BC):            # column side, i = cj + jj for jj = 0 .. 15: row j, i > j
+            E = tl.where((ii < jj)[:, None], E + _pick(g3, jj, NB, BC, BK), 0.)       # (j, i]
+            e_c = tl.exp2(tl.where((ii < jj)[:, None], E, float("-inf")))
             at_i = (row - ii + jj) * C + i           # [C] dA[i, j] with i = cj + jj
             beta_i = tl.load(beta + (bt - ii + jj) * s_beta + h, mask=t - ii + jj < T, other=0.)
-            d_kc += (tl.load(dAqk + at_i)[:, None] * q_j
-                     + (tl.load(dAkk + at_i) * beta_i)[:, None] * k_j) * e_c
+            d_kc += (tl.load(dAqk + at_i)[:, None] * _pick(q3, jj, NB, BC, BK)
+                     + (tl.load(dAkk + at_i) * beta_i)[:, None] * _pick(k3, jj, NB, BC, BK)) * e_c
         a_ii = tl.load(dAqk + row * C + i)[:, None]          # [C, 1] dAqk[i, i]
         b_dq += d_qA + a_ii * b_k
         b_dk += b_beta[:, None] * d_kA + d_kc + a_ii * b_q

@@ -130,7 +130,12 @@ def _kda_intra_kernel(q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay, tinv,   
         Gb3 = tl.cumsum(tl.reshape(b_g, [NB, BC, BK]), axis=1) * RCP_LN2     # [NB, BC, BK]
         tot = tl.sum(tl.where(r3 == BC - 1, Gb3, 0.), axis=1)               # [NB, BK] block totals
         b_Gb = tl.reshape(Gb3, [C, BK])
-        tail3 = tot[:, None, :] - Gb3                                       # tot_c - Gb_j <= 0
+        # tot_c - Gb_j, the sum of g after j in its block, summed directly: a reverse cumsum of g
+        # one row on. As a difference of two block sums it would lose |tot| 2^-24 to rounding, 1e-4
+        # under Kimi's gates (tot ~ -2000 in log2), in an exponent that may be near 0 (kg).
+        g_next = tl.load(g + p + s_qk, mask=((i % BC < BC - 1) & (t + 1 < T))[:, None], other=0.)
+        tail3 = tl.cumsum(tl.reshape(tl.maximum(g_next, G_FLOOR), [NB, BC, BK]), axis=1,
+                          reverse=True) * RCP_LN2                          # tot_c - Gb_j <= 0
         # 4, the part that needs no Tinv: qg = scale q 2^G, kg = k 2^(gamma - G), 2^gamma
         before = tl.sum(tl.where(blk_m < blk_c, tot[None, :, :], 0.), axis=1)   # blocks before c
         after = tl.sum(tl.where(blk_m > blk_c, tot[None, :, :], 0.), axis=1)    # blocks after c
