@@ -11,8 +11,7 @@ several times as long as reading its weights. This file runs the same math layer
 pieces, each with a torch reference beside its kernel (a test checks each, and step against model):
   - add_rmsnorm (here): the residual add and the next RMSNorm in one kernel
   - one matmul for all of a layer's input projections, stacked once by prepare (their weights
-    become views of the stacked one, as fast.moe.stack_experts does for the experts); GEMV picks
-    cuBLAS or fast.fp8.gemv for the bf16 ones
+    become views of the stacked one, as fast.moe.stack_experts does for the experts)
   - kda_decode.py: a KDA layer's short convs, norms, gates, recurrence and gated norm in one kernel
   - mla_decode.py: the absorbed latent attention, split over the cache (flash-decoding)
   - moe_decode.py: the router's top-k (it writes the shared expert's slot too), then the selected
@@ -77,23 +76,11 @@ def add_rmsnorm(h, delta, norm):
 # -------------------------------------------------------------------------------------------------
 # Stacked projections
 
-# bf16 projections of a decode step: True = fast.fp8.gemv (Triton, split over K so that every SM
-# streams an equal share), False = cuBLAS (F.linear). FP8 weights always take fast.fp8's path.
-GEMV = False
-
-
 def linear(x, weight, scale):
     """x @ weight.T for x [B, K] and a stack_linears result (FP8: fast.fp8.fp8_linear)."""
     if scale is not None:
         return fp8.fp8_linear(x, weight, scale)
-    if GEMV and x.is_cuda and len(x) <= fp8.DECODE_ROWS:
-        return fp8.gemv(x, weight)
     return F.linear(x, weight)
-
-
-def project(x, m):
-    """= m(x) for an nn.Linear or fast.fp8.Fp8Linear m, through linear (the GEMV switch)."""
-    return linear(x, m.weight, getattr(m, "weight_scale", None))
 
 
 KDA_IN = ("q_proj", "k_proj", "v_proj", "f_a_proj", "g_a_proj", "b_proj")
@@ -145,7 +132,7 @@ def step(model, tokens, start_pos, fast=True):
         h, x = norm(h, delta, layer.post_attention_layernorm)
         delta = moe_step(layer.block_sparse_moe, x, fast) if layer.is_moe else layer.mlp(x)
     h, x = norm(h, delta, model.model.norm)
-    return project(x, model.lm_head).float()[:, None]      # [B, 1, vocab]
+    return model.lm_head(x).float()[:, None]               # [B, 1, vocab]
 
 
 def kda_step(attn, x, fast):
@@ -158,7 +145,7 @@ def kda_step(attn, x, fast):
     kernel = kda_decode.kda_decode if fast else kda_decode.kda_decode_ref
     o = kernel(q, k, v, f_a, g_a, b, attn.conv_state[:, :B], conv_w, f_b_w, g_b_w, attn.A_log,
                attn.dt_bias, attn.o_norm.weight, attn.o_norm.eps, attn.recurrent_state[:B])
-    return project(o, attn.o_proj)                          # o [B, P]
+    return attn.o_proj(o)                                   # o [B, P]
 
 
 def mla_step(attn, x, pos, pad, fast):
@@ -170,13 +157,7 @@ def mla_step(attn, x, pos, pad, fast):
     ckv = torch.cat([norm(c, None, attn.kv_a_layernorm)[1], k_pe], dim=-1)   # [B, R + pe]
     attention = mla_decode.mla_decode if fast else kimi.latent_attention
     o = attn.attend_absorbed(q.view(B, H, -1), ckv[:, None], pos, pad, attention)  # [B, 1, H, V]
-    return project(o.reshape(B, H * attn.v), attn.o_proj)
-
-
-# How the shared expert joins the routed ones (kept so that tools.profile_decode can time each):
-# "route": stacked as row E, its slot written by the route kernel; "cat": stacked, its slot
-# appended by torch.cat (four small kernels a layer); "apart": its own MLP after the experts.
-SHARED = "route"
+    return attn.o_proj(o.reshape(B, H * attn.v))
 
 
 def moe_step(moe, x, fast):
@@ -189,14 +170,13 @@ def moe_step(moe, x, fast):
     else:
         logits = F.linear(x.float(), gate.weight.float())
     route = moe_decode.route if fast else moe_decode.route_ref
-    stacked = len(moe.w13) > args.num_experts and SHARED != "apart"    # the shared one: row E
-    slot = (args.num_experts, 1.0) if stacked and SHARED == "route" else None   # weight 1: y + s
+    # the shared expert, stacked as row E (fast.moe.stack_experts: when it has the routed ones'
+    # width), gets its slot from the route kernel, weight 1: y + shared(x); else its own MLP
+    stacked = len(moe.w13) > args.num_experts
+    slot = (args.num_experts, 1.0) if stacked else None
     ids, w = route(logits, gate.e_score_correction_bias, args.num_experts_per_token,
                    args.moe_renormalize, args.routed_scaling_factor, args.routing_weights_biased,
                    slot)
-    if stacked and slot is None:
-        ids = torch.cat([ids, torch.full_like(ids[:, :1], args.num_experts)], dim=1)
-        w = torch.cat([w, torch.ones_like(w[:, :1])], dim=1)
     experts = moe_decode.experts if fast else moe_decode.experts_ref
     y = experts(x, ids, w, moe.w13, moe.w2, getattr(moe, "s13", None), getattr(moe, "s2", None))
     return y if stacked else y + moe.shared_experts(x)

@@ -14,17 +14,12 @@ Compute, by where and how many rows (fp8_linear, fp8_experts):
   - a GPU with FP8 (compute capability >= 8.9), more than DECODE_ROWS rows (prefill): activations
     are quantised per token (a Triton kernel) and multiplied on FP8 tensor cores with row-wise
     scales (F.scaled_mm; the routed experts through F.scaled_grouped_mm)
-  - the same GPU, at most DECODE_ROWS rows (decode): gemv reads each FP8 weight once, converts it
-    to bf16 in registers (exact) and accumulates in fp32, split over K so that every SM streams an
-    equal share (below); GEMV = False: _rows_kernel, one program per BN outputs. The routed
-    experts' rows (fp8_experts) go through _rows_kernel, grouped by expert: only the selected
-    experts are read
+  - the same GPU, at most DECODE_ROWS rows (decode): _rows_kernel reads each FP8 weight once,
+    converts it to bf16 in registers (exact) and accumulates in fp32, one program per BN outputs;
+    the routed experts' rows (fp8_experts) go through it too, grouped by expert: only the
+    selected experts are read
   - anything else (CPU, older GPUs): dequantise and multiply in fp32 (correct, slow)
-gemv (also bf16 weights: fast.decode.GEMV) cuts the product into units (BN outputs, one of S
-splits of K) and gives program g of G (one per SM) the units [g U / G, (g + 1) U / G) as one
-pipelined loop, the weights as tl.dot's rows ([BN, BK] tiles: the warpgroup MMA on Hopper) and the
-M <= 16 rows of x as its 16 columns; S > 1 leaves fp32 partials that a second launch sums in order.
-Shapes: M rows (tokens), K inputs, N outputs, E experts, F expert width, S splits of K.
+Shapes: M rows (tokens), K inputs, N outputs, E experts, F expert width.
 """
 import functools
 
@@ -34,21 +29,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fast import INTERPRET, round_to
+from fast import INTERPRET
 
 FP8 = torch.float8_e4m3fn
-DECODE_ROWS = 16                        # at most this many rows (tokens): gemv, not a GEMM
+DECODE_ROWS = 16                        # at most this many rows (tokens): _rows_kernel, not a GEMM
 # _rows_kernel's tiles: BM rows, BN outputs, BK inputs per step (fixed: autotune breaks the
 # interpreter), the winners of a timed sweep of BN and BK over decode shapes on an H200.
 ROWS = dict(BM=16, BN=32, BK=256, num_warps=4, num_stages=4)
-GEMV = False                            # decode rows: _rows_kernel; True: gemv (slower, timed)
-# gemv's tiles, not timed yet: one program per SM, so 5 stages keep 4 tiles (64 KB) in flight;
-# e4m3 weights take twice the BK (the same bytes a tile), fp32 x 2 stages (twice the bytes a
-# stage). The interpreter's are small, so that its tests cross units, splits and programs.
-GEMV_TILES = dict(BN=16 if INTERPRET else 64, BK=16 if INTERPRET else 128, num_warps=4,
-                  num_stages=5)
-WAVES = 1                               # gemv's programs: WAVES per SM
-REDUCE_STEPS = 4                        # the partials' sum launch, priced in a program's k-steps
 QUANT_BK = 1024                         # _quantize_kernel's inputs per step
 
 
@@ -190,105 +177,6 @@ def fp8_rows(x, weight, scale, experts=None):
     return out
 
 
-@functools.cache
-def _sm_count(device):
-    if device.type != "cuda":
-        return 132                      # an H100 / H200's count, for the interpreter's grids
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@triton.jit
-def _operand(w, DOT: tl.constexpr):
-    """A weight tile as tl.dot's operand type. e4m3 -> bf16: fp32's top 16 bits are the bf16
-    value, exact (e4m3 has 3 mantissa bits); an fp16 unpack and a widening half-precision add get
-    there, where the cast spends a slow conversion op (F2F) on every element. (The same helper
-    as fast.moe_decode's: kernel files import nothing of ours but fast.)"""
-    if DOT == tl.bfloat16 and w.dtype == tl.float8e4nv:
-        bits = w.to(tl.float32).to(tl.uint32, bitcast=True)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return w.to(DOT)
-
-
-@triton.jit(do_not_specialize=["M", "UNITS", "SPLITS", "STEPS"])    # == 1: no recompiles
-def _gemv_kernel(
-        # pointers
-        x_ptr, w_ptr, s_ptr, out_ptr,
-        # sizes (rows of x and w are contiguous, x's rows stride_x apart)
-        M, N, K, stride_x, UNITS, SPLITS, STEPS,
-        # meta
-        SCALED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
-        BN: tl.constexpr, BK: tl.constexpr):
-    """out[s, m, n] = sum_k x[m, k] w[n, k] (times scale[n]) over split s's STEPS k-steps, for
-    units u = (block of BN outputs, split s) in that order; program g takes units
-    [g U / G, (g + 1) U / G). S = 1: out [M, N] is the product, rounded to its dtype."""
-    g, G = tl.program_id(0), tl.num_programs(0)
-    m = tl.arange(0, BM)[:, None]                               # [BM, 1] rows of x
-    dt: tl.constexpr = out_ptr.dtype.element_ty
-    # flatten: the unit and k-step loops as one software pipeline (loads run ahead across units)
-    for u in tl.range(g * UNITS // G, (g + 1) * UNITS // G, flatten=True):
-        b, s = u // SPLITS, u % SPLITS
-        n = b * BN + tl.arange(0, BN)[:, None]                  # [BN, 1] outputs
-        acc = tl.zeros((BN, BM), tl.float32)                    # out^T: weights are the rows
-        for step in range(STEPS):
-            k = (s * STEPS + step) * BK + tl.arange(0, BK)[None, :]
-            x = tl.load(x_ptr + m * stride_x + k, mask=(m < M) & (k < K), other=0.0)  # [BM, BK]
-            w = tl.load(w_ptr + n.to(tl.int64) * K + k, mask=(n < N) & (k < K), other=0.0)
-            acc = tl.dot(_operand(w, DOT), tl.trans(x.to(DOT)), acc, input_precision=PREC)
-        if SCALED:                                              # a power of two: exact
-            acc *= tl.load(s_ptr + n, mask=n < N, other=0.0)
-        tl.store(out_ptr + (s * M + m.T) * N + n, round_to(acc, dt).to(dt),
-                 mask=(n < N) & (m.T < M))
-
-
-@triton.jit
-def _gemv_sum_kernel(part_ptr, out_ptr, M, N, SPLITS, BN: tl.constexpr):
-    """out[m, n] = sum_s part[s, m, n], s in order (the same bits every run), rounded once."""
-    m, n = tl.program_id(0), tl.program_id(1) * BN + tl.arange(0, BN)
-    acc = tl.zeros((BN,), tl.float32)
-    for s in range(SPLITS):
-        acc += tl.load(part_ptr + (s * M + m) * N + n, mask=n < N, other=0.0)
-    dt: tl.constexpr = out_ptr.dtype.element_ty
-    tl.store(out_ptr + m * N + n, round_to(acc, dt).to(dt), mask=n < N)
-
-
-def _splits(blocks, steps, programs):
-    """S, a divisor of the k-steps: the fewest k-steps for the busiest program, ceil(blocks S /
-    programs) steps / S, plus REDUCE_STEPS when S > 1; ties: the fewest splits."""
-    divisors = [s for s in range(1, steps + 1) if steps % s == 0]
-    return min(divisors, key=lambda s: (-(-blocks * s // programs) * (steps // s)
-                                        + (s > 1) * REDUCE_STEPS))
-
-
-def gemv(x, weight, scale=None):
-    """x [M <= DECODE_ROWS, K] @ (weight * scale).T -> [M, N] in x's dtype, fp32 sums rounded
-    once (as F.linear): weight [N, K] in x's dtype (scale None) or e4m3 with scale [N, 1] fp32.
-    Each weight is read once; no host sync, no atomics (graph-safe, the same bits every run)."""
-    (M, K), N = x.shape, weight.shape[0]
-    if weight.stride() != (K, 1):                   # the kernel reads rows K apart
-        raise ValueError(f"gemv: weight {tuple(weight.shape)} needs contiguous rows")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    # bf16 operands on a GPU (exact for e4m3 and bf16 x); fp32 in the interpreter, whose bf16
-    # tl.dot is silently wrong, and for fp32 x ('ieee': no TF32 rounding of x)
-    low = x.dtype == torch.bfloat16 and not INTERPRET
-    tiles = dict(GEMV_TILES, BK=GEMV_TILES["BK"] * (2 if weight.dtype == FP8 else 1))
-    if x.dtype == torch.float32:
-        tiles["num_stages"] = 2
-    blocks, steps = triton.cdiv(N, tiles["BN"]), triton.cdiv(K, tiles["BK"])
-    programs = WAVES * _sm_count(x.device)
-    S = _splits(blocks, steps, programs)
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    part = out if S == 1 else torch.empty(S, M, N, dtype=torch.float32, device=x.device)
-    _gemv_kernel[(min(blocks * S, programs),)](
-        x, weight, weight if scale is None else scale, part, M, N, K, x.stride(0), blocks * S, S,
-        steps // S, SCALED=scale is not None, DOT=tl.bfloat16 if low else tl.float32,
-        PREC="tf32" if low else "ieee", BM=DECODE_ROWS, **tiles)
-    if S > 1:
-        _gemv_sum_kernel[(M, triton.cdiv(N, 256))](part, out, M, N, S, BN=256)
-    return out
-
-
 # -------------------------------------------------------------------------------------------------
 # Linear layers and the experts
 
@@ -306,10 +194,8 @@ def fp8_linear(x, weight, scale):
     N, K = weight.shape
     if not fp8_gpu(x):
         y = x2.float() @ dequantize(weight, scale).T                # CPU: dequantise, fp32
-    elif len(x2) <= DECODE_ROWS and GEMV:
-        y = gemv(x2, weight, scale)                                 # decode
     elif len(x2) <= DECODE_ROWS:
-        y = fp8_rows(x2, weight[None], scale[None])
+        y = fp8_rows(x2, weight[None], scale[None])                 # decode
     elif K % 16 == 0 and N % 16 == 0:
         y = scaled_linear(x2, weight, scale)                        # prefill
     else:                                                           # shapes FP8 GEMMs refuse

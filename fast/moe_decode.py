@@ -1,16 +1,14 @@
 """
-The MoE of a decode step (N <= 16 tokens) in 4 Triton launches (3 with N = 1's DOWN_N1 "sum"),
-each selected expert's weights (bf16, or e4m3 + scales) read once per step. Beside kimi.py:
+The MoE of a decode step (N <= 16 tokens) in 4 Triton launches, each selected expert's weights
+(bf16, or e4m3 + scales) read once per step. Beside kimi.py:
 route = MoEGate.forward after its F.linear; experts = SparseMoeBlock.run_experts + forward's fp32
 weighted sum (as fast.moe.grouped_experts and fast.fp8.fp8_experts, which take ~35 torch kernels
 and one-row GEMMs).
   _route_kernel      (N,)          sigmoid, + bias, k rounds of max / argmax, the weights; and the
                                    shared expert's slot (its id, its weight) after the k routed
   _gate_up_kernel    (P, F / BN)   h = silu(x @ w1^T) * (x @ w3^T), one expert per program
-  _down_kernel       (P, D / BN)   out = h @ w2^T (DOWN_N1 "sum": grid (1, D / BN), every slot)
-  _down_split_kernel (programs,)   N = 1: out = h @ w2^T as fp32 partials over S splits of F, the
-                                   (slot, BN outputs, split) units shared out equally (below)
-  _slot_sum_kernel   (N, D / BN)   y = sum_j w[n, j] round(sum_s part[s, n, j]), j and s in order
+  _down_kernel       (P, D / BN)   out = h @ w2^T, one expert per program
+  _slot_sum_kernel   (N, D / BN)   y = sum_j w[n, j] out[n, j], j in order
 No sort: a token picks an expert at most once (distinct top-k ids; the shared expert is row E),
 so expert e's group is the tokens whose row of ids holds e, one tile row per token (BM = 16 >= N,
 tl.dot's minimum). The program of e's first (token, slot) pair reads e's weights once for them
@@ -19,17 +17,11 @@ Two ways to lay a product on tl.dot (SWAP): tokens as the rows and weights as th
 weights as the rows of a [BN, BK] tile and the 16 token slots as the columns (SWAP, the default).
 On Hopper the second runs as the asynchronous warpgroup MMA (wgmma: 64 rows or more), which reads
 the weight tile from shared memory itself, where the first issues a shared-memory load per MMA.
-At N = 1 the w2 step has k' D / BN units of work (slot, output rows), a few per SM: one program
-per unit leaves SMs idle in the last wave, and one per block of outputs (DOWN_N1 "sum", 72
-programs) leaves 60 of 132 idle throughout. _down_split_kernel cuts
-F into S splits (S chosen so the busiest program streams the fewest bytes) and gives program g
-the units [g U / G, (g + 1) U / G) as one pipelined loop; the fp32 partials are summed in a fixed
-order by _slot_sum_kernel, so a replay gives the same bits.
+Each pair's w2 product is written apart and _slot_sum_kernel adds them in a fixed order (no
+atomics), so a replay gives the same bits.
 Shapes: N tokens, E experts (E' = E + 1 with the shared one stacked), k experts per token
-(k' = k + 1 with the shared one), D hidden, F expert width, P = N * k' (token, slot) pairs,
-S splits of F.
+(k' = k + 1 with the shared one), D hidden, F expert width, P = N * k' (token, slot) pairs.
 """
-import functools
 import itertools
 
 import torch
@@ -40,34 +32,20 @@ import triton.language as tl
 from fast import INTERPRET, round_to
 
 MAX_TOKENS = 16                         # BM: tokens per tile (tl.dot's minimum dimension)
-# The variants, kept so that `python -m tools.kernels moe_decode` times them side by side:
+# Both forms stay: in the GPU A/B, SWAP was the faster with bf16 experts and the row form the
+# faster with FP8 experts at N = 16 (docs/kernels_h100.md).
 SWAP = True                             # weights as tl.dot's rows (wgmma on Hopper); False: columns
-DOWN_N1 = "pairs"                       # N = 1's w2: "pairs" (N > 1's kernel, the fastest timed),
-#                         "split" (persistent split-K), "sum" (a program per BN outputs, every slot)
-E4M3_BITS = True                        # e4m3 -> bf16 through fp32's bits; False: Triton's cast
-# Fixed tiles (autotune breaks the interpreter). UP and DOWN_SUM won a timed sweep over BN, BK,
-# warps and stages at N = 1 on an H200, bf16 and FP8 experts, in the row form; the others are
-# untimed. fp32 x (twice the bytes a stage) gets 2 stages: 4 need more shared memory than a
-# Hopper GPU's block has. SWAP's gate_up tile is [2 BN, BK]: BN rows of w1 over the same rows of
-# w3, 64 rows for wgmma; 3 stages (60 KB) let 3 programs share an SM, so N = 1's 288 fit at once.
+# Fixed tiles (autotune breaks the interpreter). UP won a timed sweep over BN, BK, warps and
+# stages at N = 1 on an H200, bf16 and FP8 experts, in the row form; DOWN is the tile that won it
+# for an earlier w2 step (one program summing every slot); the SWAP tiles are untimed. fp32 x
+# (twice the bytes a stage) gets 2 stages: 4 need more shared memory than a Hopper GPU's block has.
+# SWAP's gate_up tile is [2 BN, BK]: BN rows of w1 over the same rows of w3, 64 rows for wgmma;
+# 3 stages (60 KB) let 3 programs share an SM, so N = 1's 288 fit at once.
 UP = dict(BN=32, BK=128, num_warps=4, num_stages=3)
 UP_SWAP = dict(BN=32, BK=128, num_warps=4, num_stages=3)
 DOWN = dict(BN=32, BK=256, num_warps=4, num_stages=4)
 DOWN_SWAP = dict(BN=64, BK=128, num_warps=4, num_stages=3)
-DOWN_SUM = dict(BN=32, BK=256, num_warps=4, num_stages=4)
-# _down_split_kernel: one program per SM, so 5 stages keep 4 tiles (64 KB) in flight; e4m3
-# weights take twice the BK, the same bytes a tile. The interpreter takes small tiles, so that
-# its tests cross units, splits and programs.
-SPLIT = dict(BN=32 if INTERPRET else 64, BK=16 if INTERPRET else 128, num_warps=4, num_stages=5)
-WAVES = 1                               # _down_split_kernel's programs: WAVES per SM
 SLOT_SUM = 256                          # _slot_sum_kernel's BN
-
-
-@functools.cache
-def _sm_count(device):
-    if device.type != "cuda":
-        return 132                      # an H100 / H200's count, for the interpreter's grids
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # -------------------------------------------------------------------------------------------------
@@ -154,11 +132,11 @@ def experts_ref(x, ids, w, w13, w2, s13=None, s2=None):
 
 
 @triton.jit
-def _operand(w, DOT: tl.constexpr, BITS: tl.constexpr):
-    """A weight tile as tl.dot's operand type. e4m3 -> bf16 (BITS): fp32's top 16 bits are the
-    bf16 value, exact (e4m3 has 3 mantissa bits); an fp16 unpack and a widening half-precision
-    add get there, where the cast spends a slow conversion op (F2F) on every element."""
-    if BITS and DOT == tl.bfloat16 and w.dtype == tl.float8e4nv:
+def _operand(w, DOT: tl.constexpr):
+    """A weight tile as tl.dot's operand type. e4m3 -> bf16: fp32's top 16 bits are the bf16
+    value, exact (e4m3 has 3 mantissa bits); an fp16 unpack and a widening half-precision add get
+    there, where the cast spends a slow conversion op (F2F) on every element."""
+    if DOT == tl.bfloat16 and w.dtype == tl.float8e4nv:
         bits = w.to(tl.float32).to(tl.uint32, bitcast=True)
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
@@ -181,9 +159,8 @@ def _group(ids_ptr, p, N, KP, BM: tl.constexpr, BJ: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(x_ptr, ids_ptr, w13_ptr, s13_ptr, h_ptr, N, KP, D, F, SCALED: tl.constexpr,
-                    SWAP: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr,
-                    PREC: tl.constexpr, BM: tl.constexpr, BJ: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr):
+                    SWAP: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                    BM: tl.constexpr, BJ: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """h[t*k' + slot, f] = silu(gate) * up for expert ids[p]'s tokens t, outputs f of block 1."""
     e, leader, member, slot = _group(ids_ptr, tl.program_id(0), N, KP, BM, BJ)
     if leader:
@@ -201,7 +178,7 @@ def _gate_up_kernel(x_ptr, ids_ptr, w13_ptr, s13_ptr, h_ptr, N, KP, D, F, SCALED
                              mask=member[None, :] & (k[:, None] < D))  # [BK, BM]: e's tokens
                 w = tl.load(rows + k[None, :], mask=(fr[:, None] < F) & (k[None, :] < D),
                             other=0.0)                              # [2 BN, BK]
-                acc = tl.dot(_operand(w, DOT, BITS), xT.to(DOT), acc, input_precision=PREC)
+                acc = tl.dot(_operand(w, DOT), xT.to(DOT), acc, input_precision=PREC)
             # [2, BN, BM] -> [BM, BN, 2] -> gate, up [BM, BN]: the row form's layout from here
             gate, up = tl.split(tl.permute(tl.reshape(acc, (2, BN, BM)), (2, 1, 0)))
         else:
@@ -214,8 +191,8 @@ def _gate_up_kernel(x_ptr, ids_ptr, w13_ptr, s13_ptr, h_ptr, N, KP, D, F, SCALED
                 mask = (k[:, None] < D) & (f[None, :] < F)
                 w1_t = tl.load(w1 + k[:, None], mask=mask, other=0.0)           # [BK, BN]
                 w3_t = tl.load(w1 + F * D + k[:, None], mask=mask, other=0.0)   # w3 (up)
-                gate += tl.dot(x, _operand(w1_t, DOT, BITS), input_precision=PREC)
-                up += tl.dot(x, _operand(w3_t, DOT, BITS), input_precision=PREC)
+                gate += tl.dot(x, _operand(w1_t, DOT), input_precision=PREC)
+                up += tl.dot(x, _operand(w3_t, DOT), input_precision=PREC)
         if SCALED:                                                  # powers of two: exact
             gate *= tl.load(s13_ptr + e * 2 * F + f, mask=f < F, other=0.0)[None, :]
             up *= tl.load(s13_ptr + e * 2 * F + F + f, mask=f < F, other=0.0)[None, :]
@@ -229,98 +206,53 @@ def _gate_up_kernel(x_ptr, ids_ptr, w13_ptr, s13_ptr, h_ptr, N, KP, D, F, SCALED
 
 
 @triton.jit
-def _down_kernel(h_ptr, ids_ptr, wts_ptr, w2_ptr, s2_ptr, out_ptr, N, KP, D, F, SUM: tl.constexpr,
-                 SCALED: tl.constexpr, SWAP: tl.constexpr, BITS: tl.constexpr,
-                 DOT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BJ: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr):
-    """out[t*k' + slot, d] = h @ w2^T for pair program 0's expert, outputs d of block 1. SUM: one
-    program per block loops over every pair, and writes y[t, d] = sum w * out in pair order."""
-    t = tl.arange(0, BM)
-    d = tl.program_id(1) * BN + tl.arange(0, BN)
-    dt: tl.constexpr = out_ptr.dtype.element_ty
-    lo = 0 if SUM else tl.program_id(0)                             # SUM: every pair, in order
-    hi = N * KP if SUM else lo + 1
-    y = tl.zeros((BM, BN), tl.float32)                              # SUM's weighted sum
-    for p in range(lo, hi):
-        e, leader, member, slot = _group(ids_ptr, p, N, KP, BM, BJ)
-        if leader:
-            rows = (t * KP + slot)[:, None]                         # [BM, 1] pairs = rows of h
-            w2 = w2_ptr + e * D * F + d[None, :].to(tl.int64) * F   # [1, BN] rows of w2
-            if SWAP:                                                # w2 rows as tl.dot's rows
-                acc = tl.zeros((BN, BM), tl.float32)
-                for k0 in range(0, F, BK):
-                    k = k0 + tl.arange(0, BK)
-                    hT = tl.load(h_ptr + rows.T * F + k[:, None], other=0.0,
-                                 mask=member[None, :] & (k[:, None] < F))   # [BK, BM]
-                    w2_t = tl.load(w2.T + k[None, :], mask=(d[:, None] < D) & (k[None, :] < F),
-                                   other=0.0)                       # [BN, BK]
-                    acc = tl.dot(_operand(w2_t, DOT, BITS), hT.to(DOT), acc, input_precision=PREC)
-                acc = tl.trans(acc)                                 # [BM, BN]
-            else:
-                acc = tl.zeros((BM, BN), tl.float32)
-                for k0 in range(0, F, BK):
-                    k = k0 + tl.arange(0, BK)
-                    h = tl.load(h_ptr + rows * F + k[None, :], other=0.0,
-                                mask=member[:, None] & (k[None, :] < F))    # [BM, BK]
-                    w2_t = tl.load(w2 + k[:, None], mask=(k[:, None] < F) & (d[None, :] < D),
-                                   other=0.0)                       # [BK, BN]
-                    acc += tl.dot(h.to(DOT), _operand(w2_t, DOT, BITS), input_precision=PREC)
-            if SCALED:
-                acc *= tl.load(s2_ptr + e * D + d, mask=d < D, other=0.0)[None, :]
-            out = round_to(acc, dt)                             # kimi's w2(h) in bf16
-            if SUM:                                                 # non-members: weight 0
-                y += tl.load(wts_ptr + t * KP + slot, mask=member, other=0.0)[:, None] * out
-            else:
-                tl.store(out_ptr + rows * D + d[None, :], out.to(dt),
-                         mask=member[:, None] & (d[None, :] < D))
-    if SUM:
-        tl.store(out_ptr + t[:, None] * D + d[None, :], round_to(y, dt).to(dt),
-                 mask=(t[:, None] < N) & (d[None, :] < D))
-
-
-@triton.jit(do_not_specialize=["UNITS", "SPLITS", "STEPS"])    # == 1: no recompiles
-def _down_split_kernel(h_ptr, ids_ptr, w2_ptr, s2_ptr, part_ptr, KP, D, F, UNITS, SPLITS, STEPS,
-                       SCALED: tl.constexpr, BITS: tl.constexpr, DOT: tl.constexpr,
-                       PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """N = 1: part[s, j, d] = sum_k h[j, k] w2[ids[j], d, k] over split s's STEPS k-steps (times
-    the FP8 scale), for units u = (slot j, block of BN outputs d, split s) in that order. Program
-    g takes units [g U / G, (g + 1) U / G), pipelined as one loop of k-steps across the units'
-    boundaries: every program streams the same bytes, one unit's worth at most apart."""
-    g, G = tl.program_id(0), tl.num_programs(0)
-    blocks = tl.cdiv(D, BN)
-    r = tl.arange(0, BM)[:, None]
-    # flatten: the unit and k-step loops as one software pipeline (loads run ahead across units)
-    for u in tl.range(g * UNITS // G, (g + 1) * UNITS // G, flatten=True):
-        j, b, s = u // (blocks * SPLITS), u // SPLITS % blocks, u % SPLITS
-        e = tl.load(ids_ptr + j)                    # int64: e D F passes 2^31
-        d = b * BN + tl.arange(0, BN)[:, None]      # [BN, 1]
-        acc = tl.zeros((BN, BM), tl.float32)
-        for step in range(STEPS):
-            k = (s * STEPS + step) * BK + tl.arange(0, BK)
-            h = tl.load(h_ptr + j * F + r * 0 + k[None, :], mask=(r == 0) & (k[None, :] < F),
-                        other=0.0)                  # [BM, BK]: row 0 holds the token
-            w = tl.load(w2_ptr + (e * D + d) * F + k[None, :], mask=(d < D) & (k[None, :] < F),
-                        other=0.0)                  # [BN, BK]
-            acc = tl.dot(_operand(w, DOT, BITS), tl.trans(h.to(DOT)), acc, input_precision=PREC)
-        if SCALED:                                  # a power of two: exact in any split
-            acc *= tl.load(s2_ptr + e * D + d, mask=d < D, other=0.0)
-        tl.store(part_ptr + (s * KP + j) * D + d + r.T, acc, mask=(d < D) & (r.T == 0))
+def _down_kernel(h_ptr, ids_ptr, w2_ptr, s2_ptr, out_ptr, N, KP, D, F, SCALED: tl.constexpr,
+                 SWAP: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
+                 BJ: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out[t*k' + slot, d] = h @ w2^T for pair program 0's expert, outputs d of block 1."""
+    e, leader, member, slot = _group(ids_ptr, tl.program_id(0), N, KP, BM, BJ)
+    if leader:
+        t = tl.arange(0, BM)
+        d = tl.program_id(1) * BN + tl.arange(0, BN)
+        dt: tl.constexpr = out_ptr.dtype.element_ty
+        rows = (t * KP + slot)[:, None]                             # [BM, 1] pairs = rows of h
+        w2 = w2_ptr + e * D * F + d[None, :].to(tl.int64) * F       # [1, BN] rows of w2
+        if SWAP:                                                    # w2 rows as tl.dot's rows
+            acc = tl.zeros((BN, BM), tl.float32)
+            for k0 in range(0, F, BK):
+                k = k0 + tl.arange(0, BK)
+                hT = tl.load(h_ptr + rows.T * F + k[:, None], other=0.0,
+                             mask=member[None, :] & (k[:, None] < F))       # [BK, BM]
+                w2_t = tl.load(w2.T + k[None, :], mask=(d[:, None] < D) & (k[None, :] < F),
+                               other=0.0)                           # [BN, BK]
+                acc = tl.dot(_operand(w2_t, DOT), hT.to(DOT), acc, input_precision=PREC)
+            acc = tl.trans(acc)                                     # [BM, BN]
+        else:
+            acc = tl.zeros((BM, BN), tl.float32)
+            for k0 in range(0, F, BK):
+                k = k0 + tl.arange(0, BK)
+                h = tl.load(h_ptr + rows * F + k[None, :], other=0.0,
+                            mask=member[:, None] & (k[None, :] < F))        # [BM, BK]
+                w2_t = tl.load(w2 + k[:, None], mask=(k[:, None] < F) & (d[None, :] < D),
+                               other=0.0)                           # [BK, BN]
+                acc += tl.dot(h.to(DOT), _operand(w2_t, DOT), input_precision=PREC)
+        if SCALED:
+            acc *= tl.load(s2_ptr + e * D + d, mask=d < D, other=0.0)[None, :]
+        out = round_to(acc, dt)                                     # kimi's w2(h) in bf16
+        tl.store(out_ptr + rows * D + d[None, :], out.to(dt),
+                 mask=member[:, None] & (d[None, :] < D))
 
 
 @triton.jit
-def _slot_sum_kernel(part_ptr, wts_ptr, y_ptr, N, KP, D, SPLITS, BN: tl.constexpr):
-    """y[n, d] = sum_j w[n, j] round(sum_s part[s, n*k' + j, d]) in fp32, j and s in order: the
-    same sum every run (float atomics would add in arrival order, and greedy decoding could change
-    from run to run). round: kimi's w2(h) in bf16 (nothing to do for bf16 partials, S = 1)."""
+def _slot_sum_kernel(out_ptr, wts_ptr, y_ptr, KP, D, BN: tl.constexpr):
+    """y[n, d] = sum_j w[n, j] out[n*k' + j, d] in fp32, j in order: the same sum every run (float
+    atomics would add in arrival order, and greedy decoding could change from run to run)."""
     n, d = tl.program_id(0).to(tl.int64), tl.program_id(1) * BN + tl.arange(0, BN)
     dt: tl.constexpr = y_ptr.dtype.element_ty
     y = tl.zeros((BN,), tl.float32)
     for j in range(KP):
-        out = tl.zeros((BN,), tl.float32)
-        for s in range(SPLITS):
-            row = (s * N + n) * KP + j
-            out += tl.load(part_ptr + row * D + d, mask=d < D, other=0.0).to(tl.float32)
-        y += tl.load(wts_ptr + n * KP + j) * round_to(out, dt)
+        out = tl.load(out_ptr + (n * KP + j) * D + d, mask=d < D, other=0.0).to(tl.float32)
+        y += tl.load(wts_ptr + n * KP + j) * out
     tl.store(y_ptr + n * D + d, round_to(y, dt).to(dt), mask=d < D)
 
 
@@ -329,29 +261,9 @@ def _fit(tiles, x):
     return dict(tiles, num_stages=2) if x.dtype == torch.float32 else tiles
 
 
-def _splits(blocks, steps, programs):
-    """S, a divisor of the k-steps: the one whose busiest program streams the fewest k-steps,
-    ceil(blocks S / programs) steps / S (the fewest splits of equal ones)."""
-    divisors = [s for s in range(1, steps + 1) if steps % s == 0]
-    return min(divisors, key=lambda s: -(-blocks * s // programs) * (steps // s))
-
-
-def _split_down(h, ids, w2, s2, x, meta):
-    """_down_split_kernel's launch for one token: -> (part [S, k', D] fp32, S)."""
-    (KP, Fw), D = h.shape, w2.shape[1]
-    tiles = _fit(dict(SPLIT, BK=SPLIT["BK"] * (2 if w2.element_size() == 1 else 1)), x)
-    blocks, steps = KP * triton.cdiv(D, tiles["BN"]), triton.cdiv(Fw, tiles["BK"])
-    programs = WAVES * _sm_count(x.device)
-    S = _splits(blocks, steps, programs)
-    part = torch.empty(S, KP, D, dtype=torch.float32, device=x.device)
-    _down_split_kernel[(min(blocks * S, programs),)](
-        h, ids, w2, s2, part, KP, D, Fw, blocks * S, S, steps // S, **meta, **tiles)
-    return part, S
-
-
 def experts(x, ids, w, w13, w2, s13=None, s2=None):
-    """= experts_ref (x [N <= 16, D], ids [N, k'] distinct per row, w [N, k'] fp32) in 3 launches
-    (DOWN_N1 "sum": 2). Each selected expert's weights are read once; the sums are deterministic."""
+    """= experts_ref (x [N <= 16, D], ids [N, k'] distinct per row, w [N, k'] fp32) in 3 launches.
+    Each selected expert's weights are read once; the sums are deterministic."""
     (N, D), KP, Fw = x.shape, ids.shape[1], w2.shape[-1]
     if N > MAX_TOKENS:
         raise ValueError(f"experts: {N} tokens, the decode kernels take at most {MAX_TOKENS}")
@@ -359,27 +271,15 @@ def experts(x, ids, w, w13, w2, s13=None, s2=None):
     # bf16 operands on a GPU (e4m3 -> bf16 is exact); fp32 in the interpreter, whose bf16 tl.dot
     # is silently wrong, and for fp32 x ('ieee': no TF32 rounding of x)
     low = x.dtype == torch.bfloat16 and not INTERPRET
-    meta = dict(SCALED=scaled, BITS=E4M3_BITS,
-                DOT=tl.bfloat16 if low else tl.float32, PREC="tf32" if low else "ieee",
-                BM=MAX_TOKENS)
-    BJ = triton.next_power_of_2(KP)
+    meta = dict(SCALED=scaled, SWAP=SWAP, DOT=tl.bfloat16 if low else tl.float32,
+                PREC="tf32" if low else "ieee", BM=MAX_TOKENS, BJ=triton.next_power_of_2(KP))
+    up, down = (UP_SWAP, DOWN_SWAP) if SWAP else (UP, DOWN)
     h = x.new_empty(N * KP, Fw)                                     # [P, F]
-    up = UP_SWAP if SWAP else UP
     _gate_up_kernel[(N * KP, triton.cdiv(Fw, up["BN"]))](
-        x, ids, w13, s13 if scaled else w13, h, N, KP, D, Fw, SWAP=SWAP, BJ=BJ, **meta,
-        **_fit(up, x))
-    y, down = x.new_empty(N, D), DOWN_N1 if N == 1 else "pairs"
-    if down == "sum":                                               # y in one launch
-        _down_kernel[(1, triton.cdiv(D, DOWN_SUM["BN"]))](
-            h, ids, w, w2, s2 if scaled else w2, y, N, KP, D, Fw, SUM=True, SWAP=False, BJ=BJ,
-            **meta, **_fit(DOWN_SUM, x))
-        return y
-    if down == "split":
-        part, S = _split_down(h, ids, w2, s2 if scaled else w2, x, meta)
-    else:                                                           # bf16 out [P, D] of each pair
-        tiles, part, S = DOWN_SWAP if SWAP else DOWN, x.new_empty(N * KP, D), 1
-        _down_kernel[(N * KP, triton.cdiv(D, tiles["BN"]))](
-            h, ids, w, w2, s2 if scaled else w2, part, N, KP, D, Fw, SUM=False, SWAP=SWAP, BJ=BJ,
-            **meta, **_fit(tiles, x))
-    _slot_sum_kernel[(N, triton.cdiv(D, SLOT_SUM))](part, w, y, N, KP, D, S, SLOT_SUM)
+        x, ids, w13, s13 if scaled else w13, h, N, KP, D, Fw, **meta, **_fit(up, x))
+    out = x.new_empty(N * KP, D)                                    # [P, D], each pair's w2(h)
+    _down_kernel[(N * KP, triton.cdiv(D, down["BN"]))](
+        h, ids, w2, s2 if scaled else w2, out, N, KP, D, Fw, **meta, **_fit(down, x))
+    y = x.new_empty(N, D)
+    _slot_sum_kernel[(N, triton.cdiv(D, SLOT_SUM))](out, w, y, KP, D, SLOT_SUM)
     return y

@@ -63,15 +63,13 @@ def model_step(model, tokens, pos):
         return model(tokens, start_pos=pos, last_only=True)
 
 
-@pytest.mark.parametrize("fast, gemv", [(False, False), (True, False), pytest.param(
-    True, True, marks=pytest.mark.skipif(not CUDA, reason="decode.GEMV acts on a GPU only"))])
-def test_step_equals_model_forward_fp32(fast, gemv, monkeypatch):
+@pytest.mark.parametrize("fast", [False, True])
+def test_step_equals_model_forward_fp32(fast):
     """fp32: every piece computes kimi's math in another order, so logits and caches agree to fp32
     rounding (rel 1e-5); fast=False checks the glue and the references, fast=True the kernels (on
-    a GPU when there is one; gemv: its projections through fast.fp8.gemv). In bf16 a tiny model's
-    top-2-of-8 routing flips on 2^-8 differences, so the kernels' bf16 rounding is checked per
-    kernel (test_*_decode.py) at the 48B sizes."""
-    monkeypatch.setattr(decode, "GEMV", gemv)
+    a GPU when there is one). In bf16 a tiny model's top-2-of-8 routing flips on 2^-8
+    differences, so the kernels' bf16 rounding is checked per kernel (test_*_decode.py) at the
+    48B sizes."""
     model, tokens = prefilled(torch.float32, DEV if fast else "cpu")
     fused = copy.deepcopy(model)
     decode.prepare(fused)
@@ -82,23 +80,24 @@ def test_step_equals_model_forward_fp32(fast, gemv, monkeypatch):
         assert rel(got_caches[name], cache) < 1e-5 or name == "pad", name
 
 
-@pytest.mark.parametrize("shared", ["route", "cat", "apart"])
-def test_moe_step_equals_the_block(shared, monkeypatch):
-    """The three ways the shared expert joins the routed ones (decode.SHARED: its slot written by
-    the route kernel, appended by torch.cat, or its own MLP) compute the block's forward: fp32,
-    the same products summed in another order (rel 1e-5)."""
-    monkeypatch.setattr(decode, "SHARED", shared)
-    block = randomize(kimi.SparseMoeBlock(TINY), 7).to(DEV).eval()
+@pytest.mark.parametrize("shared", [1, 2], ids=["stacked", "apart"])
+def test_moe_step_equals_the_block(shared):
+    """Both ways the shared expert joins the routed ones compute the block's forward: stacked as
+    row E with its slot written by the route kernel, or (num_shared_experts = 2: twice the
+    experts' width, not stacked) its own MLP. fp32, the same products summed in another order."""
+    args = kimi.ModelArgs(**{**vars(TINY), "num_shared_experts": shared})
+    block = randomize(kimi.SparseMoeBlock(args), 7).to(DEV).eval()
     x = torch.randn(3, TINY.hidden_size, generator=torch.Generator().manual_seed(7)).to(DEV)
     with torch.no_grad():
         want = block(x[:, None])[:, 0]                      # kimi's loop over the experts
-        fast_moe.stack_experts(block)                       # the shared expert as row E
+        fast_moe.stack_experts(block)
+        assert len(block.w13) == TINY.num_experts + (shared == 1)   # the shared one: row E
         assert rel(decode.moe_step(block, x, fast=True), want) < 1e-5
 
 
 def test_step_equals_model_forward_with_fp8_weights(tmp_path):
     """An FP8 model (e4m3 projections and experts, the shared expert stacked as row E) with its
-    other parameters in fp32: the step's kernels (the FP8 expert kernels, the GEMV on a GPU)
+    other parameters in fp32: the step's kernels (the FP8 expert kernels, _rows_kernel on a GPU)
     compute the model's forward from the same exact weights, up to fp32 rounding (rel 1e-5)."""
     randomize(Transformer(TINY), 4).save_pretrained(tmp_path)
     model = quantize.from_pretrained(tmp_path, DEV, max_batch_size=2, max_seq_len=16)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from fast import fp8, moe_decode
+from fast import moe_decode
 from fast.moe_decode import experts, experts_ref, route, route_ref
 import kimi
 from fast.fp8 import dequantize, quantize_rows
@@ -119,26 +119,14 @@ def test_route_kernel_ties_lowest_index_first():
     assert ids.tolist() == [list(range(8))]
 
 
-# (SWAP, DOWN_N1, SMs): the default; the row form with N = 1's one-program sum (the old path);
-# N > 1's pair kernel at N = 1 in both forms; the split kernel with 5 programs for its 12 units
-# (tiny sizes: 3 slots x 2 blocks of outputs x 2 splits), so that programs cross units
-VARIANTS = {"swap-split": (True, "split", 132), "rows-sum": (False, "sum", 132),
-            "swap-pairs": (True, "pairs", 132), "rows-pairs": (False, "pairs", 132),
-            "swap-split-5-SMs": (True, "split", 5)}
-CASES = [pytest.param(1, v, id=f"1-{name}") for name, v in VARIANTS.items()] + [
-    pytest.param(N, VARIANTS[name], id=f"{N}-{name}") for N in (3, 16)
-    for name in ("swap-split", "rows-sum")]
-
-
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("N, variant", CASES)
-def test_experts_kernel_equals_ref(N, variant, fp8, monkeypatch):
-    """Tiny config, routed ids + the shared expert's column: the interpreter's kernels round at
-    kimi's points as the reference does; only the fp32 sums' order differs."""
-    swap, down, sms = variant
+@pytest.mark.parametrize("swap", [True, False], ids=["swap", "rows"])
+@pytest.mark.parametrize("N", [1, 3, 16])
+def test_experts_kernel_equals_ref(N, swap, fp8, monkeypatch):
+    """Tiny config, routed ids + the shared expert's column, both forms of the products (SWAP):
+    the interpreter's kernels round at kimi's points as the reference does; only the fp32 sums'
+    order differs."""
     monkeypatch.setattr(moe_decode, "SWAP", swap)
-    monkeypatch.setattr(moe_decode, "DOWN_N1", down)
-    monkeypatch.setattr(moe_decode, "_sm_count", lambda device: sms)
     block, w13, w2 = tiny_block(N)
     s13 = s2 = None
     if fp8:
@@ -155,24 +143,19 @@ def test_experts_kernel_equals_ref(N, variant, fp8, monkeypatch):
 
 
 @triton.jit
-def _operand_kernel(w_ptr, out_ptr, FROM_FP8_PY: tl.constexpr):
+def _operand_kernel(w_ptr, out_ptr):
     i = tl.arange(0, 256)
-    w = tl.load(w_ptr + i)
-    if FROM_FP8_PY:
-        tl.store(out_ptr + i, fp8._operand(w, tl.bfloat16))
-    else:
-        tl.store(out_ptr + i, moe_decode._operand(w, tl.bfloat16, True))
+    tl.store(out_ptr + i, moe_decode._operand(tl.load(w_ptr + i), tl.bfloat16))
 
 
-@pytest.mark.parametrize("from_fp8_py", [False, True])
-def test_e4m3_to_bf16_through_the_bits_is_the_cast(from_fp8_py):
+def test_e4m3_to_bf16_through_the_bits_is_the_cast():
     """Every e4m3 code but the two NaNs (0x7F, 0xFF: no weight holds one; the interpreter's e4m3
     -> fp32 gives them 480) as bf16 through fp32's top half: the same bits as torch's exact cast
     (the interpreter on a CPU; the kernels use it only where tl.dot takes bf16, on a GPU)."""
     codes = torch.arange(256, dtype=torch.uint8)
     w = codes.view(torch.float8_e4m3fn).to(DEV)
     out = torch.empty(256, dtype=torch.bfloat16, device=DEV)
-    _operand_kernel[(1,)](w, out, from_fp8_py)
+    _operand_kernel[(1,)](w, out)
     numbers = (codes & 0x7F) != 0x7F
     want = w.cpu().to(torch.bfloat16)
     assert torch.equal(out.cpu()[numbers].view(torch.int16), want[numbers].view(torch.int16))
@@ -186,7 +169,7 @@ def test_e4m3_to_bf16_through_the_bits_is_the_cast(from_fp8_py):
 @pytest.mark.parametrize("N", [1, 16])
 def test_experts_on_gpu_at_48b_sizes(N, fp8, monkeypatch):
     """route and experts (+ the shared expert as row E) against the references, bf16 tl.dot on the
-    GPU, every variant (SWAP, DOWN_N1, E4M3_BITS); twice, bit for bit (fixed summation order)."""
+    GPU, both forms (SWAP); twice, bit for bit (fixed summation order)."""
     if fp8 and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("e4m3 loads need compute capability >= 8.9")
     torch.manual_seed(N)
@@ -206,10 +189,8 @@ def test_experts_on_gpu_at_48b_sizes(N, fp8, monkeypatch):
     torch.testing.assert_close(w_s, w_r, rtol=2**-16, atol=0)
     ids, w = route(*args, shared=(E, 1.0))                          # + the shared expert, row E
     ref = experts_ref(x, ids, w, w13, w2, s13, s2)
-    for swap, down, bits in [(True, "split", True), (False, "sum", False), (True, "pairs", True),
-                             (False, "pairs", True), (True, "split", False)]:
-        for name, value in (("SWAP", swap), ("DOWN_N1", down), ("E4M3_BITS", bits)):
-            monkeypatch.setattr(moe_decode, name, value)
+    for swap in (True, False):
+        monkeypatch.setattr(moe_decode, "SWAP", swap)
         y = experts(x, ids, w, w13, w2, s13, s2)
         close(y, ref, x, ids, w, w13, w2, s13, s2)
         assert torch.equal(y, experts(x, ids, w, w13, w2, s13, s2))    # no atomics: same bits

@@ -14,8 +14,8 @@ from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
 import kimi
-from fast import fp8, quantize
-from fast.fp8 import (DECODE_ROWS, FP8, dequantize, fp8_experts, fp8_linear, fp8_rows, gemv,
+from fast import quantize
+from fast.fp8 import (DECODE_ROWS, FP8, dequantize, fp8_experts, fp8_linear, fp8_rows,
                       quantize_rows, quantize_rows_triton, scaled_linear)
 from fast.quantize import SCALE
 from helpers import ROOT, randomize
@@ -116,12 +116,9 @@ def test_fp8_linear_matches_reference_within_e4m3_bound(path):
 @pytest.mark.skipif(not FP8_GPU, reason=NEEDS_FP8_GPU)
 @pytest.mark.parametrize("M", [1, 4, 16, 64, 300])
 @pytest.mark.parametrize("layout", ["rows", "columns"])
-@pytest.mark.parametrize("use_gemv", [True, False])
-def test_fp8_linear_on_gpu_within_e4m3_bound(M, layout, use_gemv, monkeypatch):
-    """M <= 16: the decode kernel (bf16 x, exact bf16 tl.dot of e4m3 weights: gemv, or GEMV off
-    _rows_kernel); more: scaled_mm. x in either layout: attention outputs arrive as transposes,
-    with strided columns."""
-    monkeypatch.setattr(fp8, "GEMV", use_gemv)
+def test_fp8_linear_on_gpu_within_e4m3_bound(M, layout):
+    """M <= 16: the decode kernel (bf16 x, exact bf16 tl.dot of e4m3 weights: _rows_kernel); more:
+    scaled_mm. x in either layout: attention outputs arrive as transposes, with strided columns."""
     x, w = outlier_inputs(M, 2304, 512, seed=M)
     q, scale = quantize_rows(w)
     x_gpu = x.cuda() if layout == "rows" else x.T.contiguous().cuda().T
@@ -156,33 +153,6 @@ def test_rows_kernel_matches_dequantised_product():
     bound = K * 2.0 ** -24 * (x[:5].double().abs() @ dequantize(q[0], scale[0]).double().abs().T)
     out = fp8_rows(x[:5].to(dev), q[:1].to(dev), scale[:1].to(dev)).cpu()
     assert ((out.double() - ref).abs() <= bound).all()
-
-
-@pytest.mark.skipif(CUDA and not FP8_GPU, reason=NEEDS_FP8_GPU)
-@pytest.mark.parametrize("weights", ["bf16", "e4m3"])
-@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("M, sms", [(1, 132), (5, 3), (16, 2)])
-def test_gemv_matches_reference(weights, x_dtype, M, sms, monkeypatch):
-    """gemv against an fp64 product: N, K not multiples of the tiles; sms = 3 or 2 programs for
-    more units, so that a program's loop crosses units and splits. Exact products (e4m3 and bf16
-    are exact in fp32; the interpreter's fp32 tl.dot is 'ieee') summed in fp32, then rounded to
-    x's dtype: product_bound with no operand error."""
-    monkeypatch.setattr(fp8, "_sm_count", lambda device: sms)
-    gen = torch.Generator().manual_seed(M)
-    N, K = 80, 200
-    x, w = torch.randn(M, K, generator=gen).to(x_dtype), torch.randn(N, K, generator=gen)
-    if weights == "e4m3":
-        weight, scale = quantize_rows(w)
-        w = dequantize(weight, scale)
-    else:
-        weight, scale = w.bfloat16(), None
-        w = weight.float()
-    dev = "cuda" if CUDA else "cpu"
-    out = gemv(x.to(dev), weight.to(dev), None if scale is None else scale.to(dev)).cpu()
-    assert out.dtype == x_dtype and out.shape == (M, N)
-    exact = torch.zeros_like(x, dtype=torch.float64), torch.zeros_like(w, dtype=torch.float64)
-    bound = product_bound(x, w, *exact, torch.finfo(x_dtype).eps / 2)
-    assert ((out.double() - x.double() @ w.double().T).abs() <= bound).all()
 
 
 @pytest.mark.skipif(not FP8_GPU, reason=NEEDS_FP8_GPU + "; Triton 3.9's interpreter rounds fp32 "

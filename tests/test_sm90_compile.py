@@ -80,34 +80,23 @@ build(kb._kda_bwd_intra_kernel, dict(q=BF, k=BF, g=F32, beta=F32, do=BF, vn=BF, 
                                      dhn=BF, tinv=F32, dAqk=F32, dAkk=F32, dbeta_wy=F32, dq=BF,
                                      dk=BF, dg=F32, dbeta=F32),
       dict(KV, C=kb.C, BC=kb.BC, BK=kb.BK_BWD, BV=kb.BV_BWD, PREC="tf32"), kb.BWD_INTRA_WARPS)
-# The decode kernels of fast/moe_decode.py, fast/fp8.py and fast/mla_decode.py, as their
-# launchers configure them at the 48B sizes: bf16 and e4m3 weights, each variant a switch keeps
-from fast import fp8, mla_decode, moe_decode
+# The decode kernels of fast/moe_decode.py and fast/mla_decode.py, as their launchers configure
+# them at the 48B sizes: bf16 and e4m3 weights, both of SWAP's forms
+from fast import mla_decode, moe_decode
 F8, SCALAR, md = "*fp8e4nv", "fp32", moe_decode
 build(md._route_kernel, dict(logits_ptr=F32, bias_ptr=BF, ids_ptr=I64, w_ptr=F32, scaling=SCALAR,
                              shared_w=SCALAR),
       dict(K=8, KP=9, BE=256, BK=16, RENORMALIZE=True, BIASED=True), 4)
 for W, scaled in ((BF, False), (F8, True)):
-    meta = dict(SCALED=scaled, BITS=True, DOT=tl.bfloat16, PREC="tf32", BM=16)
-    for swap in (True, False) if scaled else (True,):     # bf16's row form is as it was
+    meta = dict(SCALED=scaled, DOT=tl.bfloat16, PREC="tf32", BM=16, BJ=16)
+    for swap in (True, False):
         up, down = (md.UP_SWAP, md.DOWN_SWAP) if swap else (md.UP, md.DOWN)
         build(md._gate_up_kernel, dict(x_ptr=BF, ids_ptr=I64, w13_ptr=W, s13_ptr=F32, h_ptr=BF),
-              dict(meta, SWAP=swap, BJ=16, BN=up["BN"], BK=up["BK"]), up["num_warps"],
-              up["num_stages"])
-        build(md._down_kernel, dict(h_ptr=BF, ids_ptr=I64, wts_ptr=F32, w2_ptr=W, s2_ptr=F32,
-                                    out_ptr=BF),
-              dict(meta, SUM=not swap, SWAP=swap, BJ=16, BN=down["BN"], BK=down["BK"]),
-              down["num_warps"], down["num_stages"])
-    t = md.SPLIT
-    build(md._down_split_kernel, dict(h_ptr=BF, ids_ptr=I64, w2_ptr=W, s2_ptr=F32, part_ptr=F32),
-          dict(meta, BN=t["BN"], BK=t["BK"] * (2 if scaled else 1)), t["num_warps"],
-          t["num_stages"])
-    t = fp8.GEMV_TILES
-    build(fp8._gemv_kernel, dict(x_ptr=BF, w_ptr=W, s_ptr=F32, out_ptr=F32 if scaled else BF),
-          dict(SCALED=scaled, DOT=tl.bfloat16, PREC="tf32", BM=16, BN=t["BN"],
-               BK=t["BK"] * (2 if scaled else 1)), t["num_warps"], t["num_stages"])
-build(md._slot_sum_kernel, dict(part_ptr=F32, wts_ptr=F32, y_ptr=BF), dict(BN=md.SLOT_SUM), 4)
-build(fp8._gemv_sum_kernel, dict(part_ptr=F32, out_ptr=BF), dict(BN=256), 4)
+              dict(meta, SWAP=swap, BN=up["BN"], BK=up["BK"]), up["num_warps"], up["num_stages"])
+        build(md._down_kernel, dict(h_ptr=BF, ids_ptr=I64, w2_ptr=W, s2_ptr=F32, out_ptr=BF),
+              dict(meta, SWAP=swap, BN=down["BN"], BK=down["BK"]), down["num_warps"],
+              down["num_stages"])
+build(md._slot_sum_kernel, dict(out_ptr=BF, wts_ptr=F32, y_ptr=BF), dict(BN=md.SLOT_SUM), 4)
 for config in (mla_decode.SPLIT, dict(BL=32, HEADS=64, num_warps=8, num_stages=3)):
     build(mla_decode._mla_split_kernel, dict(q=BF, cache=BF, pos=I64, pad=I64, m_part=F32,
                                              l_part=F32, acc_part=F32, scale_log2=SCALAR),

@@ -12,9 +12,8 @@
     kda_decode   fast.kda_decode, a KDA layer's decode step, against kda_decode_ref
     mla_decode   fast.mla_decode on 4K to 1M-token caches, in a few configurations, against
                  kimi.latent_attention
-    moe_decode   fast.moe_decode's router and experts of a decode step, against the torch path:
-                 its variants side by side, from the path before them to the default
-    gemv         a decode step's projections: cuBLAS against fast.fp8.gemv, bf16 and FP8
+    moe_decode   fast.moe_decode's router and experts of a decode step, in both of SWAP's forms,
+                 against the torch path
     moe_combine  fast.moe.combine, the MoE's weighted sum at N = 8192 tokens, against combine_ref;
                  fast.moe.silu_mul against torch's SiLU and product
 
@@ -36,7 +35,6 @@ from fast import kda_decode as fast_kda_decode
 from fast import mla_decode as fast_mla_decode
 from fast import moe as fast_moe
 from fast import moe_decode as fast_moe_decode
-from fast import fp8 as fast_fp8
 from fast.fp8 import fp8_experts, quantize_rows
 from fast import pointwise as fast_pointwise
 from fast import short_conv as fast_short_conv
@@ -255,25 +253,11 @@ def mla_decode(R=512, PE=64):
                   f"rel. error {err:.1e}")
 
 
-# fast.moe_decode's switches, one change a row from the path before them to the default (the
-# last): slot = the route kernel writes the shared expert's slot (else torch.cat, four launches)
-MOE_VARIANTS = {
-    "before (rows, sum at N=1, cast, cat)": dict(SWAP=False, DOWN_N1="sum", E4M3_BITS=False,
-                                                 slot=False),
-    "+ route writes the shared slot": dict(SWAP=False, DOWN_N1="sum", E4M3_BITS=False, slot=True),
-    "+ e4m3 -> bf16 through the bits": dict(SWAP=False, DOWN_N1="sum", E4M3_BITS=True, slot=True),
-    "+ SWAP (weights as dot rows)": dict(SWAP=True, DOWN_N1="sum", E4M3_BITS=True, slot=True),
-    "+ N=1 w2 per pair, slot sum": dict(SWAP=True, DOWN_N1="pairs", E4M3_BITS=True, slot=True),
-    "+ N=1 w2 split-K (default)": dict(SWAP=True, DOWN_N1="split", E4M3_BITS=True, slot=True),
-    "split-K, rows (no SWAP)": dict(SWAP=False, DOWN_N1="split", E4M3_BITS=True, slot=True),
-}
-
-
 def moe_decode(E=256, D=2304, F=1024, k=8):
-    """The 48B MoE of a decode step, routing included: moe_decode's kernels in each of
-    MOE_VARIANTS against the torch path (route_ref, grouped_experts or fp8_experts, the einsum),
-    replayed from a CUDA graph after an L2 flush; TB/s over the bytes of the distinct selected
-    experts (+ the shared one)."""
+    """The 48B MoE of a decode step, routing included (the route kernel writes the shared
+    expert's slot): moe_decode's kernels, with SWAP on (the default) and off, against the torch
+    path (route_ref, grouped_experts or fp8_experts, the einsum), replayed from a CUDA graph after
+    an L2 flush; TB/s over the bytes of the distinct selected experts (+ the shared one)."""
     torch.manual_seed(0)
     md = fast_moe_decode
     flush = l2_flusher()
@@ -282,10 +266,7 @@ def moe_decode(E=256, D=2304, F=1024, k=8):
     (q13, s13), (q2, s2) = quantize_rows(w13), quantize_rows(w2)
     fp8_moe = SimpleNamespace(w13=q13, s13=s13, w2=q2, s2=s2)      # what fp8_experts reads
     bias = torch.randn(E, device="cuda") / 10
-    S = md._splits(9 * D // md.SPLIT["BN"], F // md.SPLIT["BK"], md.WAVES * md._sm_count(
-        torch.device("cuda")))
-    print(f"{torch.cuda.get_device_name()}: E = {E} + 1 shared, k = {k} + 1, D = {D}, F = {F}; "
-          f"N = 1 split-K: S = {S} (bf16)")
+    print(f"{torch.cuda.get_device_name()}: E = {E} + 1 shared, k = {k} + 1, D = {D}, F = {F}")
 
     def torch_path(fp8, x, logits):
         ids, w = md.route_ref(logits, bias, k, True, 2.446, True, (E, 1.0))    # [N, k + 1]
@@ -293,13 +274,8 @@ def moe_decode(E=256, D=2304, F=1024, k=8):
                fast_moe.grouped_experts(x, ids, w13, w2))          # [N, k + 1, D]
         return torch.einsum("nk,nkd->nd", w, out.float()).to(x.dtype)
 
-    def kernels(fp8, x, logits, slot):
-        if slot:
-            ids, w = md.route(logits, bias, k, True, 2.446, True, (E, 1.0))
-        else:
-            ids, w = md.route(logits, bias, k, True, 2.446, True)
-            ids = torch.cat([ids, torch.full_like(ids[:, :1], E)], 1)              # [N, k + 1]
-            w = torch.cat([w, torch.ones_like(w[:, :1])], 1)
+    def kernels(fp8, x, logits):
+        ids, w = md.route(logits, bias, k, True, 2.446, True, (E, 1.0))
         return md.experts(x, ids, w, *((q13, q2, s13, s2) if fp8 else (w13, w2)))
 
     cases = [(1, False), (1, True), (16, False), (16, True)]
@@ -313,69 +289,23 @@ def moe_decode(E=256, D=2304, F=1024, k=8):
         inputs[N, fp8] = x, logits, MB
         header += f" {f'N={N} ' + ('fp8' if fp8 else 'bf16') + f' {MB:.0f} MB':>18s}"
     print(header)
-    defaults = {name: getattr(md, name) for name in ("SWAP", "DOWN_N1", "E4M3_BITS")}
-    rows = [("torch path", None)] + list(MOE_VARIANTS.items())
-    for name, variant in rows:
+    default = md.SWAP
+    rows = {"torch path": None, "kernels, SWAP (default)": True, "kernels, rows (no SWAP)": False}
+    for name, swap in rows.items():
         line = f"{name:38s}"
         for N, fp8 in cases:
             x, logits, MB = inputs[N, fp8]
-            if variant is None:
+            if swap is None:
                 fn = lambda: torch_path(fp8, x, logits)                 # noqa: E731
             else:
-                for switch in defaults:
-                    setattr(md, switch, variant[switch])
-                fn = lambda: kernels(fp8, x, logits, variant["slot"])    # noqa: E731
+                md.SWAP = swap
+                fn = lambda: kernels(fp8, x, logits)                    # noqa: E731
             try:
                 us = 1e3 * cuda_time(fn, runs=25, warmup=3, graph=1, before=flush)
             finally:
-                for switch, value in defaults.items():
-                    setattr(md, switch, value)
+                md.SWAP = default
             line += f" {f'{us:6.1f} ({MB / us:4.2f})':>18s}"
         print(line, flush=True)
-
-
-def gemv(M_values=(1, 16)):
-    """The projections of a decode step at their 48B shapes: cuBLAS (F.linear, what fast.decode
-    runs for bf16 unless decode.GEMV) against fast.fp8.gemv on the same bf16 weights; FP8 weights
-    through gemv (fp8.GEMV, the default) and _rows_kernel (GEMV off); each replayed from a CUDA
-    graph after an L2 flush; TB/s over the weight bytes (+ scales)."""
-    flush = l2_flusher()
-    shapes = {"KDA in (q, k, v, f_a, g_a, b)": (12544, 2304), "MLA in (q, kv_a)": (6720, 2304),
-              "o_proj": (2304, 4096), "lm_head": (163840, 2304)}
-    print(f"{torch.cuda.get_device_name()}: us (TB/s); S = the splits of K that gemv picks")
-    for M in M_values:
-        for name, (N, K) in shapes.items():
-            w = torch.randn(N, K, device="cuda").bfloat16()
-            q, s = quantize_rows(w)
-            x = torch.randn(M, K, device="cuda").bfloat16()
-            tiles = fast_fp8.GEMV_TILES
-            S = [fast_fp8._splits(-(-N // tiles["BN"]), -(-K // (tiles["BK"] * f)),
-                                  fast_fp8.WAVES * fast_fp8._sm_count(x.device)) for f in (1, 2)]
-            line = f"M={M:2d} {name:28s} N={N:6d} K={K} S={S[0]:2d}/{S[1]:2d}:"
-            runs = (("cuBLAS", lambda: F.linear(x, w), N * K * 2),
-                    ("gemv", lambda: fast_fp8.gemv(x, w), N * K * 2),
-                    ("fp8 gemv", lambda: fast_fp8.gemv(x, q, s), N * K + N * 4),
-                    ("fp8 rows", lambda: fast_fp8.fp8_rows(x, q[None], s[None]), N * K + N * 4))
-            for label, fn, nbytes in runs:
-                us = 1e3 * cuda_time(fn, runs=25, warmup=3, graph=1, before=flush)
-                line += f"  {label} {us:7.1f} ({nbytes / us / 1e6:4.2f})"
-            print(line, flush=True)
-    N, K = shapes["KDA in (q, k, v, f_a, g_a, b)"]        # gemv's pipeline depth and programs
-    w = torch.randn(N, K, device="cuda").bfloat16()
-    q, s = quantize_rows(w)
-    x = torch.randn(1, K, device="cuda").bfloat16()
-    default = (dict(fast_fp8.GEMV_TILES), fast_fp8.WAVES)
-    for stages, waves in ((default[0]["num_stages"], default[1]), (3, 1), (4, 2)):
-        fast_fp8.GEMV_TILES, fast_fp8.WAVES = dict(default[0], num_stages=stages), waves
-        try:
-            line = f"M= 1 KDA in, gemv with {stages} stages, {waves} program(s) an SM:"
-            for label, args, nbytes in (("bf16", (x, w), N * K * 2), ("fp8", (x, q, s), N * K)):
-                us = 1e3 * cuda_time(lambda: fast_fp8.gemv(*args), runs=25, warmup=3, graph=1,
-                                     before=flush)
-                line += f"  {label} {us:7.1f} ({nbytes / us / 1e6:4.2f})"
-            print(line, flush=True)
-        finally:
-            fast_fp8.GEMV_TILES, fast_fp8.WAVES = default
 
 
 def moe_combine(N=8192, k=8, D=2304, E=256):
@@ -415,7 +345,7 @@ def moe_combine(N=8192, k=8, D=2304, E=256):
 
 TIMERS = {"kda": kda, "kda_bwd": kda_bwd, "short_conv": short_conv, "pointwise": pointwise,
           "kda_decode": kda_decode, "mla_decode": mla_decode, "moe_decode": moe_decode,
-          "gemv": gemv, "moe_combine": moe_combine}
+          "moe_combine": moe_combine}
 
 
 @torch.no_grad()

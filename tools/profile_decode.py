@@ -1,18 +1,14 @@
 """Where a decode step's time goes: fast.decode.step of the 48B model on one GPU, by kernel.
 
-    python -m tools.profile_decode [--batch 1] [--context 4096] [--fp8] [--ab]
+    python -m tools.profile_decode [--batch 1] [--context 4096] [--fp8]
 
 Random weights at full size (fullsize.random_model), caches filled by a real prefill of `--context`
 tokens, then torch.profiler over 5 eager fast.decode.step calls (the same kernels a CUDA graph
 replays; the graph removes only the launch gaps). Prints GPU microseconds per step by kernel, the
 largest first, grouped into what they do, and the sum next to the graph's own step time.
---ab first times the step's CUDA graph with the kernels' switches as they were before the split-K
-and FP8 work (BEFORE), as they are now, and (bf16) with the projections through fast.fp8.gemv,
-each graph built and timed on the same model and caches.
 """
 import argparse
 import collections
-import contextlib
 import sys
 import time
 
@@ -20,38 +16,18 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import kimi
-from fast import decode, fp8, moe_decode
+from fast import decode
 from fast.decode import cuda_graph_decoder
 from tools import fullsize
 from tools.timing import cuda_time
 
 GROUPS = (                                  # kernel-name fragment -> what it does (first match)
     ("_mla_", "MLA attention"), ("_gate_up_kernel", "experts: w13 + SiLU"),
-    ("_down_kernel", "experts: w2 + sum"), ("_down_split_kernel", "experts: w2 split-K"),
-    ("_slot_sum_kernel", "experts: slot sum"),
+    ("_down_kernel", "experts: w2"), ("_slot_sum_kernel", "experts: slot sum"),
     ("_route_kernel", "router top-k"), ("_kda_decode_kernel", "KDA step"),
     ("_add_rmsnorm", "add + RMSNorm"), ("_rows_kernel", "FP8 projections"),
-    ("_gemv", "projections (Triton GEMV)"),
     ("gemv", "projections (GEMV)"), ("gemm", "projections (GEMM)"), ("nvjet", "projections (GEMM)"),
 )
-# The switches as they were before: experts in the row form, N = 1's w2 summed in one program per
-# 32 outputs, e4m3 cast per element, the shared expert's slot by torch.cat (bf16) or the shared
-# expert apart (FP8, not stacked then), FP8 projections through _rows_kernel.
-BEFORE = {(moe_decode, "SWAP"): False, (moe_decode, "DOWN_N1"): "sum",
-          (moe_decode, "E4M3_BITS"): False, (fp8, "GEMV"): False}
-
-
-@contextlib.contextmanager
-def switched(settings):
-    """Set module switches {(module, name): value} for the block, then put them back."""
-    saved = {key: getattr(*key) for key in settings}
-    for (module, name), value in settings.items():
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for (module, name), value in saved.items():
-            setattr(module, name, value)
 
 
 def main(argv):
@@ -59,7 +35,6 @@ def main(argv):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--fp8", action="store_true")
-    ap.add_argument("--ab", action="store_true", help="time the step's graph before and now")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("the decode step's kernels need a CUDA GPU")
@@ -69,23 +44,13 @@ def main(argv):
         model(torch.randint(0, args.vocab_size, (B, L), device=device), start_pos=0)
     tok = torch.zeros(B, 1, dtype=torch.long, device=device)
     pos = iter(range(L, L + 256))
-    variants = {"now": {}}
-    if a.ab:
-        before = {**BEFORE, (decode, "SHARED"): "apart" if a.fp8 else "cat"}
-        variants = {"before": before, "now": {}}
-        if not a.fp8:
-            variants["now, bf16 projections by fast.fp8.gemv"] = {(decode, "GEMV"): True}
-    step_ms = {}
-    for name, settings in variants.items():
-        with switched(settings):
-            start = time.perf_counter()
-            graph = cuda_graph_decoder(model, B)            # prepares the model, too
-            built = time.perf_counter() - start             # Triton's first compiles included
-            step_ms[name] = cuda_time(lambda: graph(tok, next(pos)), runs=16, warmup=4)
-        print(f"{name}: graph built in {built:.1f} s, step {step_ms[name] * 1e3:.0f} us = "
-              f"{B / step_ms[name] * 1e3:,.1f} tokens/s", flush=True)
-        del graph
-    graph_ms = step_ms["now"]
+    start = time.perf_counter()
+    graph = cuda_graph_decoder(model, B)                    # prepares the model, too
+    built = time.perf_counter() - start                     # Triton's first compiles included
+    graph_ms = cuda_time(lambda g=graph: g(tok, next(pos)), runs=16, warmup=4)
+    print(f"graph built in {built:.1f} s, step {graph_ms * 1e3:.0f} us = "
+          f"{B / graph_ms * 1e3:,.1f} tokens/s", flush=True)
+    del graph
     for _ in range(3):
         decode.step(model, tok, next(pos))
     torch.cuda.synchronize()
