@@ -190,8 +190,11 @@ def test_tiny_model_learns():
 def test_training_through_chunk_kda_equals_the_torch_path(monkeypatch):
     """On a GPU, training runs KDA through kda_triton.chunk_kda and its backward (T > 64). Two
     copies of a tiny fp32 model, one with the kernels and one with kimi's torch code, take the
-    same 20 Adam steps on the same batches: the losses fall the same way. fp32 throughout ('ieee'
-    dots): the two differ by rounding, ~1e-6 a step, which the steps compound; 1e-3 leaves room."""
+    same 20 SGD steps on the same batches: the same gradients, and the losses fall the same way.
+    fp32 throughout ('ieee' dots): the two KDA forms differ by rounding, up to ~2e-5 relative in
+    dg (docs/kda.md §5a); through the layers 1e-4 of each parameter's gradient leaves room. SGD,
+    not Adam: Adam's first steps move every parameter by about lr whatever the gradient's size,
+    so a rounding-sized gradient of the other sign changes the trajectory."""
     torch.manual_seed(0)
     fast = randomize(Transformer(TINY)).cuda()
     slow = copy.deepcopy(fast)
@@ -201,21 +204,25 @@ def test_training_through_chunk_kda_equals_the_torch_path(monkeypatch):
                         chunk_kda(*a, **kw))
     gen = torch.Generator().manual_seed(7)
     batches = [torch.randint(0, TINY.vocab_size, (2, 97), generator=gen).cuda() for _ in range(20)]
-    losses = {}
+    losses, grads = {}, {}
     for name, model, kernels in (("kernels", fast, True), ("torch", slow, False)):
         monkeypatch.setattr(kimi, "KERNELS", kernels)
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.3)
         losses[name] = []
         for seq in batches:
             logits = model(seq[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1), seq[:, 1:].flatten())
             opt.zero_grad()
             loss.backward()
+            if not grads.get(name):
+                grads[name] = [p.grad for p in model.parameters() if p.grad is not None]
             opt.step()
             losses[name].append(loss.item())
     assert calls, "the KDA layers did not run chunk_kda"
+    for a, b in zip(grads["kernels"], grads["torch"]):
+        assert a.shape == b.shape and (rel(a, b) < 1e-4 or b.norm() == 0)
     a, b = torch.tensor(losses["kernels"]), torch.tensor(losses["torch"])
-    assert (a[-1] < a[0]) and ((a - b).abs() <= 1e-3 * b).all(), (a, b)
+    assert (a[-1] < a[0]) and ((a - b).abs() <= 1e-4 * b).all(), (a, b)
 
 
 def test_named_configs():
