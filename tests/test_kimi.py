@@ -186,43 +186,60 @@ def test_tiny_model_learns():
     assert losses[-1] < 0.2 * losses[0]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="chunk_kda trains on a CUDA GPU only")
-def test_training_through_chunk_kda_equals_the_torch_path(monkeypatch):
-    """On a GPU, training runs KDA through kda_triton.chunk_kda and its backward (T > 64). Two
-    copies of a tiny fp32 model, one with the kernels and one with kimi's torch code, take the
-    same 20 SGD steps on the same batches: the same gradients, and the losses fall the same way.
-    fp32 throughout ('ieee' dots): the two KDA forms differ by rounding, up to ~2e-5 relative in
-    dg (docs/kda.md §5a); through the layers 1e-4 of each parameter's gradient leaves room. SGD,
-    not Adam: Adam's first steps move every parameter by about lr whatever the gradient's size,
-    so a rounding-sized gradient of the other sign changes the trajectory."""
+def train_copies(monkeypatch, steps, device):
+    """A tiny fp32 model trained `steps` SGD steps three ways from the same weights on the same
+    batches (T = 96 > 64: KDA's chunked form): KDA through kda_triton.chunk_kda and its backward
+    (compiled on a GPU, the interpreter elsewhere; the other kernels have no backward and stay
+    off), through kimi's torch code, and through kimi's torch code in fp64 (the truth).
+    -> {way: (losses [steps], the first step's gradients)}."""
+    if kimi.kda_triton is None:
+        pytest.skip("chunk_kda needs Triton")
     torch.manual_seed(0)
-    fast = randomize(Transformer(TINY)).cuda()
-    slow = copy.deepcopy(fast)
-    calls = []
-    chunk_kda = kimi.kda_triton.chunk_kda
+    model = randomize(Transformer(TINY)).to(device)
+    gen = torch.Generator().manual_seed(7)
+    batches = [torch.randint(0, TINY.vocab_size, (2, 97), generator=gen).to(device)
+                for _ in range(steps)]
+    use_kernels, calls, chunk_kda = kimi.use_kernels, [], kimi.kda_triton.chunk_kda
     monkeypatch.setattr(kimi.kda_triton, "chunk_kda", lambda *a, **kw: calls.append(1) or
                         chunk_kda(*a, **kw))
-    gen = torch.Generator().manual_seed(7)
-    batches = [torch.randint(0, TINY.vocab_size, (2, 97), generator=gen).cuda() for _ in range(20)]
-    losses, grads = {}, {}
-    for name, model, kernels in (("kernels", fast, True), ("torch", slow, False)):
-        monkeypatch.setattr(kimi, "KERNELS", kernels)
-        opt = torch.optim.SGD(model.parameters(), lr=0.3)
-        losses[name] = []
+    out = {}
+    ways = (("kernels", torch.float32, True), ("torch", torch.float32, False),
+            ("fp64", torch.float64, False))
+    for way, dtype, backward_only in ways:
+        m = copy.deepcopy(model).to(dtype)
+        kernels = (lambda *t, backward=False: backward) if backward_only else use_kernels
+        monkeypatch.setattr(kimi, "use_kernels", kernels)
+        monkeypatch.setattr(kimi, "KERNELS", backward_only)
+        opt, losses, grads = torch.optim.SGD(m.parameters(), lr=0.3), [], None
         for seq in batches:
-            logits = model(seq[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1), seq[:, 1:].flatten())
+            loss = F.cross_entropy(m(seq[:, :-1]).flatten(0, 1), seq[:, 1:].flatten())
             opt.zero_grad()
             loss.backward()
-            if not grads.get(name):
-                grads[name] = [p.grad for p in model.parameters() if p.grad is not None]
+            grads = grads or [p.grad.double() for p in m.parameters() if p.grad is not None]
             opt.step()
-            losses[name].append(loss.item())
-    assert calls, "the KDA layers did not run chunk_kda"
-    for a, b in zip(grads["kernels"], grads["torch"]):
-        assert a.shape == b.shape and (rel(a, b) < 1e-4 or b.norm() == 0)
-    a, b = torch.tensor(losses["kernels"]), torch.tensor(losses["torch"])
-    assert (a[-1] < a[0]) and ((a - b).abs() <= 1e-4 * b).all(), (a, b)
+            losses.append(loss.item())
+        out[way] = torch.tensor(losses, dtype=torch.float64), grads
+    assert len(calls) == 2 * steps, "the two KDA layers did not run chunk_kda at every step"
+    return out
+
+
+def test_training_through_chunk_kda_gradients(monkeypatch):
+    """One step: each parameter's gradient through chunk_kda is as close to fp64's as the fp32
+    torch path's (at most twice its error, the bar test_kda.py sets the kernel alone, + 1e-7
+    for gradients the torch path happens to get almost exactly)."""
+    out = train_copies(monkeypatch, 1, "cuda" if torch.cuda.is_available() else "cpu")
+    for a, b, c in zip(out["kernels"][1], out["torch"][1], out["fp64"][1]):
+        assert rel(a, c) <= 2 * rel(b, c) + 1e-7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="20 steps: compiled kernels, a GPU")
+def test_training_through_chunk_kda_falls_as_the_torch_path(monkeypatch):
+    """20 SGD steps: the loss falls, and stays as close to fp64's as the fp32 torch path's (twice
+    its largest deviation, + 1e-6 of the loss for steps where both are exact)."""
+    out = train_copies(monkeypatch, 20, "cuda")
+    a, b, c = (out[way][0] for way in ("kernels", "torch", "fp64"))
+    assert a[-1] < a[0]
+    assert ((a - c).abs() <= 2 * (b - c).abs().max() + 1e-6 * c).all(), (a, b, c)
 
 
 def test_named_configs():
