@@ -54,10 +54,11 @@ def round_to(x, DT: tl.constexpr):
 
 @triton.jit
 def softplus(z):
-    """torch's softplus (threshold 20) of fp32 z: z above 20 as is, below max(z, 0) + log1p(u) with
-    u = exp(-|z|) in (0, 1]. log1p(u) = 2 atanh(s) = 2 s (1 + s^2/3 + s^4/5 + ...), s = u / (2 + u)
-    <= 1/3, seven terms (what is left is below 2^-26 of it): no log, whose absolute error (a GPU's
-    lg2.approx) would be a large relative one where u is small, and exact where 1 + u rounds to 1."""
+    """torch's softplus (threshold 20) of fp32 z: z above 20 as is, below max(z, 0) + log1p(u)
+    with u = exp(-|z|) in (0, 1]. log1p(u) = 2 atanh(s) = 2 s (1 + s^2/3 + s^4/5 + ...) with
+    s = u / (2 + u) <= 1/3, seven terms (what is left: about 2^-26 of it at most). No log, whose
+    absolute error (a GPU's lg2.approx) would be a large relative one where u is small; and exact
+    where 1 + u rounds to 1."""
     u = tl.exp(-tl.abs(z))
     s = u / (2.0 + u)
     s2 = s * s
