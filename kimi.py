@@ -266,7 +266,7 @@ class KimiDeltaAttention(nn.Module):
         v = self.v_conv1d(self.v_proj(x), states[2]).view(B, T, H, K)
         # g = -exp(A_log) * softplus(f + dt_bias), fp32 and <= 0 (trap 3)
         f = self.f_b_proj(self.f_a_proj(x)).view(B, T, H, K)
-        gate_fn = fast_pw.kda_gate if use_kernels(f, self.A_log) else kda_gate   # one kernel
+        gate_fn = fast_pw.kda_gate if use_kernels(f, self.A_log, self.dt_bias) else kda_gate
         g = gate_fn(f, self.A_log, self.dt_bias)
         beta = self.b_proj(x).float().sigmoid()             # [B, T, H], upcast (trap 10)
         S0 = None if new else self.recurrent_state[:B]
