@@ -2,11 +2,12 @@
 kimi.py's norms and KDA's forget gate, one Triton kernel each, for prefill.
 
 In torch each of these is five to nine passes over memory: an fp32 copy, the square, the mean, the
-product, a cast, ... 20 KDA layers and 55 RMSNorms a prefill, on [T, 4096] and [T, 2304] tensors.
+product, a cast, ... 20 KDA layers and 62 RMSNorms a prefill, on [T, 4096] and [T, 2304] tensors.
 Here each reads its inputs once and writes its output once, with kimi.py's fp32 arithmetic and its
 roundings (kimi.py stays the definition; the tests hold these to it):
 
     rms_norm(x, weight, eps)              = kimi.RMSNorm: round(x r) * weight, rounded again
+                                            (round: to x's dtype; again: to the product's)
     gated_rms_norm(x, gate, weight, eps)  = kimi.GatedRMSNorm: x r weight sigmoid(gate), rounded
     l2norm(x, dtype)                      = kda_ref.l2norm(x.float()).to(dtype)
     kda_gate(f, A_log, dt_bias)           = kda_ref.kda_gate, fp32
@@ -41,7 +42,7 @@ def _norm_kernel(x, gate, w, y, R, N, eps, KIND: tl.constexpr, BR: tl.constexpr,
     else:
         out = xr * tl.rsqrt(ss / N + eps)
     if KIND == 0:           # RMSNorm rounds before the weight, then the product rounds (trap 10)
-        out = round_to(out, y.dtype.element_ty) * tl.load(w + c, mask=c < N).to(tl.float32)
+        out = round_to(out, x.dtype.element_ty) * tl.load(w + c, mask=c < N).to(tl.float32)
     if KIND == 1:           # GatedRMSNorm: fp32 throughout, sigmoid (not SiLU) of the gate
         z = tl.load(gate + r * N + c, mask=m, other=0.).to(tl.float32)
         out = out * tl.load(w + c, mask=c < N).to(tl.float32) * tl.sigmoid(z)

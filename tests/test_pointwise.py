@@ -147,3 +147,16 @@ def test_kimi_uses_them_without_gradients_only(monkeypatch):
     assert len(calls) == 1
     norm(x.requires_grad_())                       # training: the differentiable torch code
     assert len(calls) == 1
+
+
+def test_rms_norm_with_an_fp32_weight_rounds_as_kimi():
+    """bf16 x, fp32 weight: kimi rounds x r to bf16, then the fp32 product is not rounded again.
+    The bf16 rounding of x r may fall on the other side in one of the two (TOL's reason): one bf16
+    unit of x r, carried into the fp32 product."""
+    norm = norm_module(kimi.RMSNorm, 48, torch.float32, 3)
+    x = rand(5, 48, dtype=torch.bfloat16, seed=4, scale=3.0)
+    with torch_code():
+        ref = norm(x)
+    y = pointwise.rms_norm(x, norm.weight, norm.eps)
+    assert y.dtype == ref.dtype == torch.float32
+    assert ((y - ref).abs() <= TOL[torch.bfloat16] * ref.abs() + TOL[torch.float32]).all()
