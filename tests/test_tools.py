@@ -1,9 +1,9 @@
 """Tests for the CPU-checkable parts of tools/: tools.fullsize's byte and parameter counts behind
 the ceilings, its random model (bf16 and FP8), tools.long_context's --throughput batch
-arithmetic, tools.bench's command line;
-tools.kernels' command line; the kernel names profile_decode groups by. (The timings need a GPU;
-cuda_graph_decoder is tested in test_decode.py, args.cache_bytes, which the --context sweep and
-largest_batch use, in test_kimi.py; who imports tools, in test_imports.py.)"""
+arithmetic, tools.bench's, tools.kernels' and tools.grad_errors' command lines; the kernel names
+profile_decode groups by. (The timings need a GPU; cuda_graph_decoder is tested in test_decode.py,
+args.cache_bytes, which the --context sweep and largest_batch use, in test_kimi.py; who imports
+tools, in test_imports.py.)"""
 import ast
 import subprocess
 import sys
@@ -16,7 +16,7 @@ from fast.fp8 import FP8
 from fast.quantize import SCALE
 from helpers import ROOT
 from kimi import CONFIGS, Transformer
-from tools import bench, fullsize, kernels, long_context, profile_decode
+from tools import bench, fullsize, grad_errors, kernels, long_context, profile_decode
 
 TINY = CONFIGS["tiny"]
 FULL = CONFIGS["kimi-linear-48b-a3b"]
@@ -189,6 +189,13 @@ def test_kernels_without_gpu_says_so_in_one_line():
                        text=True, timeout=120)
     assert r.returncode == 0 and r.stderr == ""
     assert len(r.stdout.splitlines()) == 1 and r.stdout.startswith("no GPU: nothing to time")
+
+
+def test_grad_errors_takes_no_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        grad_errors.main(["--fast"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ")
 
 
 def test_kernels_bad_name_exits_2_with_one_line(capsys):
