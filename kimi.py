@@ -99,11 +99,10 @@ class ModelArgs:
                 ok = type(value) in (int, float) and 0 < value < math.inf
                 _require(ok, f"{f.name} must be a positive finite number, not {value!r}")
             elif f.type is bool:
-                ok = type(value) is bool
-                _require(ok, f"{f.name} must be true or false, not {value!r}")
+                _require(type(value) is bool, f"{f.name} must be true or false, not {value!r}")
         layers = self.full_attn_layers
-        ok = isinstance(layers, (tuple, list)) and all(type(i) is int for i in layers)
-        ok = ok and all(0 <= i < self.num_hidden_layers for i in layers)
+        ok = isinstance(layers, (tuple, list)) and all(
+            type(i) is int and 0 <= i < self.num_hidden_layers for i in layers)
         ok = ok and len(set(layers)) == len(layers)
         _require(ok, "full_attn_layers must be distinct layer numbers below "
                  f"num_hidden_layers={self.num_hidden_layers}, not {layers!r}")
@@ -605,9 +604,3 @@ class Transformer(nn.Module):
 #   - MoE: fast.moe.grouped_moe in place of the loop and einsum, once stack_experts has run
 #   - transforms of a built model, never imported here: FP8 weights (fast.quantize), a decode
 #     step in ~18 kernels a layer instead of ~110, replayed from a CUDA graph (fast.decode)
-
-if __name__ == "__main__":      # smoke run: a tiny random model, stateless vs token by token
-    model, tokens = Transformer(CONFIGS["tiny"]), torch.randint(0, 256, (1, 100))
-    model.setup_cache(max_batch_size=1, max_seq_len=100)
-    steps = torch.cat([model(tokens[:, t:t + 1], start_pos=t) for t in range(100)], dim=1)
-    print(f"max |difference| from the stateless forward: {(steps - model(tokens)).abs().max():.1e}")
