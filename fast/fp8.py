@@ -13,11 +13,13 @@ below the normal range), and rows map to FP8 GEMMs with row-wise scales (measure
 Compute, by where and how many rows (fp8_linear, fp8_experts):
   - a GPU with FP8 (compute capability >= 8.9), more than DECODE_ROWS rows (prefill): activations
     are quantised per token (a Triton kernel) and multiplied on FP8 tensor cores with row-wise
-    scales (F.scaled_mm; the routed experts through F.scaled_grouped_mm)
+    scales (F.scaled_mm; the routed experts through F.scaled_grouped_mm, rows sorted by expert as
+    fast.moe sorts them, SiLU(gate) * up in fast.moe.silu_mul, the weighted sum where the rows
+    lie in fast.moe.combine: fp8_sorted_experts, then fast.quantize.Fp8MoE)
   - the same GPU, at most DECODE_ROWS rows (decode): _rows_kernel reads each FP8 weight once,
     converts it to bf16 in registers (exact) and accumulates in fp32, one program per BN outputs;
-    the routed experts' rows (fp8_experts) go through it too, grouped by expert: only the
-    selected experts are read
+    the routed experts' rows go through it too, grouped by expert: only the selected experts are
+    read
   - anything else (CPU, older GPUs): dequantise and multiply in fp32 (correct, slow)
 Shapes: M rows (tokens), K inputs, N outputs, E experts, F expert width.
 """
@@ -30,6 +32,7 @@ import triton
 import triton.language as tl
 
 from fast import INTERPRET
+from fast.moe import silu_mul, sort_by_expert
 
 FP8 = torch.float8_e4m3fn
 DECODE_ROWS = 16                        # at most this many rows (tokens): _rows_kernel, not a GEMM
@@ -217,25 +220,28 @@ class Fp8Linear(nn.Module):
 
 
 def fp8_experts(x, ids, moe):
-    """= SparseMoeBlock.run_experts with FP8 experts: x [N, D], ids [N, k] -> [N, k, D]. On an FP8
-    GPU the weights are moe.w13 [E, 2F, D], moe.w2 [E, D, F] with scales moe.s13, moe.s2 (prepare
-    stacks them as they load: each expert's Fp8Linear holds views of them)."""
+    """= SparseMoeBlock.run_experts with FP8 experts: x [N, D], ids [N, k] -> [N, k, D] (the loop,
+    each expert dequantised, where fp8_gpu(x) is false)."""
     if not fp8_gpu(x):
-        return moe.run_experts(x, ids)                  # the loop, each expert dequantised
-    expert_of_row, order = ids.flatten().sort()         # (token, slot) pairs grouped by expert
-    xs = x[order // ids.shape[1]]                       # [N*k, D], expert e's rows contiguous
+        return moe.run_experts(x, ids)
+    out, pos = fp8_sorted_experts(x, ids, moe)
+    return out.index_select(0, pos.flatten()).view(*ids.shape, -1)     # back to (token, slot)
+
+
+def fp8_sorted_experts(x, ids, moe):
+    """= fast.moe.sorted_experts with FP8 experts, on an FP8 GPU: x [N, D], ids [N, k] -> (out
+    [N*k, D], pos [N, k]), out[pos[n, j]] = expert ids[n, j] applied to token n. The weights are
+    moe.w13 [E, 2F, D], moe.w2 [E, D, F] with scales moe.s13, moe.s2 (prepare stacks them as they
+    load: each expert's Fp8Linear holds views of them)."""
+    token, expert, ends, pos = sort_by_expert(ids, len(moe.w13))
+    xs = x[token]                                       # [N*k, D], expert e's rows contiguous
     if len(x) <= DECODE_ROWS:                           # decode: read the selected experts only
-        gate, up = fp8_rows(xs, moe.w13, moe.s13, expert_of_row).chunk(2, dim=-1)
-        out = fp8_rows(F.silu(gate) * up, moe.w2, moe.s2, expert_of_row)
+        h = silu_mul(fp8_rows(xs, moe.w13, moe.s13, expert))                     # [N*k, F]
+        out = fp8_rows(h, moe.w2, moe.s2, expert)
     else:                                               # prefill: FP8 grouped GEMMs
-        E = len(moe.w13)
-        experts = torch.arange(E, device=x.device)
-        ends = torch.searchsorted(expert_of_row, experts, right=True).int()     # [E] row ends
-        gate, up = _grouped(xs, moe.w13, moe.s13, ends).chunk(2, dim=-1)        # [N*k, F] each
-        out = _grouped(F.silu(gate) * up, moe.w2, moe.s2, ends)                 # [N*k, D]
-    unsorted = torch.empty_like(out)
-    unsorted[order] = out                               # back to (token, slot) order
-    return unsorted.view(*ids.shape, -1)
+        h = silu_mul(_grouped(xs, moe.w13, moe.s13, ends))                      # [N*k, F]
+        out = _grouped(h, moe.w2, moe.s2, ends)                                 # [N*k, D]
+    return out, pos
 
 
 def _grouped(x, weight, scale, ends):

@@ -67,23 +67,29 @@ def sorted_experts(x, ids, w13, w2, kernel=False):
     if (x.dtype, x.device) != (w13.dtype, w13.device):     # the model was moved or cast since
         raise ValueError(f"stacked experts are {w13.dtype} on {w13.device}, the input {x.dtype} on "
                          f"{x.device}: call model.stack_experts() again after .to() or .float()")
-    expert_of_row, order = ids.flatten().sort()             # (token, slot) pairs grouped by expert
-    xs = x[order // ids.shape[1]]                           # [N*k, D], expert e's rows contiguous
-    experts = torch.arange(len(w13), device=x.device)
-    ends = torch.searchsorted(expert_of_row, experts, right=True).int()     # [E] row ends
-    gu = F.grouped_mm(xs, w13.mT, offs=ends)                                # [N*k, 2F]
+    token, _, ends, pos = sort_by_expert(ids, len(w13))
+    gu = F.grouped_mm(x[token], w13.mT, offs=ends)                          # [N*k, 2F]
     if kernel:                                          # the same in one pass over gu
         h = silu_mul(gu)
     else:
         gate, up = gu.chunk(2, dim=-1)                                      # [N*k, F] each
         h = F.silu(gate) * up
     out = F.grouped_mm(h, w2.mT, offs=ends)                                 # [N*k, D]
+    return out, pos
+
+
+def sort_by_expert(ids, E):
+    """The (token, slot) pairs of ids [N, k] grouped by expert (of E), for grouped matmuls: ->
+    token [N*k], the token of each sorted row; expert [N*k], its expert; ends [E] int32, where
+    expert e's rows end; pos [N, k], the sorted row of pair (n, j)."""
+    expert, order = ids.flatten().sort()                    # order[i]: the pair at sorted row i
+    ends = torch.searchsorted(expert, torch.arange(E, device=ids.device), right=True).int()
     # pos = the inverse permutation: row order[i] of (token, slot) order landed at row i. A scatter
     # of N*k ints, cheap; scattering the [N*k, D] rows themselves (unsorted[order] = out) is several
     # times slower than gathering them.
     pos = torch.empty_like(order)
     pos[order] = torch.arange(len(order), device=order.device)
-    return out, pos.view(ids.shape)
+    return order // ids.shape[1], expert, ends, pos.view(ids.shape)
 
 
 def grouped_experts(x, ids, w13, w2):

@@ -23,7 +23,8 @@ import torch.nn as nn
 import checkpoint
 import kimi
 from checkpoint import CheckpointError
-from fast.fp8 import FP8, Fp8Linear, fp8_experts, quantize_rows
+from fast.fp8 import FP8, Fp8Linear, fp8_gpu, fp8_sorted_experts, quantize_rows
+from fast.moe import combine
 
 SCALE = "weight_scale"                  # state_dict: <module>.weight beside <module>.weight_scale
 KEEP = ("kv_b_proj", "lm_head")         # nn.Linear children by name that stay in the model dtype
@@ -44,12 +45,15 @@ class Fp8MoE(kimi.SparseMoeBlock):
         self.s13 = self.s2 = None           # stacked scales beside w13, w2 (prepare)
 
     def forward(self, x):
-        """= SparseMoeBlock.forward, the routed experts through fp8_experts."""
+        """= SparseMoeBlock.forward: on an FP8 GPU the routed experts' rows in expert order
+        (fp8_sorted_experts), summed where they lie (fast.moe.combine); elsewhere the loop."""
         shape, x = x.shape, x.flatten(0, 1)                         # [N, D]
         ids, w = self.gate(x)                                       # [N, k] each
-        out = fp8_experts(x, ids, self)                             # [N, k, D]
-        y = torch.einsum("nk,nkd->nd", w, out.float())              # weighted sum in fp32
-        return (y.to(x.dtype) + self.shared_experts(x)).view(shape)
+        if fp8_gpu(x):
+            y = combine(*fp8_sorted_experts(x, ids, self), w)       # fp32 sum, rounded once
+        else:                                                       # each expert dequantised
+            y = torch.einsum("nk,nkd->nd", w, self.run_experts(x, ids).float()).to(x.dtype)
+        return (y + self.shared_experts(x)).view(shape)
 
 
 def _swap_linears(module, keep):

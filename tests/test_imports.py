@@ -76,8 +76,9 @@ def test_kda_ref_imports_nothing_of_ours():
 
 def test_kernels_never_import_the_model():
     for kernel in KERNELS:
-        # the definition, the shared Triton helpers, and KDA's backward (kda_triton's autograd)
-        allowed = {"kda_ref", "fast", "kda_backward"}
+        # the definition, the shared Triton helpers, and other kernel files (kda_triton's autograd
+        # calls kda_backward; fast.fp8's experts use fast.moe's), never in a cycle back to itself
+        allowed = {"kda_ref", "fast"} | (KERNELS - {kernel})
         assert reach(kernel) <= allowed, f"{kernel} imports {sorted(reach(kernel) - allowed)}"
 
 

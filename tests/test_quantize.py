@@ -14,9 +14,9 @@ from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
 import kimi
-from fast import quantize
+from fast import moe as fast_moe, quantize
 from fast.fp8 import (DECODE_ROWS, FP8, dequantize, fp8_experts, fp8_linear, fp8_rows,
-                      quantize_rows, quantize_rows_triton, scaled_linear)
+                      fp8_sorted_experts, quantize_rows, quantize_rows_triton, scaled_linear)
 from fast.quantize import SCALE
 from helpers import ROOT, randomize
 from kimi import CheckpointError, Transformer
@@ -194,6 +194,19 @@ def test_fp8_moe_equals_its_dequantised_twin_on_cpu():
     with torch.no_grad():
         out, ref = fp8(x[None]), plain(x[None])
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.skipif(CUDA, reason="the GPU's path is test_fp8_experts_on_gpu's")
+def test_fp8_sorted_experts_and_combine_equal_the_loop_on_cpu():
+    """Fp8MoE's GPU path for decode-sized N, each kernel in the interpreter: the rows sorted by
+    expert (fp8_rows, silu_mul), then combine = the loop and einsum of the dequantised twin. All
+    fp32 and the weights exact: fp32 rounding only."""
+    fp8, plain, x = moe_with_dequantised_twin(DECODE_ROWS, seed=4, device="cpu")
+    with torch.no_grad():
+        ids, w = fp8.gate(x)
+        y = fast_moe.combine(*fp8_sorted_experts(x, ids, fp8), w)
+        ref = torch.einsum("nk,nkd->nd", w, plain.run_experts(x, ids))
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-5
 
 
 @pytest.mark.skipif(not FP8_GPU, reason=NEEDS_FP8_GPU)
