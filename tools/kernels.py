@@ -4,8 +4,8 @@
 
     kda          kda_triton.chunk_kda at the 48B layer's shapes, beside fla's chunk_kda when fla
                  imports; one fused_recurrent_kda decode step
-    kda_bwd      chunk_kda's forward + backward (kda_backward) at the 48B layer's shapes, beside
-                 fla's chunk_kda when fla imports
+    kda_bwd      chunk_kda's forward + backward (kda_backward): first the time of each kernel,
+                 then at the 48B layer's shapes, beside fla's chunk_kda when fla imports
     short_conv   fast.short_conv at a T = 8192 prefill, against kimi.ShortConv's torch code; a tile
                  sweep
     pointwise    fast.pointwise's norms and gate at a T = 8192 prefill, against kimi.py's torch code
@@ -28,6 +28,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 import kda_triton           # (imports fast first: without a GPU that chooses Triton's interpreter)
 import kimi
@@ -89,12 +90,14 @@ def kda_errors(inputs):
 def kda_bwd():
     """chunk_kda's forward + backward over bf16 inputs, H = 32, K = V = 128, an initial state and
     gradients for o and the final state, beside fla's chunk_kda on the same inputs if it imports;
-    for both, the largest error of the six gradients against our fp32 path on fp32 copies."""
+    for both, the largest error of the six gradients against our fp32 path on fp32 copies. First,
+    our time per kernel at B = 1, T = 16384 (fla's first call autotunes its kernels for minutes)."""
     try:                        # fla is optional: only the comparison columns need it
         from fla.ops.kda import chunk_kda as fla
     except ImportError:
         fla = None
     flush = l2_flusher()
+    kda_bwd_kernels(1, 16384)
     print(f"{torch.cuda.get_device_name()}, bf16 inputs, H={H}, K=V={K}, forward + backward; err = "
           "max over dq dk dv dg dbeta dh0 of ||x - ref|| / ||ref||, ref = chunk_kda in fp32")
     print(f"{'shape':>16} {'ms':>7} {'err':>8} {'fla ms':>7} {'fla err':>8} {'ours/fla':>8}",
@@ -124,6 +127,30 @@ def kda_bwd():
                 print(f"{f'B={B} T={T}':>16} {times[0]:7.3f} {err:8.1e}" if len(times) == 1 else
                       f" {times[1]:7.3f} {err:8.1e} {times[0] / times[1]:8.2f}", end="", flush=True)
         print("" if fla else f" {'-':>7} {'-':>8} {'-':>8}")
+
+
+def kda_bwd_kernels(B, T, passes=5):
+    """GPU time per Triton kernel of chunk_kda's forward + backward (torch.profiler, the mean over
+    `passes` passes after one warm-up), the forward's and the backward's kernels and the rest."""
+    h0 = torch.randn(B, H, K, K, device="cuda", requires_grad=True)
+    x = [t.requires_grad_() for t in random_inputs(B, T, H, K, K, torch.bfloat16, "cuda")]
+
+    def fwd_bwd():
+        o, S = kda_triton.chunk_kda(*x, initial_state=h0, output_final_state=True)
+        torch.autograd.grad((o, S), x + [h0], (torch.ones_like(o), torch.ones_like(S)))
+
+    with torch.enable_grad():                                   # main() runs under no_grad
+        fwd_bwd()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(passes):
+                fwd_bwd()
+            torch.cuda.synchronize()
+    rows = sorted(((e.device_time_total / passes / 1e3, e.count // passes, e.key)
+                   for e in prof.key_averages() if e.device_time_total > 0), reverse=True)
+    print(f"per kernel, B={B} T={T}: {sum(r[0] for r in rows):.3f} ms of GPU time a pass")
+    for ms, calls, name in rows[:12]:
+        print(f"  {ms:7.3f} ms  {calls:3d} x  {name[:80]}")
+    print(flush=True)
 
 
 def short_conv(B=1, T=8192, C=4096, W=4):
