@@ -174,9 +174,13 @@ def test_bad_piped_input_exits_2_in_one_line(monkeypatch, capsys, ckpt, lines, m
 
 
 def popen(ckpt, *argv, stdin=subprocess.PIPE):
+    """sample.py --chat as a foreground program sees Ctrl-C: SIGINT at its default, also where
+    the tests run in a background job, which a shell starts with SIGINT ignored (and Python then
+    keeps it ignored)."""
     argv = ["sample.py", "--ckpt", ckpt, "--device", "cpu", "--chat", *argv]
     return subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdin=stdin,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def read_until(p, out, done, timeout=60):
