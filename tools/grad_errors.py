@@ -1,4 +1,4 @@
-"""The gradient errors of chunk_kda's backward against fp64, beside chunk_kda_ref's (README's table).
+"""Gradient errors of chunk_kda's backward against fp64, beside chunk_kda_ref's (README's table).
 
     python -m tools.grad_errors          # CPU: Triton's interpreter, a few minutes; or a GPU
 
