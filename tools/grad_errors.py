@@ -1,6 +1,6 @@
 """Gradient errors of chunk_kda's backward against fp64, beside chunk_kda_ref's (README's table).
 
-    python -m tools.grad_errors          # CPU: Triton's interpreter, a few minutes; or a GPU
+    python -m tools.grad_errors          # CPU: Triton's interpreter, under a minute; or a GPU
 
 For each case: random inputs (kda_ref.random_inputs, with the case's gate), the loss
 (o * dO).sum() + (S_T * dS_T).sum() with random dO and dS_T (and an initial state where the case
