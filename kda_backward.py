@@ -1,4 +1,4 @@
-"""Chunked KDA backward in three Triton kernels: the gradients of kda_triton.chunk_kda.
+"""Chunked KDA backward in four Triton kernels: the gradients of kda_triton.chunk_kda.
 Read kda_triton.py first: the steps below are its forward steps (and chunk_kda_ref's), run
 backwards; docs/kda.md §5a derives each line.
 
@@ -13,11 +13,14 @@ gradient of the state leaving it, dO the gradient of the chunk's output:
   kernel 2, _kda_bwd_wy_kernel, grid (NT, B*H): steps 4 and 3 reversed, over V slices
       dU = Tinv^T dv_new:  dv = beta dU,  dbeta += sum_v v dU
       dAqk = dO v_new^T (j <= i),  dAkk = -dU v_new^T (j < i)      (fp32 scratch)
+  kernel 2a, _kda_bwd_diag_kernel, grid (B*NT*C, H / BH): step 2a reversed, token-parallel as the
+      forward's kernel 1: the diagonal 16 x 16 blocks' part of dq, dk through Aqk and Akk, each
+      entry its own exponent                                        (fp32 scratch)
   kernel 3, _kda_bwd_intra_kernel, grid (NT, B*H): steps 4, 2 and 1 reversed, over K slices
       through S and dS':  dq = scale 2^G (dO S^T),  dk += 2^(gamma - G) (v_new dS'^T)
       through w:  dk += beta 2^G dW with dW = -Tinv^T (dv_new S^T)
       through Aqk and Akk: the same anchored products as the forward's step 2 (left of the
-        diagonal blocks) and exact per-entry exponents (the diagonal blocks)
+        diagonal blocks), plus kernel 2a's part
       dG = q dq + k (dk through 2^G factors) - k (dk through 2^-G factors), plus the chunk-end
         terms of gamma on the last row;  dg = the reverse cumsum of dG inside the chunk
 
@@ -47,6 +50,7 @@ BC = 16                     # diagonal block size of Akk / Aqk (smallest tl.dot 
 # (compiled for sm_90 with 4 warps, or with wider slices, they spill).
 BV_BWD_SCAN, BV_BWD, BK_BWD = 64, 32, 16
 BWD_SCAN_WARPS, BWD_WY_WARPS, BWD_INTRA_WARPS, BWD_SCAN_STAGES = 4, 8, 8, 2
+BWD_DIAG_HEADS, BWD_DIAG_WARPS = 4, 2       # the diagonal blocks' kernel: the forward's tile
 # Globals read inside @triton.jit must be tl.constexpr (compiled Triton refuses plain globals).
 # 1 / ln 2: g goes to log2 units once, then exp2 everywhere (docs/kda.md §4)
 RCP_LN2 = tl.constexpr(1.4426950408889634)
@@ -153,14 +157,64 @@ def _kda_bwd_wy_kernel(v, beta, do, vn, dvn, tinv, dv, dAqk, dAkk, dbeta_wy,   #
 
 
 @triton.jit
-def _pick(x3, jj, NB: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
-    """[NB, BC, BK] -> [NB * BC, BK]: every row replaced by row jj of its 16-row block."""
-    sel = tl.sum(tl.where(tl.arange(0, BC)[None, :, None] == jj, x3, 0.), axis=1)   # [NB, BK]
-    return tl.reshape(tl.broadcast_to(sel[:, None, :], [NB, BC, BK]), [NB * BC, BK])
+def _kda_bwd_diag_kernel(q, k, g, beta, dAqk, dAkk,                     # pointers: inputs
+                         dqA, dkA, dkc,                                  # pointers: outputs
+                         T, H, NT, s_qk, s_beta,                         # sizes, token strides
+                         K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr):
+    """Step 2a reversed, token-parallel (as the forward's _kda_diag_kernel): the diagonal 16 x 16
+    blocks' part of the gradients through Aqk and Akk, for token t of BH heads at once.
+    As the row i = t:    dqA_i = sum_{j<i} dAqk_ij k_j 2^(G_i - G_j),  dkA_i the same with dAkk
+    as the column j = t: dkc_j = sum_{i>j} (dAqk_ij q_i + dAkk_ij beta_i k_i) 2^(G_i - G_j)
+    (j, i in t's block). Each exponent is the sum of g over (j, i], kept as a running sum in the
+    order kernel 3's loops took it before, and masked before exp2 (inf * 0 = NaN)."""
+    tok = tl.program_id(0).to(tl.int64)          # row of the [B, NT*C] padded sequences (int64)
+    b, t = tok // (NT * C), tok % (NT * C)
+    hh = tl.program_id(1) * BH + tl.arange(0, BH)                          # [BH] heads
+    ck = tl.arange(0, K)
+    heads = (hh < H)[:, None]
+    on = heads & (t + 0 * hh < T)[:, None]      # (t + 0 * hh: the interpreter wants a tensor)
+    row = (b * H + hh) * NT * C + t              # [BH] row in the [B*H, NT*C, *] intermediates
+    first = t - t % BC                           # the block's first token
+    last = first + BC - 1
+    # ---- as the row i = t: j = t-1, ..., first; E = the sum of g over (j, t] ----
+    d_qA = tl.zeros([BH, K], dtype=tl.float32)
+    d_kA = tl.zeros([BH, K], dtype=tl.float32)
+    E = tl.zeros([BH, K], dtype=tl.float32)
+    for d in range(1, t - first + 1):
+        j = t - d
+        pj = (b * T + j) * s_qk + hh[:, None] * K + ck[None, :]            # [BH, K] offsets
+        p1 = pj + s_qk                                                      # token j + 1
+        E += tl.maximum(tl.load(g + p1, mask=heads & (j + 1 + 0 * hh < T)[:, None], other=0.),
+                        G_FLOOR) * RCP_LN2
+        k_j = tl.load(k + pj, mask=heads & (j + 0 * hh < T)[:, None], other=0.).to(tl.float32)
+        kd = k_j * tl.exp2(E)                                              # E <= 0
+        at = row * C + j % C                                               # [BH] dA[t, j]
+        d_qA += tl.load(dAqk + at, mask=hh < H, other=0.)[:, None] * kd
+        d_kA += tl.load(dAkk + at, mask=hh < H, other=0.)[:, None] * kd
+    # ---- as the column j = t: i = t+1, ..., the block's last token; E over (t, i] ----
+    d_kc = tl.zeros([BH, K], dtype=tl.float32)
+    E = tl.zeros([BH, K], dtype=tl.float32)
+    for i in range(t + 1, last + 1):
+        pi = (b * T + i) * s_qk + hh[:, None] * K + ck[None, :]
+        on_i = heads & (i + 0 * hh < T)[:, None]
+        E += tl.maximum(tl.load(g + pi, mask=on_i, other=0.), G_FLOOR) * RCP_LN2
+        q_i = tl.load(q + pi, mask=on_i, other=0.).to(tl.float32)
+        k_i = tl.load(k + pi, mask=on_i, other=0.).to(tl.float32)
+        beta_i = tl.load(beta + (b * T + i) * s_beta + hh, mask=(hh < H) & (i + 0 * hh < T),
+                         other=0.)
+        at = (row + i - t) * C + t % C                                     # [BH] dA[i, t]
+        a_q = tl.load(dAqk + at, mask=hh < H, other=0.)
+        a_k = tl.load(dAkk + at, mask=hh < H, other=0.) * beta_i
+        d_kc += (a_q[:, None] * q_i + a_k[:, None] * k_i) * tl.exp2(E)
+    out = row[:, None] * K + ck[None, :]                                   # [BH, K]
+    tl.store(dqA + out, tl.where(on, d_qA, 0.), mask=heads)    # zeros past T: kernel 3 adds them
+    tl.store(dkA + out, tl.where(on, d_kA, 0.), mask=heads)
+    tl.store(dkc + out, tl.where(on, d_kc, 0.), mask=heads)
 
 
 @triton.jit
 def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk, dbeta_wy,  # in
+                          dqA, dkA, dkc,                          # in: the diagonal blocks' part
                           dq, dk, dg, dbeta,                      # pointers: the gradients
                           T, H, scale, s_qk, s_v, s_beta,         # sizes, token strides
                           K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
@@ -178,7 +232,6 @@ def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk,
     valid = t < T                                # ragged last chunk: rows past T load 0
     bt = b * T + t
     row = (bh * NT + n) * C + i
-    cj = ib * BC                                 # [C] first token of each row's block
     b_beta = tl.load(beta + bt * s_beta + h, mask=valid, other=0.)                  # [C]
     blk_c = tl.arange(0, NB)[:, None, None]      # [NB, 1, 1] and [1, NB, 1]: block indices
     blk_m = tl.arange(0, NB)[None, :, None]
@@ -194,7 +247,6 @@ def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk,
         # ---- 1. G as the forward builds it: 16-row block cumsums Gb plus block totals; the sum
         # of g after j in its block (tot_c - Gb_j) summed directly, one row on (see kernel 2) ----
         g_c = tl.reshape(tl.maximum(g_in, G_FLOOR), [NB, BC, BK])         # clamped as forward
-        g3 = g_c * RCP_LN2                                                  # log2 units
         Gb3 = tl.cumsum(g_c, axis=1) * RCP_LN2
         tot = tl.sum(tl.where(r3 == BC - 1, Gb3, 0.), axis=1)               # [NB, BK] block totals
         b_Gb = tl.reshape(Gb3, [C, BK])
@@ -270,30 +322,13 @@ def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk,
         d_kA = row_k * e_Gb                                  # dk through Akk's rows, before beta_i
         d_kc = col * tl.exp2(tail)                           # dk through the column sides
 
-        # ---- 2a. reversed: the diagonal blocks, every entry its own exponent ----
-        # As in kernel 1 of the forward, the exponent G_i - G_j is the sum of g over (j, i], kept
-        # as a running sum (never a difference of cumsums) and masked before exp2: where(j < i,
-        # E, -inf), never exp2 first (inf * 0 = NaN). j = i (Aqk's diagonal, factor 1) comes after
-        # the loops: it gives dG_i q_i dAqk_ii k_i - k_i dAqk_ii q_i = 0 exactly, so it is left out
-        # of dG, not added and cancelled in fp32.
-        q3 = tl.reshape(b_q, [NB, BC, BK])
-        k3 = tl.reshape(b_k, [NB, BC, BK])
-        E = tl.zeros([C, BK], dtype=tl.float32)
-        for d in range(BC):             # row side, j = cj + jj for jj = 15 .. 0: row i, j < i
-            jj = BC - 1 - d
-            E = tl.where((ii > jj)[:, None], E + _pick(g3, jj + 1, NB, BC, BK), 0.)   # (j, i]
-            k_j = _pick(k3, jj, NB, BC, BK)                  # [C, BK] token jj of the row's block
-            e_r = tl.exp2(tl.where((ii > jj)[:, None], E, float("-inf")))
-            d_qA += tl.load(dAqk + row * C + cj + jj)[:, None] * k_j * e_r
-            d_kA += tl.load(dAkk + row * C + cj + jj)[:, None] * k_j * e_r
-        E = tl.zeros([C, BK], dtype=tl.float32)
-        for jj in range(BC):            # column side, i = cj + jj for jj = 0 .. 15: row j, i > j
-            E = tl.where((ii < jj)[:, None], E + _pick(g3, jj, NB, BC, BK), 0.)       # (j, i]
-            e_c = tl.exp2(tl.where((ii < jj)[:, None], E, float("-inf")))
-            at_i = (row - ii + jj) * C + i           # [C] dA[i, j] with i = cj + jj
-            beta_i = tl.load(beta + (bt - ii + jj) * s_beta + h, mask=t - ii + jj < T, other=0.)
-            d_kc += (tl.load(dAqk + at_i)[:, None] * _pick(q3, jj, NB, BC, BK)
-                     + (tl.load(dAkk + at_i) * beta_i)[:, None] * _pick(k3, jj, NB, BC, BK)) * e_c
+        # ---- 2a. reversed: the diagonal blocks, from _kda_bwd_diag_kernel. j = i (Aqk's
+        # diagonal, factor 1) comes here: it gives dG_i q_i dAqk_ii k_i - k_i dAqk_ii q_i = 0
+        # exactly, so it is left out of dG, not added and cancelled in fp32. ----
+        p_d = row[:, None] * K + c[None, :]                  # [C, BK] in [B*H, NT*C, K]
+        d_qA += tl.load(dqA + p_d)
+        d_kA += tl.load(dkA + p_d)
+        d_kc += tl.load(dkc + p_d)
         a_ii = tl.load(dAqk + row * C + i)[:, None]          # [C, 1] dAqk[i, i]
         b_dq += d_qA + a_ii * b_k
         b_dk += b_beta[:, None] * d_kA + d_kc + a_ii * b_q
@@ -345,10 +380,15 @@ def chunk_kda_bwd(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
         v, beta, do, vn, dvn, tinv, dv, dAqk, dAkk, dbeta_wy,
         T, H, scale, H * V, H,
         V=V, C=C, BV=min(BV_BWD, V), PREC=prec, num_warps=BWD_WY_WARPS)
+    dqA, dkA, dkc = (torch.empty(B * H, NT * C, K, device=dev, dtype=torch.float32)
+                     for _ in range(3))
+    _kda_bwd_diag_kernel[(B * NT * C, triton.cdiv(H, BWD_DIAG_HEADS))](
+        q, k, g, beta, dAqk, dAkk, dqA, dkA, dkc, T, H, NT, H * K, H,
+        K=K, C=C, BC=BC, BH=BWD_DIAG_HEADS, num_warps=BWD_DIAG_WARPS)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dg, dbeta = torch.empty_like(g), torch.empty_like(beta)
     _kda_bwd_intra_kernel[(NT, B * H)](
-        q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk, dbeta_wy,
+        q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk, dbeta_wy, dqA, dkA, dkc,
         dq, dk, dg, dbeta,
         T, H, scale, H * K, H * V, H,
         K=K, V=V, C=C, BC=BC, BK=min(BK_BWD, K), BV=min(BV_BWD, V), PREC=prec,

@@ -5,7 +5,7 @@ the compiler refuses: on the H200, short_conv.py once failed with "initial value
 type [64, 1], but the then block redefines it as [1, 4]" (a name given another shape inside a
 runtime `if`) while every interpreter test passed. Triton's compiler and ptxas run on a CPU too,
 for a named target, so this test compiles kda_triton.py's four kernels (with and without the
-backward's stores), kda_backward.py's three, fast/short_conv.py's and fast/moe.py's combine at
+backward's stores), kda_backward.py's four, fast/short_conv.py's and fast/moe.py's combine at
 the 48B model's sizes, as their launchers configure them. Skipped where
 the installed Triton cannot compile for CUDA here (no CUDA backend, or another compile API).
 """
@@ -76,8 +76,12 @@ build(kb._kda_bwd_scan_kernel, dict(qg=BF, kg=BF, w=BF, Aqk=BF, decay=F32, do=BF
 build(kb._kda_bwd_wy_kernel, dict(v=BF, beta=F32, do=BF, vn=BF, dvn=F32, tinv=F32, dv=BF,
                                   dAqk=F32, dAkk=F32, dbeta_wy=F32),
       dict(V=128, C=kb.C, BV=kb.BV_BWD, PREC="tf32"), kb.BWD_WY_WARPS)
+build(kb._kda_bwd_diag_kernel, dict(q=BF, k=BF, g=F32, beta=F32, dAqk=F32, dAkk=F32, dqA=F32,
+                                    dkA=F32, dkc=F32),
+      dict(K=128, C=kb.C, BC=kb.BC, BH=kb.BWD_DIAG_HEADS), kb.BWD_DIAG_WARPS)
 build(kb._kda_bwd_intra_kernel, dict(q=BF, k=BF, g=F32, beta=F32, do=BF, vn=BF, dvn=F32, hn=BF,
-                                     dhn=BF, tinv=F32, dAqk=F32, dAkk=F32, dbeta_wy=F32, dq=BF,
+                                     dhn=BF, tinv=F32, dAqk=F32, dAkk=F32, dbeta_wy=F32, dqA=F32,
+                                     dkA=F32, dkc=F32, dq=BF,
                                      dk=BF, dg=F32, dbeta=F32),
       dict(KV, C=kb.C, BC=kb.BC, BK=kb.BK_BWD, BV=kb.BV_BWD, PREC="tf32"), kb.BWD_INTRA_WARPS)
 # The decode kernels of fast/moe_decode.py and fast/mla_decode.py, as their launchers configure
