@@ -127,8 +127,8 @@ def test_silu_mul_kernel_equals_torch(dtype):
     """silu_mul (interpreter without a GPU) = F.silu(gate) * up, partial tiles in both directions.
     Both compute silu in fp32 and round it to the dtype, then round the product. torch's silu may
     be x sigmoid(x) rather than x / (1 + exp(-x)), and exp's last bit is the platform's: in fp32
-    the two differ by a few units (4 allowed, 2^-23 each); in bf16 only where that moves a value
-    across a rounding boundary, by one unit (2^-7) there, for a small fraction of the outputs."""
+    the two differ by a few units (2^-23 each); in bf16 only where that moves a value across a
+    rounding boundary, by one unit (2^-7) there, for a small fraction of the outputs."""
     g = torch.Generator().manual_seed(0)
     gu = (torch.randn(37, 2 * 48, generator=g) * 4).to(DEV, dtype)             # M = 37, F = 48
     gate, up = gu.chunk(2, dim=-1)
@@ -136,7 +136,10 @@ def test_silu_mul_kernel_equals_torch(dtype):
     for tile in (dict(BM=4, BN=32), {}):
         h = fast_moe.silu_mul(gu, **tile)
         assert h.dtype == dtype and h.shape == ref.shape
-        units = 2.0 ** -7 if dtype == torch.bfloat16 else 4 * 2.0 ** -23
+        # fp32: compiled, Triton's exp is ex2.approx(x log2 e) (2 units, plus |x| 2^-24 from
+        # rounding its argument) and its division div.full (2 units); 4 more for the roundings of
+        # 1 + e, the product and torch's own. The interpreter uses numpy's exp: well inside.
+        units = 2.0 ** -7 if dtype == torch.bfloat16 else (8 + gate.abs() / 2) * 2.0 ** -23
         assert ((h - ref).abs() <= units * ref.abs() + torch.finfo(dtype).tiny).all()
         if dtype == torch.bfloat16:
             assert (h != ref).float().mean() < 0.01
