@@ -50,6 +50,7 @@ BC = 16                     # diagonal block size of Akk / Aqk (smallest tl.dot 
 # (compiled for sm_90 with 4 warps, or with wider slices, they spill).
 BV_BWD_SCAN, BV_BWD, BK_BWD = 64, 32, 16
 BWD_SCAN_WARPS, BWD_WY_WARPS, BWD_INTRA_WARPS, BWD_SCAN_STAGES = 4, 8, 8, 2
+BWD_INTRA_STAGES = 3
 BWD_DIAG_HEADS, BWD_DIAG_WARPS = 4, 2       # the diagonal blocks' kernel: the forward's tile
 # Globals read inside @triton.jit must be tl.constexpr (compiled Triton refuses plain globals).
 # 1 / ln 2: g goes to log2 units once, then exp2 everywhere (docs/kda.md §4)
@@ -228,19 +229,27 @@ def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk,
     i = tl.arange(0, C)                          # token within the chunk (rows; also columns j)
     ib = i // BC                                 # its 16-row block
     ii = i % BC                                  # its row within the block
-    t = n * C + i
-    valid = t < T                                # ragged last chunk: rows past T load 0
-    bt = b * T + t
-    row = (bh * NT + n) * C + i
-    b_beta = tl.load(beta + bt * s_beta + h, mask=valid, other=0.)                  # [C]
+    valid = n * C + i < T                        # ragged last chunk: rows past T load 0
+    # Every tensor's chunk as an int64 base (one per program) plus int32 offsets within the chunk:
+    # the addresses fold into the loads, where int64 [C, *] offsets would hold twice the registers
+    # that this kernel runs short of (as kda_triton's scan does with the state).
+    tok = b * T + n * C                          # the chunk's first token in [B, T]
+    rows = (bh * NT + n) * C                     # its first row in the [B*H, NT*C, *] scratch
+    q, k, g = q + tok * s_qk + h * K, k + tok * s_qk + h * K, g + tok * s_qk + h * K
+    do, beta, dbeta = do + tok * s_v + h * V, beta + tok * s_beta + h, dbeta + tok * s_beta + h
+    dq, dk, dg = dq + tok * s_qk + h * K, dk + tok * s_qk + h * K, dg + tok * s_qk + h * K
+    vn, dvn = vn + rows * V, dvn + rows * V
+    tinv, dAqk, dAkk = tinv + rows * C, dAqk + rows * C, dAkk + rows * C
+    dqA, dkA, dkc = dqA + rows * K, dkA + rows * K, dkc + rows * K
+    b_beta = tl.load(beta + i * s_beta, mask=valid, other=0.)                       # [C]
     blk_c = tl.arange(0, NB)[:, None, None]      # [NB, 1, 1] and [1, NB, 1]: block indices
     blk_m = tl.arange(0, NB)[None, :, None]
     r3 = tl.arange(0, BC)[None, :, None]         # [1, BC, 1] row within a block
-    b_db = tl.load(dbeta_wy + row)               # kernel 2's part of dbeta
-    state = (bh * NT + n) * K * V
+    b_db = tl.load(dbeta_wy + rows + i)          # kernel 2's part of dbeta
+    hn, dhn = hn + (bh * NT + n) * K * V, dhn + (bh * NT + n) * K * V      # S and dS' of chunk n
     for k0 in range(0, K, BK):  # a loop, not unrolled: compile time
         c = k0 + tl.arange(0, BK)
-        p = bt[:, None] * s_qk + h * K + c[None, :]                        # [C, BK] offsets
+        p = i[:, None] * s_qk + c[None, :]                                 # [C, BK] offsets
         b_q = tl.load(q + p, mask=valid[:, None], other=0.).to(tl.float32)
         b_k = tl.load(k + p, mask=valid[:, None], other=0.).to(tl.float32)
         g_in = tl.load(g + p, mask=valid[:, None], other=0.)
@@ -250,7 +259,8 @@ def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk,
         Gb3 = tl.cumsum(g_c, axis=1) * RCP_LN2
         tot = tl.sum(tl.where(r3 == BC - 1, Gb3, 0.), axis=1)               # [NB, BK] block totals
         b_Gb = tl.reshape(Gb3, [C, BK])
-        g_next = tl.load(g + p + s_qk, mask=((ii < BC - 1) & (t + 1 < T))[:, None], other=0.)
+        g_next = tl.load(g + p + s_qk, mask=((ii < BC - 1) & (n * C + i + 1 < T))[:, None],
+                         other=0.)
         tail3 = tl.cumsum(tl.reshape(tl.maximum(g_next, G_FLOOR), [NB, BC, BK]), axis=1,
                           reverse=True) * RCP_LN2                          # tot_c - Gb_j <= 0
         before = tl.sum(tl.where(blk_m < blk_c, tot[None, :, :], 0.), axis=1)   # blocks before c
@@ -266,11 +276,11 @@ def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk,
         S_dS = tl.zeros([BK], dtype=tl.float32)             # sum_v S dS', for 2^gamma
         for v0 in range(0, V, BV):
             cv = v0 + tl.arange(0, BV)
-            p_v = bt[:, None] * s_v + h * V + cv[None, :]
-            b_do = tl.load(do + p_v, mask=valid[:, None], other=0.)           # [C, BV]
-            b_dvn = tl.load(dvn + row[:, None] * V + cv[None, :])            # [C, BV]
-            b_vn = tl.load(vn + row[:, None] * V + cv[None, :])              # [C, BV]
-            st = state + c[None, :] * V + cv[:, None]                         # [BV, BK] S^T
+            b_do = tl.load(do + i[:, None] * s_v + cv[None, :], mask=valid[:, None],
+                           other=0.)                                          # [C, BV]
+            b_dvn = tl.load(dvn + i[:, None] * V + cv[None, :])              # [C, BV]
+            b_vn = tl.load(vn + i[:, None] * V + cv[None, :])                # [C, BV]
+            st = c[None, :] * V + cv[:, None]                                 # [BV, BK] S^T
             b_hT = tl.load(hn + st).to(tl.float32)
             b_dhT = tl.load(dhn + st).to(tl.float32)
             d_qg += _dot(b_do, b_hT, tl.float32, PREC)
@@ -280,7 +290,7 @@ def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk,
         b_dq = d_qg * scale * e_G
         d_kg = d_kg * e_kg                                   # the gradient of k through kg
         # w = Tinv (beta k 2^G): the gradient of (beta k 2^G) is Tinv^T (-dv_new S^T)
-        b_TT = tl.load(tinv + row[None, :] * C + i[:, None])     # [C, C] Tinv^T, swapped strides
+        b_TT = tl.load(tinv + i[None, :] * C + i[:, None])       # [C, C] Tinv^T, swapped strides
         d_kb = -_dot(b_TT, d_w, tl.float32, PREC)
         b_dk = b_beta[:, None] * e_G * d_kb + d_kg
         b_db += tl.sum(b_k * e_G * d_kb, axis=1)
@@ -296,8 +306,8 @@ def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk,
         # The [C, C] tiles of dA are loaded one row block at a time (masked loads), where they are
         # used: registers, not memory, are what these loops run short of.
         tail = tl.reshape(tail3, [C, BK])
-        p_A = row[:, None] * C + i[None, :]                  # [C, C] dA[i, j]
-        p_AT = row[None, :] * C + i[:, None]                 # [C, C] dA[j, i]: dA^T
+        p_A = i[:, None] * C + i[None, :]                    # [C, C] dA[i, j]
+        p_AT = i[None, :] * C + i[:, None]                   # [C, C] dA[j, i]: dA^T
         row_q = tl.zeros([C, BK], dtype=tl.float32)         # sum_j dAqk k_j 2^(n_r - G_j)
         row_k = tl.zeros([C, BK], dtype=tl.float32)         # sum_j dAkk k_j 2^(n_r - G_j)
         col = tl.zeros([C, BK], dtype=tl.float32)           # sum_i (dAqk q_i + dAkk beta_i k_i)
@@ -325,11 +335,11 @@ def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk,
         # ---- 2a. reversed: the diagonal blocks, from _kda_bwd_diag_kernel. j = i (Aqk's
         # diagonal, factor 1) comes here: it gives dG_i q_i dAqk_ii k_i - k_i dAqk_ii q_i = 0
         # exactly, so it is left out of dG, not added and cancelled in fp32. ----
-        p_d = row[:, None] * K + c[None, :]                  # [C, BK] in [B*H, NT*C, K]
+        p_d = i[:, None] * K + c[None, :]                    # [C, BK] in [B*H, NT*C, K]
         d_qA += tl.load(dqA + p_d)
         d_kA += tl.load(dkA + p_d)
         d_kc += tl.load(dkc + p_d)
-        a_ii = tl.load(dAqk + row * C + i)[:, None]          # [C, 1] dAqk[i, i]
+        a_ii = tl.load(dAqk + i * C + i)[:, None]            # [C, 1] dAqk[i, i]
         b_dq += d_qA + a_ii * b_k
         b_dk += b_beta[:, None] * d_kA + d_kc + a_ii * b_q
         b_db += tl.sum(b_k * d_kA, axis=1)
@@ -342,7 +352,7 @@ def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk,
         tl.store(dq + p, b_dq.to(dq.dtype.element_ty), mask=valid[:, None])
         tl.store(dk + p, b_dk.to(dk.dtype.element_ty), mask=valid[:, None])
         tl.store(dg + p, b_dg, mask=valid[:, None])
-    tl.store(dbeta + bt * s_beta + h, b_db, mask=valid)
+    tl.store(dbeta + i * s_beta, b_db, mask=valid)
 
 
 def chunk_kda_bwd(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
@@ -392,5 +402,5 @@ def chunk_kda_bwd(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
         dq, dk, dg, dbeta,
         T, H, scale, H * K, H * V, H,
         K=K, V=V, C=C, BC=BC, BK=min(BK_BWD, K), BV=min(BV_BWD, V), PREC=prec,
-        num_warps=BWD_INTRA_WARPS)
+        num_warps=BWD_INTRA_WARPS, num_stages=BWD_INTRA_STAGES)
     return dq, dk, dv, dg, dbeta, dh0
