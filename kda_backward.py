@@ -46,11 +46,11 @@ import triton.language as tl
 C = 64                      # chunk size, the forward's and the backward's
 BC = 16                     # diagonal block size of Akk / Aqk (smallest tl.dot tile)
 # The backward's tiles (fixed, no autotune): a V-slice of 64 per scan program, as the forward's
-# scan; [C, 32] V-slices and [C, 16] K-slices in kernels 2 and 3, whose registers run short first
-# (compiled for sm_90 with 4 warps, or with wider slices, they spill).
-BV_BWD_SCAN, BV_BWD, BK_BWD = 64, 32, 16
+# scan; [C, 16] V-slices in kernels 2 and 3, and [C, 64] K-slices in kernel 3: each K-slice reads
+# dO, v_new, dv_new, Tinv and the [C, C] dA tiles again, so two wide slices beat eight narrow ones
+# although they spill (sm_90, 8 warps); 16 warps, or wider V-slices, were slower (tools.kernels).
+BV_BWD_SCAN, BV_BWD, BK_BWD = 64, 16, 64
 BWD_SCAN_WARPS, BWD_WY_WARPS, BWD_INTRA_WARPS, BWD_SCAN_STAGES = 4, 8, 8, 2
-BWD_INTRA_STAGES = 3
 BWD_DIAG_HEADS, BWD_DIAG_WARPS = 4, 2       # the diagonal blocks' kernel: the forward's tile
 # Globals read inside @triton.jit must be tl.constexpr (compiled Triton refuses plain globals).
 # 1 / ln 2: g goes to log2 units once, then exp2 everywhere (docs/kda.md §4)
@@ -230,9 +230,8 @@ def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk,
     ib = i // BC                                 # its 16-row block
     ii = i % BC                                  # its row within the block
     valid = n * C + i < T                        # ragged last chunk: rows past T load 0
-    # Every tensor's chunk as an int64 base (one per program) plus int32 offsets within the chunk:
-    # the addresses fold into the loads, where int64 [C, *] offsets would hold twice the registers
-    # that this kernel runs short of (as kda_triton's scan does with the state).
+    # Every tensor's chunk as an int64 base (one per program) plus int32 offsets within the chunk,
+    # as kda_triton's scan does with the state: int64 [C, *] offsets would take twice the registers.
     tok = b * T + n * C                          # the chunk's first token in [B, T]
     rows = (bh * NT + n) * C                     # its first row in the [B*H, NT*C, *] scratch
     q, k, g = q + tok * s_qk + h * K, k + tok * s_qk + h * K, g + tok * s_qk + h * K
@@ -402,5 +401,5 @@ def chunk_kda_bwd(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
         dq, dk, dg, dbeta,
         T, H, scale, H * K, H * V, H,
         K=K, V=V, C=C, BC=BC, BK=min(BK_BWD, K), BV=min(BV_BWD, V), PREC=prec,
-        num_warps=BWD_INTRA_WARPS, num_stages=BWD_INTRA_STAGES)
+        num_warps=BWD_INTRA_WARPS)
     return dq, dk, dv, dg, dbeta, dh0
