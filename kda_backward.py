@@ -166,8 +166,8 @@ def _kda_bwd_diag_kernel(q, k, g, beta, dAqk, dAkk,                     # pointe
     blocks' part of the gradients through Aqk and Akk, for token t of BH heads at once.
     As the row i = t:    dqA_i = sum_{j<i} dAqk_ij k_j 2^(G_i - G_j),  dkA_i the same with dAkk
     as the column j = t: dkc_j = sum_{i>j} (dAqk_ij q_i + dAkk_ij beta_i k_i) 2^(G_i - G_j)
-    (j, i in t's block). Each exponent is the sum of g over (j, i], kept as a running sum in the
-    order kernel 3's loops took it before, and masked before exp2 (inf * 0 = NaN)."""
+    (j, i in t's block). Each exponent is the sum of g over (j, i], kept as a running sum (never
+    a difference of cumsums, docs/kda.md §5a), and never positive."""
     tok = tl.program_id(0).to(tl.int64)          # row of the [B, NT*C] padded sequences (int64)
     b, t = tok // (NT * C), tok % (NT * C)
     hh = tl.program_id(1) * BH + tl.arange(0, BH)                          # [BH] heads
