@@ -48,7 +48,8 @@ BC = 16                     # diagonal block size of Akk / Aqk (smallest tl.dot 
 # The backward's tiles (fixed, no autotune): a V-slice of 64 per scan program, as the forward's
 # scan; [C, 16] V-slices in kernels 2 and 3, and [C, 64] K-slices in kernel 3: each K-slice reads
 # dO, v_new, dv_new, Tinv and the [C, C] dA tiles again, so two wide slices beat eight narrow ones
-# although they spill (sm_90, 8 warps); 16 warps, or wider V-slices, were slower (tools.kernels).
+# although they spill (sm_90, 8 warps); 16 warps, or wider V-slices, were slower on an H100
+# (python -m tools.kernels kda_bwd_tiles).
 BV_BWD_SCAN, BV_BWD, BK_BWD = 64, 16, 64
 BWD_SCAN_WARPS, BWD_WY_WARPS, BWD_INTRA_WARPS, BWD_SCAN_STAGES = 4, 8, 8, 2
 BWD_DIAG_HEADS, BWD_DIAG_WARPS = 4, 2       # the diagonal blocks' kernel: the forward's tile
