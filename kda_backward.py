@@ -24,18 +24,14 @@ gradient of the state leaving it, dO the gradient of the chunk's output:
       dG = q dq + k (dk through 2^G factors) - k (dk through 2^-G factors), plus the chunk-end
         terms of gamma on the last row;  dg = the reverse cumsum of dG inside the chunk
 
-Why dg is a reverse cumsum: every factor x 2^(+-G) has the derivative +-x dx with respect to G (in
-natural units, as g is), so all the pairwise decays collapse into one vector per token; G is a
-cumsum of g restarted every chunk. No exponent is ever positive, as in the forward: the same
-anchors, the same G_FLOOR clamp (whose derivative zeroes dg below it), exp2 of masked exponents.
+Why dg is a reverse cumsum: each factor x 2^(+-G) has the derivative +-x dx with respect to G (in
+natural units), so the pairwise decays collapse into one vector dG per token, and G is a cumsum of
+g restarted every chunk. No exponent is ever positive: the forward's anchors and G_FLOOR clamp.
 
-Saved by the forward (only when a gradient is needed; the inference path stores none of it): its
-own intermediates Aqk, w, qg, kg and 2^gamma, kept instead of freed (computing them again would
-take a kernel that writes them again); Tinv in fp32 (kda_triton's STORE_TINV: no second solve),
-the state entering every chunk h_n and v_new (STORE_H: no replay of the scan). Recomputed here,
-cheaper than a round trip through memory: G and its 16-row block sums (a cumsum in registers),
-every 2^G factor and pairwise decay. u is neither kept nor recomputed: dAkk = -dU v_new^T needs
-none. dq, dk, dg, dbeta, dA and dv_new stay fp32 until the final store.
+Saved by the forward only when a gradient is needed: its own Aqk, w, qg, kg and 2^gamma, Tinv
+in fp32 (STORE_TINV: no second solve), h_n and v_new (STORE_H: no replay of the scan). Recomputed
+here, cheaper than a round trip through memory: G, its block sums, every 2^G factor and pairwise
+decay. u is not needed (dAkk = -dU v_new^T). dq, dk, dg, dbeta, dA, dv_new stay fp32 until stored.
 """
 import torch
 
@@ -46,10 +42,9 @@ import triton.language as tl
 C = 64                      # chunk size, the forward's and the backward's
 BC = 16                     # diagonal block size of Akk / Aqk (smallest tl.dot tile)
 # The backward's tiles (fixed, no autotune): a V-slice of 64 per scan program, as the forward's
-# scan; [C, 16] V-slices in kernels 2 and 3, and [C, 64] K-slices in kernel 3: each K-slice reads
-# dO, v_new, dv_new, Tinv and the [C, C] dA tiles again, so two wide slices beat eight narrow ones
-# although they spill (sm_90, 8 warps); 16 warps, or wider V-slices, were slower on an H100
-# (python -m tools.kernels kda_bwd_tiles).
+# scan; [C, 16] V-slices in kernels 2 and 3 and [C, 64] K-slices in kernel 3, each of which reads
+# dO, v_new, dv_new, Tinv and the dA tiles again: two wide slices beat eight narrow ones on an
+# H100 although they spill (tools.kernels kda_bwd's per-kernel times; docs/kda.md §5a).
 BV_BWD_SCAN, BV_BWD, BK_BWD = 64, 16, 64
 BWD_SCAN_WARPS, BWD_WY_WARPS, BWD_INTRA_WARPS, BWD_SCAN_STAGES = 4, 8, 8, 2
 BWD_DIAG_HEADS, BWD_DIAG_WARPS = 4, 2       # the diagonal blocks' kernel: the forward's tile
@@ -173,11 +168,11 @@ def _kda_bwd_diag_kernel(q, k, g, beta, dAqk, dAkk,                     # pointe
     b, t = tok // (NT * C), tok % (NT * C)
     hh = tl.program_id(1) * BH + tl.arange(0, BH)                          # [BH] heads
     ck = tl.arange(0, K)
-    heads = (hh < H)[:, None]
+    hm = hh < H                                  # [BH] the heads that exist
+    heads = hm[:, None]
     on = heads & (t + 0 * hh < T)[:, None]      # (t + 0 * hh: the interpreter wants a tensor)
     row = (b * H + hh) * NT * C + t              # [BH] row in the [B*H, NT*C, *] intermediates
     first = t - t % BC                           # the block's first token
-    last = first + BC - 1
     # ---- as the row i = t: j = t-1, ..., first; E = the sum of g over (j, t] ----
     d_qA = tl.zeros([BH, K], dtype=tl.float32)
     d_kA = tl.zeros([BH, K], dtype=tl.float32)
@@ -191,22 +186,21 @@ def _kda_bwd_diag_kernel(q, k, g, beta, dAqk, dAkk,                     # pointe
         k_j = tl.load(k + pj, mask=heads & (j + 0 * hh < T)[:, None], other=0.).to(tl.float32)
         kd = k_j * tl.exp2(E)                                              # E <= 0
         at = row * C + j % C                                               # [BH] dA[t, j]
-        d_qA += tl.load(dAqk + at, mask=hh < H, other=0.)[:, None] * kd
-        d_kA += tl.load(dAkk + at, mask=hh < H, other=0.)[:, None] * kd
+        d_qA += tl.load(dAqk + at, mask=hm, other=0.)[:, None] * kd
+        d_kA += tl.load(dAkk + at, mask=hm, other=0.)[:, None] * kd
     # ---- as the column j = t: i = t+1, ..., the block's last token; E over (t, i] ----
     d_kc = tl.zeros([BH, K], dtype=tl.float32)
     E = tl.zeros([BH, K], dtype=tl.float32)
-    for i in range(t + 1, last + 1):
+    for i in range(t + 1, first + BC):
         pi = (b * T + i) * s_qk + hh[:, None] * K + ck[None, :]
         on_i = heads & (i + 0 * hh < T)[:, None]
         E += tl.maximum(tl.load(g + pi, mask=on_i, other=0.), G_FLOOR) * RCP_LN2
         q_i = tl.load(q + pi, mask=on_i, other=0.).to(tl.float32)
         k_i = tl.load(k + pi, mask=on_i, other=0.).to(tl.float32)
-        beta_i = tl.load(beta + (b * T + i) * s_beta + hh, mask=(hh < H) & (i + 0 * hh < T),
-                         other=0.)
+        beta_i = tl.load(beta + (b * T + i) * s_beta + hh, mask=hm & (i + 0 * hh < T), other=0.)
         at = (row + i - t) * C + t % C                                     # [BH] dA[i, t]
-        a_q = tl.load(dAqk + at, mask=hh < H, other=0.)
-        a_k = tl.load(dAkk + at, mask=hh < H, other=0.) * beta_i
+        a_q = tl.load(dAqk + at, mask=hm, other=0.)
+        a_k = tl.load(dAkk + at, mask=hm, other=0.) * beta_i
         d_kc += (a_q[:, None] * q_i + a_k[:, None] * k_i) * tl.exp2(E)
     out = row[:, None] * K + ck[None, :]                                   # [BH, K]
     tl.store(dqA + out, tl.where(on, d_qA, 0.), mask=heads)    # zeros past T: kernel 3 adds them

@@ -6,7 +6,6 @@
                  imports; one fused_recurrent_kda decode step
     kda_bwd      chunk_kda's forward + backward (kda_backward): first the time of each kernel,
                  then at the 48B layer's shapes, beside fla's chunk_kda when fla imports
-    kda_bwd_tiles  kda_backward's tiles, each in turn, by that forward + backward's GPU time
     short_conv   fast.short_conv at a T = 8192 prefill, against kimi.ShortConv's torch code; a tile
                  sweep
     pointwise    fast.pointwise's norms and gate at a T = 8192 prefill, against kimi.py's torch code
@@ -31,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-import kda_backward
 import kda_triton           # (imports fast first: without a GPU that chooses Triton's interpreter)
 import kimi
 from fast import kda_decode as fast_kda_decode
@@ -131,10 +129,9 @@ def kda_bwd():
         print("" if fla else f" {'-':>7} {'-':>8} {'-':>8}")
 
 
-def kda_bwd_kernels(B, T, passes=5, show=True):
+def kda_bwd_kernels(B, T, passes=5):
     """GPU time per Triton kernel of chunk_kda's forward + backward (torch.profiler, the mean over
-    `passes` passes after one warm-up), the forward's and the backward's kernels and the rest;
-    printed if show. -> the total, ms."""
+    `passes` passes after one warm-up), the forward's and the backward's kernels and the rest."""
     h0 = torch.randn(B, H, K, K, device="cuda", requires_grad=True)
     x = [t.requires_grad_() for t in random_inputs(B, T, H, K, K, torch.bfloat16, "cuda")]
 
@@ -150,29 +147,10 @@ def kda_bwd_kernels(B, T, passes=5, show=True):
             torch.cuda.synchronize()
     rows = sorted(((e.device_time_total / passes / 1e3, e.count // passes, e.key)
                    for e in prof.key_averages() if e.device_time_total > 0), reverse=True)
-    total = sum(r[0] for r in rows)
-    if show:
-        print(f"per kernel, B={B} T={T}: {total:.3f} ms of GPU time a pass")
-        for ms, calls, name in rows[:12]:
-            print(f"  {ms:7.3f} ms  {calls:3d} x  {name[:80]}")
-        print(flush=True)
-    return total
-
-
-def kda_bwd_tiles(B=1, T=16384):
-    """kda_backward's tiles (K-slice, V-slice of kernels 2 and 3; kernel 3's warps), each set in
-    turn (the launcher reads them), by kda_bwd_kernels' GPU time of a forward + backward."""
-    kb = kda_backward
-    fixed = kb.BK_BWD, kb.BV_BWD, kb.BWD_INTRA_WARPS
-    times = {}
-    try:
-        for tile in itertools.product((16, 32, 64), (16, 32, 64), (8, 16)):
-            kb.BK_BWD, kb.BV_BWD, kb.BWD_INTRA_WARPS = tile
-            times[tile] = kda_bwd_kernels(B, T, show=False)
-    finally:
-        kb.BK_BWD, kb.BV_BWD, kb.BWD_INTRA_WARPS = fixed
-    print(f"B={B} T={T}, tiles (BK, BV, warps) now {fixed}, fastest first: " + ", ".join(
-        f"{t} {ms:.3f} ms" for t, ms in sorted(times.items(), key=lambda i: i[1])[:8]))
+    print(f"per kernel, B={B} T={T}: {sum(r[0] for r in rows):.3f} ms of GPU time a pass")
+    for ms, calls, name in rows[:12]:
+        print(f"  {ms:7.3f} ms  {calls:3d} x  {name[:80]}")
+    print(flush=True)
 
 
 def short_conv(B=1, T=8192, C=4096, W=4):
@@ -392,8 +370,7 @@ def moe_combine(N=8192, k=8, D=2304, E=256):
         print(f"{name:45s} {t:7.3f} ms = {MB / t / 1e3:5.2f} TB/s over {MB:.0f} MB")
 
 
-TIMERS = {"kda": kda, "kda_bwd": kda_bwd, "kda_bwd_tiles": kda_bwd_tiles,
-          "short_conv": short_conv, "pointwise": pointwise,
+TIMERS = {"kda": kda, "kda_bwd": kda_bwd, "short_conv": short_conv, "pointwise": pointwise,
           "kda_decode": kda_decode, "mla_decode": mla_decode, "moe_decode": moe_decode,
           "moe_combine": moe_combine}
 
