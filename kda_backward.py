@@ -202,7 +202,8 @@ def _kda_bwd_sub_kernel(q, k, g, beta, dAqk, dAkk,                     # pointer
     b_beta = tl.load(beta + i * s_beta, mask=valid, other=0.)             # [BC]
     # ---- 1. G inside sub-chunk r, as the forward builds it (clamped, then log2 units):
     # Gb_i = G_i - n_r, n_r = G at the last row of sub-chunk r-1; tail_j = the sum of g after j
-    # in r = m_r - G_j, summed directly one row on (not m_r - Gb_j: see kernel 2 of kda_triton) ----
+    # in r = m_r - G_j (m_r = G at r's last row), summed directly one row on: not tot_r - Gb_j,
+    # a difference of cumsums that lost accuracy (docs/kda.md §5a) ----
     g_r = tl.maximum(tl.load(g + p, mask=valid[:, None], other=0.), G_FLOOR)
     b_Gb = tl.cumsum(g_r, axis=0) * RCP_LN2                                 # [BC, BK] <= 0
     g_next = tl.load(g + p + s_qk, mask=((ii < BC - 1) & (i + 1 < left))[:, None], other=0.)
@@ -212,7 +213,7 @@ def _kda_bwd_sub_kernel(q, k, g, beta, dAqk, dAkk,                     # pointer
     # k_j 2^(n_r - G_j), n_r - G_j = tail_j + the totals of the sub-chunks strictly between ----
     row_q = tl.zeros([BC, BK], dtype=tl.float32)        # sum_j dAqk_ij k_j 2^(n_r - G_j)
     row_k = tl.zeros([BC, BK], dtype=tl.float32)        # sum_j dAkk_ij k_j 2^(n_r - G_j)
-    between = tl.zeros([BK], dtype=tl.float32)          # sum of g over (m_cb, n_r], <= 0
+    between = tl.zeros([BK], dtype=tl.float32)          # sum of g after sub-chunk cb, up to n_r
     for m in range(1, r + 1):                          # column sub-chunk cb = r-1, ..., 0
         j = (r - m) * BC + ii                           # [BC] its tokens
         okj = (j < left)[:, None]                        # (all of them where r has a valid row)
@@ -221,6 +222,7 @@ def _kda_bwd_sub_kernel(q, k, g, beta, dAqk, dAkk,                     # pointer
         g_j = tl.maximum(tl.load(g + pj, mask=okj, other=0.), G_FLOOR)
         g_jn = tl.load(g + pj + s_qk, mask=((ii < BC - 1) & (j + 1 < left))[:, None], other=0.)
         tail_j = tl.cumsum(tl.maximum(g_jn, G_FLOOR), axis=0, reverse=True) * RCP_LN2
+        # every j here is before every i: no entry to mask, and the exponent is <= 0
         k_col = k_j * tl.exp2(tail_j + between[None, :])                    # [BC, BK]
         p_A = i[:, None] * C + j[None, :]                                    # [BC, BC] dA[i, j]
         row_q += _dot(tl.load(dAqk + p_A), k_col, tl.float32, PREC)
@@ -233,6 +235,7 @@ def _kda_bwd_sub_kernel(q, k, g, beta, dAqk, dAkk,                     # pointer
     # ---- rows and columns both in r, j = i - d: the exponent is the sum of g over (j, i],
     # a running sum adding g_{j+1} as d grows; entries outside r masked to -inf BEFORE exp2
     # (exp2(-inf) = 0, never inf * 0 = NaN) ----
+    # (j = i - d can fall before the chunk, a negative offset: masked lanes are never read)
     E = tl.zeros([BC, BK], dtype=tl.float32)
     for d in range(1, BC):
         on = ii >= d                                     # [BC] j = i - d still in r
