@@ -13,14 +13,17 @@ gradient of the state leaving it, dO the gradient of the chunk's output:
   kernel 2, _kda_bwd_wy_kernel, grid (NT, B*H): steps 4 and 3 reversed, over V slices
       dU = Tinv^T dv_new:  dv = beta dU,  dbeta += sum_v v dU
       dAqk = dO v_new^T (j <= i),  dAkk = -dU v_new^T (j < i)      (fp32 scratch)
-  kernel 2a, _kda_bwd_diag_kernel, grid (B*NT*C, H / BH): step 2a reversed, token-parallel as the
-      forward's kernel 1: the diagonal 16 x 16 blocks' part of dq, dk through Aqk and Akk, each
-      entry its own exponent                                        (fp32 scratch)
-  kernel 3, _kda_bwd_intra_kernel, grid (NT, B*H): steps 4, 2 and 1 reversed, over K slices
+  kernel 2s, _kda_bwd_sub_kernel, grid (K / BK * C / BC, NT, B*H): step 2 reversed, one program
+    per 16-row sub-chunk r and K slice of 32 ([16, 32] tiles): the gradients through Aqk and Akk
+      as the rows i in r:    dq_i += sum_{j<i} dAqk_ij k_j 2^(G_i - G_j), the same with dAkk
+      as the columns j in r: dk_j += sum_{i>j} (dAqk_ij q_i + dAkk_ij beta_i k_i) 2^(G_i - G_j)
+      the other sub-chunks by [16, 16] x [16, 32] dots with the forward's anchors, r's own block
+      by a loop over i - j (each entry its own exponent); writes fp32 dq, dk, dG partials and
+      one dbeta partial per K slice                                 (fp32 scratch)
+  kernel 3, _kda_bwd_intra_kernel, grid (NT, B*H): steps 4 and 1 reversed, over K slices
       through S and dS':  dq = scale 2^G (dO S^T),  dk += 2^(gamma - G) (v_new dS'^T)
       through w:  dk += beta 2^G dW with dW = -Tinv^T (dv_new S^T)
-      through Aqk and Akk: the same anchored products as the forward's step 2 (left of the
-        diagonal blocks), plus kernel 2a's part
+      plus kernel 2s's partials (step 2)
       dG = q dq + k (dk through 2^G factors) - k (dk through 2^-G factors), plus the chunk-end
         terms of gamma on the last row;  dg = the reverse cumsum of dG inside the chunk
 
@@ -41,13 +44,14 @@ import triton.language as tl
 
 C = 64                      # chunk size, the forward's and the backward's
 BC = 16                     # diagonal block size of Akk / Aqk (smallest tl.dot tile)
-# The backward's tiles (fixed, no autotune): a V-slice of 64 per scan program, as the forward's
-# scan; [C, 16] V-slices in kernels 2 and 3 and [C, 64] K-slices in kernel 3, each of which reads
-# dO, v_new, dv_new, Tinv and the dA tiles again: two wide slices beat eight narrow ones on an
-# H100 although they spill (tools.kernels kda_bwd's per-kernel times; docs/kda.md §5a).
+# The backward's tiles (fixed, no autotune), each the fastest of those tried on an H100 with
+# tools.kernels kda_bwd's per-kernel times (docs/kda.md §5a): a V-slice of 64 per scan program, as
+# the forward's scan; [C, 16] V-slices in kernels 2 and 3; [C, 64] K-slices in kernel 3 (each
+# K-slice reads dO, v_new, dv_new and Tinv again, so two wide slices beat narrower ones although
+# they spill on sm_90); [16, 32] tiles at 2 warps in the sub-chunk kernel.
 BV_BWD_SCAN, BV_BWD, BK_BWD = 64, 16, 64
 BWD_SCAN_WARPS, BWD_WY_WARPS, BWD_INTRA_WARPS, BWD_SCAN_STAGES = 4, 8, 8, 2
-BWD_DIAG_HEADS, BWD_DIAG_WARPS = 4, 2       # the diagonal blocks' kernel: the forward's tile
+BK_BWD_SUB, BWD_SUB_WARPS = 32, 2
 # Globals read inside @triton.jit must be tl.constexpr (compiled Triton refuses plain globals).
 # 1 / ln 2: g goes to log2 units once, then exp2 everywhere (docs/kda.md §4)
 RCP_LN2 = tl.constexpr(1.4426950408889634)
@@ -154,75 +158,155 @@ def _kda_bwd_wy_kernel(v, beta, do, vn, dvn, tinv, dv, dAqk, dAkk, dbeta_wy,   #
 
 
 @triton.jit
-def _kda_bwd_diag_kernel(q, k, g, beta, dAqk, dAkk,                     # pointers: inputs
-                         dqA, dkA, dkc,                                  # pointers: outputs
-                         T, H, NT, s_qk, s_beta,                         # sizes, token strides
-                         K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr):
-    """Step 2a reversed, token-parallel (as the forward's _kda_diag_kernel): the diagonal 16 x 16
-    blocks' part of the gradients through Aqk and Akk, for token t of BH heads at once.
-    As the row i = t:    dqA_i = sum_{j<i} dAqk_ij k_j 2^(G_i - G_j),  dkA_i the same with dAkk
-    as the column j = t: dkc_j = sum_{i>j} (dAqk_ij q_i + dAkk_ij beta_i k_i) 2^(G_i - G_j)
-    (j, i in t's block). Each exponent is the sum of g over (j, i], kept as a running sum (never
-    a difference of cumsums, docs/kda.md §5a), and never positive."""
-    tok = tl.program_id(0).to(tl.int64)          # row of the [B, NT*C] padded sequences (int64)
-    b, t = tok // (NT * C), tok % (NT * C)
-    hh = tl.program_id(1) * BH + tl.arange(0, BH)                          # [BH] heads
-    ck = tl.arange(0, K)
-    hm = hh < H                                  # [BH] the heads that exist
-    heads = hm[:, None]
-    on = heads & (t + 0 * hh < T)[:, None]      # (t + 0 * hh: the interpreter wants a tensor)
-    row = (b * H + hh) * NT * C + t              # [BH] row in the [B*H, NT*C, *] intermediates
-    first = t - t % BC                           # the block's first token
-    # ---- as the row i = t: j = t-1, ..., first; E = the sum of g over (j, t] ----
-    d_qA = tl.zeros([BH, K], dtype=tl.float32)
-    d_kA = tl.zeros([BH, K], dtype=tl.float32)
-    E = tl.zeros([BH, K], dtype=tl.float32)
-    for d in range(1, t - first + 1):
-        j = t - d
-        pj = (b * T + j) * s_qk + hh[:, None] * K + ck[None, :]            # [BH, K] offsets
-        p1 = pj + s_qk                                                      # token j + 1
-        E += tl.maximum(tl.load(g + p1, mask=heads & (j + 1 + 0 * hh < T)[:, None], other=0.),
-                        G_FLOOR) * RCP_LN2
-        k_j = tl.load(k + pj, mask=heads & (j + 0 * hh < T)[:, None], other=0.).to(tl.float32)
-        kd = k_j * tl.exp2(E)                                              # E <= 0
-        at = row * C + j % C                                               # [BH] dA[t, j]
-        d_qA += tl.load(dAqk + at, mask=hm, other=0.)[:, None] * kd
-        d_kA += tl.load(dAkk + at, mask=hm, other=0.)[:, None] * kd
-    # ---- as the column j = t: i = t+1, ..., the block's last token; E over (t, i] ----
-    d_kc = tl.zeros([BH, K], dtype=tl.float32)
-    E = tl.zeros([BH, K], dtype=tl.float32)
-    for i in range(t + 1, first + BC):
-        pi = (b * T + i) * s_qk + hh[:, None] * K + ck[None, :]
-        on_i = heads & (i + 0 * hh < T)[:, None]
-        E += tl.maximum(tl.load(g + pi, mask=on_i, other=0.), G_FLOOR) * RCP_LN2
-        q_i = tl.load(q + pi, mask=on_i, other=0.).to(tl.float32)
-        k_i = tl.load(k + pi, mask=on_i, other=0.).to(tl.float32)
-        beta_i = tl.load(beta + (b * T + i) * s_beta + hh, mask=hm & (i + 0 * hh < T), other=0.)
-        at = (row + i - t) * C + t % C                                     # [BH] dA[i, t]
-        a_q = tl.load(dAqk + at, mask=hm, other=0.)
-        a_k = tl.load(dAkk + at, mask=hm, other=0.) * beta_i
-        d_kc += (a_q[:, None] * q_i + a_k[:, None] * k_i) * tl.exp2(E)
-    out = row[:, None] * K + ck[None, :]                                   # [BH, K]
-    tl.store(dqA + out, tl.where(on, d_qA, 0.), mask=heads)    # zeros past T: kernel 3 adds them
-    tl.store(dkA + out, tl.where(on, d_kA, 0.), mask=heads)
-    tl.store(dkc + out, tl.where(on, d_kc, 0.), mask=heads)
+def _kda_bwd_sub_kernel(q, k, g, beta, dAqk, dAkk,                     # pointers: inputs
+                        dq2, dk2, dG2, db2,                             # pointers: fp32 outputs
+                        T, H, s_qk, s_beta,                             # sizes, token strides
+                        K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                        PREC: tl.constexpr):
+    """Step 2 reversed for one 16-row sub-chunk r of a chunk and one K slice: the gradients of q
+    and k through Aqk and Akk, with sub-chunk r as the rows i and as the columns j.
+    As the rows:    dqA_i = sum_{j<i} dAqk_ij k_j 2^(G_i - G_j),  dkA_i the same with dAkk
+    as the columns: dkc_j = sum_{i>j} (dAqk_ij q_i + dAkk_ij beta_i k_i) 2^(G_i - G_j)
+    The sub-chunks before r (rows) and after r (columns) by [BC, BC] x [BC, BK] dots with the
+    forward's anchors; r's own block (j < i both in r) a loop over the distance i - j, each entry
+    with its own exponent. Written out for kernel 3 to add (fp32, zeros past T):
+      dq2 = dqA + dAqk_ii k,  dk2 = beta dkA + dkc + dAqk_ii q,  dG2 = q dqA + beta k dkA - k dkc
+      and db2 = sum over the slice of k dkA (one partial per K slice, kernel 3 sums them)."""
+    NC: tl.constexpr = C // BC                   # sub-chunks per chunk
+    NK: tl.constexpr = K // BK                   # K slices
+    ik = tl.program_id(0) // NC                  # the K slice
+    r = tl.program_id(0) % NC                    # the sub-chunk
+    n = tl.program_id(1).to(tl.int64)            # chunk; int64 so that offsets cannot overflow
+    bh = tl.program_id(2).to(tl.int64)
+    NT = tl.num_programs(1)
+    b, h = bh // H, bh % H
+    # the chunk as an int64 base plus int32 offsets within it, as kernel 3
+    tok = b * T + n * C                          # the chunk's first token in [B, T]
+    rows = (bh * NT + n) * C                     # its first row in the [B*H, NT*C, *] scratch
+    q, k, g = q + tok * s_qk + h * K, k + tok * s_qk + h * K, g + tok * s_qk + h * K
+    beta = beta + tok * s_beta + h
+    dAqk, dAkk = dAqk + rows * C, dAkk + rows * C
+    ii = tl.arange(0, BC)                        # row within a sub-chunk
+    c = ik * BK + tl.arange(0, BK)               # the K slice's columns
+    i = r * BC + ii                              # [BC] sub-chunk r's tokens within the chunk
+    left = T - n * C                             # tokens of the chunk before T (rows >= left: pad)
+    valid = i < left
+    p = i[:, None] * s_qk + c[None, :]                                   # [BC, BK] offsets
+    b_q = tl.load(q + p, mask=valid[:, None], other=0.).to(tl.float32)   # [BC, BK]
+    b_k = tl.load(k + p, mask=valid[:, None], other=0.).to(tl.float32)   # [BC, BK]
+    b_beta = tl.load(beta + i * s_beta, mask=valid, other=0.)             # [BC]
+    # ---- 1. G inside sub-chunk r, as the forward builds it (clamped, then log2 units):
+    # Gb_i = G_i - n_r, n_r = G at the last row of sub-chunk r-1; tail_j = the sum of g after j
+    # in r = m_r - G_j (m_r = G at r's last row), summed directly one row on: not tot_r - Gb_j,
+    # a difference of cumsums that lost accuracy (docs/kda.md §5a) ----
+    g_r = tl.maximum(tl.load(g + p, mask=valid[:, None], other=0.), G_FLOOR)
+    b_Gb = tl.cumsum(g_r, axis=0) * RCP_LN2                                 # [BC, BK] <= 0
+    g_next = tl.load(g + p + s_qk, mask=((ii < BC - 1) & (i + 1 < left))[:, None], other=0.)
+    tail = tl.cumsum(tl.maximum(g_next, G_FLOOR), axis=0, reverse=True) * RCP_LN2   # <= 0
+
+    # ---- rows i in r, columns j in the sub-chunks before r: anchor n_r. The column operand
+    # k_j 2^(n_r - G_j), n_r - G_j = tail_j + the totals of the sub-chunks strictly between ----
+    row_q = tl.zeros([BC, BK], dtype=tl.float32)        # sum_j dAqk_ij k_j 2^(n_r - G_j)
+    row_k = tl.zeros([BC, BK], dtype=tl.float32)        # sum_j dAkk_ij k_j 2^(n_r - G_j)
+    between = tl.zeros([BK], dtype=tl.float32)          # sum of g after sub-chunk cb, up to n_r
+    for m in range(1, r + 1):                          # column sub-chunk cb = r-1, ..., 0
+        j = (r - m) * BC + ii                           # [BC] its tokens
+        okj = (j < left)[:, None]                        # (all of them where r has a valid row)
+        pj = j[:, None] * s_qk + c[None, :]                                  # [BC, BK]
+        k_j = tl.load(k + pj, mask=okj, other=0.).to(tl.float32)
+        g_j = tl.maximum(tl.load(g + pj, mask=okj, other=0.), G_FLOOR)
+        g_jn = tl.load(g + pj + s_qk, mask=((ii < BC - 1) & (j + 1 < left))[:, None], other=0.)
+        tail_j = tl.cumsum(tl.maximum(g_jn, G_FLOOR), axis=0, reverse=True) * RCP_LN2
+        # every j here is before every i: no entry to mask, and the exponent is <= 0
+        k_col = k_j * tl.exp2(tail_j + between[None, :])                    # [BC, BK]
+        p_A = i[:, None] * C + j[None, :]                                    # [BC, BC] dA[i, j]
+        row_q += _dot(tl.load(dAqk + p_A), k_col, tl.float32, PREC)
+        row_k += _dot(tl.load(dAkk + p_A), k_col, tl.float32, PREC)
+        between += tl.sum(g_j, axis=0) * RCP_LN2       # sub-chunk cb's total joins the anchor
+    e_Gb = tl.exp2(b_Gb)                                                    # 2^(G_i - n_r)
+    d_qA = row_q * e_Gb                                  # dq through Aqk
+    d_kA = row_k * e_Gb                                  # dk through Akk's rows, before beta_i
+
+    # ---- rows and columns both in r, j = i - d: the exponent is the sum of g over (j, i],
+    # a running sum adding g_{j+1} as d grows; entries outside r masked to -inf BEFORE exp2
+    # (exp2(-inf) = 0, never inf * 0 = NaN) ----
+    # (j = i - d can fall before the chunk, a negative offset: masked lanes are never read)
+    E = tl.zeros([BC, BK], dtype=tl.float32)
+    for d in range(1, BC):
+        on = ii >= d                                     # [BC] j = i - d still in r
+        E += tl.maximum(tl.load(g + p - (d - 1) * s_qk, mask=(on & (i - d + 1 < left))[:, None],
+                                other=0.), G_FLOOR) * RCP_LN2                  # g_{j+1}
+        k_j = tl.load(k + p - d * s_qk, mask=(on & (i - d < left))[:, None],
+                      other=0.).to(tl.float32)                                 # [BC, BK]
+        kd = k_j * tl.exp2(tl.where(on[:, None], E, float("-inf")))
+        at = i * C + i - d                                                     # [BC] dA[i, j]
+        d_qA += tl.load(dAqk + at, mask=on, other=0.)[:, None] * kd
+        d_kA += tl.load(dAkk + at, mask=on, other=0.)[:, None] * kd
+
+    # ---- columns j in r, rows i in the sub-chunks after r: anchor m_r, G at r's last row. The
+    # row operand x_i 2^(G_i - m_r), G_i - m_r = Gb_i + the totals strictly between; the column
+    # factor 2^(m_r - G_j) = 2^tail_j. dA^T tiles by swapped strides (no tl.trans) ----
+    col = tl.zeros([BC, BK], dtype=tl.float32)          # sum_i (dAqk q_i + dAkk beta_i k_i)
+    between = tl.zeros([BK], dtype=tl.float32)          #       2^(G_i - m_r)
+    for rb in range(r + 1, NC):                         # row sub-chunk rb
+        i2 = rb * BC + ii                                # [BC] its tokens
+        ok = i2 < left
+        pi = i2[:, None] * s_qk + c[None, :]                                 # [BC, BK]
+        g_i = tl.maximum(tl.load(g + pi, mask=ok[:, None], other=0.), G_FLOOR)
+        Gb_i = tl.cumsum(g_i, axis=0) * RCP_LN2                             # G_i - n_rb <= 0
+        e_row = tl.exp2(Gb_i + between[None, :])                            # 2^(G_i - m_r)
+        q_i = tl.load(q + pi, mask=ok[:, None], other=0.).to(tl.float32)
+        k_i = tl.load(k + pi, mask=ok[:, None], other=0.).to(tl.float32)
+        beta_i = tl.load(beta + i2 * s_beta, mask=ok, other=0.)
+        p_AT = i2[None, :] * C + i[:, None]                                  # [BC, BC] dA[i, j]^T
+        col += _dot(tl.load(dAqk + p_AT), q_i * e_row, tl.float32, PREC)
+        col += _dot(tl.load(dAkk + p_AT), beta_i[:, None] * k_i * e_row, tl.float32, PREC)
+        between += tl.sum(tl.where((ii == BC - 1)[:, None], Gb_i, 0.), axis=0)  # rb's total
+    d_kc = col * tl.exp2(tail)                           # dk through the column sides
+
+    # ---- the same block as the column j = i: i = j + d, the sum of g over (j, i] adds g_i ----
+    E = tl.zeros([BC, BK], dtype=tl.float32)
+    for d in range(1, BC):
+        on = ii + d < BC                                 # [BC] i = j + d still in r
+        ok = (on & (i + d < left))[:, None]
+        E += tl.maximum(tl.load(g + p + d * s_qk, mask=ok, other=0.), G_FLOOR) * RCP_LN2
+        q_i = tl.load(q + p + d * s_qk, mask=ok, other=0.).to(tl.float32)   # [BC, BK]
+        k_i = tl.load(k + p + d * s_qk, mask=ok, other=0.).to(tl.float32)
+        beta_i = tl.load(beta + (i + d) * s_beta, mask=on & (i + d < left), other=0.)
+        at = (i + d) * C + i                                                   # [BC] dA[i, j]
+        a_q = tl.load(dAqk + at, mask=on, other=0.)
+        a_k = tl.load(dAkk + at, mask=on, other=0.) * beta_i
+        d_kc += (a_q[:, None] * q_i + a_k[:, None] * k_i) * tl.exp2(
+            tl.where(on[:, None], E, float("-inf")))
+
+    # ---- the combination. j = i (Aqk's diagonal, factor 1) comes here: it would give dG_i
+    # q_i dAqk_ii k_i - k_i dAqk_ii q_i = 0 exactly, so it is left out of dG, not added and
+    # cancelled in fp32 ----
+    a_ii = tl.load(dAqk + i * C + i)[:, None]            # [BC, 1] dAqk[i, i]
+    out = (rows + i)[:, None] * K + c[None, :]           # [BC, BK] in [B*H, NT*C, K]
+    on = valid[:, None]                                  # zeros past T: kernel 3 adds every row
+    tl.store(dq2 + out, tl.where(on, d_qA + a_ii * b_k, 0.))
+    tl.store(dk2 + out, tl.where(on, b_beta[:, None] * d_kA + d_kc + a_ii * b_q, 0.))
+    tl.store(dG2 + out, tl.where(on, b_q * d_qA + b_k * b_beta[:, None] * d_kA - b_k * d_kc, 0.))
+    tl.store(db2 + ((bh * NT + n) * NK + ik) * C + i, tl.where(valid, tl.sum(b_k * d_kA, 1), 0.))
 
 
 @triton.jit
-def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk, dbeta_wy,  # in
-                          dqA, dkA, dkc,                          # in: the diagonal blocks' part
+def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dbeta_wy,  # pointers: in
+                          dq2, dk2, dG2, db2,                     # in: step 2's part (fp32)
                           dq, dk, dg, dbeta,                      # pointers: the gradients
                           T, H, scale, s_qk, s_v, s_beta,         # sizes, token strides
                           K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
-                          BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Steps 4 (w, qg, kg), 2 and 1 reversed for one chunk: dq, dk, dg and dbeta."""
+                          BK: tl.constexpr, BV: tl.constexpr, NK2: tl.constexpr,
+                          PREC: tl.constexpr):
+    """Steps 4 (w, qg, kg) and 1 reversed for one chunk, plus step 2's part from
+    _kda_bwd_sub_kernel (NK2 dbeta partials per row): dq, dk, dg and dbeta."""
     n = tl.program_id(0).to(tl.int64)          # chunk; int64 so that offsets cannot overflow
     bh = tl.program_id(1).to(tl.int64)
     NT = tl.num_programs(0)
     b, h = bh // H, bh % H
     NB: tl.constexpr = C // BC
     i = tl.arange(0, C)                          # token within the chunk (rows; also columns j)
-    ib = i // BC                                 # its 16-row block
     ii = i % BC                                  # its row within the block
     valid = n * C + i < T                        # ragged last chunk: rows past T load 0
     # Every tensor's chunk as an int64 base (one per program) plus int32 offsets within the chunk,
@@ -233,13 +317,15 @@ def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk,
     do, beta, dbeta = do + tok * s_v + h * V, beta + tok * s_beta + h, dbeta + tok * s_beta + h
     dq, dk, dg = dq + tok * s_qk + h * K, dk + tok * s_qk + h * K, dg + tok * s_qk + h * K
     vn, dvn = vn + rows * V, dvn + rows * V
-    tinv, dAqk, dAkk = tinv + rows * C, dAqk + rows * C, dAkk + rows * C
-    dqA, dkA, dkc = dqA + rows * K, dkA + rows * K, dkc + rows * K
+    tinv = tinv + rows * C
+    dq2, dk2, dG2 = dq2 + rows * K, dk2 + rows * K, dG2 + rows * K
     b_beta = tl.load(beta + i * s_beta, mask=valid, other=0.)                       # [C]
     blk_c = tl.arange(0, NB)[:, None, None]      # [NB, 1, 1] and [1, NB, 1]: block indices
     blk_m = tl.arange(0, NB)[None, :, None]
     r3 = tl.arange(0, BC)[None, :, None]         # [1, BC, 1] row within a block
-    b_db = tl.load(dbeta_wy + rows + i)          # kernel 2's part of dbeta
+    b_db = tl.load(dbeta_wy + rows + i)          # kernel 2's part of dbeta, and step 2's
+    for s in tl.static_range(NK2):               # (one partial per K slice of the sub kernel)
+        b_db += tl.load(db2 + ((bh * NT + n) * NK2 + s) * C + i)
     hn, dhn = hn + (bh * NT + n) * K * V, dhn + (bh * NT + n) * K * V      # S and dS' of chunk n
     for k0 in range(0, K, BK):  # a loop, not unrolled: compile time
         c = k0 + tl.arange(0, BK)
@@ -248,11 +334,11 @@ def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk,
         b_k = tl.load(k + p, mask=valid[:, None], other=0.).to(tl.float32)
         g_in = tl.load(g + p, mask=valid[:, None], other=0.)
         # ---- 1. G as the forward builds it: 16-row block cumsums Gb plus block totals; the sum
-        # of g after j in its block (tot_c - Gb_j) summed directly, one row on (see kernel 2) ----
+        # of g after j in its block (tot_c - Gb_j) summed directly, one row on (kda_triton's
+        # kernel 2): 2^G_i and 2^(gamma - G_i), each exponent a sum of gates, never positive ----
         g_c = tl.reshape(tl.maximum(g_in, G_FLOOR), [NB, BC, BK])         # clamped as forward
         Gb3 = tl.cumsum(g_c, axis=1) * RCP_LN2
         tot = tl.sum(tl.where(r3 == BC - 1, Gb3, 0.), axis=1)               # [NB, BK] block totals
-        b_Gb = tl.reshape(Gb3, [C, BK])
         g_next = tl.load(g + p + s_qk, mask=((ii < BC - 1) & (n * C + i + 1 < T))[:, None],
                          other=0.)
         tail3 = tl.cumsum(tl.reshape(tl.maximum(g_next, G_FLOOR), [NB, BC, BK]), axis=1,
@@ -293,51 +379,11 @@ def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk,
         # gamma: through kg = k 2^(gamma - G) and S' = 2^gamma S + ...
         d_gamma = tl.sum(b_k * d_kg, axis=0) + e_gamma * S_dS                  # [BK]
 
-        # ---- 2b. reversed: blocks left of the diagonal, the forward's anchors ----
-        # rows: row block r, anchor n_r = G at the last row of block r-1, as in the forward.
-        # columns: column block c, anchor m_c = G at its last row: the row operand is
-        # x_i 2^(G_i - m_c) (i after block c), the column factor 2^(m_c - G_j) = 2^(tot_c - Gb_j).
-        # The [C, C] tiles of dA are loaded one row block at a time (masked loads), where they are
-        # used: registers, not memory, are what these loops run short of.
-        tail = tl.reshape(tail3, [C, BK])
-        p_A = i[:, None] * C + i[None, :]                    # [C, C] dA[i, j]
-        p_AT = i[None, :] * C + i[:, None]                   # [C, C] dA[j, i]: dA^T
-        row_q = tl.zeros([C, BK], dtype=tl.float32)         # sum_j dAqk k_j 2^(n_r - G_j)
-        row_k = tl.zeros([C, BK], dtype=tl.float32)         # sum_j dAkk k_j 2^(n_r - G_j)
-        col = tl.zeros([C, BK], dtype=tl.float32)           # sum_i (dAqk q_i + dAkk beta_i k_i)
-        for r in tl.static_range(1, NB):                     #       2^(G_i - m_c)
-            between = tl.sum(tl.where((blk_m > blk_c) & (blk_m < r), tot[None, :, :], 0.), axis=1)
-            col_e = tail + tl.reshape(tl.broadcast_to(between[:, None, :], [NB, BC, BK]), [C, BK])
-            k_col = b_k * tl.exp2(tl.where((i < r * BC)[:, None], col_e, float("-inf")))
-            in_r = (ib == r)[:, None]
-            row_q += _dot(tl.load(dAqk + p_A, mask=in_r, other=0.), k_col, tl.float32, PREC)
-            row_k += _dot(tl.load(dAkk + p_A, mask=in_r, other=0.), k_col, tl.float32, PREC)
-        for cb in tl.static_range(0, NB - 1):
-            # Gb_i + the totals of the blocks strictly between cb and i's block: G_i - m_cb <= 0
-            between = tl.sum(tl.where((blk_m > cb) & (blk_m < blk_c), tot[None, :, :], 0.), axis=1)
-            row_e = tl.reshape(Gb3 + between[:, None, :], [C, BK])
-            e_row = tl.exp2(tl.where((ib > cb)[:, None], row_e, float("-inf")))
-            in_c = (ib == cb)[:, None]
-            col += _dot(tl.load(dAqk + p_AT, mask=in_c, other=0.), b_q * e_row, tl.float32, PREC)
-            col += _dot(tl.load(dAkk + p_AT, mask=in_c, other=0.), b_beta[:, None] * b_k * e_row,
-                        tl.float32, PREC)
-        e_Gb = tl.exp2(b_Gb)
-        d_qA = row_q * e_Gb                                  # dq through Aqk
-        d_kA = row_k * e_Gb                                  # dk through Akk's rows, before beta_i
-        d_kc = col * tl.exp2(tail)                           # dk through the column sides
-
-        # ---- 2a. reversed: the diagonal blocks, from _kda_bwd_diag_kernel. j = i (Aqk's
-        # diagonal, factor 1) comes here: it gives dG_i q_i dAqk_ii k_i - k_i dAqk_ii q_i = 0
-        # exactly, so it is left out of dG, not added and cancelled in fp32. ----
-        p_d = i[:, None] * K + c[None, :]                    # [C, BK] in [B*H, NT*C, K]
-        d_qA += tl.load(dqA + p_d)
-        d_kA += tl.load(dkA + p_d)
-        d_kc += tl.load(dkc + p_d)
-        a_ii = tl.load(dAqk + i * C + i)[:, None]            # [C, 1] dAqk[i, i]
-        b_dq += d_qA + a_ii * b_k
-        b_dk += b_beta[:, None] * d_kA + d_kc + a_ii * b_q
-        b_db += tl.sum(b_k * d_kA, axis=1)
-        b_dG += b_q * d_qA + b_k * b_beta[:, None] * d_kA - b_k * d_kc
+        # ---- 2. reversed, from _kda_bwd_sub_kernel: the gradients through Aqk and Akk ----
+        p_2 = i[:, None] * K + c[None, :]                    # [C, BK] in [B*H, NT*C, K]
+        b_dq += tl.load(dq2 + p_2)
+        b_dk += tl.load(dk2 + p_2)
+        b_dG += tl.load(dG2 + p_2)
         # gamma is G at the last row (padded rows past T add g = 0): its gradient joins there
         b_dG += tl.where((i == C - 1)[:, None], d_gamma[None, :], 0.)
         # ---- 1. reversed: G = cumsum of g in the chunk, so dg = the reverse cumsum of dG; the
@@ -384,17 +430,19 @@ def chunk_kda_bwd(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
         v, beta, do, vn, dvn, tinv, dv, dAqk, dAkk, dbeta_wy,
         T, H, scale, H * V, H,
         V=V, C=C, BV=min(BV_BWD, V), PREC=prec, num_warps=BWD_WY_WARPS)
-    dqA, dkA, dkc = (torch.empty(B * H, NT * C, K, device=dev, dtype=torch.float32)
+    dq2, dk2, dG2 = (torch.empty(B * H, NT * C, K, device=dev, dtype=torch.float32)
                      for _ in range(3))
-    _kda_bwd_diag_kernel[(B * NT * C, triton.cdiv(H, BWD_DIAG_HEADS))](
-        q, k, g, beta, dAqk, dAkk, dqA, dkA, dkc, T, H, NT, H * K, H,
-        K=K, C=C, BC=BC, BH=BWD_DIAG_HEADS, num_warps=BWD_DIAG_WARPS)
+    BK2 = min(BK_BWD_SUB, K)
+    db2 = torch.empty(B * H, NT, K // BK2, C, device=dev, dtype=torch.float32)
+    _kda_bwd_sub_kernel[(K // BK2 * (C // BC), NT, B * H)](
+        q, k, g, beta, dAqk, dAkk, dq2, dk2, dG2, db2, T, H, H * K, H,
+        K=K, C=C, BC=BC, BK=BK2, PREC=prec, num_warps=BWD_SUB_WARPS)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dg, dbeta = torch.empty_like(g), torch.empty_like(beta)
     _kda_bwd_intra_kernel[(NT, B * H)](
-        q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dAqk, dAkk, dbeta_wy, dqA, dkA, dkc,
+        q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dbeta_wy, dq2, dk2, dG2, db2,
         dq, dk, dg, dbeta,
         T, H, scale, H * K, H * V, H,
-        K=K, V=V, C=C, BC=BC, BK=min(BK_BWD, K), BV=min(BV_BWD, V), PREC=prec,
+        K=K, V=V, C=C, BC=BC, BK=min(BK_BWD, K), BV=min(BV_BWD, V), NK2=K // BK2, PREC=prec,
         num_warps=BWD_INTRA_WARPS)
     return dq, dk, dv, dg, dbeta, dh0

@@ -76,14 +76,14 @@ build(kb._kda_bwd_scan_kernel, dict(qg=BF, kg=BF, w=BF, Aqk=BF, decay=F32, do=BF
 build(kb._kda_bwd_wy_kernel, dict(v=BF, beta=F32, do=BF, vn=BF, dvn=F32, tinv=F32, dv=BF,
                                   dAqk=F32, dAkk=F32, dbeta_wy=F32),
       dict(V=128, C=kb.C, BV=kb.BV_BWD, PREC="tf32"), kb.BWD_WY_WARPS)
-build(kb._kda_bwd_diag_kernel, dict(q=BF, k=BF, g=F32, beta=F32, dAqk=F32, dAkk=F32, dqA=F32,
-                                    dkA=F32, dkc=F32),
-      dict(K=128, C=kb.C, BC=kb.BC, BH=kb.BWD_DIAG_HEADS), kb.BWD_DIAG_WARPS)
+build(kb._kda_bwd_sub_kernel, dict(q=BF, k=BF, g=F32, beta=F32, dAqk=F32, dAkk=F32, dq2=F32,
+                                   dk2=F32, dG2=F32, db2=F32),
+      dict(K=128, C=kb.C, BC=kb.BC, BK=kb.BK_BWD_SUB, PREC="tf32"), kb.BWD_SUB_WARPS)
 build(kb._kda_bwd_intra_kernel, dict(q=BF, k=BF, g=F32, beta=F32, do=BF, vn=BF, dvn=F32, hn=BF,
-                                     dhn=BF, tinv=F32, dAqk=F32, dAkk=F32, dbeta_wy=F32, dqA=F32,
-                                     dkA=F32, dkc=F32, dq=BF,
-                                     dk=BF, dg=F32, dbeta=F32),
-      dict(KV, C=kb.C, BC=kb.BC, BK=kb.BK_BWD, BV=kb.BV_BWD, PREC="tf32"), kb.BWD_INTRA_WARPS)
+                                     dhn=BF, tinv=F32, dbeta_wy=F32, dq2=F32, dk2=F32, dG2=F32,
+                                     db2=F32, dq=BF, dk=BF, dg=F32, dbeta=F32),
+      dict(KV, C=kb.C, BC=kb.BC, BK=kb.BK_BWD, BV=kb.BV_BWD, NK2=128 // kb.BK_BWD_SUB,
+           PREC="tf32"), kb.BWD_INTRA_WARPS)
 # The decode kernels of fast/moe_decode.py and fast/mla_decode.py, as their launchers configure
 # them at the 48B sizes: bf16 and e4m3 weights, both of SWAP's forms
 from fast import mla_decode, moe_decode
