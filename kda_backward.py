@@ -1,40 +1,15 @@
-"""Chunked KDA backward in four Triton kernels: the gradients of kda_triton.chunk_kda.
-Read kda_triton.py first: the steps below are its forward steps (and chunk_kda_ref's), run
-backwards; docs/kda.md §5a derives each line.
-
-Per chunk of C = 64 tokens, with S the state entering it (saved by the forward as h_n), dS' the
-gradient of the state leaving it, dO the gradient of the chunk's output:
-  kernel 1, _kda_bwd_scan_kernel, grid (V / BV, B*H): one program walks one head's chunks from the
-    last to the first, holding a [K, BV] slice of dS' in fp32 registers (steps 7, 6 and 5 reversed)
-      dv_new = Aqk^T dO + kg dS'                       (stored, fp32; dS' stored per chunk)
-      dS     = 2^gamma dS' + qg^T dO - w^T dv_new      (= dS' of the chunk before; after the
-                                                        first chunk it is d initial_state)
-      (scale is folded into the forward's qg and Aqk, as there)
-  kernel 2, _kda_bwd_wy_kernel, grid (NT, B*H): steps 4 and 3 reversed, over V slices
-      dU = Tinv^T dv_new:  dv = beta dU,  dbeta += sum_v v dU
-      dAqk = dO v_new^T (j <= i),  dAkk = -dU v_new^T (j < i)      (fp32 scratch)
-  kernel 2s, _kda_bwd_sub_kernel, grid (K / BK * C / BC, NT, B*H): step 2 reversed, one program
-    per 16-row sub-chunk r and K slice of 32 ([16, 32] tiles): the gradients through Aqk and Akk
-      as the rows i in r:    dq_i += sum_{j<i} dAqk_ij k_j 2^(G_i - G_j), the same with dAkk
-      as the columns j in r: dk_j += sum_{i>j} (dAqk_ij q_i + dAkk_ij beta_i k_i) 2^(G_i - G_j)
-      the other sub-chunks by [16, 16] x [16, 32] dots with the forward's anchors, r's own block
-      by a loop over i - j (each entry its own exponent); writes fp32 dq, dk, dG partials and
-      one dbeta partial per K slice                                 (fp32 scratch)
-  kernel 3, _kda_bwd_intra_kernel, grid (NT, B*H): steps 4 and 1 reversed, over K slices
-      through S and dS':  dq = scale 2^G (dO S^T),  dk += 2^(gamma - G) (v_new dS'^T)
-      through w:  dk += beta 2^G dW with dW = -Tinv^T (dv_new S^T)
-      plus kernel 2s's partials (step 2)
-      dG = q dq + k (dk through 2^G factors) - k (dk through 2^-G factors), plus the chunk-end
-        terms of gamma on the last row;  dg = the reverse cumsum of dG inside the chunk
-
-Why dg is a reverse cumsum: each factor x 2^(+-G) has the derivative +-x dx with respect to G (in
-natural units), so the pairwise decays collapse into one vector dG per token, and G is a cumsum of
-g restarted every chunk. No exponent is ever positive: the forward's anchors and G_FLOOR clamp.
-
-Saved by the forward only when a gradient is needed: its own Aqk, w, qg, kg and 2^gamma, Tinv
-in fp32 (STORE_TINV: no second solve), h_n and v_new (STORE_H: no replay of the scan). Recomputed
-here, cheaper than a round trip through memory: G, its block sums, every 2^G factor and pairwise
-decay. u is not needed (dAkk = -dU v_new^T). dq, dk, dg, dbeta, dA, dv_new stay fp32 until stored.
+"""Chunked KDA backward in four Triton kernels: the gradients of kda_triton.chunk_kda, its forward
+steps (read kda_triton.py first) run backwards; docs/kda.md §5a derives each formula. Per chunk,
+with S the state entering it, dS' the gradient of the state leaving it, dO of its output:
+  _kda_bwd_scan_kernel, chunks last to first: dv_new = Aqk^T dO + kg dS', and dS' of the chunk
+    before = 2^gamma dS' + qg^T dO - w^T dv_new (qg, Aqk carry scale; finally d initial_state)
+  _kda_bwd_wy_kernel: dU = Tinv^T dv_new, dv = beta dU, dAqk = dO v_new^T, dAkk = -dU v_new^T
+  _kda_bwd_sub_kernel: step 2 reversed, per 16-row sub-chunk: partials of dq, dk, dG through A
+  _kda_bwd_intra_kernel: dq, dk through S, dS' and w, plus those partials; dG = q dq + k (dk
+    through 2^G factors) - k (dk through 2^-G factors), and dg = the reverse cumsum of dG
+No exponent is ever positive (the forward's anchors, G_FLOOR). Saved by the forward only for a
+gradient: Aqk, w, qg, kg, 2^gamma, Tinv (fp32), h_n, v_new. G and its 2^G factors are recomputed
+here, u is never needed, and every gradient stays fp32 until stored.
 """
 import torch
 
@@ -44,11 +19,8 @@ import triton.language as tl
 
 C = 64                      # chunk size, the forward's and the backward's
 BC = 16                     # diagonal block size of Akk / Aqk (smallest tl.dot tile)
-# The backward's tiles (fixed, no autotune), each the fastest of those tried on an H100 with
-# tools.kernels kda_bwd's per-kernel times (docs/kda.md §5a): a V-slice of 64 per scan program, as
-# the forward's scan; [C, 16] V-slices in kernels 2 and 3; [C, 64] K-slices in kernel 3 (each
-# K-slice reads dO, v_new, dv_new and Tinv again, so two wide slices beat narrower ones although
-# they spill on sm_90); [16, 32] tiles at 2 warps in the sub-chunk kernel.
+# Fixed tiles (no autotune), each the fastest tried on an H100 (docs/kda.md §5a); the intra kernel's
+# [C, 64] K-slices spill on sm_90 but win: fewer re-reads of dO, v_new, dv_new and Tinv per chunk.
 BV_BWD_SCAN, BV_BWD, BK_BWD = 64, 16, 64
 BWD_SCAN_WARPS, BWD_WY_WARPS, BWD_INTRA_WARPS, BWD_SCAN_STAGES = 4, 8, 8, 2
 BK_BWD_SUB, BWD_SUB_WARPS = 32, 2
@@ -63,6 +35,12 @@ def _dot(a, b, DOT: tl.constexpr, PREC: tl.constexpr):
     # Operands are cast to DOT: bf16 on a GPU for speed, fp32 in the interpreter, whose bf16 tl.dot
     # is silently wrong. PREC is 'ieee' for fp32 inputs, else a GPU uses TF32 (docs/kda.md §6).
     return tl.dot(a.to(DOT), b.to(DOT), input_precision=PREC)
+
+
+@triton.jit
+def _gate(g, p, mask):
+    # g at offsets p (0 where masked), clamped below at G_FLOOR as the forward does
+    return tl.maximum(tl.load(g + p, mask=mask, other=0.), G_FLOOR)
 
 
 def precision(dtype):
@@ -90,10 +68,7 @@ def _kda_bwd_scan_kernel(qg, kg, w, Aqk, decay, do, dht, dhn, dvn, dh0,    # poi
     ck = tl.arange(0, K)
     cv = iv * BV + tl.arange(0, BV)
     state = (bh * K + ck[:, None]) * V + cv[None, :]                      # [K, BV] in [B*H, K, V]
-    if HAS_DHT:
-        dS = tl.load(dht + state)
-    else:
-        dS = tl.zeros([K, BV], dtype=tl.float32)
+    dS = tl.load(dht + state) if HAS_DHT else tl.zeros([K, BV], dtype=tl.float32)   # [K, BV]
     for m in range(NT):  # runtime trip count: Triton 3.6's interpreter needs numpy < 2.4 for this
         n = NT - 1 - m
         row = (bh * NT + n) * C + i                                      # [C] intermediate rows
@@ -163,15 +138,9 @@ def _kda_bwd_sub_kernel(q, k, g, beta, dAqk, dAkk,                     # pointer
                         T, H, s_qk, s_beta,                             # sizes, token strides
                         K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                         PREC: tl.constexpr):
-    """Step 2 reversed for one 16-row sub-chunk r of a chunk and one K slice: the gradients of q
-    and k through Aqk and Akk, with sub-chunk r as the rows i and as the columns j.
-    As the rows:    dqA_i = sum_{j<i} dAqk_ij k_j 2^(G_i - G_j),  dkA_i the same with dAkk
-    as the columns: dkc_j = sum_{i>j} (dAqk_ij q_i + dAkk_ij beta_i k_i) 2^(G_i - G_j)
-    The sub-chunks before r (rows) and after r (columns) by [BC, BC] x [BC, BK] dots with the
-    forward's anchors; r's own block (j < i both in r) a loop over the distance i - j, each entry
-    with its own exponent. Written out for kernel 3 to add (fp32, zeros past T):
-      dq2 = dqA + dAqk_ii k,  dk2 = beta dkA + dkc + dAqk_ii q,  dG2 = q dqA + beta k dkA - k dkc
-      and db2 = sum over the slice of k dkA (one partial per K slice, kernel 3 sums them)."""
+    """Step 2 reversed for a 16-row sub-chunk r and a K slice, r as the rows i (dqA; dkA through
+    Akk) and as the columns j (dkc). For the intra kernel (fp32, 0 past T): dq2 = dqA + dAqk_ii k,
+    dk2 = beta dkA + dkc + dAqk_ii q, dG2 = q dqA + beta k dkA - k dkc, db2 = sum_slice k dkA."""
     NC: tl.constexpr = C // BC                   # sub-chunks per chunk
     NK: tl.constexpr = K // BK                   # K slices
     ik = tl.program_id(0) // NC                  # the K slice
@@ -180,7 +149,7 @@ def _kda_bwd_sub_kernel(q, k, g, beta, dAqk, dAkk,                     # pointer
     bh = tl.program_id(2).to(tl.int64)
     NT = tl.num_programs(1)
     b, h = bh // H, bh % H
-    # the chunk as an int64 base plus int32 offsets within it, as kernel 3
+    # the chunk as an int64 base plus int32 offsets within it, as the intra kernel
     tok = b * T + n * C                          # the chunk's first token in [B, T]
     rows = (bh * NT + n) * C                     # its first row in the [B*H, NT*C, *] scratch
     q, k, g = q + tok * s_qk + h * K, k + tok * s_qk + h * K, g + tok * s_qk + h * K
@@ -195,14 +164,14 @@ def _kda_bwd_sub_kernel(q, k, g, beta, dAqk, dAkk,                     # pointer
     b_q = tl.load(q + p, mask=valid[:, None], other=0.).to(tl.float32)   # [BC, BK]
     b_k = tl.load(k + p, mask=valid[:, None], other=0.).to(tl.float32)   # [BC, BK]
     b_beta = tl.load(beta + i * s_beta, mask=valid, other=0.)             # [BC]
-    # ---- 1. G inside sub-chunk r, as the forward builds it (clamped, then log2 units):
-    # Gb_i = G_i - n_r, n_r = G at the last row of sub-chunk r-1; tail_j = the sum of g after j
-    # in r = m_r - G_j (m_r = G at r's last row), summed directly one row on: not tot_r - Gb_j,
-    # a difference of cumsums that lost accuracy (docs/kda.md §5a) ----
-    g_r = tl.maximum(tl.load(g + p, mask=valid[:, None], other=0.), G_FLOOR)
-    b_Gb = tl.cumsum(g_r, axis=0) * RCP_LN2                                 # [BC, BK] <= 0
-    g_next = tl.load(g + p + s_qk, mask=((ii < BC - 1) & (i + 1 < left))[:, None], other=0.)
-    tail = tl.cumsum(tl.maximum(g_next, G_FLOOR), axis=0, reverse=True) * RCP_LN2   # <= 0
+    # ---- 1. G inside sub-chunk r, as the forward builds it: Gb_i = G_i - n_r, n_r = G at the
+    # last row of sub-chunk r-1; tail_j = m_r - G_j (m_r = G at r's last row), the sum of g
+    # after j in r summed directly one row on, not tot_r - Gb_j, a difference of cumsums that
+    # lost accuracy (docs/kda.md §5a) ----
+    b_Gb = tl.cumsum(_gate(g, p, valid[:, None]), axis=0) * RCP_LN2           # [BC, BK] <= 0
+    e_Gb = tl.exp2(b_Gb)                                                    # 2^(G_i - n_r)
+    g_next = _gate(g, p + s_qk, ((ii < BC - 1) & (i + 1 < left))[:, None])
+    tail = tl.cumsum(g_next, axis=0, reverse=True) * RCP_LN2                  # [BC, BK] <= 0
 
     # ---- rows i in r, columns j in the sub-chunks before r: anchor n_r. The column operand
     # k_j 2^(n_r - G_j), n_r - G_j = tail_j + the totals of the sub-chunks strictly between ----
@@ -214,34 +183,17 @@ def _kda_bwd_sub_kernel(q, k, g, beta, dAqk, dAkk,                     # pointer
         okj = (j < left)[:, None]                        # (all of them where r has a valid row)
         pj = j[:, None] * s_qk + c[None, :]                                  # [BC, BK]
         k_j = tl.load(k + pj, mask=okj, other=0.).to(tl.float32)
-        g_j = tl.maximum(tl.load(g + pj, mask=okj, other=0.), G_FLOOR)
-        g_jn = tl.load(g + pj + s_qk, mask=((ii < BC - 1) & (j + 1 < left))[:, None], other=0.)
-        tail_j = tl.cumsum(tl.maximum(g_jn, G_FLOOR), axis=0, reverse=True) * RCP_LN2
+        g_j = _gate(g, pj, okj)
+        g_jn = _gate(g, pj + s_qk, ((ii < BC - 1) & (j + 1 < left))[:, None])
+        tail_j = tl.cumsum(g_jn, axis=0, reverse=True) * RCP_LN2
         # every j here is before every i: no entry to mask, and the exponent is <= 0
         k_col = k_j * tl.exp2(tail_j + between[None, :])                    # [BC, BK]
         p_A = i[:, None] * C + j[None, :]                                    # [BC, BC] dA[i, j]
         row_q += _dot(tl.load(dAqk + p_A), k_col, tl.float32, PREC)
         row_k += _dot(tl.load(dAkk + p_A), k_col, tl.float32, PREC)
         between += tl.sum(g_j, axis=0) * RCP_LN2       # sub-chunk cb's total joins the anchor
-    e_Gb = tl.exp2(b_Gb)                                                    # 2^(G_i - n_r)
     d_qA = row_q * e_Gb                                  # dq through Aqk
     d_kA = row_k * e_Gb                                  # dk through Akk's rows, before beta_i
-
-    # ---- rows and columns both in r, j = i - d: the exponent is the sum of g over (j, i],
-    # a running sum adding g_{j+1} as d grows; entries outside r masked to -inf BEFORE exp2
-    # (exp2(-inf) = 0, never inf * 0 = NaN) ----
-    # (j = i - d can fall before the chunk, a negative offset: masked lanes are never read)
-    E = tl.zeros([BC, BK], dtype=tl.float32)
-    for d in range(1, BC):
-        on = ii >= d                                     # [BC] j = i - d still in r
-        E += tl.maximum(tl.load(g + p - (d - 1) * s_qk, mask=(on & (i - d + 1 < left))[:, None],
-                                other=0.), G_FLOOR) * RCP_LN2                  # g_{j+1}
-        k_j = tl.load(k + p - d * s_qk, mask=(on & (i - d < left))[:, None],
-                      other=0.).to(tl.float32)                                 # [BC, BK]
-        kd = k_j * tl.exp2(tl.where(on[:, None], E, float("-inf")))
-        at = i * C + i - d                                                     # [BC] dA[i, j]
-        d_qA += tl.load(dAqk + at, mask=on, other=0.)[:, None] * kd
-        d_kA += tl.load(dAkk + at, mask=on, other=0.)[:, None] * kd
 
     # ---- columns j in r, rows i in the sub-chunks after r: anchor m_r, G at r's last row. The
     # row operand x_i 2^(G_i - m_r), G_i - m_r = Gb_i + the totals strictly between; the column
@@ -252,8 +204,7 @@ def _kda_bwd_sub_kernel(q, k, g, beta, dAqk, dAkk,                     # pointer
         i2 = rb * BC + ii                                # [BC] its tokens
         ok = i2 < left
         pi = i2[:, None] * s_qk + c[None, :]                                 # [BC, BK]
-        g_i = tl.maximum(tl.load(g + pi, mask=ok[:, None], other=0.), G_FLOOR)
-        Gb_i = tl.cumsum(g_i, axis=0) * RCP_LN2                             # G_i - n_rb <= 0
+        Gb_i = tl.cumsum(_gate(g, pi, ok[:, None]), axis=0) * RCP_LN2       # G_i - n_rb <= 0
         e_row = tl.exp2(Gb_i + between[None, :])                            # 2^(G_i - m_r)
         q_i = tl.load(q + pi, mask=ok[:, None], other=0.).to(tl.float32)
         k_i = tl.load(k + pi, mask=ok[:, None], other=0.).to(tl.float32)
@@ -264,27 +215,37 @@ def _kda_bwd_sub_kernel(q, k, g, beta, dAqk, dAkk,                     # pointer
         between += tl.sum(tl.where((ii == BC - 1)[:, None], Gb_i, 0.), axis=0)  # rb's total
     d_kc = col * tl.exp2(tail)                           # dk through the column sides
 
-    # ---- the same block as the column j = i: i = j + d, the sum of g over (j, i] adds g_i ----
-    E = tl.zeros([BC, BK], dtype=tl.float32)
+    # ---- r's own block, one loop over the distance d: lane ii is the row i (column i - d) and
+    # the column i (row i + d). The exponents, sums of g over (column, row], are running sums
+    # (E_r adds g_{i-d+1}, E_c adds g_{i+d}), masked to -inf outside r BEFORE exp2 (exp2(-inf) =
+    # 0, never inf * 0 = NaN). i - d < 0 is a negative offset: masked lanes are never read ----
+    E_r = tl.zeros([BC, BK], dtype=tl.float32)
+    E_c = tl.zeros([BC, BK], dtype=tl.float32)
     for d in range(1, BC):
-        on = ii + d < BC                                 # [BC] i = j + d still in r
-        ok = (on & (i + d < left))[:, None]
-        E += tl.maximum(tl.load(g + p + d * s_qk, mask=ok, other=0.), G_FLOOR) * RCP_LN2
-        q_i = tl.load(q + p + d * s_qk, mask=ok, other=0.).to(tl.float32)   # [BC, BK]
-        k_i = tl.load(k + p + d * s_qk, mask=ok, other=0.).to(tl.float32)
-        beta_i = tl.load(beta + (i + d) * s_beta, mask=on & (i + d < left), other=0.)
-        at = (i + d) * C + i                                                   # [BC] dA[i, j]
-        a_q = tl.load(dAqk + at, mask=on, other=0.)
-        a_k = tl.load(dAkk + at, mask=on, other=0.) * beta_i
-        d_kc += (a_q[:, None] * q_i + a_k[:, None] * k_i) * tl.exp2(
-            tl.where(on[:, None], E, float("-inf")))
+        up = ii >= d                                     # [BC] j = i - d still in r
+        E_r += _gate(g, p - (d - 1) * s_qk, (up & (i - d + 1 < left))[:, None]) * RCP_LN2
+        k_j = tl.load(k + p - d * s_qk, mask=(up & (i - d < left))[:, None], other=0.)
+        kd = k_j.to(tl.float32) * tl.exp2(tl.where(up[:, None], E_r, float("-inf")))
+        at = i * C + i - d                                                     # [BC] dA[i, j]
+        d_qA += tl.load(dAqk + at, mask=up, other=0.)[:, None] * kd
+        d_kA += tl.load(dAkk + at, mask=up, other=0.)[:, None] * kd
+        dn = ii + d < BC                                 # [BC] i + d still in r
+        ok = dn & (i + d < left)
+        E_c += _gate(g, p + d * s_qk, ok[:, None]) * RCP_LN2
+        q_i = tl.load(q + p + d * s_qk, mask=ok[:, None], other=0.).to(tl.float32)   # [BC, BK]
+        k_i = tl.load(k + p + d * s_qk, mask=ok[:, None], other=0.).to(tl.float32)
+        beta_i = tl.load(beta + (i + d) * s_beta, mask=ok, other=0.)
+        at = (i + d) * C + i                                                   # [BC] dA[i+d, i]
+        a_q = tl.load(dAqk + at, mask=dn, other=0.)
+        a_k = tl.load(dAkk + at, mask=dn, other=0.) * beta_i
+        e_c = tl.exp2(tl.where(dn[:, None], E_c, float("-inf")))
+        d_kc += (a_q[:, None] * q_i + a_k[:, None] * k_i) * e_c
 
-    # ---- the combination. j = i (Aqk's diagonal, factor 1) comes here: it would give dG_i
-    # q_i dAqk_ii k_i - k_i dAqk_ii q_i = 0 exactly, so it is left out of dG, not added and
-    # cancelled in fp32 ----
+    # ---- the combination. j = i (Aqk's diagonal, factor 1) is left out of dG, not added and
+    # cancelled in fp32: it would give dG_i q_i dAqk_ii k_i - k_i dAqk_ii q_i = 0 exactly ----
     a_ii = tl.load(dAqk + i * C + i)[:, None]            # [BC, 1] dAqk[i, i]
     out = (rows + i)[:, None] * K + c[None, :]           # [BC, BK] in [B*H, NT*C, K]
-    on = valid[:, None]                                  # zeros past T: kernel 3 adds every row
+    on = valid[:, None]                       # zeros past T: the intra kernel adds every row
     tl.store(dq2 + out, tl.where(on, d_qA + a_ii * b_k, 0.))
     tl.store(dk2 + out, tl.where(on, b_beta[:, None] * d_kA + d_kc + a_ii * b_q, 0.))
     tl.store(dG2 + out, tl.where(on, b_q * d_qA + b_k * b_beta[:, None] * d_kA - b_k * d_kc, 0.))
@@ -299,8 +260,7 @@ def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dbeta_wy,  
                           K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
                           BK: tl.constexpr, BV: tl.constexpr, NK2: tl.constexpr,
                           PREC: tl.constexpr):
-    """Steps 4 (w, qg, kg) and 1 reversed for one chunk, plus step 2's part from
-    _kda_bwd_sub_kernel (NK2 dbeta partials per row): dq, dk, dg and dbeta."""
+    """Steps 4 (w, qg, kg) and 1 reversed for a chunk, plus the sub kernel's: dq, dk, dg, dbeta."""
     n = tl.program_id(0).to(tl.int64)          # chunk; int64 so that offsets cannot overflow
     bh = tl.program_id(1).to(tl.int64)
     NT = tl.num_programs(0)
@@ -316,15 +276,14 @@ def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dbeta_wy,  
     q, k, g = q + tok * s_qk + h * K, k + tok * s_qk + h * K, g + tok * s_qk + h * K
     do, beta, dbeta = do + tok * s_v + h * V, beta + tok * s_beta + h, dbeta + tok * s_beta + h
     dq, dk, dg = dq + tok * s_qk + h * K, dk + tok * s_qk + h * K, dg + tok * s_qk + h * K
-    vn, dvn = vn + rows * V, dvn + rows * V
-    tinv = tinv + rows * C
+    vn, dvn, tinv = vn + rows * V, dvn + rows * V, tinv + rows * C
     dq2, dk2, dG2 = dq2 + rows * K, dk2 + rows * K, dG2 + rows * K
     b_beta = tl.load(beta + i * s_beta, mask=valid, other=0.)                       # [C]
     blk_c = tl.arange(0, NB)[:, None, None]      # [NB, 1, 1] and [1, NB, 1]: block indices
     blk_m = tl.arange(0, NB)[None, :, None]
     r3 = tl.arange(0, BC)[None, :, None]         # [1, BC, 1] row within a block
-    b_db = tl.load(dbeta_wy + rows + i)          # kernel 2's part of dbeta, and step 2's
-    for s in tl.static_range(NK2):               # (one partial per K slice of the sub kernel)
+    b_db = tl.load(dbeta_wy + rows + i)          # the wy kernel's part of dbeta, and the
+    for s in tl.static_range(NK2):               # sub kernel's (NK2 partials, one per K slice)
         b_db += tl.load(db2 + ((bh * NT + n) * NK2 + s) * C + i)
     hn, dhn = hn + (bh * NT + n) * K * V, dhn + (bh * NT + n) * K * V      # S and dS' of chunk n
     for k0 in range(0, K, BK):  # a loop, not unrolled: compile time
@@ -339,10 +298,8 @@ def _kda_bwd_intra_kernel(q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dbeta_wy,  
         g_c = tl.reshape(tl.maximum(g_in, G_FLOOR), [NB, BC, BK])         # clamped as forward
         Gb3 = tl.cumsum(g_c, axis=1) * RCP_LN2
         tot = tl.sum(tl.where(r3 == BC - 1, Gb3, 0.), axis=1)               # [NB, BK] block totals
-        g_next = tl.load(g + p + s_qk, mask=((ii < BC - 1) & (n * C + i + 1 < T))[:, None],
-                         other=0.)
-        tail3 = tl.cumsum(tl.reshape(tl.maximum(g_next, G_FLOOR), [NB, BC, BK]), axis=1,
-                          reverse=True) * RCP_LN2                          # tot_c - Gb_j <= 0
+        g_next = _gate(g, p + s_qk, ((ii < BC - 1) & (n * C + i + 1 < T))[:, None])
+        tail3 = tl.cumsum(tl.reshape(g_next, [NB, BC, BK]), axis=1, reverse=True) * RCP_LN2
         before = tl.sum(tl.where(blk_m < blk_c, tot[None, :, :], 0.), axis=1)   # blocks before c
         after = tl.sum(tl.where(blk_m > blk_c, tot[None, :, :], 0.), axis=1)    # blocks after c
         e_G = tl.exp2(tl.reshape(Gb3 + before[:, None, :], [C, BK]))           # 2^G_i
@@ -408,41 +365,36 @@ def chunk_kda_bwd(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
     V = v.shape[-1]
     NT = triton.cdiv(T, C)
     mid, dot, prec = precision(q.dtype)
-    dev = q.device
+    f32 = dict(device=q.device, dtype=torch.float32)
     do = do.contiguous()
     dht = None if dht is None else dht.float().contiguous()
-    dvn = torch.empty(B * H, NT * C, V, device=dev, dtype=torch.float32)
+    dvn = torch.empty(B * H, NT * C, V, **f32)
     dhn = torch.empty_like(hn)                                   # [B*H, NT, K, V]: dS' per chunk
-    dh0 = torch.empty(B, H, K, V, device=dev, dtype=torch.float32) if need_dh0 else None
+    dh0 = torch.empty(B, H, K, V, **f32) if need_dh0 else None
     BV = min(BV_BWD_SCAN, V)
     # prefetching the next chunk doubles the shared-memory tiles: only when small (bf16, K <= 128;
     # fp32 at K = 128 with the default 3 stages would need 294,912 bytes, more than a block has)
     stages = BWD_SCAN_STAGES if mid == torch.bfloat16 and K <= 128 else 1
     _kda_bwd_scan_kernel[(V // BV, B * H)](
-        qg, kg, w, Aqk, decay, do, dht, dhn, dvn, dh0,
-        T, H, NT, H * V,
+        qg, kg, w, Aqk, decay, do, dht, dhn, dvn, dh0, T, H, NT, H * V,
         K=K, V=V, C=C, BV=BV, HAS_DHT=dht is not None, STORE_DH0=need_dh0,
         DOT=dot, PREC=prec, num_warps=BWD_SCAN_WARPS, num_stages=stages)
     dv = torch.empty_like(v)
-    dAqk, dAkk = (torch.empty(B * H, NT * C, C, device=dev, dtype=torch.float32) for _ in "qk")
-    dbeta_wy = torch.empty(B * H, NT * C, device=dev, dtype=torch.float32)
+    dAqk, dAkk = (torch.empty(B * H, NT * C, C, **f32) for _ in "qk")
+    dbeta_wy = torch.empty(B * H, NT * C, **f32)
     _kda_bwd_wy_kernel[(NT, B * H)](
-        v, beta, do, vn, dvn, tinv, dv, dAqk, dAkk, dbeta_wy,
-        T, H, scale, H * V, H,
+        v, beta, do, vn, dvn, tinv, dv, dAqk, dAkk, dbeta_wy, T, H, scale, H * V, H,
         V=V, C=C, BV=min(BV_BWD, V), PREC=prec, num_warps=BWD_WY_WARPS)
-    dq2, dk2, dG2 = (torch.empty(B * H, NT * C, K, device=dev, dtype=torch.float32)
-                     for _ in range(3))
+    dq2, dk2, dG2 = (torch.empty(B * H, NT * C, K, **f32) for _ in range(3))
     BK2 = min(BK_BWD_SUB, K)
-    db2 = torch.empty(B * H, NT, K // BK2, C, device=dev, dtype=torch.float32)
+    db2 = torch.empty(B * H, NT, K // BK2, C, **f32)
     _kda_bwd_sub_kernel[(K // BK2 * (C // BC), NT, B * H)](
         q, k, g, beta, dAqk, dAkk, dq2, dk2, dG2, db2, T, H, H * K, H,
         K=K, C=C, BC=BC, BK=BK2, PREC=prec, num_warps=BWD_SUB_WARPS)
-    dq, dk = torch.empty_like(q), torch.empty_like(k)
-    dg, dbeta = torch.empty_like(g), torch.empty_like(beta)
+    dq, dk, dg, dbeta = (torch.empty_like(x) for x in (q, k, g, beta))
     _kda_bwd_intra_kernel[(NT, B * H)](
         q, k, g, beta, do, vn, dvn, hn, dhn, tinv, dbeta_wy, dq2, dk2, dG2, db2,
-        dq, dk, dg, dbeta,
-        T, H, scale, H * K, H * V, H,
+        dq, dk, dg, dbeta, T, H, scale, H * K, H * V, H,
         K=K, V=V, C=C, BC=BC, BK=min(BK_BWD, K), BV=min(BV_BWD, V), NK2=K // BK2, PREC=prec,
         num_warps=BWD_INTRA_WARPS)
     return dq, dk, dv, dg, dbeta, dh0
