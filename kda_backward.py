@@ -22,7 +22,7 @@ BC = 16                     # diagonal block size of Akk / Aqk (smallest tl.dot 
 # Fixed tiles (no autotune), each the fastest tried on an H100 (docs/kda.md §5a); the intra kernel's
 # [C, 64] K-slices spill on sm_90 but win: fewer re-reads of dO, v_new, dv_new and Tinv per chunk.
 BV_BWD_SCAN, BV_BWD, BK_BWD = 64, 16, 64
-BWD_SCAN_WARPS, BWD_WY_WARPS, BWD_INTRA_WARPS, BWD_SCAN_STAGES = 4, 8, 8, 2
+BWD_SCAN_WARPS, BWD_WY_WARPS, BWD_INTRA_WARPS, BWD_SCAN_STAGES = 4, 8, 8, 3
 BK_BWD_SUB, BWD_SUB_WARPS = 32, 2
 # Globals read inside @triton.jit must be tl.constexpr (compiled Triton refuses plain globals).
 # 1 / ln 2: g goes to log2 units once, then exp2 everywhere (docs/kda.md §4)
@@ -372,8 +372,8 @@ def chunk_kda_bwd(q, k, v, g, beta, scale, saved, do, dht, need_dh0):
     dhn = torch.empty_like(hn)                                   # [B*H, NT, K, V]: dS' per chunk
     dh0 = torch.empty(B, H, K, V, **f32) if need_dh0 else None
     BV = min(BV_BWD_SCAN, V)
-    # prefetching the next chunk doubles the shared-memory tiles: only when small (bf16, K <= 128;
-    # fp32 at K = 128 with the default 3 stages would need 294,912 bytes, more than a block has)
+    # 3 stages prefetch two chunks ahead: three sets of shared-memory tiles fit only when small
+    # (bf16, K <= 128; fp32 at K = 128 would need 294,912 bytes, more than a block has)
     stages = BWD_SCAN_STAGES if mid == torch.bfloat16 and K <= 128 else 1
     _kda_bwd_scan_kernel[(V // BV, B * H)](
         qg, kg, w, Aqk, decay, do, dht, dhn, dvn, dh0, T, H, NT, H * V,

@@ -48,8 +48,9 @@ from kda_backward import BC, C, G_FLOOR, RCP_LN2, _dot, chunk_kda_bwd, precision
 BK = 32                     # channel slice of kernel 2's loops: [C, BK] tiles, [C, C] @ [C, BK]
 BV_SCAN = 64                # V-slice per scan program (32 crashed with h0 on Triton 3.6, H200)
 BV_STEP = 32                # V-slice per decode-step program (as fla's fused_recurrent_kda)
-# Fixed configs instead of autotune: multi-config autotune breaks the CPU interpreter.
-DIAG_HEADS, DIAG_WARPS, INTRA_WARPS, SCAN_WARPS, SCAN_STAGES, STEP_WARPS = 4, 2, 4, 4, 2, 4
+# Fixed configs instead of autotune (multi-config autotune breaks the CPU interpreter), each the
+# fastest of a sweep on an H100 (each kernel's GPU time by torch.profiler; docs/kda.md §5)
+DIAG_HEADS, DIAG_WARPS, INTRA_WARPS, SCAN_WARPS, SCAN_STAGES, STEP_WARPS = 4, 2, 4, 4, 3, 4
 SUPPORTED = (16, 32, 64, 128, 256)
 
 
@@ -111,10 +112,11 @@ def _kda_intra_kernel(q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay, tinv,   
     r3 = tl.arange(0, BC)[None, :, None]         # [1, BC, 1] row within a block
 
     # ---- 1. + 2b. G, and Aqk and Akk left of the diagonal blocks, over channel slices ----
-    # Row block r: anchor n_r = G at the last row of block r-1. Row operand x_i 2^(G_i - n_r) =
-    # x_i 2^Gb_i; column operand k_j 2^(n_r - G_j), where n_r - G_j = (tot_c - Gb_j) + tot_{c+1}
-    # + ... + tot_{r-1} for j in block c < r: direct sums of g, every exponent <= 0, and their
-    # product is exactly 2^(G_i - G_j).
+    # Column block c: anchor m_c = G at its last row. Column operand k_j 2^(m_c - G_j), where
+    # m_c - G_j = tot_c - Gb_j (the sum of g after j in its block); row operand x_i 2^(G_i - m_c)
+    # = x_i 2^(Gb_i + tot_(c+1) + ... + tot_(r-1)) for i in a block r > c: direct sums of g, every
+    # exponent <= 0, and their product is exactly 2^(G_i - G_j). The column operand does not
+    # depend on r: one transpose per channel slice.
     Aqk_off = tl.zeros([C, C], dtype=tl.float32)
     Akk_off = tl.zeros([C, C], dtype=tl.float32)
     for k0 in range(0, K, BK):  # a loop, not unrolled: compile time
@@ -129,7 +131,6 @@ def _kda_intra_kernel(q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay, tinv,   
         # rounding). G itself = Gb + the totals of the blocks before; gamma = the sum of all totals.
         Gb3 = tl.cumsum(tl.reshape(b_g, [NB, BC, BK]), axis=1) * RCP_LN2     # [NB, BC, BK]
         tot = tl.sum(tl.where(r3 == BC - 1, Gb3, 0.), axis=1)               # [NB, BK] block totals
-        b_Gb = tl.reshape(Gb3, [C, BK])
         # tot_c - Gb_j, the sum of g after j in its block, summed directly: a reverse cumsum of g
         # one row on. As a difference of two block sums it would lose |tot| 2^-24 to rounding, 1e-4
         # under Kimi's gates (tot ~ -2000 in log2), in an exponent that may be near 0 (kg).
@@ -145,15 +146,18 @@ def _kda_intra_kernel(q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay, tinv,   
         tl.store(qg + out, (b_q * tl.exp2(b_G) * scale).to(qg.dtype.element_ty))
         tl.store(kg + out, (b_k * tl.exp2(gamma_minus_G)).to(kg.dtype.element_ty))
         tl.store(decay + (bh * NT + n) * K + c, tl.exp2(tl.sum(tot, axis=0)))     # 2^gamma, fp32
-        tail = tl.reshape(tail3, [C, BK])
-        q_row, k_row = b_q * tl.exp2(b_Gb), b_k * tl.exp2(b_Gb)
-        for r in tl.static_range(1, NB):
-            between = tl.sum(tl.where((blk_m > blk_c) & (blk_m < r), tot[None, :, :], 0.), axis=1)
-            col_e = tail + tl.reshape(tl.broadcast_to(between[:, None, :], [NB, BC, BK]), [C, BK])
-            k_col = tl.trans(b_k * tl.exp2(tl.where((i < r * BC)[:, None], col_e, float("-inf"))))
-            in_r = (ib == r)[:, None]            # (tl.trans of a load, not of a dot result: safe)
-            Aqk_off += _dot(tl.where(in_r, q_row, 0.), k_col, tl.float32, PREC)
-            Akk_off += _dot(tl.where(in_r, k_row, 0.), k_col, tl.float32, PREC)
+        # (tl.trans of a load, not of a dot result: safe on Hopper)
+        k_colT = tl.trans(b_k * tl.exp2(tl.reshape(tail3, [C, BK])))    # [BK, C] k_j 2^(m_c - G_j)
+        b_Gb = tl.reshape(Gb3, [C, BK])
+        for cb in tl.static_range(NB - 1):
+            # G_i - m_c = Gb_i + the totals of the blocks strictly between c and i's block
+            between = tl.sum(tl.where((blk_m > cb) & (blk_m < blk_c), tot[None, :, :], 0.), axis=1)
+            row_e = b_Gb + tl.reshape(tl.broadcast_to(between[:, None, :], [NB, BC, BK]), [C, BK])
+            # rows in block c or before: -inf BEFORE exp2 (there G_i - m_c may be positive)
+            e_row = tl.exp2(tl.where((ib > cb)[:, None], row_e, float("-inf")))      # [C, BK]
+            k_col = tl.where((ib == cb)[None, :], k_colT, 0.)                          # [BK, C]
+            Aqk_off += _dot(b_q * e_row, k_col, tl.float32, PREC)
+            Akk_off += _dot(b_k * e_row, k_col, tl.float32, PREC)
     Akk_off = Akk_off * b_beta[:, None]
     off = ib[:, None] != ib[None, :]             # the diagonal blocks are _kda_diag_kernel's (2a)
     tl.store(Aqk + row[:, None] * C + i[None, :], (Aqk_off * scale).to(Aqk.dtype.element_ty),
@@ -320,7 +324,8 @@ def _forward(q, k, v, g, beta, h0, scale, output_final_state, save):
     o = torch.empty_like(v)
     ht = torch.empty(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     BV = min(BV_SCAN, V)
-    # prefetching the next chunk doubles the shared-memory tiles: only when small (bf16, K <= 128)
+    # 3 stages prefetch two chunks ahead (the scan waits on loads, not math): three sets of
+    # shared-memory tiles fit only when small (bf16, K <= 128; 4 stages would need 264 KB)
     stages = SCAN_STAGES if mid == torch.bfloat16 and K <= 128 else 1
     _kda_scan_kernel[(V // BV, B * H)](
         w, u, qg, kg, Aqk, decay, o, h0, ht, hn, vn,
