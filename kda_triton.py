@@ -112,11 +112,11 @@ def _kda_intra_kernel(q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay, tinv,   
     r3 = tl.arange(0, BC)[None, :, None]         # [1, BC, 1] row within a block
 
     # ---- 1. + 2b. G, and Aqk and Akk left of the diagonal blocks, over channel slices ----
-    # Column block c: anchor m_c = G at its last row. Column operand k_j 2^(m_c - G_j), where
-    # m_c - G_j = tot_c - Gb_j (the sum of g after j in its block); row operand x_i 2^(G_i - m_c)
-    # = x_i 2^(Gb_i + tot_(c+1) + ... + tot_(r-1)) for i in a block r > c: direct sums of g, every
-    # exponent <= 0, and their product is exactly 2^(G_i - G_j). The column operand does not
-    # depend on r: one transpose per channel slice.
+    # Column block c (cb below): anchor m_c = G at its last row. Column operand k_j 2^(m_c - G_j),
+    # m_c - G_j = tot_c - Gb_j (the sum of g after j in its block); row operand x_i 2^(G_i - m_c),
+    # G_i - m_c = Gb_i + tot_(c+1) + ... + tot_(r-1) for i in a block r > c: direct sums of g,
+    # every exponent <= 0, and their product is exactly 2^(G_i - G_j). The column operand does
+    # not depend on r: one transpose per channel slice.
     Aqk_off = tl.zeros([C, C], dtype=tl.float32)
     Akk_off = tl.zeros([C, C], dtype=tl.float32)
     for k0 in range(0, K, BK):  # a loop, not unrolled: compile time
