@@ -19,8 +19,8 @@ import triton.language as tl
 
 C = 64                      # chunk size, the forward's and the backward's
 BC = 16                     # diagonal block size of Akk / Aqk (smallest tl.dot tile)
-# Fixed tiles (no autotune), each the fastest tried on an H100 (docs/kda.md §5a); the intra kernel's
-# [C, 64] K-slices spill on sm_90 but win: fewer re-reads of dO, v_new, dv_new and Tinv per chunk.
+# Fixed tiles (no autotune), each the fastest tried on an H100 (docs/kda.md §5a); the intra
+# kernel's [C, 64] K-slices spill on sm_90 but win: fewer re-reads of dO, v_new, dv_new and Tinv.
 BV_BWD_SCAN, BV_BWD, BK_BWD = 64, 16, 64
 BWD_SCAN_WARPS, BWD_WY_WARPS, BWD_INTRA_WARPS, BWD_SCAN_STAGES = 4, 8, 8, 3
 BK_BWD_SUB, BWD_SUB_WARPS = 32, 2
@@ -39,7 +39,7 @@ def _dot(a, b, DOT: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def _gate(g, p, mask):
-    # g at offsets p (0 where masked), clamped below at G_FLOOR as the forward does
+    # g at offsets p (0 where masked), clamped below at G_FLOOR (kda_triton step 1 says why)
     return tl.maximum(tl.load(g + p, mask=mask, other=0.), G_FLOOR)
 
 

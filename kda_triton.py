@@ -41,7 +41,7 @@ from fast import INTERPRET  # noqa: I001 (first: without a GPU it chooses Triton
 import triton
 import triton.language as tl
 
-from kda_backward import BC, C, G_FLOOR, RCP_LN2, _dot, chunk_kda_bwd, precision
+from kda_backward import BC, C, RCP_LN2, _dot, _gate, chunk_kda_bwd, precision
 
 # C = 64 tokens per chunk, BC = 16 rows per diagonal block, the exp2 and gate-floor constants and
 # the _dot helper are kda_backward's (one copy, shared: the forward imports them from there)
@@ -82,7 +82,7 @@ def _kda_diag_kernel(q, k, g, Akkd, Aqk,                            # pointers
         Aqk_i += tl.where(jj == j - first, tl.sum(q_i * kd, axis=1)[:, None], 0.)
         Akk_i += tl.where(jj == j - first, tl.sum(k_i * kd, axis=1)[:, None], 0.)
         # clamped at G_FLOOR as kernel 2 clamps it (see there): the same gates in both kernels
-        E += tl.maximum(tl.load(g + pj, mask=on, other=0.), G_FLOOR) * RCP_LN2
+        E += _gate(g, pj, on) * RCP_LN2
     row = ((b * H + hh) * NT * C + t)[:, None]  # [BH, 1] row in the [B*H, NT*C, *] intermediates
     tl.store(Aqk + row * C + t % C - t % BC + jj, (Aqk_i * scale).to(Aqk.dtype.element_ty),
              mask=heads)
@@ -126,7 +126,7 @@ def _kda_intra_kernel(q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay, tinv,   
         b_k = tl.load(k + p, mask=valid[:, None], other=0.).to(tl.float32)
         # a gate below G_FLOOR nats already wipes the state in fp32 (exp(-104) is below the
         # smallest denormal); clamping it changes nothing but keeps -inf out of G (-inf - -inf: NaN)
-        b_g = tl.maximum(tl.load(g + p, mask=valid[:, None], other=0.), G_FLOOR)
+        b_g = _gate(g, p, valid[:, None])                                   # [C, BK]
         # 1. G restarted at every 16-row block, Gb (small numbers: differences lose little to
         # rounding). G itself = Gb + the totals of the blocks before; gamma = the sum of all totals.
         Gb3 = tl.cumsum(tl.reshape(b_g, [NB, BC, BK]), axis=1) * RCP_LN2     # [NB, BC, BK]
@@ -134,9 +134,8 @@ def _kda_intra_kernel(q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay, tinv,   
         # tot_c - Gb_j, the sum of g after j in its block, summed directly: a reverse cumsum of g
         # one row on. As a difference of two block sums it would lose |tot| 2^-24 to rounding, 1e-4
         # under Kimi's gates (tot ~ -2000 in log2), in an exponent that may be near 0 (kg).
-        g_next = tl.load(g + p + s_qk, mask=((i % BC < BC - 1) & (t + 1 < T))[:, None], other=0.)
-        tail3 = tl.cumsum(tl.reshape(tl.maximum(g_next, G_FLOOR), [NB, BC, BK]), axis=1,
-                          reverse=True) * RCP_LN2                          # tot_c - Gb_j <= 0
+        g_next = _gate(g, p + s_qk, ((i % BC < BC - 1) & (t + 1 < T))[:, None])
+        tail3 = tl.cumsum(tl.reshape(g_next, [NB, BC, BK]), axis=1, reverse=True) * RCP_LN2
         # 4, the part that needs no Tinv: qg = scale q 2^G, kg = k 2^(gamma - G), 2^gamma
         before = tl.sum(tl.where(blk_m < blk_c, tot[None, :, :], 0.), axis=1)   # blocks before c
         after = tl.sum(tl.where(blk_m > blk_c, tot[None, :, :], 0.), axis=1)    # blocks after c
