@@ -234,20 +234,22 @@ def fp8_sorted_experts(x, ids, moe):
     moe.w13 [E, 2F, D], moe.w2 [E, D, F] with scales moe.s13, moe.s2 (prepare stacks them as they
     load: each expert's Fp8Linear holds views of them)."""
     token, expert, ends, pos = sort_by_expert(ids, len(moe.w13))
-    xs = x[token]                                       # [N*k, D], expert e's rows contiguous
     if len(x) <= DECODE_ROWS:                           # decode: read the selected experts only
-        h = silu_mul(fp8_rows(xs, moe.w13, moe.s13, expert))                     # [N*k, F]
+        h = silu_mul(fp8_rows(x[token], moe.w13, moe.s13, expert))               # [N*k, F]
         out = fp8_rows(h, moe.w2, moe.s2, expert)
     else:                                               # prefill: FP8 grouped GEMMs
-        h = silu_mul(_grouped(xs, moe.w13, moe.s13, ends))                      # [N*k, F]
-        out = _grouped(h, moe.w2, moe.s2, ends)                                 # [N*k, D]
+        # each token quantised once, then its k rows gathered (per-token scales: the same
+        # bits as quantising the gathered rows); e4m3 gathered as bytes, half bf16's
+        xq, xs = quantize_rows_triton(x)                                        # [N, D], [N, 1]
+        xq = xq.view(torch.uint8)[token].view(FP8)      # [N*k, D], expert e's rows contiguous
+        h = silu_mul(_grouped(xq, xs[token], moe.w13, moe.s13, ends))          # [N*k, F]
+        out = _grouped(*quantize_rows_triton(h), moe.w2, moe.s2, ends)          # [N*k, D]
     return out, pos
 
 
-def _grouped(x, weight, scale, ends):
-    """Rows of x [M, K] (expert e's rows end at ends[e]) times their expert's (weight * scale).T
-    -> [M, N] bf16; x quantised per token."""
-    xq, xs = quantize_rows_triton(x)
+def _grouped(xq, xs, weight, scale, ends):
+    """Rows of x = xq * xs (e4m3 [M, K], fp32 [M, 1]; expert e's rows end at ends[e]) times their
+    expert's (weight * scale).T -> [M, N] bf16."""
     return F.scaled_grouped_mm(xq, weight.mT, xs.view(-1), F.ScalingType.RowWise,
                                scale.view(len(weight), -1), F.ScalingType.RowWise, offs=ends,
                                output_dtype=torch.bfloat16)

@@ -1,12 +1,13 @@
 """Where a prefill's time goes: kimi.py's forward over one prompt of the 48B model, by kernel.
 
-    python -m tools.profile_prefill [--tokens 8192] [--config tiny]
+    python -m tools.profile_prefill [--tokens 8192] [--config tiny] [--fp8]
 
 Random weights at full size (tools.fullsize.random_model, as the benchmark builds them), one cached
 prefill (start_pos=0, last_only=True, as generation.generate runs it). Prints tokens/s the way
 tools/bench.py's prefill rows measure them (tools.timing.cuda_time: CUDA events, median of 3 after
 one warm-up) next to the matmul ceiling, then torch.profiler's GPU time per kernel over 2 more
-prefills, the largest first. Without a GPU (a tiny --config only) it times on the host and
+prefills, the largest first. --fp8: the FP8 model (fast/quantize.py), its ceiling at the FP8 matmul
+rate. Without a GPU (a tiny --config only) it times on the host and
 profiles CPU operators.
 """
 import argparse
@@ -27,10 +28,13 @@ def main(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--config", default="kimi-linear-48b-a3b", choices=sorted(kimi.CONFIGS))
+    ap.add_argument("--fp8", action="store_true", help="FP8 weights (needs a GPU)")
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
+    if a.fp8 and not cuda:
+        ap.error("--fp8 needs a CUDA GPU")
     args, T = kimi.CONFIGS[a.config], a.tokens
-    model = fullsize.random_model(args, torch.device("cuda" if cuda else "cpu"), 1, T)
+    model = fullsize.random_model(args, torch.device("cuda" if cuda else "cpu"), 1, T, fp8=a.fp8)
     tokens = torch.randint(0, args.vocab_size, (1, T), device=model.lm_head.weight.device)
     prefill = lambda: model(tokens, start_pos=0, last_only=True)      # noqa: E731
     with torch.no_grad():
@@ -39,9 +43,10 @@ def main(argv):
         else:
             prefill()
             ms = statistics.median(_host_ms(prefill) for _ in range(3))
-        ceiling = fullsize.MATMUL_FLOP_PER_S / (2 * fullsize.active_params(args))
-        print(f"prefill B=1 T={T}: {T / ms * 1e3:,.0f} tokens/s, {T / ms * 1e3 / ceiling:.1%} of "
-              f"the H200 matmul ceiling ({ceiling:,.0f} tokens/s)")
+        rate = fullsize.FP8_MATMUL_FLOP_PER_S if a.fp8 else fullsize.MATMUL_FLOP_PER_S
+        ceiling = rate / (2 * fullsize.active_params(args))
+        print(f"{'FP8 ' if a.fp8 else ''}prefill B=1 T={T}: {T / ms * 1e3:,.0f} tokens/s, "
+              f"{T / ms * 1e3 / ceiling:.1%} of the H200 matmul ceiling ({ceiling:,.0f} tokens/s)")
         activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
         with profile(activities=[activity]) as prof:
             for _ in range(2):
