@@ -7,8 +7,7 @@ prefill (start_pos=0, last_only=True, as generation.generate runs it). Prints to
 tools/bench.py's prefill rows measure them (tools.timing.cuda_time: CUDA events, median of 3 after
 one warm-up) next to the matmul ceiling, then torch.profiler's GPU time per kernel over 2 more
 prefills, the largest first. --fp8: the FP8 model (fast/quantize.py), its ceiling at the FP8 matmul
-rate. Without a GPU (a tiny --config only) it times on the host and
-profiles CPU operators.
+rate. Without a GPU (a tiny --config only, bf16) it times on the host and profiles CPU operators.
 """
 import argparse
 import collections
