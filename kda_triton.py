@@ -199,12 +199,12 @@ def _kda_intra_kernel(q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay, tinv,   
     for k0 in range(0, K, BK):
         out = row[:, None] * K + (k0 + tl.arange(0, BK))[None, :]             # [C, BK]
         b_kG = tl.load(w + out).to(tl.float32)                                 # k 2^G
-        b_w = _dot(Tinv, b_kG * b_beta[:, None], tl.float32, PREC)
+        b_w = _dot(Tinv, b_kG * b_beta[:, None], DOT, PREC)
         tl.store(w + out, b_w.to(w.dtype.element_ty))
     for v0 in range(0, V, BK):
         c = v0 + tl.arange(0, BK)
         b_v = tl.load(v + bt[:, None] * s_v + h * V + c[None, :], mask=valid[:, None], other=0.)
-        b_u = _dot(Tinv, b_v.to(tl.float32) * b_beta[:, None], tl.float32, PREC)
+        b_u = _dot(Tinv, b_v.to(tl.float32) * b_beta[:, None], DOT, PREC)
         tl.store(u + row[:, None] * V + c[None, :], b_u.to(u.dtype.element_ty))
 
 
