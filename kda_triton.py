@@ -93,7 +93,8 @@ def _kda_diag_kernel(q, k, g, Akkd, Aqk,                            # pointers
 def _kda_intra_kernel(q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay, tinv,   # pointers
                       T, H, scale, s_qk, s_v, s_beta,               # sizes, token strides
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
-                      BK: tl.constexpr, PREC: tl.constexpr, STORE_TINV: tl.constexpr):
+                      BK: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                      STORE_TINV: tl.constexpr):
     """Steps 1, 2b, 3 and 4 for one chunk (grid: chunks x heads), after _kda_diag_kernel."""
     n = tl.program_id(0).to(tl.int64)          # chunk; int64 so that offsets cannot overflow
     bh = tl.program_id(1).to(tl.int64)
@@ -160,8 +161,8 @@ def _kda_intra_kernel(q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay, tinv,   
             # rows in block c or before: -inf BEFORE exp2 (there G_i - m_c may be positive)
             e_row = tl.exp2(tl.where((ib > cb)[:, None], row_e, float("-inf")))      # [C, BK]
             k_col = tl.where((ib == cb)[None, :], k_colT, 0.)                          # [BK, C]
-            Aqk_off += _dot(b_q * e_row, k_col, tl.float32, PREC)
-            Akk_off += _dot(b_k * e_row, k_col, tl.float32, PREC)
+            Aqk_off += _dot(b_q * e_row, k_col, DOT, PREC)
+            Akk_off += _dot(b_k * e_row, k_col, DOT, PREC)
     Akk_off = Akk_off * b_beta[:, None]
     off = ib[:, None] != ib[None, :]             # the diagonal blocks are _kda_diag_kernel's (2a)
     tl.store(Aqk + row[:, None] * C + i[None, :], (Aqk_off * scale).to(Aqk.dtype.element_ty),
@@ -198,12 +199,12 @@ def _kda_intra_kernel(q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay, tinv,   
     for k0 in range(0, K, BK):
         out = row[:, None] * K + (k0 + tl.arange(0, BK))[None, :]             # [C, BK]
         b_kG = tl.load(w + out).to(tl.float32)                                 # k 2^G
-        b_w = _dot(Tinv, b_kG * b_beta[:, None], tl.float32, PREC)
+        b_w = _dot(Tinv, b_kG * b_beta[:, None], DOT, PREC)
         tl.store(w + out, b_w.to(w.dtype.element_ty))
     for v0 in range(0, V, BK):
         c = v0 + tl.arange(0, BK)
         b_v = tl.load(v + bt[:, None] * s_v + h * V + c[None, :], mask=valid[:, None], other=0.)
-        b_u = _dot(Tinv, b_v.to(tl.float32) * b_beta[:, None], tl.float32, PREC)
+        b_u = _dot(Tinv, b_v.to(tl.float32) * b_beta[:, None], DOT, PREC)
         tl.store(u + row[:, None] * V + c[None, :], b_u.to(u.dtype.element_ty))
 
 
@@ -317,7 +318,7 @@ def _forward(q, k, v, g, beta, h0, scale, output_final_state, save):
     _kda_intra_kernel[(NT, B * H)](
         q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay, tinv,
         T, H, scale, H * K, H * V, H,
-        K=K, V=V, C=C, BC=BC, BK=min(BK, K, V), PREC=prec, STORE_TINV=save,
+        K=K, V=V, C=C, BC=BC, BK=min(BK, K, V), DOT=dot, PREC=prec, STORE_TINV=save,
         num_warps=INTRA_WARPS)
     o = torch.empty_like(v)
     ht = torch.empty(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None

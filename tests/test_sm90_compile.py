@@ -46,7 +46,8 @@ build(kt._kda_diag_kernel, dict(q=BF, k=BF, g=F32, Akkd=F32, Aqk=BF),
 for store in (False, True):     # the inference path, and the forward that keeps the backward's
     build(kt._kda_intra_kernel, dict(q=BF, k=BF, v=BF, g=F32, beta=F32, Akkd=F32, w=BF, u=BF,
                                      qg=BF, kg=BF, Aqk=BF, decay=F32, tinv=F32),
-          dict(KV, C=kt.C, BC=kt.BC, BK=kt.BK, PREC="tf32", STORE_TINV=store), kt.INTRA_WARPS)
+          dict(KV, C=kt.C, BC=kt.BC, BK=kt.BK, DOT=tl.bfloat16, PREC="tf32",
+               STORE_TINV=store), kt.INTRA_WARPS)
     build(kt._kda_scan_kernel, dict(w=BF, u=BF, qg=BF, kg=BF, Aqk=BF, decay=F32, o=BF, h0=F32,
                                     ht=F32, hn=BF, vn=BF),
           dict(KV, C=kt.C, BV=kt.BV_SCAN, HAS_H0=True, STORE_HT=True, DOT=tl.bfloat16,
