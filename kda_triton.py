@@ -117,7 +117,8 @@ def _kda_intra_kernel(q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay, tinv,   
     # m_c - G_j = tot_c - Gb_j (the sum of g after j in its block); row operand x_i 2^(G_i - m_c),
     # G_i - m_c = Gb_i + tot_(c+1) + ... + tot_(r-1) for i in a block r > c: direct sums of g,
     # every exponent <= 0, and their product is exactly 2^(G_i - G_j). The column operand does
-    # not depend on r: one transpose per channel slice.
+    # not depend on r: one transpose per channel slice. The products of 2b and 4 take the scan's
+    # operands (bf16 for bf16 inputs, as fla; fp32 in the interpreter); 3 stays fp32.
     Aqk_off = tl.zeros([C, C], dtype=tl.float32)
     Akk_off = tl.zeros([C, C], dtype=tl.float32)
     for k0 in range(0, K, BK):  # a loop, not unrolled: compile time
@@ -147,7 +148,7 @@ def _kda_intra_kernel(q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay, tinv,   
         tl.store(qg + out, (b_q * e_G * scale).to(qg.dtype.element_ty))
         # w holds k 2^G until step 4 overwrites it with Tinv (beta k 2^G): a round trip through
         # memory this program just wrote (in L2) beats reloading g and redoing step 1. In bf16
-        # (bf16 inputs) it is rounded once more before the TF32 dot; o's error did not move.
+        # (bf16 inputs) it is stored as bf16, the dtype step 4's dot reads it in anyway.
         tl.store(w + out, (b_k * e_G).to(w.dtype.element_ty))
         tl.store(kg + out, (b_k * tl.exp2(gamma_minus_G)).to(kg.dtype.element_ty))
         tl.store(decay + (bh * NT + n) * K + c, tl.exp2(tl.sum(tot, axis=0)))     # 2^gamma, fp32
