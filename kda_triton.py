@@ -43,8 +43,8 @@ import triton.language as tl
 
 from kda_backward import BC, C, RCP_LN2, _dot, _gate, chunk_kda_bwd, precision
 
-# C = 64 tokens per chunk, BC = 16 rows per diagonal block, the exp2 and gate-floor constants and
-# the _dot helper are kda_backward's (one copy, shared: the forward imports them from there)
+# C = 64 tokens per chunk, BC = 16 rows per diagonal block, the exp2 constant, the _gate load
+# (clamped at the gate floor) and the _dot helper are kda_backward's (one copy, shared)
 BK = 32                     # channel slice of kernel 2's loops: [C, BK] tiles, [C, C] @ [C, BK]
 BV_SCAN = 64                # V-slice per scan program (32 crashed with h0 on Triton 3.6, H200)
 BV_STEP = 32                # V-slice per decode-step program (as fla's fused_recurrent_kda)
