@@ -412,7 +412,12 @@ class MoEGate(nn.Module):
     def forward(self, x):
         """x [N, D] -> (expert ids [N, k], mixing weights fp32 [N, k])."""
         a = self.args
-        s = torch.sigmoid(F.linear(x.float(), self.weight.float()))    # [N, E], fp32
+        if use_kernels(x, self.weight) and x.dtype == self.weight.dtype == torch.bfloat16:
+            # exact bf16 products summed in fp32: x.float() @ W.float() without the fp32 copies
+            logits = torch.mm(x, self.weight.T, out_dtype=torch.float32)
+        else:
+            logits = F.linear(x.float(), self.weight.float())
+        s = torch.sigmoid(logits)                                       # [N, E], fp32
         biased = s + self.e_score_correction_bias.float()              # chooses the experts
         ids = biased.topk(a.num_experts_per_token, dim=-1, sorted=False).indices    # [N, k]
         # The mixing weights: the release adds the bias in place on a view of s, so they are
