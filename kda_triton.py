@@ -316,11 +316,14 @@ def _forward(q, k, v, g, beta, h0, scale, output_final_state, save):
     _kda_diag_kernel[(B * NT * C, triton.cdiv(H, DIAG_HEADS))](
         q, k, g, Akkd, Aqk, T, H, NT, scale, H * K,
         K=K, C=C, BC=BC, BH=DIAG_HEADS, num_warps=DIAG_WARPS)
+    bk = min(BK, K, V)
+    # bf16 products over 16-wide slices faulted (an illegal address, with T not a multiple of 16)
+    # on an H100 under Triton 3.6: those take fp32 operands
     _kda_intra_kernel[(NT, B * H)](
         q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay, tinv,
         T, H, scale, H * K, H * V, H,
-        K=K, V=V, C=C, BC=BC, BK=min(BK, K, V), DOT=dot, PREC=prec, STORE_TINV=save,
-        num_warps=INTRA_WARPS)
+        K=K, V=V, C=C, BC=BC, BK=bk, DOT=dot if bk >= 32 else tl.float32, PREC=prec,
+        STORE_TINV=save, num_warps=INTRA_WARPS)
     o = torch.empty_like(v)
     ht = torch.empty(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     BV = min(BV_SCAN, V)
