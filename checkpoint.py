@@ -8,6 +8,7 @@ tensor at fault (CheckpointError), never a traceback from deep inside torch.
 """
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -86,7 +87,7 @@ def _unique(pairs):
 def read_config(args_cls, path):
     """config.json -> args_cls (kimi.ModelArgs). Its layer lists are 1-based; unknown keys are
     ignored; a missing key or an invalid value raises CheckpointError naming it. The values'
-    types are checked by args_cls itself (ModelArgs.__post_init__), the lists here."""
+    types are checked by args_cls itself (ModelArgs.__post_init__: check_args), the lists here."""
     cfg = read_json(path, "config")
     linear = cfg.get("linear_attn_config") if isinstance(cfg, dict) else None
     if not isinstance(linear, dict):
@@ -112,6 +113,36 @@ def read_config(args_cls, path):
         return args_cls(**kwargs)
     except ValueError as e:                                  # ModelArgs' own validation
         raise CheckpointError(f"{path}: {e}") from None
+
+
+def check_args(args):
+    """Refuse impossible sizes in a ModelArgs (kimi.py), however it was made, before any tensor
+    is: a ValueError of one line naming the field (read_config names the file too)."""
+    def require(ok, message):
+        if not ok:
+            raise ValueError(message)
+    for f in fields(args):
+        value = getattr(args, f.name)
+        if f.type is int:
+            low = 0 if f.name in ("num_experts", "first_k_dense_replace") else 1
+            ok = type(value) is int and value >= low
+            require(ok, f"{f.name} must be an integer >= {low}, not {value!r}")
+        elif f.type is float:
+            ok = type(value) in (int, float) and 0 < value < math.inf
+            require(ok, f"{f.name} must be a positive finite number, not {value!r}")
+        elif f.type is bool:
+            require(type(value) is bool, f"{f.name} must be true or false, not {value!r}")
+    layers = args.full_attn_layers
+    ok = isinstance(layers, (tuple, list)) and all(
+        type(i) is int and 0 <= i < args.num_hidden_layers for i in layers)
+    ok = ok and len(set(layers)) == len(layers)
+    require(ok, "full_attn_layers must be distinct layer numbers below "
+            f"num_hidden_layers={args.num_hidden_layers}, not {layers!r}")
+    k, E = args.num_experts_per_token, args.num_experts
+    require(E == 0 or k <= E, f"num_experts_per_token={k} exceeds num_experts={E}")
+    # Group-limited routing with one group (the release's setting) picks from all experts
+    groups = (args.num_expert_group, args.topk_group)
+    require(groups == (1, 1), f"num_expert_group, topk_group = {groups}: only (1, 1)")
 
 
 def read_quantization(ckpt_dir):

@@ -20,7 +20,7 @@ References: the tech report (https://arxiv.org/abs/2510.26692); the official mod
 (https://github.com/fla-org/flash-linear-attention); ours, docs/architecture.md ("§n", "trap n").
 """
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -88,30 +88,9 @@ class ModelArgs:
     routing_weights_biased: bool = True     # the release's quirk; False: DeepSeek's rule
 
     def __post_init__(self):
-        """Refuse impossible sizes in one line naming the field, before any tensor is made."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type is int:
-                low = 0 if f.name in ("num_experts", "first_k_dense_replace") else 1
-                ok = type(value) is int and value >= low
-                _require(ok, f"{f.name} must be an integer >= {low}, not {value!r}")
-            elif f.type is float:
-                ok = type(value) in (int, float) and 0 < value < math.inf
-                _require(ok, f"{f.name} must be a positive finite number, not {value!r}")
-            elif f.type is bool:
-                _require(type(value) is bool, f"{f.name} must be true or false, not {value!r}")
-        layers = self.full_attn_layers
-        ok = isinstance(layers, (tuple, list)) and all(
-            type(i) is int and 0 <= i < self.num_hidden_layers for i in layers)
-        ok = ok and len(set(layers)) == len(layers)
-        _require(ok, "full_attn_layers must be distinct layer numbers below "
-                 f"num_hidden_layers={self.num_hidden_layers}, not {layers!r}")
-        object.__setattr__(self, "full_attn_layers", tuple(layers))     # hashable, comparable
-        k, E = self.num_experts_per_token, self.num_experts
-        _require(E == 0 or k <= E, f"num_experts_per_token={k} exceeds num_experts={E}")
-        # Group-limited routing with one group (the release's setting) picks from all experts
-        groups = (self.num_expert_group, self.topk_group)
-        _require(groups == (1, 1), f"num_expert_group, topk_group = {groups}: only (1, 1)")
+        """Refuse impossible sizes in one line naming the field (checkpoint.check_args)."""
+        checkpoint.check_args(self)
+        object.__setattr__(self, "full_attn_layers", tuple(self.full_attn_layers))  # hashable
 
     @classmethod
     def from_json(cls, path):
@@ -412,11 +391,10 @@ class MoEGate(nn.Module):
     def forward(self, x):
         """x [N, D] -> (expert ids [N, k], mixing weights fp32 [N, k])."""
         a = self.args
-        if use_kernels(x, self.weight) and x.dtype == self.weight.dtype == torch.bfloat16:
-            # exact bf16 products summed in fp32: x.float() @ W.float() without the fp32 copies
-            logits = torch.mm(x, self.weight.T, out_dtype=torch.float32)
-        else:
-            logits = F.linear(x.float(), self.weight.float())
+        # = x.float() @ W.float().T; on a GPU from the bf16 operands (their products are exact)
+        bf16 = use_kernels(x, self.weight) and x.dtype == self.weight.dtype == torch.bfloat16
+        logits = (torch.mm(x, self.weight.T, out_dtype=torch.float32) if bf16
+                  else F.linear(x.float(), self.weight.float()))
         s = torch.sigmoid(logits)                                       # [N, E], fp32
         biased = s + self.e_score_correction_bias.float()              # chooses the experts
         ids = biased.topk(a.num_experts_per_token, dim=-1, sorted=False).indices    # [N, k]
