@@ -12,10 +12,11 @@ below the normal range), and rows map to FP8 GEMMs with row-wise scales (measure
 
 Compute, by where and how many rows (fp8_linear, fp8_experts):
   - a GPU with FP8 (compute capability >= 8.9), more than DECODE_ROWS rows (prefill): activations
-    are quantised per token (a Triton kernel) and multiplied on FP8 tensor cores with row-wise
-    scales (F.scaled_mm; the routed experts through F.scaled_grouped_mm, rows sorted by expert as
-    fast.moe sorts them, SiLU(gate) * up in fast.moe.silu_mul, the weighted sum where the rows
-    lie in fast.moe.combine: fp8_sorted_experts, then fast.quantize.Fp8MoE)
+    are quantised per token (a Triton kernel; once per tensor, quantize_once) and multiplied on
+    FP8 tensor cores with row-wise scales (F.scaled_mm; the routed experts through
+    F.scaled_grouped_mm, rows sorted by expert as fast.moe sorts them, SiLU(gate) * up in
+    fast.moe.silu_mul, the weighted sum where the rows lie in fast.moe.combine:
+    fp8_sorted_experts, then fast.quantize.Fp8MoE)
   - the same GPU, at most DECODE_ROWS rows (decode): _rows_kernel reads each FP8 weight once,
     converts it to bf16 in registers (exact) and accumulates in fp32, one program per BN outputs;
     the routed experts' rows go through it too, grouped by expert: only the selected experts are
@@ -24,6 +25,7 @@ Compute, by where and how many rows (fp8_linear, fp8_experts):
 Shapes: M rows (tokens), K inputs, N outputs, E experts, F expert width.
 """
 import functools
+import weakref
 
 import torch
 import torch.nn as nn
@@ -116,6 +118,29 @@ def quantize_rows_triton(x):
     return q, scale
 
 
+_quantised = {}         # id(x) -> (weakref to x, x's version, q, scale): quantize_once's entries
+
+
+def quantize_once(x):
+    """= quantize_rows(x.reshape(-1, K)) for x [..., K] (on a GPU by quantize_rows_triton), once
+    per input tensor: KDA's six projections read the same x, as do MLA's two and the MoE's routed
+    and shared experts, so a layer quantises each input once. An entry lives as long as x does
+    (the weakref's callback drops it) and is recomputed if x was written in place since (its
+    version counter); identity, not the id alone, decides: an id is reused once x is freed."""
+    rows = x.reshape(-1, x.shape[-1])                                   # [M, K]
+    quantize = quantize_rows_triton if x.is_cuda else quantize_rows
+    if torch.compiler.is_compiling():                   # no weakrefs in a traced graph
+        return quantize(rows)
+    key = id(x)
+    entry = _quantised.get(key)
+    if entry is not None and entry[0]() is x and entry[1] == x._version:
+        return entry[2], entry[3]
+    q, scale = quantize(rows)
+    drop = lambda _, key=key: _quantised.pop(key, None)                 # noqa: E731
+    _quantised[key] = (weakref.ref(x, drop), x._version, q, scale)
+    return q, scale
+
+
 @triton.jit
 def _rows_kernel(
         # pointers
@@ -184,9 +209,9 @@ def fp8_rows(x, weight, scale, experts=None):
 # Linear layers and the experts
 
 def scaled_linear(x, weight, scale):
-    """x [M, K] @ (weight * scale).T on FP8 tensor cores: x quantised per token (row-wise scales on
-    both sides; F.scaled_mm accumulates in fp32) -> [M, N] in x's dtype (bf16 or fp32)."""
-    xq, xs = quantize_rows_triton(x) if x.is_cuda else quantize_rows(x)
+    """x [..., K] @ (weight * scale).T on FP8 tensor cores: x quantised per token, once per tensor
+    (row-wise scales on both sides; F.scaled_mm accumulates in fp32) -> [M, N] in x's dtype."""
+    xq, xs = quantize_once(x)
     return F.scaled_mm(xq, weight.T, xs, F.ScalingType.RowWise, scale.view(1, -1),
                        F.ScalingType.RowWise, output_dtype=x.dtype)
 
@@ -200,7 +225,7 @@ def fp8_linear(x, weight, scale):
     elif len(x2) <= DECODE_ROWS:
         y = fp8_rows(x2, weight[None], scale[None])                 # decode
     elif K % 16 == 0 and N % 16 == 0:
-        y = scaled_linear(x2, weight, scale)                        # prefill
+        y = scaled_linear(x, weight, scale)                         # prefill
     else:                                                           # shapes FP8 GEMMs refuse
         y = x2.float() @ dequantize(weight, scale).T
     return y.to(x.dtype).view(*x.shape[:-1], N)
@@ -238,9 +263,9 @@ def fp8_sorted_experts(x, ids, moe):
         h = silu_mul(fp8_rows(x[token], moe.w13, moe.s13, expert))               # [N*k, F]
         out = fp8_rows(h, moe.w2, moe.s2, expert)
     else:                                               # prefill: FP8 grouped GEMMs
-        # each token quantised once, then its k rows gathered (per-token scales: the same
-        # bits as quantising the gathered rows); e4m3 gathered as bytes, half bf16's
-        xq, xs = quantize_rows_triton(x)                                        # [N, D], [N, 1]
+        # each token quantised once (the shared expert reuses it), then its k rows gathered
+        # (per-token scales: the same bits as quantising the gathered rows); e4m3 as bytes
+        xq, xs = quantize_once(x)                                               # [N, D], [N, 1]
         xq = xq.view(torch.uint8)[token].view(FP8)      # [N*k, D], expert e's rows contiguous
         h = silu_mul(_grouped(xq, xs[token], moe.w13, moe.s13, ends))          # [N*k, F]
         out = _grouped(*quantize_rows_triton(h), moe.w2, moe.s2, ends)          # [N*k, D]

@@ -14,9 +14,10 @@ from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
 import kimi
-from fast import moe as fast_moe, quantize
+from fast import fp8 as fast_fp8, moe as fast_moe, quantize
 from fast.fp8 import (DECODE_ROWS, FP8, dequantize, fp8_experts, fp8_linear, fp8_rows,
-                      fp8_sorted_experts, quantize_rows, quantize_rows_triton, scaled_linear)
+                      fp8_sorted_experts, quantize_once, quantize_rows, quantize_rows_triton,
+                      scaled_linear)
 from fast.quantize import SCALE
 from helpers import ROOT, randomize
 from kimi import CheckpointError, Transformer
@@ -164,6 +165,22 @@ def test_quantize_kernel_equals_quantize_rows():
     q_ref, scale_ref = quantize_rows(x)
     assert torch.equal(scale, scale_ref)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+def test_quantize_once_reuses_its_result_while_the_input_lives_unchanged():
+    x = torch.randn(2, 5, 64)                                        # [B, T, K]
+    q, scale = quantize_once(x)
+    q_ref, scale_ref = quantize_rows(x.reshape(-1, 64))
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(scale, scale_ref)
+    assert quantize_once(x)[0] is q                 # the same tensor again: nothing recomputed
+    assert quantize_once(x.clone())[0] is not q     # equal values in another tensor: computed
+    x.mul_(2)                                       # written in place: computed again
+    q2, scale2 = quantize_once(x)
+    assert q2 is not q and torch.equal(scale2, 2 * scale)
+    key = id(x)
+    del x                                           # the entry goes with its input
+    assert key not in fast_fp8._quantised
 
 
 def moe_with_dequantised_twin(N, seed, device):
