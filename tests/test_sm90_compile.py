@@ -1,12 +1,13 @@
-"""The prefill kernels compile for the H200 (sm_90) on any machine, a GPU or not.
+"""Every Triton kernel compiles for the H200 (sm_90) on any machine, a GPU or not.
 
 Without a GPU the other tests run the kernels in Triton's CPU interpreter, which accepts code that
 the compiler refuses: on the H200, short_conv.py once failed with "initial value for `src` is of
 type [64, 1], but the then block redefines it as [1, 4]" (a name given another shape inside a
 runtime `if`) while every interpreter test passed. Triton's compiler and ptxas run on a CPU too,
 for a named target, so this test compiles kda_triton.py's four kernels (with and without the
-backward's stores), kda_backward.py's four, fast/short_conv.py's and fast/moe.py's combine at
-the 48B model's sizes, as their launchers configure them. Skipped where
+backward's stores), kda_backward.py's four, fast/short_conv.py's and fast/moe.py's combine,
+and the decode step's and FP8's kernels, at the 48B model's sizes, as their launchers configure
+them. Skipped where
 the installed Triton cannot compile for CUDA here (no CUDA backend, or another compile API).
 """
 import os
@@ -108,11 +109,29 @@ for config in (mla_decode.SPLIT, dict(BL=32, HEADS=64, num_warps=8, num_stages=3
           dict(H=32, R=512, PE=64, HP=max(config["HEADS"], 32), RP=512, PEP=64, BL=config["BL"],
                MIN_SPLIT=mla_decode.MIN_SPLIT, POS_TENSOR=True, HAS_PAD=True, DOT=tl.bfloat16,
                PREC="tf32"), config["num_warps"], config["num_stages"])
+build(mla_decode._mla_combine_kernel, dict(m_part=F32, l_part=F32, acc_part=F32, o=BF),
+      dict(H=32, R=512, BS=mla_decode.BLOCK_S, BR=mla_decode.BLOCK_R), 4)
+# The rest of fast.decode's step: the residual add + RMSNorm, the KDA layer's step
+from fast import decode, fp8, kda_decode
+build(decode._add_rmsnorm_kernel, dict(h_ptr=BF, delta_ptr=BF, w_ptr=BF, h_out=BF, n_out=BF,
+                                       eps=SCALAR), dict(HAS_DELTA=True, BD=4096), 4)
+build(kda_decode._kda_decode_kernel,
+      dict(q=BF, k=BF, v=BF, f_a=BF, g_a=BF, b=BF, conv=BF, wq=BF, wk=BF, wv=BF, f_b_w=BF,
+           g_b_w=BF, A_log=F32, dt_bias=F32, o_norm_w=BF, S=F32, o=BF, scale=SCALAR, eps=SCALAR),
+      dict(K=128, W=4, WP=4, MV=kda_decode.MV), kda_decode.WARPS)
+# FP8: the prefill's activation quantisation, the decode product (one weight, and grouped)
+build(fp8._quantize_kernel, dict(x_ptr=BF, q_ptr=F8, s_ptr=F32), dict(BK=fp8.QUANT_BK), 4)
+rows = {n: v for n, v in fp8.ROWS.items() if not n.startswith("num_")}
+for grouped in (False, True):
+    build(fp8._rows_kernel, dict(x_ptr=BF, w_ptr=F8, s_ptr=F32, out_ptr=BF, expert_ptr=I64,
+                                 end_ptr=I64),
+          dict(rows, GROUPED=grouped, DOT=tl.bfloat16, PREC="tf32"), fp8.ROWS["num_warps"],
+          fp8.ROWS["num_stages"])
 print("all compiled")
 """
 
 
-def test_prefill_kernels_compile_for_sm90():
+def test_kernels_compile_for_sm90():
     env = dict(os.environ, TRITON_INTERPRET="0")        # the compiler, not the interpreter
     run = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
