@@ -317,12 +317,13 @@ def _forward(q, k, v, g, beta, h0, scale, output_final_state, save):
         q, k, g, Akkd, Aqk, T, H, NT, scale, H * K,
         K=K, C=C, BC=BC, BH=DIAG_HEADS, num_warps=DIAG_WARPS)
     bk = min(BK, K, V)
-    # bf16 products over 16-wide slices faulted (an illegal address, with T not a multiple of 16)
-    # on an H100 under Triton 3.6: those take fp32 operands
+    # bf16 products faulted (an illegal address) on an H100 under Triton 3.6 where a channel loop
+    # runs once (K = V = 16 and 32; 64 and up ran): those keep fp32 operands, as before bf16 ones
+    low = min(K, V) > BK
     _kda_intra_kernel[(NT, B * H)](
         q, k, v, g, beta, Akkd, w, u, qg, kg, Aqk, decay, tinv,
         T, H, scale, H * K, H * V, H,
-        K=K, V=V, C=C, BC=BC, BK=bk, DOT=dot if bk >= 32 else tl.float32, PREC=prec,
+        K=K, V=V, C=C, BC=BC, BK=bk, DOT=dot if low else tl.float32, PREC=prec,
         STORE_TINV=save, num_warps=INTRA_WARPS)
     o = torch.empty_like(v)
     ht = torch.empty(B, H, K, V, device=dev, dtype=torch.float32) if output_final_state else None
