@@ -53,6 +53,18 @@ def round_to(x, DT: tl.constexpr):
 
 
 @triton.jit
+def operand(w, DOT: tl.constexpr):
+    """A weight tile as tl.dot's operand type. e4m3 -> bf16: fp32's top 16 bits are the bf16
+    value, exact (e4m3 has 3 mantissa bits); an fp16 unpack and a widening half-precision add get
+    there, where the cast spends a slow conversion op (F2F) on every element."""
+    if DOT == tl.bfloat16 and w.dtype == tl.float8e4nv:
+        bits = w.to(tl.float32).to(tl.uint32, bitcast=True)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return w.to(DOT)
+
+
+@triton.jit
 def softplus(z):
     """torch's softplus (threshold 20) of fp32 z: z above 20 as is, below max(z, 0) + log1p(u)
     with u = exp(-|z|) in (0, 1]. log1p(u) = 2 atanh(s) = 2 s (1 + s^2/3 + s^4/5 + ...) with

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fast import INTERPRET, round_to
+from fast import INTERPRET, operand, round_to
 
 MAX_TOKENS = 16                         # BM: tokens per tile (tl.dot's minimum dimension)
 # Both forms stay: in the GPU A/B, SWAP was the faster with bf16 experts and the row form the
@@ -132,18 +132,6 @@ def experts_ref(x, ids, w, w13, w2, s13=None, s2=None):
 
 
 @triton.jit
-def _operand(w, DOT: tl.constexpr):
-    """A weight tile as tl.dot's operand type. e4m3 -> bf16: fp32's top 16 bits are the bf16
-    value, exact (e4m3 has 3 mantissa bits); an fp16 unpack and a widening half-precision add get
-    there, where the cast spends a slow conversion op (F2F) on every element."""
-    if DOT == tl.bfloat16 and w.dtype == tl.float8e4nv:
-        bits = w.to(tl.float32).to(tl.uint32, bitcast=True)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return w.to(DOT)
-
-
-@triton.jit
 def _group(ids_ptr, p, N, KP, BM: tl.constexpr, BJ: tl.constexpr):
     """Pair p's expert e = ids[p]; whether p is e's first pair (the leader, who does the work);
     per token t: whether t chose e (member [BM]) and in which slot (slot [BM])."""
@@ -178,7 +166,7 @@ def _gate_up_kernel(x_ptr, ids_ptr, w13_ptr, s13_ptr, h_ptr, N, KP, D, F, SCALED
                              mask=member[None, :] & (k[:, None] < D))  # [BK, BM]: e's tokens
                 w = tl.load(rows + k[None, :], mask=(fr[:, None] < F) & (k[None, :] < D),
                             other=0.0)                              # [2 BN, BK]
-                acc = tl.dot(_operand(w, DOT), xT.to(DOT), acc, input_precision=PREC)
+                acc = tl.dot(operand(w, DOT), xT.to(DOT), acc, input_precision=PREC)
             # [2, BN, BM] -> [BM, BN, 2] -> gate, up [BM, BN]: the row form's layout from here
             gate, up = tl.split(tl.permute(tl.reshape(acc, (2, BN, BM)), (2, 1, 0)))
         else:
@@ -191,8 +179,8 @@ def _gate_up_kernel(x_ptr, ids_ptr, w13_ptr, s13_ptr, h_ptr, N, KP, D, F, SCALED
                 mask = (k[:, None] < D) & (f[None, :] < F)
                 w1_t = tl.load(w1 + k[:, None], mask=mask, other=0.0)           # [BK, BN]
                 w3_t = tl.load(w1 + F * D + k[:, None], mask=mask, other=0.0)   # w3 (up)
-                gate += tl.dot(x, _operand(w1_t, DOT), input_precision=PREC)
-                up += tl.dot(x, _operand(w3_t, DOT), input_precision=PREC)
+                gate += tl.dot(x, operand(w1_t, DOT), input_precision=PREC)
+                up += tl.dot(x, operand(w3_t, DOT), input_precision=PREC)
         if SCALED:                                                  # powers of two: exact
             gate *= tl.load(s13_ptr + e * 2 * F + f, mask=f < F, other=0.0)[None, :]
             up *= tl.load(s13_ptr + e * 2 * F + F + f, mask=f < F, other=0.0)[None, :]
@@ -225,7 +213,7 @@ def _down_kernel(h_ptr, ids_ptr, w2_ptr, s2_ptr, out_ptr, N, KP, D, F, SCALED: t
                              mask=member[None, :] & (k[:, None] < F))       # [BK, BM]
                 w2_t = tl.load(w2.T + k[None, :], mask=(d[:, None] < D) & (k[None, :] < F),
                                other=0.0)                           # [BN, BK]
-                acc = tl.dot(_operand(w2_t, DOT), hT.to(DOT), acc, input_precision=PREC)
+                acc = tl.dot(operand(w2_t, DOT), hT.to(DOT), acc, input_precision=PREC)
             acc = tl.trans(acc)                                     # [BM, BN]
         else:
             acc = tl.zeros((BM, BN), tl.float32)
@@ -235,7 +223,7 @@ def _down_kernel(h_ptr, ids_ptr, w2_ptr, s2_ptr, out_ptr, N, KP, D, F, SCALED: t
                             mask=member[:, None] & (k[None, :] < F))        # [BM, BK]
                 w2_t = tl.load(w2 + k[:, None], mask=(k[:, None] < F) & (d[None, :] < D),
                                other=0.0)                           # [BK, BN]
-                acc += tl.dot(h.to(DOT), _operand(w2_t, DOT), input_precision=PREC)
+                acc += tl.dot(h.to(DOT), operand(w2_t, DOT), input_precision=PREC)
         if SCALED:
             acc *= tl.load(s2_ptr + e * D + d, mask=d < D, other=0.0)[None, :]
         out = round_to(acc, dt)                                     # kimi's w2(h) in bf16

@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import fast
 from fast import moe_decode
 from fast.moe_decode import experts, experts_ref, route, route_ref
 import kimi
@@ -145,7 +146,7 @@ def test_experts_kernel_equals_ref(N, swap, fp8, monkeypatch):
 @triton.jit
 def _operand_kernel(w_ptr, out_ptr):
     i = tl.arange(0, 256)
-    tl.store(out_ptr + i, moe_decode._operand(tl.load(w_ptr + i), tl.bfloat16))
+    tl.store(out_ptr + i, fast.operand(tl.load(w_ptr + i), tl.bfloat16))
 
 
 def test_e4m3_to_bf16_through_the_bits_is_the_cast():
