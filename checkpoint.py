@@ -115,12 +115,15 @@ def read_config(args_cls, path):
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def require(ok, message):
+    """A ValueError of one line unless ok: bad input (config values, call arguments)."""
+    if not ok:
+        raise ValueError(message)
+
+
 def check_args(args):
     """Refuse impossible sizes in a ModelArgs (kimi.py), however it was made, before any tensor
     is: a ValueError of one line naming the field (read_config names the file too)."""
-    def require(ok, message):
-        if not ok:
-            raise ValueError(message)
     for f in fields(args):
         value = getattr(args, f.name)
         if f.type is int:

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
-from checkpoint import CheckpointError    # noqa: F401 (kimi.CheckpointError for callers)
+from checkpoint import CheckpointError, require  # noqa: F401 (kimi.CheckpointError)
 from kda_ref import chunk_kda_ref, kda_gate, l2norm, recurrent_kda
 
 try:    # the fast paths need Triton; without it (macOS, say) every layer runs its torch code
@@ -105,11 +105,6 @@ class ModelArgs:
         per_mla = seq_len * (self.kv_lora_rank + self.qk_rope_head_dim) * dtype.itemsize
         per_kda = 3 * P * (self.short_conv_kernel_size - 1) * dtype.itemsize + P * K * 4
         return batch_size * (mla * per_mla + kda * per_kda + 8)
-
-
-def _require(ok, message):
-    if not ok:
-        raise ValueError(message)
 
 
 # Named configurations: the released model; `python sample.py --demo`'s (the real vocabulary,
@@ -523,30 +518,30 @@ class Transformer(nn.Module):
         if not ids or tokens.dtype == torch.bool:
             what = tokens.dtype if torch.is_tensor(tokens) else type(tokens).__name__
             raise TypeError(f"tokens: expected a tensor of integer ids, not {what}")
-        _require(tokens.dim() == 2, f"tokens: expected [B, T], got {tuple(tokens.shape)} "
-                 "(one sequence of T ids is tokens[None])")
+        require(tokens.dim() == 2, f"tokens: expected [B, T], got {tuple(tokens.shape)} "
+                "(one sequence of T ids is tokens[None])")
         (B, T), V = tokens.shape, self.args.vocab_size
-        _require(B >= 1 and T >= 1, f"tokens: expected at least one id, got {(B, T)}")
+        require(B >= 1 and T >= 1, f"tokens: expected at least one id, got {(B, T)}")
         if torch.is_tensor(start_pos):  # a graph's step: no host sync, no tensor in a message
-            _require(T == 1 and start_pos.dim() == 0, "a tensor start_pos is for one-token steps")
+            require(T == 1 and start_pos.dim() == 0, "a tensor start_pos is for one-token steps")
         else:       # reading the ids back syncs with the device: checked in eager calls only
-            _require(bool(((tokens >= 0) & (tokens < V)).all()), f"tokens: ids lie in 0..{V - 1}")
+            require(bool(((tokens >= 0) & (tokens < V)).all()), f"tokens: ids lie in 0..{V - 1}")
             ok = start_pos is None or (type(start_pos) is int and start_pos >= 0)
-            _require(ok, f"start_pos: expected None, an int >= 0 or a tensor: {start_pos!r}")
+            require(ok, f"start_pos: expected None, an int >= 0 or a tensor: {start_pos!r}")
             ok = start_pos is None or start_pos + T <= self.max_seq_len
-            _require(ok, f"start_pos {start_pos} + {T} tokens exceeds the cache's "
-                     f"max_seq_len={self.max_seq_len} (call setup_cache)")
+            require(ok, f"start_pos {start_pos} + {T} tokens exceeds the cache's "
+                    f"max_seq_len={self.max_seq_len} (call setup_cache)")
         ok = start_pos is None or B <= self.max_batch_size
-        _require(ok, f"batch of {B} exceeds the cache's max_batch_size={self.max_batch_size} "
-                 "(call setup_cache, or omit start_pos)")
+        require(ok, f"batch of {B} exceeds the cache's max_batch_size={self.max_batch_size} "
+                "(call setup_cache, or omit start_pos)")
         if pad is None:
             return None
         pad = torch.as_tensor(pad, device=tokens.device)
-        _require(start_pos is None or (isinstance(start_pos, int) and start_pos == 0),
-                 "pad goes with start_pos None or 0 (the first tokens; the cache keeps it)")
+        require(start_pos is None or (isinstance(start_pos, int) and start_pos == 0),
+                "pad goes with start_pos None or 0 (the first tokens; the cache keeps it)")
         ok = pad.shape == (B,) and not pad.is_floating_point() and pad.dtype != torch.bool
-        _require(ok, f"pad: expected {B} ints (one per row), got {pad.dtype} {tuple(pad.shape)}")
-        _require(bool(((0 <= pad) & (pad < T)).all()), f"pad: need 0 <= pad < {T}: {pad.tolist()}")
+        require(ok, f"pad: expected {B} ints (one per row), got {pad.dtype} {tuple(pad.shape)}")
+        require(bool(((0 <= pad) & (pad < T)).all()), f"pad: need 0 <= pad < {T}: {pad.tolist()}")
         return pad.long()
 
     def stack_experts(self):
