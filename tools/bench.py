@@ -27,8 +27,7 @@ from fast.decode import cuda_graph_decoder
 from generation import generate
 from kimi import CONFIGS, CheckpointError, ModelArgs
 from sample import Parser
-from tools.fullsize import (COPY_BYTES_PER_S, FP8_MATMUL_FLOP_PER_S, MATMUL_FLOP_PER_S,
-                            active_params, model_decode_bytes, random_model)
+from tools.fullsize import active_params, ceilings, model_decode_bytes, random_model
 from tools.long_context import THROUGHPUT_CONTEXTS, bench_context, bench_throughput, plot
 from tools.timing import cuda_time
 
@@ -39,9 +38,9 @@ GENERATE_B = (1, 4, 16)
 def bench_ours(args, device, compile, fp8=False):
     """{row name: (tokens/s, ceiling tokens/s)}; fp8: the same rows for FP8 weights (fast.quantize),
     their ceilings at the FP8 matmul rate and in FP8 bytes."""
-    rows, tag = {}, "fp8 " if fp8 else ""
+    rows, tag, rates = {}, "fp8 " if fp8 else "", ceilings(device)
     model = random_model(args, device, 1, max(PREFILL_T), fp8=fp8)
-    rate = FP8_MATMUL_FLOP_PER_S if fp8 else MATMUL_FLOP_PER_S
+    rate = rates.fp8_matmul_flop_per_s if fp8 else rates.matmul_flop_per_s
     for T in PREFILL_T:
         tokens = torch.randint(0, args.vocab_size, (1, T), device=device)
         ms = cuda_time(lambda: model(tokens, start_pos=0, last_only=True), runs=3)
@@ -54,7 +53,7 @@ def bench_ours(args, device, compile, fp8=False):
         forwards["torch.compile + graph"] = torch.compile(model, dynamic=False, options=options)
     hows = list(forwards)
     for B in DECODE_B:
-        ceiling = B * COPY_BYTES_PER_S / model_decode_bytes(model, B, CONTEXT)
+        ceiling = B * rates.copy_bytes_per_s / model_decode_bytes(model, B, CONTEXT)
         for how in hows:
             step, start = None, time.perf_counter()
             if how != "eager":         # the build: kernel compilation (or torch.compile), capture
@@ -79,7 +78,7 @@ def bench_ours(args, device, compile, fp8=False):
         stamps = [time.perf_counter() for _ in steps]       # stamps[0]: the prefill's token
         name = f"{tag}generate B={B}, prompts of {CONTEXT - 61 * (B - 1)}..{CONTEXT} tokens"
         rows[name] = (B * (STEPS - 1) / (stamps[-1] - stamps[0]),
-                      B * COPY_BYTES_PER_S / model_decode_bytes(model, B, CONTEXT))
+                      B * rates.copy_bytes_per_s / model_decode_bytes(model, B, CONTEXT))
         print(f"{name}: {rows[name][0]:.1f} tok/s", flush=True)
     return rows
 

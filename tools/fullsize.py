@@ -1,15 +1,55 @@
 """The full-size model for the programs that measure: built with random weights on the GPU (speed
-does not depend on their values), and what a step of it must read or compute, for the ceilings.
+does not depend on their values), what a step of it must read or compute, and the GPU's own rates:
+the two make the ceilings.
 """
+import collections
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from kimi import Transformer
+from tools.timing import cuda_time
 
-# The ceilings' rates, an H200's as measured (docs/kda.md §8): device-to-device copy (bytes/s),
-# bf16 matmul and FP8 matmul (e4m3, row-wise scales, F.scaled_mm, 8192^3) in FLOP/s.
-COPY_BYTES_PER_S, MATMUL_FLOP_PER_S, FP8_MATMUL_FLOP_PER_S = 4.27e12, 702e12, 1384e12
+Rates = collections.namedtuple("Rates", "copy_bytes_per_s matmul_flop_per_s fp8_matmul_flop_per_s")
+
+
+@functools.cache                                    # once per GPU a run: about two seconds
+def ceilings(device):
+    """The rates of the GPU this runs on, measured now, so that each ratio to a ceiling comes from
+    one run on one card (CUDA events, median of 10 after warm-up): a device-to-device copy, and
+    matrix products in bf16 and in FP8 (None below compute capability 8.9)."""
+    fp8 = torch.cuda.get_device_capability(device) >= (8, 9)
+    rates = Rates(_copy_rate(device), _matmul_rate(device, fp8=False),
+                  _matmul_rate(device, fp8=True) if fp8 else None)
+    torch.cuda.empty_cache()            # the helpers' tensors are gone; the model may need it all
+    fp8_rate = f"{rates.fp8_matmul_flop_per_s / 1e12:.0f}" if fp8 else "none"
+    print(f"ceilings on {torch.cuda.get_device_name(device)}, measured now: copy "
+          f"{rates.copy_bytes_per_s / 1e12:.2f} TB/s, bf16 matmul "
+          f"{rates.matmul_flop_per_s / 1e12:.0f} TFLOP/s, FP8 matmul {fp8_rate} TFLOP/s",
+          flush=True)
+    return rates
+
+
+def _copy_rate(device):
+    """Bytes read and written a second by a device-to-device copy of 1 GiB."""
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / cuda_time(lambda: dst.copy_(src), runs=10, warmup=2) * 1e3
+
+
+def _matmul_rate(device, fp8, n=8192):
+    """FLOP/s of an n x n x n matrix product: bf16, or e4m3 with row-wise scales (F.scaled_mm, as
+    fast.fp8 runs it)."""
+    from fast.fp8 import quantize_rows
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    product = lambda: a @ b.T                                           # noqa: E731
+    if fp8:
+        (aq, a_s), (bq, b_s) = quantize_rows(a), quantize_rows(b)      # [n, n] e4m3, [n, 1]
+        product = lambda: F.scaled_mm(aq, bq.T, a_s, F.ScalingType.RowWise,     # noqa: E731
+                                      b_s.view(1, -1), F.ScalingType.RowWise,
+                                      output_dtype=torch.bfloat16)
+    return 2 * n**3 / cuda_time(product, runs=10, warmup=2) * 1e3
 
 
 def random_model(args, device, max_batch_size, max_seq_len, seed=0, fp8=False):

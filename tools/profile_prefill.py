@@ -42,10 +42,14 @@ def main(argv):
         else:
             prefill()
             ms = statistics.median(_host_ms(prefill) for _ in range(3))
-        rate = fullsize.FP8_MATMUL_FLOP_PER_S if a.fp8 else fullsize.MATMUL_FLOP_PER_S
-        ceiling = rate / (2 * fullsize.active_params(args))
-        print(f"{'FP8 ' if a.fp8 else ''}prefill B=1 T={T}: {T / ms * 1e3:,.0f} tokens/s, "
-              f"{T / ms * 1e3 / ceiling:.1%} of the H200 matmul ceiling ({ceiling:,.0f} tokens/s)")
+        print(f"{'FP8 ' if a.fp8 else ''}prefill B=1 T={T}: {T / ms * 1e3:,.0f} tokens/s", end="")
+        if cuda:
+            rates = fullsize.ceilings(model.lm_head.weight.device)
+            rate = rates.fp8_matmul_flop_per_s if a.fp8 else rates.matmul_flop_per_s
+            ceiling = rate / (2 * fullsize.active_params(args))
+            print(f", {T / ms * 1e3 / ceiling:.1%} of this GPU's matmul ceiling "
+                  f"({ceiling:,.0f} tokens/s)", end="")
+        print()
         activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
         with profile(activities=[activity]) as prof:
             for _ in range(2):
