@@ -5,9 +5,10 @@
 Random weights at full size (tools.fullsize.random_model, as the benchmark builds them), one cached
 prefill (start_pos=0, last_only=True, as generation.generate runs it). Prints tokens/s the way
 tools/bench.py's prefill rows measure them (tools.timing.cuda_time: CUDA events, median of 3 after
-one warm-up) next to the matmul ceiling, then torch.profiler's GPU time per kernel over 2 more
-prefills, the largest first. --fp8: the FP8 model (fast/quantize.py), its ceiling at the FP8 matmul
-rate. Without a GPU (a tiny --config only, bf16) it times on the host and profiles CPU operators.
+one warm-up) next to the GPU's matmul ceiling (its rate measured in the run: fullsize.ceilings),
+then torch.profiler's GPU time per kernel over 2 more prefills, the largest first. --fp8: the FP8
+model (fast/quantize.py), its ceiling at the FP8 matmul rate. Without a GPU (a tiny --config only,
+bf16) it times on the host and profiles CPU operators.
 """
 import argparse
 import collections
@@ -42,14 +43,14 @@ def main(argv):
         else:
             prefill()
             ms = statistics.median(_host_ms(prefill) for _ in range(3))
-        print(f"{'FP8 ' if a.fp8 else ''}prefill B=1 T={T}: {T / ms * 1e3:,.0f} tokens/s", end="")
-        if cuda:
+        line = f"{'FP8 ' if a.fp8 else ''}prefill B=1 T={T}: {T / ms * 1e3:,.0f} tokens/s"
+        if cuda:                    # (ceilings prints the rates it measures on a line of its own)
             rates = fullsize.ceilings(model.lm_head.weight.device)
             rate = rates.fp8_matmul_flop_per_s if a.fp8 else rates.matmul_flop_per_s
             ceiling = rate / (2 * fullsize.active_params(args))
-            print(f", {T / ms * 1e3 / ceiling:.1%} of this GPU's matmul ceiling "
-                  f"({ceiling:,.0f} tokens/s)", end="")
-        print()
+            line += (f", {T / ms * 1e3 / ceiling:.1%} of this GPU's matmul ceiling "
+                     f"({ceiling:,.0f} tokens/s)")
+        print(line)
         activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
         with profile(activities=[activity]) as prof:
             for _ in range(2):
