@@ -10,6 +10,7 @@ but the tests and each other. One timer serves them all: tools.timing.cuda_time.
     profile_prefill  a prefill's GPU time by kernel
     measure_fp8      FP8 weights' accuracy and memory
     fp8_gemms        the FP8 prefill's matmuls against bf16, promoting sums or not
+    grad_errors      chunk_kda's gradients against fp64, beside chunk_kda_ref's (README's table)
     baseline_hf      transformers' KimiLinearForCausalLM as bench's baseline (needs transformers)
     timing           cuda_time, and l2_flusher for it
     fullsize         the full-size model with random weights, and what a step must read (the

@@ -18,9 +18,9 @@
                  fast.moe.silu_mul against torch's SiLU and product
 
 Every time is tools.timing.cuda_time's: CUDA events, the median of several runs after warm-up.
-kda, short_conv and moe_decode start each run on a flushed L2 cache; the decode kernels replay from
-a CUDA graph, as fast.decode runs them. Without a GPU there is nothing to time: the tests check
-every kernel against its reference in Triton's CPU interpreter (python -m pytest -q).
+kda, kda_bwd, short_conv, pointwise and moe_decode start each run on a flushed L2 cache; the decode
+kernels replay from a CUDA graph, as fast.decode runs them. Without a GPU there is nothing to time:
+the tests check every kernel against its reference in Triton's CPU interpreter (python -m pytest).
 """
 import itertools
 import sys
