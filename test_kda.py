@@ -91,7 +91,18 @@ def test_chunk_kda_matches_recurrence(seed, B, T, H, K, V, gate, has_h0):
     # fp32 in, fp32 (ieee) dots: only the summation order differs from the recurrence
     check(o, S, o_ref, S_ref, REORDERED_32, REORDERED_32)
     assert o.dtype == v.dtype
-    assert chunk_kda(q, k, v, g, beta, initial_state=h0)[1] is None
+
+
+def test_chunk_kda_without_the_final_state():
+    """output_final_state=False (the default): no state returned, the same output. One ragged
+    two-chunk case with an initial state: the flag only skips the state's store, and each example
+    of the sweep above would otherwise run the interpreter twice."""
+    q, k, v, g, beta = make_inputs(0, 2, 100, 2, 16, 32, "softplus")
+    h0 = torch.randn(2, 2, 16, 32, device=DEV)
+    o, S = chunk_kda(q, k, v, g, beta, initial_state=h0)
+    o_ref, _ = recurrent_kda(q, k, v, g, beta, initial_state=h0)
+    assert S is None
+    assert ratio(o, o_ref) < REORDERED_32       # fp32 throughout: only the summation order differs
 
 
 @settings(deadline=None, max_examples=25)
