@@ -132,6 +132,8 @@ def test_largest_batch_grows_with_memory_and_shrinks_with_context():
     (["--throughput", "--batch", "4"], "--throughput finds its batch, FP8: --batch, --compile"),
     (["--throughput", "--fp8"], "--throughput finds its batch, FP8: --batch, --compile"),
     (["--throughput", "--context", "0"], "--context lengths must be positive"),
+    (["--quick", "--compile"], "--quick times sample.py's path alone: --compile does not apply"),
+    (["--quick", "--context", "64"], "--context replaces the speed table: --fp8 and --quick"),
 ])
 def test_bad_bench_arguments_exit_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -1,6 +1,6 @@
 """The speed benchmark of the full-size model on one GPU, random weights.
 
-    python -m tools.bench [--config NAME_OR_CONFIG_JSON] [--compile] [--baseline] [--fp8]
+    python -m tools.bench [--config NAME_OR_CONFIG_JSON] [--compile] [--baseline] [--fp8] [--quick]
     python -m tools.bench --context 4096,131072,1048576 [--out DIR] [--batch B]  # vs all-MLA
     python -m tools.bench --throughput [--context L,...] [--memory-cap-gb N] [--out DIR]
 
@@ -14,7 +14,8 @@ through generation.generate itself, for B = 1, 4 and 16 prompts of different len
 also times Hugging Face transformers' KimiLinearForCausalLM (tools/baseline_hf.py) on random
 weights of the same shapes. --fp8 adds the same rows for FP8 weights (fast/quantize.py), with
 ceilings at the FP8 matmul rate and in the FP8 model's bytes. --throughput: decode tokens/s at
-the largest batch that fits the GPU, FP8 weights, Kimi Linear against its all-MLA twin.
+the largest batch that fits the GPU, FP8 weights, Kimi Linear against its all-MLA twin. --quick:
+only the rows of sample.py's path (prefill, and decode through fast/decode.py's step in a graph).
 """
 import json
 import os
@@ -35,9 +36,9 @@ PREFILL_T, DECODE_B, CONTEXT, STEPS = (8192, 32768), (1, 16), 4096, 32
 GENERATE_B = (1, 4, 16)
 
 
-def bench_ours(args, device, compile, fp8=False):
+def bench_ours(args, device, compile, fp8=False, quick=False):
     """{row name: (tokens/s, ceiling tokens/s)}; fp8: the same rows for FP8 weights (fast.quantize),
-    their ceilings at the FP8 matmul rate and in FP8 bytes."""
+    their ceilings at the FP8 matmul rate and in FP8 bytes. quick: sample.py's path alone."""
     rows, tag, rates = {}, "fp8 " if fp8 else "", ceilings(device)
     model = random_model(args, device, 1, max(PREFILL_T), fp8=fp8)
     rate = rates.fp8_matmul_flop_per_s if fp8 else rates.matmul_flop_per_s
@@ -51,7 +52,7 @@ def bench_ours(args, device, compile, fp8=False):
     if compile:             # kimi.py's forward fused by torch.compile (rounds to bf16 as eager)
         options = {"emulate_precision_casts": True}
         forwards["torch.compile + graph"] = torch.compile(model, dynamic=False, options=options)
-    hows = list(forwards)
+    hows = ["fast.decode + graph"] if quick else list(forwards)
     for B in DECODE_B:
         ceiling = B * rates.copy_bytes_per_s / model_decode_bytes(model, B, CONTEXT)
         for how in hows:
@@ -71,7 +72,7 @@ def bench_ours(args, device, compile, fp8=False):
             rows[name] = (B / ms * 1e3, ceiling)
             print(f"{name}: {B / ms * 1e3:.1f} tok/s{built}", flush=True)
             step = None
-    for B in GENERATE_B:        # generation.generate itself: host work and a sync per step included
+    for B in () if quick else GENERATE_B:   # generation.generate: host work, a sync a step included
         lengths = [CONTEXT - 61 * b for b in range(B)]       # different, so some rows are padded
         prompts = [torch.randint(0, args.vocab_size, (n,)).tolist() for n in lengths]
         steps = generate(model, None, prompts, STEPS, stop=(), decoder=cuda_graph_decoder(model, B))
@@ -122,6 +123,8 @@ def parse(argv):
                     "(default: %(default)s)")
     ap.add_argument("--fp8", action="store_true", help="also the rows with FP8 weights "
                     "(fast/quantize.py), after the bf16 ones")
+    ap.add_argument("--quick", action="store_true", help="only the prefill rows and the decode "
+                    "rows of fast.decode's step in a CUDA graph (what sample.py runs)")
     ap.add_argument("--throughput", action="store_true", help="decode tokens/s at the largest "
                     "batch that fits, FP8 weights, against the all-MLA twin, at --context (default "
                     + ",".join(map(str, THROUGHPUT_CONTEXTS)) + ")")
@@ -138,9 +141,10 @@ def parse(argv):
     cap = opts.memory_cap_gb
     if cap is not None and not (opts.throughput and 0 < cap < float("inf")):   # nan fails too
         ap.error("--memory-cap-gb takes a positive number of GB and goes with --throughput")
-    if opts.throughput and (opts.batch != 1 or opts.compile or opts.baseline or opts.fp8):
-        ap.error("--throughput finds its batch, FP8: --batch, --compile, --baseline, --fp8 do not "
-                 "apply")
+    if opts.throughput and (opts.batch != 1 or opts.compile or opts.baseline or opts.fp8
+                            or opts.quick):
+        ap.error("--throughput finds its batch, FP8: --batch, --compile, --baseline, --fp8, "
+                 "--quick do not apply")
     contexts = contexts or list(THROUGHPUT_CONTEXTS if opts.throughput else ())
     if opts.batch < 1 or (opts.batch != 1 and not contexts):
         ap.error("--batch takes a row count >= 1 and goes with --context")
@@ -148,8 +152,10 @@ def parse(argv):
         ap.error("--out writes the --context or --throughput results: add one")
     if contexts and (opts.compile or opts.baseline):
         ap.error("--context replaces the speed table: --compile and --baseline do not apply")
-    if contexts and opts.fp8:
-        ap.error("--context replaces the speed table: --fp8 does not apply")
+    if contexts and (opts.fp8 or opts.quick):
+        ap.error("--context replaces the speed table: --fp8 and --quick do not apply")
+    if opts.quick and opts.compile:
+        ap.error("--quick times sample.py's path alone: --compile does not apply")
     try:
         if opts.config in CONFIGS:
             args = CONFIGS[opts.config]
@@ -198,12 +204,12 @@ def main(argv=()):
                 json.dump(results, f, indent=1)
             plot(results, os.path.join(opts.out, name + ".png"), *how)
         return
-    ours = bench_ours(args, device, opts.compile)
+    ours = bench_ours(args, device, opts.compile, quick=opts.quick)
     peak = torch.cuda.max_memory_allocated(device) / 2**30
     torch.cuda.empty_cache()
     if opts.fp8:                                    # after the bf16 model is gone
         torch.cuda.reset_peak_memory_stats(device)
-        ours.update(bench_ours(args, device, compile=False, fp8=True))
+        ours.update(bench_ours(args, device, compile=False, fp8=True, quick=opts.quick))
         print(f"peak GPU memory (FP8): {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
         torch.cuda.empty_cache()
     theirs = bench_baseline(args, device) if opts.baseline else {}
