@@ -118,7 +118,9 @@ def test_chunk_ref_matches_recurrence_fp64(seed, T, H, K, gate, has_h0, chunk_si
     assert ratio(S, S_ref) < REORDERED_64, f"S: {ratio(S, S_ref):.2e}"
 
 
-@settings(deadline=None, max_examples=15)
+# 8 examples: three chunk_kda calls each, the slowest test of the suite in the interpreter, and
+# the sweep above already draws initial states at every length
+@settings(deadline=None, max_examples=8)
 @given(seed=st.integers(0, 2**31), T=st.integers(2, MAX_T), data=st.data(),
        gate=st.sampled_from(GATES))
 def test_split_and_carry_state(seed, T, data, gate):
