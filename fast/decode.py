@@ -165,7 +165,9 @@ def moe_step(moe, x, fast):
     if len(x) > moe_decode.MAX_TOKENS:      # more rows than the decode kernels' tile holds
         return moe(x[:, None])[:, 0]       # the block itself (grouped matmuls once stacked)
     gate, args = moe.gate, moe.gate.args
-    if x.is_cuda:   # fp32 accumulation of exact bf16 products = F.linear(x.float(), W.float())
+    if fast:        # [S, N, E]: partial sums over slices of D, which route adds in order
+        logits = moe_decode.router_logits(x, gate.weight)
+    elif x.is_cuda:  # fp32 accumulation of exact bf16 products = F.linear(x.float(), W.float())
         logits = torch.mm(x, gate.weight.T, out_dtype=torch.float32)
     else:
         logits = F.linear(x.float(), gate.weight.float())

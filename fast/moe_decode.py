@@ -1,11 +1,15 @@
 """
-The MoE of a decode step (N <= 16 tokens) in 4 Triton launches, each selected expert's weights
+The MoE of a decode step (N <= 16 tokens) in 5 Triton launches, each selected expert's weights
 (bf16, or e4m3 + scales) read once per step. Beside kimi.py:
 route = MoEGate.forward after its F.linear; experts = SparseMoeBlock.run_experts + forward's fp32
 weighted sum (as fast.moe.grouped_experts and fast.fp8.fp8_experts, which take ~35 torch kernels
 and one-row GEMMs).
-  _route_kernel      (N,)          sigmoid, + bias, k rounds of max / argmax, the weights; and the
-                                   shared expert's slot (its id, its weight) after the k routed
+  _logits_kernel     (E / BE, S)   the router's logits x @ gate.weight^T, split over D in S
+                                   slices, one fp32 partial sum per slice (a cuBLAS GEMV gets
+                                   too few blocks for 1 MB of weights)
+  _route_kernel      (N,)          the slices' sum in order, sigmoid, + bias, k rounds of max /
+                                   argmax, the weights; and the shared expert's slot (its id, its
+                                   weight) after the k routed
   _gate_up_kernel    (P, F / BN)   h = silu(x @ w1^T) * (x @ w3^T), one expert per program
   _down_kernel       (P, D / BN)   out = h @ w2^T, one expert per program
   _slot_sum_kernel   (N, D / BN)   y = sum_j w[n, j] out[n, j], j in order
@@ -46,6 +50,10 @@ UP_SWAP = dict(BN=32, BK=128, num_warps=4, num_stages=3)
 DOWN = dict(BN=32, BK=256, num_warps=4, num_stages=4)
 DOWN_SWAP = dict(BN=64, BK=128, num_warps=4, num_stages=3)
 SLOT_SUM = 256                          # _slot_sum_kernel's BN
+# the router: E / BE x SLICES programs (256 experts: 16 x 8 = 128 for 132 SMs), each reading
+# BE rows of D / SLICES weights; the route kernel's reductions stay within one warp
+LOGITS = dict(BE=16, SLICES=8, BK=64, num_warps=4)
+ROUTE_WARPS = 1
 
 
 # -------------------------------------------------------------------------------------------------
@@ -69,14 +77,58 @@ def route_ref(logits, bias, k, renormalize, scaling, biased, shared=None):
 
 
 @triton.jit
-def _route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, E, scaling, shared_id, shared_w,
-                  K: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
-                  RENORMALIZE: tl.constexpr, BIASED: tl.constexpr):
-    """= route_ref for one token per program: k rounds of (max, lowest index reaching it), then
-    (KP = K + 1) the shared slot, so that no torch.cat follows."""
+def _logits_kernel(x_ptr, w_ptr, out_ptr, N, E, D, SLICE, DOT: tl.constexpr, PREC: tl.constexpr,
+                   BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+    """out[s, n, e] = sum_{d in slice s} x[n, d] w[e, d] in fp32, for experts e of block 0 and
+    slice s = program 1 (inputs s*SLICE..): the gate's rows as tl.dot's rows, tokens as columns."""
+    e = tl.program_id(0) * BE + tl.arange(0, BE)
+    s = tl.program_id(1)
+    t = tl.arange(0, BM)
+    end = tl.minimum(s * SLICE + SLICE, D)                          # one past the slice's inputs
+    acc = tl.zeros((BE, BM), tl.float32)
+    for k0 in range(s * SLICE, end, BK):
+        k = k0 + tl.arange(0, BK)
+        w = tl.load(w_ptr + e[:, None].to(tl.int64) * D + k[None, :],
+                    mask=(e[:, None] < E) & (k[None, :] < end), other=0.0)      # [BE, BK]
+        xT = tl.load(x_ptr + t[None, :] * D + k[:, None],
+                     mask=(t[None, :] < N) & (k[:, None] < end), other=0.0)     # [BK, BM]
+        acc = tl.dot(w.to(DOT), xT.to(DOT), acc, input_precision=PREC)
+    tl.store(out_ptr + (s * N + t[None, :]) * E + e[:, None], acc,
+             mask=(t[None, :] < N) & (e[:, None] < E))
+
+
+def router_logits(x, weight, slices=LOGITS["SLICES"]):
+    """= F.linear(x.float(), weight.float()) as partial sums: x [N <= 16, D], weight [E, D] ->
+    [S, N, E] fp32 (S = slices), slice s the products of inputs s*ceil(D/S).. (route adds them
+    in order)."""
+    (N, D), E = x.shape, weight.shape[0]
+    if N > MAX_TOKENS:
+        raise ValueError(f"router_logits: {N} tokens, the decode kernels take at most {MAX_TOKENS}")
+    S = slices
+    parts = x.new_empty(S, N, E, dtype=torch.float32)
+    # bf16 operands on a GPU (bf16 products are exact in fp32); fp32 in the interpreter, whose
+    # bf16 tl.dot is silently wrong, and for fp32 x ('ieee': no TF32 rounding)
+    low = x.dtype == torch.bfloat16 and not INTERPRET
+    _logits_kernel[(triton.cdiv(E, LOGITS["BE"]), S)](
+        x.contiguous(), weight, parts, N, E, D, triton.cdiv(D, S),
+        DOT=tl.bfloat16 if low else tl.float32, PREC="tf32" if low else "ieee", BM=MAX_TOKENS,
+        BE=LOGITS["BE"], BK=LOGITS["BK"], num_warps=LOGITS["num_warps"])
+    return parts
+
+
+@triton.jit
+def _route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, N, E, PARTS, scaling, shared_id,
+                  shared_w, K: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr,
+                  BK: tl.constexpr, RENORMALIZE: tl.constexpr, BIASED: tl.constexpr):
+    """= route_ref for one token per program on the sum of the PARTS partial logits (in order: the
+    same bits every run): k rounds of (max, lowest index reaching it), then (KP = K + 1) the
+    shared slot, so that no torch.cat follows."""
     n = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BE)
-    s = tl.sigmoid(tl.load(logits_ptr + n * E + e, mask=e < E, other=0.0))          # [BE]
+    logits = tl.zeros((BE,), tl.float32)
+    for p in range(PARTS):
+        logits += tl.load(logits_ptr + (p * N + n) * E + e, mask=e < E, other=0.0)
+    s = tl.sigmoid(logits)                                          # [BE]
     biased = s + tl.load(bias_ptr + e, mask=e < E, other=0.0).to(tl.float32)
     mix = biased if BIASED else s
     score = tl.where(e < E, biased, float("-inf"))                  # padding lanes never win
@@ -100,16 +152,18 @@ def _route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, E, scaling, shared_id, s
 
 
 def route(logits, bias, k, renormalize, scaling, biased, shared=None):
-    """= route_ref in one launch: logits [N, E] fp32, bias [E] -> (ids [N, k'] int64, w fp32)."""
-    N, E = logits.shape
+    """= route_ref in one launch: logits [N, E] fp32, or router_logits' [S, N, E] partial sums
+    (route_ref of their in-order sum), bias [E] -> (ids [N, k'] int64, w fp32)."""
+    parts = logits.float().contiguous().view(-1, *logits.shape[-2:])       # [S, N, E]
+    S, N, E = parts.shape
     KP = k + (shared is not None)
     shared_id, shared_w = shared if shared is not None else (0, 0.0)
     ids = logits.new_empty(N, KP, dtype=torch.int64)
     w = logits.new_empty(N, KP, dtype=torch.float32)
-    _route_kernel[(N,)](logits.float().contiguous(), bias, ids, w, E, float(scaling),
-                        int(shared_id), float(shared_w), K=k, KP=KP,
-                        BE=triton.next_power_of_2(E), BK=triton.next_power_of_2(KP),
-                        RENORMALIZE=renormalize and k > 1, BIASED=biased)
+    _route_kernel[(N,)](parts, bias, ids, w, N, E, S, float(scaling), int(shared_id),
+                        float(shared_w), K=k, KP=KP, BE=triton.next_power_of_2(E),
+                        BK=triton.next_power_of_2(KP), RENORMALIZE=renormalize and k > 1,
+                        BIASED=biased, num_warps=ROUTE_WARPS)
     return ids, w
 
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 import fast
 from fast import moe_decode
-from fast.moe_decode import experts, experts_ref, route, route_ref
+from fast.moe_decode import experts, experts_ref, route, route_ref, router_logits
 import kimi
 from fast.fp8 import dequantize, quantize_rows
 import triton
@@ -110,6 +110,39 @@ def test_route_kernel_equals_ref(N, renormalize, biased, shared, seed):
         assert (ids[:, 8] == shared[0]).all() and (w[:, 8] == shared[1]).all()
     ids, w = by_id(ids, w)
     ids_ref, w_ref = by_id(*route_ref(logits, *args))
+    assert torch.equal(ids, ids_ref)
+    torch.testing.assert_close(w, w_ref, rtol=2**-20, atol=0)      # fp32 (2^-24): a few roundings
+
+
+def in_order(parts):
+    """parts[0] + parts[1] + ..., in that order (route's sum of router_logits' slices)."""
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total += part
+    return total
+
+
+@settings(max_examples=6, deadline=None)
+@given(N=st.integers(1, 16), E=st.integers(1, 40), D=st.integers(1, 300),
+       slices=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_router_logits_equal_linear(N, E, D, slices, seed):
+    """The partial sums add up to F.linear's fp32 logits, ragged E and D included, and route on
+    them chooses as route_ref on their in-order sum."""
+    gen = torch.Generator().manual_seed(seed)
+    x, weight = torch.randn(N, D, generator=gen), torch.randn(E, D, generator=gen) * D ** -0.5
+    # logits ~ N(0, 1): sigmoid does not saturate to ties at 1.0 (which route_ref breaks freely)
+    x, weight = x.bfloat16().to(DEV), weight.bfloat16().to(DEV)
+    parts = router_logits(x, weight, slices)
+    assert parts.shape == (slices, N, E) and parts.dtype == torch.float32
+    ref = torch.nn.functional.linear(x.double(), weight.double())
+    # bf16 products are exact in fp32 (and fp64); only fp32's sums round: at most D + slices
+    # roundings of u = 2^-24 each, relative to the sum of |products|
+    bound = (D + slices) * 2.0 ** -24 * (x.double().abs() @ weight.double().abs().T)
+    assert ((in_order(parts).double() - ref).abs() <= bound).all()
+    k = min(E, 4)
+    bias = torch.zeros(E, device=DEV)
+    ids, w = by_id(*route(parts, bias, k, True, 1.0, True))
+    ids_ref, w_ref = by_id(*route_ref(in_order(parts), bias, k, True, 1.0, True))
     assert torch.equal(ids, ids_ref)
     torch.testing.assert_close(w, w_ref, rtol=2**-20, atol=0)      # fp32 (2^-24): a few roundings
 
