@@ -6,7 +6,7 @@ weighted sum (as fast.moe.grouped_experts and fast.fp8.fp8_experts, which take ~
 and one-row GEMMs).
   _logits_kernel     (E / BE, S)   the router's logits x @ gate.weight^T, split over D in S
                                    slices, one fp32 partial sum per slice (a cuBLAS GEMV gets
-                                   too few blocks for 1 MB of weights)
+                                   too few blocks for 1.2 MB of weights)
   _route_kernel      (N,)          the slices' sum in order, sigmoid, + bias, k rounds of max /
                                    argmax, the weights; and the shared expert's slot (its id, its
                                    weight) after the k routed
@@ -79,8 +79,9 @@ def route_ref(logits, bias, k, renormalize, scaling, biased, shared=None):
 @triton.jit
 def _logits_kernel(x_ptr, w_ptr, out_ptr, N, E, D, SLICE, DOT: tl.constexpr, PREC: tl.constexpr,
                    BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
-    """out[s, n, e] = sum_{d in slice s} x[n, d] w[e, d] in fp32, for experts e of block 0 and
-    slice s = program 1 (inputs s*SLICE..): the gate's rows as tl.dot's rows, tokens as columns."""
+    """out[s, n, e] = sum_{d in slice s} x[n, d] w[e, d] in fp32: BE experts e per program along
+    axis 0, slice s (inputs s*SLICE..) along axis 1; the gate's rows as tl.dot's rows, tokens as
+    its columns."""
     e = tl.program_id(0) * BE + tl.arange(0, BE)
     s = tl.program_id(1)
     t = tl.arange(0, BM)
