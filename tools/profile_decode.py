@@ -43,7 +43,7 @@ def main(argv):
     model = fullsize.random_model(args, device, B, L + 256, fp8=a.fp8)
     with torch.no_grad():   # last_only: all positions' fp32 logits at B = 16 would take 40 GiB
         model(torch.randint(0, args.vocab_size, (B, L), device=device), start_pos=0, last_only=True)
-    tok = torch.zeros(B, 1, dtype=torch.long, device=device)
+    tok = torch.randint(0, args.vocab_size, (B, 1), device=device)    # rows route apart
     pos = iter(range(L, L + 256))
     start = time.perf_counter()
     graph = cuda_graph_decoder(model, B)                    # prepares the model, too
