@@ -190,8 +190,9 @@ def main(argv=()):
     cap = opts.memory_cap_gb
     if cap:                                         # the allocator's limit, for all that follows
         total = torch.cuda.get_device_properties(device).total_memory
-        # the fraction takes a device index, not torch.device('cuda')
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 1e9 / total), device.index or 0)
+        # (a device index: torch.device('cuda') has none, and is refused)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 1e9 / total),
+                                                   torch.cuda.current_device())
     if opts.throughput:
         results = bench_throughput(args, device, contexts, int(cap * 1e9) if cap else None)
         name = "throughput" + (f"_{cap:g}gb" if cap else "")
