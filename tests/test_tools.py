@@ -217,3 +217,11 @@ def test_profile_decode_groups_name_kernels_that_exist():
     for fragment, _ in profile_decode.GROUPS:
         if fragment.endswith("_kernel"):
             assert fragment in defined, fragment
+
+
+@pytest.mark.parametrize("layers", ["0", "28"])
+def test_profile_decode_layers_outside_the_model_exit_2_with_one_line(layers, capsys):
+    with pytest.raises(SystemExit) as e:
+        profile_decode.main(["--layers", layers])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [f"error: --layers takes 1 to 27, not {layers} (see --help)"]

@@ -1,13 +1,14 @@
 """Where a decode step's time goes: fast.decode.step of the 48B model on one GPU, by kernel.
 
-    python -m tools.profile_decode [--batch 1] [--context 4096] [--fp8]
+    python -m tools.profile_decode [--batch 1] [--context 4096] [--fp8] [--layers N]
 
 Random weights at full size (fullsize.random_model), caches filled by a real prefill of `--context`
 tokens, then torch.profiler over 5 eager fast.decode.step calls (the same kernels a CUDA graph
 replays; the graph removes only the launch gaps). Prints GPU microseconds per step by kernel, the
 largest first, grouped into what they do, and the sum next to the graph's own step time.
+--layers N keeps the first N layers (MLA where the full model has it, one in four): the bf16 model
+fits an 80 GB card at N = 16, so bf16 and FP8 steps can be compared on an H100.
 """
-import argparse
 import collections
 import sys
 import time
@@ -18,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 import kimi
 from fast import decode
 from fast.decode import cuda_graph_decoder
+from sample import Parser
 from tools import fullsize
 from tools.timing import cuda_time
 
@@ -32,14 +34,21 @@ GROUPS = (                                  # kernel-name fragment -> what it do
 
 
 def main(argv):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m tools.profile_decode", description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--fp8", action="store_true")
+    ap.add_argument("--layers", type=int, help="the first N of the 48B model's 27 layers")
     a = ap.parse_args(argv)
+    full = kimi.ModelArgs()
+    if a.layers is not None and not 1 <= a.layers <= full.num_hidden_layers:
+        ap.error(f"--layers takes 1 to {full.num_hidden_layers}, not {a.layers}")
     if not torch.cuda.is_available():
         ap.error("the decode step's kernels need a CUDA GPU")
-    args, B, L, device = kimi.ModelArgs(), a.batch, a.context, torch.device("cuda")
+    n = a.layers or full.num_hidden_layers
+    args = kimi.ModelArgs(num_hidden_layers=n,
+                          full_attn_layers=[i for i in full.full_attn_layers if i < n])
+    B, L, device = a.batch, a.context, torch.device("cuda")
     model = fullsize.random_model(args, device, B, L + 256, fp8=a.fp8)
     with torch.no_grad():   # last_only: all positions' fp32 logits at B = 16 would take 40 GiB
         model(torch.randint(0, args.vocab_size, (B, L), device=device), start_pos=0, last_only=True)
@@ -70,7 +79,7 @@ def main(argv):
         group = next((g for frag, g in GROUPS if frag in name), "other (elementwise, copies)")
         groups[group] += us
     total = sum(per_kernel.values())
-    print(f"B={B} context {L}{' FP8' if a.fp8 else ''}: graph step {graph_ms * 1e3:.0f} us; "
+    print(f"B={B} context {L}{' FP8' if a.fp8 else ''}, {n} layers: graph step {graph_ms * 1e3:.0f} us; "
           f"kernels {total:.0f} us in {sum(calls.values()):.0f} launches a step")
     for group, us in groups.most_common():
         print(f"  {group:30} {us:8.1f} us  {us / total:6.1%}")
