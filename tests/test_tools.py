@@ -224,4 +224,5 @@ def test_profile_decode_layers_outside_the_model_exit_2_with_one_line(layers, ca
     with pytest.raises(SystemExit) as e:
         profile_decode.main(["--layers", layers])
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err == [f"error: --layers takes 1 to 27, not {layers} (see --help)"]
+    assert e.value.code == 2
+    assert err == [f"error: --layers takes 1 to 27, not {layers} (see --help)"]
