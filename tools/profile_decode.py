@@ -80,7 +80,8 @@ def main(argv):
         groups[group] += us
     total = sum(per_kernel.values())
     print(f"B={B} context {L}{' FP8' if a.fp8 else ''}, {n} layers: graph step "
-          f"{graph_ms * 1e3:.0f} us; kernels {total:.0f} us in {sum(calls.values()):.0f} launches a step")
+          f"{graph_ms * 1e3:.0f} us; kernels {total:.0f} us in {sum(calls.values()):.0f} "
+          "launches a step")
     for group, us in groups.most_common():
         print(f"  {group:30} {us:8.1f} us  {us / total:6.1%}")
     print("largest kernels:")
