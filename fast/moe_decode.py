@@ -18,9 +18,9 @@ so expert e's group is the tokens whose row of ids holds e, one tile row per tok
 tl.dot's minimum). The program of e's first (token, slot) pair reads e's weights once for them
 all; the programs of e's other pairs return at once.
 Two ways to lay a product on tl.dot (SWAP): tokens as the rows and weights as the columns, or
-weights as the rows of a [BN, BK] tile and the 16 token slots as the columns (SWAP, the default).
-On Hopper the second runs as the asynchronous warpgroup MMA (wgmma: 64 rows or more), which reads
-the weight tile from shared memory itself, where the first issues a shared-memory load per MMA.
+weights as the rows of a [BN, BK] tile and the 16 token slots as the columns (SWAP). On Hopper the
+second runs as the asynchronous warpgroup MMA (wgmma: 64 rows or more), which reads a bf16 weight
+tile from shared memory itself, where the first issues a shared-memory load per MMA.
 Each pair's w2 product is written apart and _slot_sum_kernel adds them in a fixed order (no
 atomics), so a replay gives the same bits.
 Shapes: N tokens, E experts (E' = E + 1 with the shared one stacked), k experts per token
@@ -36,9 +36,11 @@ import triton.language as tl
 from fast import INTERPRET, operand, round_to
 
 MAX_TOKENS = 16                         # BM: tokens per tile (tl.dot's minimum dimension)
-# Both forms stay: in the GPU A/B, SWAP was the faster with bf16 experts and the row form the
-# faster with FP8 experts at N = 16 (docs/kernels_h100.md).
-SWAP = True                             # weights as tl.dot's rows (wgmma on Hopper); False: columns
+# Each kernel's form: weights as tl.dot's rows (True: wgmma on Hopper) or as its columns. Chosen by
+# the GPU A/B of docs/kernels_h100.md: w13 in the row form (e4m3 tiles reach the MMA as 16-byte
+# loads; as wgmma's register operand they come back from shared memory two bytes at a time), w2
+# swapped.
+SWAP = dict(gate_up=False, down=True)
 # Fixed tiles (autotune breaks the interpreter). UP won a timed sweep over BN, BK, warps and
 # stages at N = 1 on an H200, bf16 and FP8 experts, in the row form; DOWN is the tile that won it
 # for an earlier w2 step (one program summing every slot); the SWAP tiles were not swept. fp32 x
@@ -314,15 +316,18 @@ def experts(x, ids, w, w13, w2, s13=None, s2=None):
     # bf16 operands on a GPU (e4m3 -> bf16 is exact); fp32 in the interpreter, whose bf16 tl.dot
     # is silently wrong, and for fp32 x ('ieee': no TF32 rounding of x)
     low = x.dtype == torch.bfloat16 and not INTERPRET
-    meta = dict(SCALED=scaled, SWAP=SWAP, DOT=tl.bfloat16 if low else tl.float32,
+    meta = dict(SCALED=scaled, DOT=tl.bfloat16 if low else tl.float32,
                 PREC="tf32" if low else "ieee", BM=MAX_TOKENS, BJ=triton.next_power_of_2(KP))
-    up, down = (UP_SWAP, DOWN_SWAP) if SWAP else (UP, DOWN)
+    up = UP_SWAP if SWAP["gate_up"] else UP
+    down = DOWN_SWAP if SWAP["down"] else DOWN
     h = x.new_empty(N * KP, Fw)                                     # [P, F]
     _gate_up_kernel[(N * KP, triton.cdiv(Fw, up["BN"]))](
-        x, ids, w13, s13 if scaled else w13, h, N, KP, D, Fw, **meta, **_fit(up, x))
+        x, ids, w13, s13 if scaled else w13, h, N, KP, D, Fw, SWAP=SWAP["gate_up"], **meta,
+        **_fit(up, x))
     out = x.new_empty(N * KP, D)                                    # [P, D], each pair's w2(h)
     _down_kernel[(N * KP, triton.cdiv(D, down["BN"]))](
-        h, ids, w2, s2 if scaled else w2, out, N, KP, D, Fw, **meta, **_fit(down, x))
+        h, ids, w2, s2 if scaled else w2, out, N, KP, D, Fw, SWAP=SWAP["down"], **meta,
+        **_fit(down, x))
     y = x.new_empty(N, D)
     _slot_sum_kernel[(N, triton.cdiv(D, SLOT_SUM))](out, w, y, KP, D, SLOT_SUM)
     return y

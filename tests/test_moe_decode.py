@@ -160,7 +160,7 @@ def test_experts_kernel_equals_ref(N, swap, fp8, monkeypatch):
     """Tiny config, routed ids + the shared expert's column, both forms of the products (SWAP):
     the interpreter's kernels round at kimi's points as the reference does; only the fp32 sums'
     order differs."""
-    monkeypatch.setattr(moe_decode, "SWAP", swap)
+    monkeypatch.setattr(moe_decode, "SWAP", dict(gate_up=swap, down=swap))
     block, w13, w2 = tiny_block(N)
     s13 = s2 = None
     if fp8:
@@ -224,7 +224,7 @@ def test_experts_on_gpu_at_48b_sizes(N, fp8, monkeypatch):
     ids, w = route(*args, shared=(E, 1.0))                          # + the shared expert, row E
     ref = experts_ref(x, ids, w, w13, w2, s13, s2)
     for swap in (True, False):
-        monkeypatch.setattr(moe_decode, "SWAP", swap)
+        monkeypatch.setattr(moe_decode, "SWAP", dict(gate_up=swap, down=swap))
         y = experts(x, ids, w, w13, w2, s13, s2)
         close(y, ref, x, ids, w, w13, w2, s13, s2)
         assert torch.equal(y, experts(x, ids, w, w13, w2, s13, s2))    # no atomics: same bits

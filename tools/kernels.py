@@ -12,7 +12,7 @@
     kda_decode   fast.kda_decode, a KDA layer's decode step, against kda_decode_ref
     mla_decode   fast.mla_decode on 4K to 1M-token caches, in a few configurations, against
                  kimi.latent_attention
-    moe_decode   fast.moe_decode's router and experts of a decode step, in both of SWAP's forms,
+    moe_decode   fast.moe_decode's router and experts of a decode step, in SWAP's forms,
                  against the torch path
     moe_combine  fast.moe.combine, the MoE's weighted sum at N = 8192 tokens, against combine_ref;
                  fast.moe.silu_mul against torch's SiLU and product
@@ -282,9 +282,9 @@ def mla_decode(R=512, PE=64):
 
 def moe_decode(E=256, D=2304, F=1024, k=8):
     """The 48B MoE of a decode step, routing included (the route kernel writes the shared
-    expert's slot): moe_decode's kernels, with SWAP on (the default) and off, against the torch
-    path (route_ref, grouped_experts or fp8_experts, the einsum), replayed from a CUDA graph after
-    an L2 flush; TB/s over the bytes of the distinct selected experts (+ the shared one)."""
+    expert's slot): moe_decode's kernels (the default SWAP, and either form for both) against the
+    torch path (route_ref, grouped_experts or fp8_experts, the einsum), replayed from a CUDA graph
+    after an L2 flush; TB/s over the bytes of the distinct selected experts (+ the shared one)."""
     torch.manual_seed(0)
     md = fast_moe_decode
     flush = l2_flusher()
@@ -317,7 +317,9 @@ def moe_decode(E=256, D=2304, F=1024, k=8):
         header += f" {f'N={N} ' + ('fp8' if fp8 else 'bf16') + f' {MB:.0f} MB':>18s}"
     print(header)
     default = md.SWAP
-    rows = {"torch path": None, "kernels, SWAP (default)": True, "kernels, rows (no SWAP)": False}
+    rows = {"torch path": None, "kernels, w13 rows, w2 SWAP (default)": default,
+            "kernels, both SWAP": dict(gate_up=True, down=True),
+            "kernels, both rows (no SWAP)": dict(gate_up=False, down=False)}
     for name, swap in rows.items():
         line = f"{name:38s}"
         for N, fp8 in cases:
