@@ -4,7 +4,7 @@ Read kda_ref.py first: chunk_kda and fused_recurrent_kda here have the signature
 of kda_ref.recurrent_kda, and chunk_kda's steps are chunk_kda_ref's, numbered the same way.
 
 Per chunk of C = 64 tokens, with S [K, V] the fp32 state entering it (docs/kda.md §3, §5):
-  kernel 1, _kda_diag_kernel, grid (B*NT*C, H / BH): token-parallel, row i of its 16 x 16
+  kernel 1, _kda_diag_kernel, grid (B*T, H / BH): token-parallel, row i of its 16 x 16
     diagonal block, j = i, i-1, .. down the block: exponent = the sum of g over (j, i], never > 0
     2a. Aqk[i, j] = scale sum_c q_i k_j 2^(G_i - G_j),  Akk[i, j] = sum_c k_i k_j 2^(G_i - G_j)
   kernel 2, _kda_intra_kernel, grid (NT, B*H): the rest of what does not depend on S
@@ -59,14 +59,11 @@ def _kda_diag_kernel(q, k, g, Akkd, Aqk,                            # pointers
                      T, H, NT, scale, s_qk,                          # sizes, the token stride
                      K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BH: tl.constexpr):
     """Step 2a, token-parallel: row i of its 16 x 16 diagonal block, for BH heads at once."""
-    tok = tl.program_id(0).to(tl.int64)          # row of the [B, NT*C] padded sequences (int64)
-    b, t = tok // (NT * C), tok % (NT * C)
+    tok = tl.program_id(0).to(tl.int64)          # token of the [B, T] sequences (int64)
+    b, t = tok // T, tok % T
     hh = tl.program_id(1) * BH + tl.arange(0, BH)                          # [BH] heads
     ck = tl.arange(0, K)
-    # rows past T (the ragged last chunk) load 0 and store zeros, not leave garbage: kernel 2
-    # multiplies them in (0 * NaN = NaN)
-    heads = (hh < H)[:, None]
-    on = heads & (t + 0 * hh < T)[:, None]      # (t + 0 * hh: the interpreter wants a tensor)
+    on = (hh < H)[:, None]
     p = (b * T + t) * s_qk + hh[:, None] * K + ck[None, :]                 # [BH, K] offsets
     q_i = tl.load(q + p, mask=on, other=0.).to(tl.float32)
     k_i = tl.load(k + p, mask=on, other=0.).to(tl.float32)
@@ -85,8 +82,8 @@ def _kda_diag_kernel(q, k, g, Akkd, Aqk,                            # pointers
         E += _gate(g, pj, on) * RCP_LN2
     row = ((b * H + hh) * NT * C + t)[:, None]  # [BH, 1] row in the [B*H, NT*C, *] intermediates
     tl.store(Aqk + row * C + t % C - t % BC + jj, (Aqk_i * scale).to(Aqk.dtype.element_ty),
-             mask=heads)
-    tl.store(Akkd + row * BC + jj, Akk_i, mask=heads)       # unmasked, unscaled: kernel 2 does both
+             mask=on)
+    tl.store(Akkd + row * BC + jj, Akk_i, mask=on)          # unmasked, unscaled: kernel 2 does both
 
 
 @triton.jit
@@ -309,11 +306,15 @@ def _forward(q, k, v, g, beta, h0, scale, output_final_state, save):
     Aqk = torch.empty(B * H, NT * C, C, device=dev, dtype=mid)
     decay = torch.empty(B * H, NT, K, device=dev, dtype=torch.float32)
     Akkd = torch.empty(B * H, NT * C, BC, device=dev, dtype=torch.float32)  # step 2a's blocks
+    if T % C:   # kernel 1 has no program for rows past T; kernel 2 and the backward multiply
+        # them by zeros, so they must not hold garbage (0 * NaN = NaN)
+        Aqk.view(B, H, NT * C, C)[:, :, T:] = 0
+        Akkd.view(B, H, NT * C, BC)[:, :, T:] = 0
     # only for the backward: Tinv (fp32), the state entering each chunk and v_new
     tinv = torch.empty(B * H, NT * C, C, device=dev, dtype=torch.float32) if save else None
     hn = torch.empty(B * H, NT, K, V, device=dev, dtype=mid) if save else None
     vn = torch.empty_like(u) if save else None
-    _kda_diag_kernel[(B * NT * C, triton.cdiv(H, DIAG_HEADS))](
+    _kda_diag_kernel[(B * T, triton.cdiv(H, DIAG_HEADS))](
         q, k, g, Akkd, Aqk, T, H, NT, scale, H * K,
         K=K, C=C, BC=BC, BH=DIAG_HEADS, num_warps=DIAG_WARPS)
     bk = min(BK, K, V)
