@@ -63,7 +63,7 @@ def _kda_diag_kernel(q, k, g, Akkd, Aqk,                            # pointers
     b, t = tok // T, tok % T
     hh = tl.program_id(1) * BH + tl.arange(0, BH)                          # [BH] heads
     ck = tl.arange(0, K)
-    on = (hh < H)[:, None]
+    on = (hh < H)[:, None]                     # [BH, 1]: the last program's heads past H
     p = (b * T + t) * s_qk + hh[:, None] * K + ck[None, :]                 # [BH, K] offsets
     q_i = tl.load(q + p, mask=on, other=0.).to(tl.float32)
     k_i = tl.load(k + p, mask=on, other=0.).to(tl.float32)
