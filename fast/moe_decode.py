@@ -37,9 +37,8 @@ from fast import INTERPRET, operand, round_to
 
 MAX_TOKENS = 16                         # BM: tokens per tile (tl.dot's minimum dimension)
 # Each kernel's form: weights as tl.dot's rows (True: wgmma on Hopper) or as its columns. Chosen by
-# the GPU A/B of docs/kernels_h100.md: w13 in the row form (e4m3 tiles reach the MMA as 16-byte
-# loads; as wgmma's register operand they come back from shared memory two bytes at a time), w2
-# swapped.
+# the GPU A/B of docs/kernels_h100.md: w13 as the columns (an e4m3 tile comes back from shared
+# memory 8 bytes a load; as wgmma's register operand, 2 bytes), w2 as the rows.
 SWAP = dict(gate_up=False, down=True)
 # Fixed tiles (autotune breaks the interpreter). UP won a timed sweep over BN, BK, warps and
 # stages at N = 1 on an H200, bf16 and FP8 experts, in the row form; DOWN is the tile that won it
