@@ -382,6 +382,36 @@ def test_backward_of_the_final_state_alone():
         assert ratio(a, r) < 2 ** 6 * U32, f"{name}: {ratio(a, r):.2e}"
 
 
+def test_scratch_memory_is_never_read_unwritten(monkeypatch):
+    """torch.empty's memory holds whatever was there (on a GPU, another kernel's NaNs, say). With
+    every tensor the forward and the backward allocate filled with NaN, a ragged last chunk
+    (T = 70: 58 padded rows, which kernel 1 has no program for) gives the gradients, output and
+    state of the same call on ordinary memory."""
+    inputs = make_inputs(3, 1, 70, 2, 16, 16, "softplus")
+    h0, do, dht = random_cotangents(3, 1, 70, 2, 16, 16, True, True)
+    want = kda_grads(chunk_kda, inputs, h0, do, dht)
+    with torch.no_grad():
+        o_want, S_want = chunk_kda(*inputs, initial_state=h0, output_final_state=True)
+    for name in ("empty", "empty_like"):
+        alloc = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, alloc=alloc, **kw: nan_filled(alloc(*a, **kw)))
+    got = kda_grads(chunk_kda, inputs, h0, do, dht)
+    with torch.no_grad():
+        o, S = chunk_kda(*inputs, initial_state=h0, output_final_state=True)
+    monkeypatch.undo()
+    # the same kernels on the same inputs: only a read of unwritten memory could tell them apart
+    # (as NaN); 16 u for FMA contraction differing between compiled variants
+    check(o, S, o_want, S_want, 2 ** 4 * U32, 2 ** 4 * U32)
+    for name, a, r in zip(GRADS, got, want):
+        assert torch.isfinite(a).all(), name
+        assert ratio(a, r) < 2 ** 4 * U32, f"{name}: {ratio(a, r):.2e}"
+
+
+def nan_filled(t):
+    """t with every float element NaN (integer tensors as they are)."""
+    return t.fill_(math.nan) if t.is_floating_point() else t
+
+
 def test_inference_path_builds_no_graph():
     x = [t.requires_grad_() for t in make_inputs(0, 1, 70, 2, 16, 16, "softplus")]
     with torch.no_grad():
