@@ -1,6 +1,8 @@
 """Tests for moe_decode.py: the torch references against kimi's MoEGate and SparseMoeBlock (bf16
 and FP8 experts), the kernels against the references in Triton's CPU interpreter at the tiny
 config, and on a GPU at the 48B sizes (bf16 and FP8, N in {1, 16}, the same bits every run)."""
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -203,7 +205,7 @@ def test_e4m3_to_bf16_through_the_bits_is_the_cast():
 @pytest.mark.parametrize("N", [1, 16])
 def test_experts_on_gpu_at_48b_sizes(N, fp8, monkeypatch):
     """route and experts (+ the shared expert as row E) against the references, bf16 tl.dot on the
-    GPU, both forms (SWAP); twice, bit for bit (fixed summation order)."""
+    GPU, each kernel in both forms (SWAP); twice, bit for bit (fixed summation order)."""
     if fp8 and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("e4m3 loads need compute capability >= 8.9")
     torch.manual_seed(N)
@@ -223,8 +225,8 @@ def test_experts_on_gpu_at_48b_sizes(N, fp8, monkeypatch):
     torch.testing.assert_close(w_s, w_r, rtol=2**-16, atol=0)
     ids, w = route(*args, shared=(E, 1.0))                          # + the shared expert, row E
     ref = experts_ref(x, ids, w, w13, w2, s13, s2)
-    for swap in (True, False):
-        monkeypatch.setattr(moe_decode, "SWAP", dict(gate_up=swap, down=swap))
+    for up, down in itertools.product((True, False), repeat=2):     # each kernel in either form
+        monkeypatch.setattr(moe_decode, "SWAP", dict(gate_up=up, down=down))
         y = experts(x, ids, w, w13, w2, s13, s2)
         close(y, ref, x, ids, w, w13, w2, s13, s2)
         assert torch.equal(y, experts(x, ids, w, w13, w2, s13, s2))    # no atomics: same bits
