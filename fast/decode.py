@@ -34,15 +34,23 @@ from fast import moe as fast_moe
 # The residual add and RMSNorm, fused
 
 @triton.jit
-def _add_rmsnorm_kernel(h_ptr, delta_ptr, w_ptr, h_out, n_out, D, stride, eps,
-                        HAS_DELTA: tl.constexpr, BD: tl.constexpr):
-    """One row per program: h = h + delta (rounded), n = RMSNorm(h) with kimi's rounding points."""
+def _add_rmsnorm_kernel(h_ptr, parts_ptr, wts_ptr, w_ptr, h_out, n_out, D, J, stride, eps,
+                        HAS_DELTA: tl.constexpr, WEIGHTED: tl.constexpr, BD: tl.constexpr):
+    """One row per program: delta = sum_j w_j parts[row, j] (fp32, j in order, one rounding),
+    h = h + delta (rounded), n = RMSNorm(h) with kimi's rounding points."""
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BD)
     h = tl.load(h_ptr + row * stride + d, mask=d < D, other=0.0)
     if HAS_DELTA:
-        delta = tl.load(delta_ptr + row * stride + d, mask=d < D, other=0.0)
-        h = round_to(h.to(tl.float32) + delta.to(tl.float32), h_out.dtype.element_ty)  # bf16 add
+        delta = tl.zeros((BD,), tl.float32)
+        for j in range(J):
+            part = tl.load(parts_ptr + (row * J + j) * D + d, mask=d < D, other=0.0)
+            if WEIGHTED:
+                delta += tl.load(wts_ptr + row * J + j) * part.to(tl.float32)
+            else:
+                delta += part.to(tl.float32)
+        delta = round_to(delta, h_out.dtype.element_ty)     # the layer's output, as kimi's
+        h = round_to(h.to(tl.float32) + delta, h_out.dtype.element_ty)             # bf16 add
         tl.store(h_out + row * D + d, h.to(h_out.dtype.element_ty), mask=d < D)
     h32 = h.to(tl.float32)
     n = h32 * tl.rsqrt(tl.sum(h32 * h32, axis=0) / D + eps)
@@ -52,24 +60,43 @@ def _add_rmsnorm_kernel(h_ptr, delta_ptr, w_ptr, h_out, n_out, D, stride, eps,
     tl.store(n_out + row * D + d, n.to(n_out.dtype.element_ty), mask=d < D)
 
 
+def delta_ref(delta, dtype):
+    """A layer's output from what its last kernel left: delta [B, D] itself, or (parts [B, J, D],
+    weights [B, J] fp32 or None for ones) -> sum_j w_j parts[:, j] in fp32, j in order, rounded
+    to dtype once: the MoE's expert slots, or o_proj's slices of its inputs."""
+    if not isinstance(delta, tuple):
+        return delta
+    parts, weights = delta
+    total = torch.zeros(parts[:, 0].shape, dtype=torch.float32, device=parts.device)
+    for j in range(parts.shape[1]):
+        w = 1.0 if weights is None else weights[:, j, None]
+        total += w * parts[:, j].float()
+    return total.to(dtype)
+
+
 def add_rmsnorm_ref(h, delta, norm):
-    """(h + delta, norm(h + delta)) for h, delta [B, D]; delta None: (h, norm(h))."""
+    """(h + delta, norm(h + delta)) for h [B, D] and delta as delta_ref takes it; None: (h, norm(h))."""
     if delta is not None:
-        h = h + delta
+        h = h + delta_ref(delta, h.dtype)
     return h, norm(h)
 
 
 def add_rmsnorm(h, delta, norm):
-    """= add_rmsnorm_ref in one kernel (norm: a kimi.RMSNorm). Without delta, h may be a column
-    slice (rows apart by its stride): MLA's latent, normed where the projection left it."""
-    if delta is not None or h.stride(-1) != 1:
-        h = h.contiguous()                              # one row stride for h and delta
-        delta = delta.contiguous() if delta is not None else None
+    """= add_rmsnorm_ref in one kernel (norm: a kimi.RMSNorm): the sum of the parts, the residual
+    add and the norm, where a separate kernel would sum the parts first. Without delta, h may be a
+    column slice (rows apart by its stride): MLA's latent, normed where the projection left it."""
+    parts, weights = delta if isinstance(delta, tuple) else (delta, None)
+    if parts is not None or h.stride(-1) != 1:
+        h = h.contiguous()                              # rows D apart, as h_out's and n_out's
     B, D = h.shape
-    h_out = torch.empty_like(h) if delta is not None else h
-    n_out = h.new_empty(B, D)                           # rows D apart, as h_out's
-    _add_rmsnorm_kernel[(B,)](h, delta, norm.weight, h_out, n_out, D, h.stride(0), norm.eps,
-                              HAS_DELTA=delta is not None, BD=triton.next_power_of_2(D))
+    if parts is not None:
+        parts = parts.reshape(B, -1, D).contiguous()                            # [B, J, D]
+    h_out = torch.empty_like(h) if parts is not None else h
+    n_out = h.new_empty(B, D)
+    _add_rmsnorm_kernel[(B,)](h, parts, weights, norm.weight, h_out, n_out, D,
+                              1 if parts is None else parts.shape[1], h.stride(0), norm.eps,
+                              HAS_DELTA=parts is not None, WEIGHTED=weights is not None,
+                              BD=triton.next_power_of_2(D))
     return h_out, n_out
 
 
@@ -83,6 +110,7 @@ def linear(x, weight, scale):
     return F.linear(x, weight)
 
 
+O_SPLIT = 4                 # o_proj's slices of P in FP8 (o_proj below)
 KDA_IN = ("q_proj", "k_proj", "v_proj", "f_a_proj", "g_a_proj", "b_proj")
 MLA_IN = ("q_proj", "kv_a_proj_with_mqa")
 
@@ -145,7 +173,7 @@ def kda_step(attn, x, fast):
     kernel = kda_decode.kda_decode if fast else kda_decode.kda_decode_ref
     o = kernel(q, k, v, f_a, g_a, b, attn.conv_state[:, :B], conv_w, f_b_w, g_b_w, attn.A_log,
                attn.dt_bias, attn.o_norm.weight, attn.o_norm.eps, attn.recurrent_state[:B])
-    return attn.o_proj(o)                                   # o [B, P]
+    return o_proj(attn.o_proj, o)                           # o [B, P]
 
 
 def mla_step(attn, x, pos, pad, fast):
@@ -157,11 +185,22 @@ def mla_step(attn, x, pos, pad, fast):
     ckv = torch.cat([norm(c, None, attn.kv_a_layernorm)[1], k_pe], dim=-1)   # [B, R + pe]
     attention = mla_decode.mla_decode if fast else kimi.latent_attention
     o = attn.attend_absorbed(q.view(B, H, -1), ckv[:, None], pos, pad, attention)  # [B, 1, H, V]
-    return attn.o_proj(o.reshape(B, H * attn.v))
+    return o_proj(attn.o_proj, o.reshape(B, H * attn.v))
+
+
+def o_proj(linear, o):
+    """The attention's output projection, o [B, P] -> [B, D]. FP8 on a GPU: split over its P
+    inputs into O_SPLIT fp32 parts for add_rmsnorm to sum, since D / BN programs alone leave SMs
+    idle (fp8.fp8_rows); else the module itself."""
+    if O_SPLIT > 1 and hasattr(linear, "weight_scale") and fp8.fp8_gpu(o):
+        parts = fp8.fp8_rows(o, linear.weight[None], linear.weight_scale[None], split=O_SPLIT)
+        return parts, None                                  # [B, O_SPLIT, D] fp32
+    return linear(o)
 
 
 def moe_step(moe, x, fast):
-    """= SparseMoeBlock.forward for one token per row: x [B, D] -> [B, D]."""
+    """= SparseMoeBlock.forward for one token per row: x [B, D] -> [B, D], or with fast (the
+    shared expert stacked) the slots' outputs and weights, for add_rmsnorm to sum."""
     if len(x) > moe_decode.MAX_TOKENS:      # more rows than the decode kernels' tile holds
         return moe(x[:, None])[:, 0]       # the block itself (grouped matmuls once stacked)
     gate, args = moe.gate, moe.gate.args
@@ -179,8 +218,11 @@ def moe_step(moe, x, fast):
     ids, w = route(logits, gate.e_score_correction_bias, args.num_experts_per_token,
                    args.moe_renormalize, args.routed_scaling_factor, args.routing_weights_biased,
                    slot)
+    weights = (moe.w13, moe.w2, getattr(moe, "s13", None), getattr(moe, "s2", None))
+    if fast and stacked:        # the slots' weighted sum is left to the next add_rmsnorm
+        return moe_decode.experts(x, ids, w, *weights, parts=True)
     experts = moe_decode.experts if fast else moe_decode.experts_ref
-    y = experts(x, ids, w, moe.w13, moe.w2, getattr(moe, "s13", None), getattr(moe, "s2", None))
+    y = experts(x, ids, w, *weights)
     return y if stacked else y + moe.shared_experts(x)
 
 

@@ -147,16 +147,19 @@ def _rows_kernel(
         x_ptr, w_ptr, s_ptr, out_ptr, expert_ptr, end_ptr,
         # sizes
         M, N, K,
-        # strides (rows of x and out are contiguous)
-        stride_x, stride_out,
+        # strides (rows of x and out are contiguous), inputs per split
+        stride_x, stride_out, KS,
         # meta
         GROUPED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
         DOT: tl.constexpr, PREC: tl.constexpr):
-    """out[m, n] = s[e, n] * sum_k x[m, k] w[e, n, k] for the rows m of expert e (all rows and e = 0
-    unless GROUPED). Program (r, j) owns outputs j*BN.. of the group that starts at row r (rows are
-    sorted by expert; programs whose row starts no group do nothing): each weight is read once."""
+    """out[m, i, n] = s[e, n] * sum_k x[m, k] w[e, n, k], k in split i's KS inputs, for the rows m
+    of expert e (all rows and e = 0 unless GROUPED). Program (r, j, i) owns outputs j*BN.. of
+    split i of the group that starts at row r (rows are sorted by expert; programs whose row
+    starts no group do nothing): each weight is read once."""
     first = tl.program_id(0)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
+    split = tl.program_id(2)
+    out_ptr += split * N                                # out [M, splits, N]: row stride_out
     if GROUPED:
         e = tl.load(expert_ptr + first).to(tl.int64)
         before = tl.load(expert_ptr + first - 1, mask=first > 0, other=-1)
@@ -172,7 +175,7 @@ def _rows_kernel(
         for m0 in range(first, end, BM):                # usually one pass: few rows per group
             m = m0 + tl.arange(0, BM)
             acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for k0 in range(0, K, BK):
+            for k0 in range(split * KS, split * KS + KS, BK):       # KS: a multiple of BK
                 k = k0 + tl.arange(0, BK)
                 x = tl.load(x_ptr + m[:, None].to(tl.int64) * stride_x + k[None, :],
                             mask=(m[:, None] < end) & (k[None, :] < K), other=0.0)     # [BM, BK]
@@ -184,25 +187,32 @@ def _rows_kernel(
                      out.to(out_ptr.dtype.element_ty), mask=(m[:, None] < end) & (n[None, :] < N))
 
 
-def fp8_rows(x, weight, scale, experts=None):
+def fp8_rows(x, weight, scale, experts=None, split=1):
     """x [M, K] -> [M, N] in x's dtype: row m times (weight[e] * scale[e]).T, e = experts[m].
     weight [E, N, K] e4m3, scale [E, N, 1] fp32; experts [M] sorted (None: E = 1, every row).
-    Decode's product: the weights are read once per group of rows, accumulated in fp32."""
+    Decode's product: the weights are read once per group of rows, accumulated in fp32.
+    split > 1 (E = 1): K in that many slices (whole BK steps; any past K are zero), programs for
+    each -> fp32 parts [M, split, N] whose sum is the product, for where N / BN programs alone
+    would leave SMs idle."""
     M, K = x.shape
     E, N, _ = weight.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     grouped = experts is not None
+    if split > 1 and grouped:
+        raise ValueError("fp8_rows: split > 1 takes one weight matrix, not experts")
+    out = torch.empty(M, split, N, dtype=x.dtype if split == 1 else torch.float32,
+                      device=x.device)
     ends = torch.searchsorted(experts, experts, right=True) if grouped else None
     # bf16 operands on a GPU (exact for e4m3 and bf16 x); fp32 in the interpreter, whose bf16
     # tl.dot is silently wrong, and for fp32 x ('ieee': no TF32 rounding of x)
     low = x.dtype == torch.bfloat16 and not INTERPRET
-    grid = (M if grouped else 1, triton.cdiv(N, ROWS["BN"]))
+    KS = ROWS["BK"] * triton.cdiv(K, split * ROWS["BK"])          # inputs per split
+    grid = (M if grouped else 1, triton.cdiv(N, ROWS["BN"]), split)
     _rows_kernel[grid](x, weight, scale, out, experts, ends, M, N, K, x.stride(0), out.stride(0),
-                       GROUPED=grouped, DOT=tl.bfloat16 if low else tl.float32,
+                       KS, GROUPED=grouped, DOT=tl.bfloat16 if low else tl.float32,
                        PREC="tf32" if low else "ieee", **ROWS)
-    return out
+    return out[:, 0] if split == 1 else out
 
 
 # -------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ and one-row GEMMs).
                                    weight) after the k routed
   _gate_up_kernel    (P, F / BN)   h = silu(x @ w1^T) * (x @ w3^T), one expert per program
   _down_kernel       (P, D / BN)   out = h @ w2^T, one expert per program
-  _slot_sum_kernel   (N, D / BN)   y = sum_j w[n, j] out[n, j], j in order
+  _slot_sum_kernel   (N, D / BN)   y = sum_j w[n, j] out[n, j], j in order (the decode step
+                                   leaves this sum to the next add + RMSNorm: experts(parts=True))
 No sort: a token picks an expert at most once (distinct top-k ids; the shared expert is row E),
 so expert e's group is the tokens whose row of ids holds e, one tile row per token (BM = 16 >= N,
 tl.dot's minimum). The program of e's first (token, slot) pair reads e's weights once for them
@@ -305,9 +306,10 @@ def _fit(tiles, x):
     return dict(tiles, num_stages=2) if x.dtype == torch.float32 else tiles
 
 
-def experts(x, ids, w, w13, w2, s13=None, s2=None):
+def experts(x, ids, w, w13, w2, s13=None, s2=None, parts=False):
     """= experts_ref (x [N <= 16, D], ids [N, k'] distinct per row, w [N, k'] fp32) in 3 launches.
-    Each selected expert's weights are read once; the sums are deterministic."""
+    Each selected expert's weights are read once; the sums are deterministic. parts: 2 launches,
+    returning (out [N, k', D], w [N, k'] fp32) for the consumer to sum (fast.decode.add_rmsnorm)."""
     (N, D), KP, Fw = x.shape, ids.shape[1], w2.shape[-1]
     if N > MAX_TOKENS:
         raise ValueError(f"experts: {N} tokens, the decode kernels take at most {MAX_TOKENS}")
@@ -327,6 +329,8 @@ def experts(x, ids, w, w13, w2, s13=None, s2=None):
     _down_kernel[(N * KP, triton.cdiv(D, down["BN"]))](
         h, ids, w2, s2 if scaled else w2, out, N, KP, D, Fw, SWAP=SWAP["down"], **meta,
         **_fit(down, x))
+    if parts:
+        return out.view(N, KP, D), w
     y = x.new_empty(N, D)
     _slot_sum_kernel[(N, triton.cdiv(D, SLOT_SUM))](out, w, y, KP, D, SLOT_SUM)
     return y

@@ -116,8 +116,10 @@ build(mla_decode._mla_combine_kernel, dict(m_part=F32, l_part=F32, acc_part=F32,
       dict(H=32, R=512, BS=mla_decode.BLOCK_S, BR=mla_decode.BLOCK_R), 4)
 # The rest of fast.decode's step: the residual add + RMSNorm, the KDA layer's step
 from fast import decode, fp8, kda_decode
-build(decode._add_rmsnorm_kernel, dict(h_ptr=BF, delta_ptr=BF, w_ptr=BF, h_out=BF, n_out=BF,
-                                       eps=SCALAR), dict(HAS_DELTA=True, BD=4096), 4)
+for parts, weighted in ((BF, True), (F32, False)):     # the MoE's slots, o_proj's slices
+    build(decode._add_rmsnorm_kernel, dict(h_ptr=BF, parts_ptr=parts, wts_ptr=F32, w_ptr=BF,
+                                           h_out=BF, n_out=BF, eps=SCALAR),
+          dict(HAS_DELTA=True, WEIGHTED=weighted, BD=4096), 4)
 build(kda_decode._kda_decode_kernel,
       dict(q=BF, k=BF, v=BF, f_a=BF, g_a=BF, b=BF, conv=BF, wq=BF, wk=BF, wv=BF, f_b_w=BF,
            g_b_w=BF, A_log=F32, dt_bias=F32, o_norm_w=BF, S=F32, o=BF, scale=SCALAR, eps=SCALAR),
@@ -125,8 +127,8 @@ build(kda_decode._kda_decode_kernel,
 # FP8: the prefill's activation quantisation, the decode product (one weight, and grouped)
 build(fp8._quantize_kernel, dict(x_ptr=BF, q_ptr=F8, s_ptr=F32), dict(BK=fp8.QUANT_BK), 4)
 rows = {n: v for n, v in fp8.ROWS.items() if not n.startswith("num_")}
-for grouped in (False, True):
-    build(fp8._rows_kernel, dict(x_ptr=BF, w_ptr=F8, s_ptr=F32, out_ptr=BF, expert_ptr=I64,
+for grouped, out in ((False, F32), (True, BF)):     # split o_proj's fp32 parts, the experts
+    build(fp8._rows_kernel, dict(x_ptr=BF, w_ptr=F8, s_ptr=F32, out_ptr=out, expert_ptr=I64,
                                  end_ptr=I64),
           dict(rows, GROUPED=grouped, DOT=tl.bfloat16, PREC="tf32"), fp8.ROWS["num_warps"],
           fp8.ROWS["num_stages"])
