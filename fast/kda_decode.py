@@ -34,8 +34,7 @@ import triton.language as tl
 from fast import round_to, softplus
 from kda_ref import kda_gate, l2norm, recurrent_kda
 
-WARPS = 16          # the [128, 128] fp32 state over 512 threads, 32 registers each: at 8 warps,
-                    # S loaded first and live through the rest spilled (255 registers, sm_90)
+WARPS = 8           # the [128, 128] fp32 state tile over 256 threads: 64 registers each
 MV = 32             # input columns per step of the two low-rank matvecs (bounds their registers)
 L2_EPS = tl.constexpr(1e-6)         # kda_ref.l2norm's eps (globals in @triton.jit: constexpr)
 
@@ -68,8 +67,8 @@ def kda_decode_ref(q, k, v, f_a, g_a, b, conv_state, conv_w, f_b_w, g_b_w, A_log
 
 @triton.jit
 def _conv(x, s_x, st, w, row, c, K: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
-    """Short conv + SiLU of channels c [K] of one row, whose state is st [K, W-1]. Returns the
-    output rounded to the model dtype, as fp32 [K], and the shifted state [K, WP] to store."""
+    """Short conv + SiLU of channels c [K] of one row; shifts that row's state [K, W-1] in place.
+    Returns the output rounded to the model dtype, as fp32 [K]."""
     cw = tl.arange(0, WP)[None, :]                      # taps, padded to a power of two [1, WP]
     new = tl.load(x + row * s_x + c)[:, None]                                   # [K, 1]
     old = tl.load(st + c[:, None] * (W - 1) + cw, mask=cw < W - 1, other=0.)    # [K, WP]
@@ -79,7 +78,12 @@ def _conv(x, s_x, st, w, row, c, K: tl.constexpr, W: tl.constexpr, WP: tl.conste
     y = round_to(y * tl.sigmoid(y), x.dtype.element_ty)                   # SiLU, one rounding
     # the shifted state: column j <- column j + 1 of xs, re-read rather than moved across registers
     nxt = tl.load(st + c[:, None] * (W - 1) + cw + 1, mask=cw + 1 < W - 1, other=0.)
-    return y, tl.where(cw == W - 2, new, nxt)
+    nxt = tl.where(cw == W - 2, new, nxt)                                       # [K, WP]
+    # Threads holding copies of one element load it independently; without this barrier a fast
+    # warp could overwrite state that a slow warp has still to read.
+    tl.debug_barrier()
+    tl.store(st + c[:, None] * (W - 1) + cw, nxt, mask=cw < W - 1)
+    return y
 
 
 @triton.jit
@@ -108,28 +112,14 @@ def _kda_decode_kernel(
     row, h = bh // H, bh % H
     ck = tl.arange(0, K)                                # channel within the head (S's rows)
     c = h * K + ck                                      # channel within P
-    # S first: the largest read (64 KB) is in flight while the rest loads and computes. An int64
-    # base plus int32 offsets within the head: int64 [K, V] addresses would hold 128 more
-    # registers a thread until the store
-    S += bh * K * K
-    state = ck[:, None] * K + ck[None, :]                                       # [K, V] int32
-    s = tl.load(S + state)
-    # 3. and 6. the two low-rank products
+    # 3. and 6. the two low-rank products first, before S takes its registers
     f = _lowrank(f_b_w, f_a, s_a, row, h, K, MV)                                 # [K]
     gate = _lowrank(g_b_w, g_a, s_a, row, h, K, MV)                              # [V]
     # 1. convs; state rows at conv + i*s_c0 + row*s_c1 + c*(W-1) + tap, for i = q, k, v
     st = conv + row * s_c1
-    qc, q_next = _conv(q, s_qkv, st, wq, row, c, K, W, WP)
-    kc, k_next = _conv(k, s_qkv, st + s_c0, wk, row, c, K, W, WP)
-    vc, v_next = _conv(v, s_qkv, st + 2 * s_c0, wv, row, c, K, W, WP)
-    # Threads holding copies of one element load it independently; without this barrier a fast
-    # warp could overwrite state that a slow warp has still to read.
-    tl.debug_barrier()
-    cw = tl.arange(0, WP)[None, :]                                              # [1, WP]
-    taps = c[:, None] * (W - 1) + cw                                            # [K, WP]
-    tl.store(st + taps, q_next, mask=cw < W - 1)
-    tl.store(st + s_c0 + taps, k_next, mask=cw < W - 1)
-    tl.store(st + 2 * s_c0 + taps, v_next, mask=cw < W - 1)
+    qc = _conv(q, s_qkv, st, wq, row, c, K, W, WP)
+    kc = _conv(k, s_qkv, st + s_c0, wk, row, c, K, W, WP)
+    vc = _conv(v, s_qkv, st + 2 * s_c0, wv, row, c, K, W, WP)
     # 2. l2norm, eps on the sum of squares (an rms eps would be K times too small: trap 6)
     qc = qc * tl.rsqrt(tl.sum(qc * qc, axis=0) + L2_EPS) * scale     # and q's 1/sqrt(K)
     kc = kc * tl.rsqrt(tl.sum(kc * kc, axis=0) + L2_EPS)
@@ -139,7 +129,11 @@ def _kda_decode_kernel(
     beta = tl.sigmoid(tl.load(b + row * s_b + h).to(tl.float32))              # 4.
     # 5. the recurrence on the [K, V] fp32 tile, read once and written once. exp(g): g <= 0, so no
     # overflow; g = -inf (a huge gate) gives 0, a full reset, as torch does
-    s = s * tl.exp(g)[:, None]
+    # an int64 base plus int32 offsets within the head: int64 [K, V] addresses would hold 128
+    # more registers a thread until the store
+    S += bh * K * K
+    state = ck[:, None] * K + ck[None, :]                                       # [K, V] int32
+    s = tl.load(S + state) * tl.exp(g)[:, None]
     delta = beta * (vc - tl.sum(kc[:, None] * s, axis=0))                      # [V]
     s += kc[:, None] * delta[None, :]
     tl.store(S + state, s)
