@@ -9,7 +9,8 @@ kimi.py's forward says the math in small torch operations: about 110 kernels per
 step, each costing a launch's microseconds even when replayed from a CUDA graph, so a step took
 several times as long as reading its weights. This file runs the same math layer by layer in fused
 pieces, each with a torch reference beside its kernel (a test checks each, and step against model):
-  - add_rmsnorm (here): the residual add and the next RMSNorm in one kernel
+  - add_rmsnorm (here): the residual add and the next RMSNorm in one kernel; it also sums the
+    parts that the layer's last kernel left apart (the MoE's slots, FP8 o_proj's slices of K)
   - one matmul for all of a layer's input projections, stacked once by prepare (their weights
     become views of the stacked one, as fast.moe.stack_experts does for the experts)
   - kda_decode.py: a KDA layer's short convs, norms, gates, recurrence and gated norm in one kernel
@@ -34,8 +35,9 @@ from fast import moe as fast_moe
 # The residual add and RMSNorm, fused
 
 @triton.jit
-def _add_rmsnorm_kernel(h_ptr, parts_ptr, wts_ptr, w_ptr, h_out, n_out, D, J, stride, eps,
-                        HAS_DELTA: tl.constexpr, WEIGHTED: tl.constexpr, BD: tl.constexpr):
+def _add_rmsnorm_kernel(h_ptr, parts_ptr, wts_ptr, w_ptr, h_out, n_out, D, stride, eps,
+                        HAS_DELTA: tl.constexpr, J: tl.constexpr, WEIGHTED: tl.constexpr,
+                        BD: tl.constexpr):
     """One row per program: delta = sum_j w_j parts[row, j] (fp32, j in order, one rounding),
     h = h + delta (rounded), n = RMSNorm(h) with kimi's rounding points."""
     row = tl.program_id(0).to(tl.int64)
@@ -43,7 +45,7 @@ def _add_rmsnorm_kernel(h_ptr, parts_ptr, wts_ptr, w_ptr, h_out, n_out, D, J, st
     h = tl.load(h_ptr + row * stride + d, mask=d < D, other=0.0)
     if HAS_DELTA:
         delta = tl.zeros((BD,), tl.float32)
-        for j in range(J):
+        for j in tl.static_range(J):        # unrolled: the J loads go out together
             part = tl.load(parts_ptr + (row * J + j) * D + d, mask=d < D, other=0.0)
             if WEIGHTED:
                 delta += tl.load(wts_ptr + row * J + j) * part.to(tl.float32)
@@ -75,7 +77,7 @@ def delta_ref(delta, dtype):
 
 
 def add_rmsnorm_ref(h, delta, norm):
-    """(h + delta, norm(h + delta)) for h [B, D] and delta as delta_ref takes it; None: (h, norm(h))."""
+    """(h + delta, norm(h + delta)) for h [B, D], delta as delta_ref takes it (None: h, norm(h))."""
     if delta is not None:
         h = h + delta_ref(delta, h.dtype)
     return h, norm(h)
@@ -93,10 +95,11 @@ def add_rmsnorm(h, delta, norm):
         parts = parts.reshape(B, -1, D).contiguous()                            # [B, J, D]
     h_out = torch.empty_like(h) if parts is not None else h
     n_out = h.new_empty(B, D)
-    _add_rmsnorm_kernel[(B,)](h, parts, weights, norm.weight, h_out, n_out, D,
-                              1 if parts is None else parts.shape[1], h.stride(0), norm.eps,
-                              HAS_DELTA=parts is not None, WEIGHTED=weights is not None,
-                              BD=triton.next_power_of_2(D))
+    _add_rmsnorm_kernel[(B,)](h, parts, weights, norm.weight, h_out, n_out, D, h.stride(0),
+                              norm.eps, HAS_DELTA=parts is not None,
+                              J=1 if parts is None else parts.shape[1],
+                              WEIGHTED=weights is not None, BD=triton.next_power_of_2(D),
+                              num_warps=8)
     return h_out, n_out
 
 
@@ -110,7 +113,7 @@ def linear(x, weight, scale):
     return F.linear(x, weight)
 
 
-O_SPLIT = 4                 # o_proj's slices of P in FP8 (o_proj below)
+O_SPLIT = 4                 # FP8 o_proj's slices of P (o_proj; the A/B: docs/kernels_h100.md)
 KDA_IN = ("q_proj", "k_proj", "v_proj", "f_a_proj", "g_a_proj", "b_proj")
 MLA_IN = ("q_proj", "kv_a_proj_with_mqa")
 

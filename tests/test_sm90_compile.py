@@ -116,10 +116,10 @@ build(mla_decode._mla_combine_kernel, dict(m_part=F32, l_part=F32, acc_part=F32,
       dict(H=32, R=512, BS=mla_decode.BLOCK_S, BR=mla_decode.BLOCK_R), 4)
 # The rest of fast.decode's step: the residual add + RMSNorm, the KDA layer's step
 from fast import decode, fp8, kda_decode
-for parts, weighted in ((BF, True), (F32, False)):     # the MoE's slots, o_proj's slices
+for parts, J, weighted in ((BF, 9, True), (F32, 4, False)):   # the MoE's slots, o_proj's
     build(decode._add_rmsnorm_kernel, dict(h_ptr=BF, parts_ptr=parts, wts_ptr=F32, w_ptr=BF,
                                            h_out=BF, n_out=BF, eps=SCALAR),
-          dict(HAS_DELTA=True, WEIGHTED=weighted, BD=4096), 4)
+          dict(HAS_DELTA=True, J=J, WEIGHTED=weighted, BD=4096), 8)
 build(kda_decode._kda_decode_kernel,
       dict(q=BF, k=BF, v=BF, f_a=BF, g_a=BF, b=BF, conv=BF, wq=BF, wk=BF, wv=BF, f_b_w=BF,
            g_b_w=BF, A_log=F32, dt_bias=F32, o_norm_w=BF, S=F32, o=BF, scale=SCALAR, eps=SCALAR),
