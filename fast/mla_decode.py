@@ -37,7 +37,9 @@ LOG2E = 1.4426950408889634          # exp(x) = 2^(x log2 e): folded into the sca
 # registers, so a program per SM (WAVES = 1). The interpreter takes small tiles so that its tests
 # cross many tiles and splits.
 SPLIT = dict(BL=16 if INTERPRET else 64, HEADS=16, num_warps=8, num_stages=3)   # timed best
-MIN_SPLIT = 32 if INTERPRET else 256    # fewest keys per split: a partial costs 8 H R bytes
+# fewest keys per split: a partial costs 8 H R bytes, but a short context cut in few splits leaves
+# SMs idle (at 4K keys and B = 1, 36 splits of 128 beat 18 of 256: docs/kernels_h100.md)
+MIN_SPLIT = 32 if INTERPRET else 128
 WAVES = 1                               # B * NUM_SPLITS ~ WAVES * SMs: one program per SM
 BLOCK_S, BLOCK_R = 16, 64               # combine: splits per step, latent columns per program
 
