@@ -199,8 +199,8 @@ def fp8_rows(x, weight, scale, experts=None, split=1):
     if x.stride(-1) != 1:
         x = x.contiguous()
     grouped = experts is not None
-    if split > 1 and grouped:
-        raise ValueError("fp8_rows: split > 1 takes one weight matrix, not experts")
+    if split < 1 or (split > 1 and grouped):
+        raise ValueError(f"fp8_rows: split = {split}; a count >= 1, and 1 with experts")
     out = torch.empty(M, split, N, dtype=x.dtype if split == 1 else torch.float32,
                       device=x.device)
     ends = torch.searchsorted(experts, experts, right=True) if grouped else None

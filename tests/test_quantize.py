@@ -160,7 +160,7 @@ def test_rows_kernel_matches_dequantised_product():
 def test_fp8_rows_split_parts_sum_to_the_product():
     """split: K = 600 in slices of whole 256-input steps (256, 256, 88 and one past K), one fp32
     part each. Their sum is the product within the rounding of K products and split more adds;
-    the slice past K is exactly zero. Experts cannot be split."""
+    the slice past K is exactly zero. Experts cannot be split, nor K into no slices."""
     gen = torch.Generator().manual_seed(1)
     N, K = 70, 600
     q, scale = quantize_rows(torch.randn(1, N, K, generator=gen))
@@ -172,9 +172,11 @@ def test_fp8_rows_split_parts_sum_to_the_product():
     assert parts.shape == (3, 4, N) and parts.dtype == torch.float32
     assert torch.equal(parts[:, 3], torch.zeros(3, N))
     assert ((parts.double().sum(1) - ref).abs() <= (K + 4) * 2.0 ** -24 * size).all()
-    with pytest.raises(ValueError, match="split"):
+    with pytest.raises(ValueError, match="split = 2"):
         fp8_rows(x.to(dev), q.to(dev), scale.to(dev), torch.zeros(3, dtype=torch.long).to(dev),
                  split=2)
+    with pytest.raises(ValueError, match="split = 0"):
+        fp8_rows(x.to(dev), q.to(dev), scale.to(dev), split=0)
 
 
 @pytest.mark.skipif(not FP8_GPU, reason=NEEDS_FP8_GPU + "; Triton 3.9's interpreter rounds fp32 "
