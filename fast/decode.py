@@ -93,6 +93,7 @@ def add_rmsnorm(h, delta, norm):
     B, D = h.shape
     if parts is not None:
         parts = parts.reshape(B, -1, D).contiguous()                            # [B, J, D]
+        weights = weights.float().contiguous() if weights is not None else None  # [B, J]
     h_out = torch.empty_like(h) if parts is not None else h
     n_out = h.new_empty(B, D)
     _add_rmsnorm_kernel[(B,)](h, parts, weights, norm.weight, h_out, n_out, D, h.stride(0),
@@ -192,10 +193,11 @@ def mla_step(attn, x, pos, pad, fast):
 
 
 def o_proj(linear, o):
-    """The attention's output projection, o [B, P] -> [B, D]. FP8 on a GPU: split over its P
-    inputs into O_SPLIT fp32 parts for add_rmsnorm to sum, since D / BN programs alone leave SMs
-    idle (fp8.fp8_rows); else the module itself."""
-    if O_SPLIT > 1 and hasattr(linear, "weight_scale") and fp8.fp8_gpu(o):
+    """The attention's output projection, o [B, P] -> [B, D]. FP8 on a GPU at decode's row
+    counts: split over its P inputs into O_SPLIT fp32 parts for add_rmsnorm to sum, since D / BN
+    programs alone leave SMs idle (fp8.fp8_rows); else the module itself."""
+    decode_fp8 = hasattr(linear, "weight_scale") and fp8.fp8_gpu(o) and len(o) <= fp8.DECODE_ROWS
+    if O_SPLIT > 1 and decode_fp8:                          # (more rows: fp8_linear's GEMM)
         parts = fp8.fp8_rows(o, linear.weight[None], linear.weight_scale[None], split=O_SPLIT)
         return parts, None                                  # [B, O_SPLIT, D] fp32
     return linear(o)
