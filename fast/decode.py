@@ -45,7 +45,7 @@ def _add_rmsnorm_kernel(h_ptr, parts_ptr, wts_ptr, w_ptr, h_out, n_out, D, strid
     h = tl.load(h_ptr + row * stride + d, mask=d < D, other=0.0)
     if HAS_DELTA:
         delta = tl.zeros((BD,), tl.float32)
-        for j in tl.static_range(J):        # unrolled: the J loads go out together
+        for j in tl.static_range(J):        # unrolled: no load waits for the one before
             part = tl.load(parts_ptr + (row * J + j) * D + d, mask=d < D, other=0.0)
             if WEIGHTED:
                 delta += tl.load(wts_ptr + row * J + j) * part.to(tl.float32)
