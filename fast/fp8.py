@@ -18,9 +18,9 @@ Compute, by where and how many rows (fp8_linear, fp8_experts):
     fast.moe.silu_mul, the weighted sum where the rows lie in fast.moe.combine:
     fp8_sorted_experts, then fast.quantize.Fp8MoE)
   - the same GPU, at most DECODE_ROWS rows (decode): _rows_kernel reads each FP8 weight once,
-    converts it to bf16 in registers (exact) and accumulates in fp32, one program per BN outputs;
-    the routed experts' rows go through it too, grouped by expert: only the selected experts are
-    read
+    converts it to bf16 in registers (exact) and accumulates in fp32, one program per BN outputs
+    (and per slice of K with split: fp32 parts, which fast.decode sums for o_proj); the routed
+    experts' rows go through it too, grouped by expert: only the selected experts are read
   - anything else (CPU, older GPUs): dequantise and multiply in fp32 (correct, slow)
 Shapes: M rows (tokens), K inputs, N outputs, E experts, F expert width.
 """
