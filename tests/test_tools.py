@@ -16,7 +16,8 @@ from fast.fp8 import FP8
 from fast.quantize import SCALE
 from helpers import ROOT
 from kimi import CONFIGS, Transformer
-from tools import bench, fullsize, grad_errors, kernels, long_context, profile_decode
+from tools import (bench, fullsize, grad_errors, kernels, long_context, profile_decode,
+                   profile_prefill)
 
 TINY = CONFIGS["tiny"]
 FULL = CONFIGS["kimi-linear-48b-a3b"]
@@ -219,10 +220,11 @@ def test_profile_decode_groups_name_kernels_that_exist():
             assert fragment in defined, fragment
 
 
+@pytest.mark.parametrize("tool", [profile_decode, profile_prefill])
 @pytest.mark.parametrize("layers", ["0", "28"])
-def test_profile_decode_layers_outside_the_model_exit_2_with_one_line(layers, capsys):
+def test_profiles_refuse_layers_outside_the_model_in_one_line(tool, layers, capsys):
     with pytest.raises(SystemExit) as e:
-        profile_decode.main(["--layers", layers])
+        tool.main(["--layers", layers])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2
     assert err == [f"error: --layers takes 1 to 27, not {layers} (see --help)"]

@@ -3,6 +3,7 @@ does not depend on their values), what a step of it must read or compute, and th
 the two make the ceilings.
 """
 import collections
+import dataclasses
 import functools
 
 import torch
@@ -47,6 +48,15 @@ def _matmul_rate(device, fp8, n=8192):
         bq, b_s = quantize_rows(b)                                      # [n, n] e4m3, [n, 1]
         product = lambda: scaled_linear(a, bq, b_s)                     # noqa: E731
     return 2 * n**3 / cuda_time(product, runs=10, warmup=2) * 1e3
+
+
+def first_layers(args, n):
+    """args with only its first n layers (the MLA ones among them kept): a cut of the model that
+    fits a smaller GPU, to compare bf16 with FP8 where the whole bf16 model does not fit."""
+    if not 1 <= n <= args.num_hidden_layers:
+        raise ValueError(f"layers takes 1 to {args.num_hidden_layers}, not {n}")
+    mla = [i for i in args.full_attn_layers if i < n]
+    return dataclasses.replace(args, num_hidden_layers=n, full_attn_layers=mla)
 
 
 def random_model(args, device, max_batch_size, max_seq_len, seed=0, fp8=False):

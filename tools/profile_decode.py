@@ -40,14 +40,14 @@ def main(argv):
     ap.add_argument("--fp8", action="store_true")
     ap.add_argument("--layers", type=int, help="the first N of the 48B model's 27 layers")
     a = ap.parse_args(argv)
-    full = kimi.ModelArgs()
-    if a.layers is not None and not 1 <= a.layers <= full.num_hidden_layers:
-        ap.error(f"--layers takes 1 to {full.num_hidden_layers}, not {a.layers}")
+    args = kimi.ModelArgs()
+    if a.layers is not None:
+        try:
+            args = fullsize.first_layers(args, a.layers)
+        except ValueError as e:
+            ap.error(f"--{e}")
     if not torch.cuda.is_available():
         ap.error("the decode step's kernels need a CUDA GPU")
-    n = a.layers or full.num_hidden_layers
-    args = kimi.ModelArgs(num_hidden_layers=n,
-                          full_attn_layers=[i for i in full.full_attn_layers if i < n])
     B, L, device = a.batch, a.context, torch.device("cuda")
     model = fullsize.random_model(args, device, B, L + 256, fp8=a.fp8)
     with torch.no_grad():   # last_only: all positions' fp32 logits at B = 16 would take 40 GiB
@@ -79,7 +79,7 @@ def main(argv):
         group = next((g for frag, g in GROUPS if frag in name), "other (elementwise, copies)")
         groups[group] += us
     total = sum(per_kernel.values())
-    print(f"B={B} context {L}{' FP8' if a.fp8 else ''}, {n} layers: graph step "
+    print(f"B={B} context {L}{' FP8' if a.fp8 else ''}, {args.num_hidden_layers} layers: graph step "
           f"{graph_ms * 1e3:.0f} us; kernels {total:.0f} us in {sum(calls.values()):.0f} "
           "launches a step")
     for group, us in groups.most_common():

@@ -1,16 +1,16 @@
 """Where a prefill's time goes: kimi.py's forward over one prompt of the 48B model, by kernel.
 
-    python -m tools.profile_prefill [--tokens 8192] [--config tiny] [--fp8]
+    python -m tools.profile_prefill [--tokens 8192] [--config tiny] [--fp8] [--layers N]
 
 Random weights at full size (tools.fullsize.random_model, as the benchmark builds them), one cached
 prefill (start_pos=0, last_only=True, as generation.generate runs it). Prints tokens/s the way
 tools/bench.py's prefill rows measure them (tools.timing.cuda_time: CUDA events, median of 3 after
 one warm-up) next to the GPU's matmul ceiling (its rate measured in the run: fullsize.ceilings),
 then torch.profiler's GPU time per kernel over 2 more prefills, the largest first. --fp8: the FP8
-model (fast/quantize.py), its ceiling at the FP8 matmul rate. Without a GPU (a tiny --config only,
-bf16) it times on the host and profiles CPU operators.
+model (fast/quantize.py), its ceiling at the FP8 matmul rate. --layers N: the first N layers, to
+compare bf16 with FP8 where the whole bf16 model does not fit the GPU. Without a GPU (a tiny
+--config only, bf16) it times on the host and profiles CPU operators.
 """
-import argparse
 import collections
 import statistics
 import sys
@@ -20,20 +20,27 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import kimi
+from sample import Parser
 from tools import fullsize
 from tools.timing import cuda_time
 
 
 def main(argv):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m tools.profile_prefill", description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--config", default="kimi-linear-48b-a3b", choices=sorted(kimi.CONFIGS))
     ap.add_argument("--fp8", action="store_true", help="FP8 weights (needs a GPU)")
+    ap.add_argument("--layers", type=int, help="only the first N layers")
     a = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     if a.fp8 and not cuda:
         ap.error("--fp8 needs a CUDA GPU")
     args, T = kimi.CONFIGS[a.config], a.tokens
+    if a.layers is not None:
+        try:
+            args = fullsize.first_layers(args, a.layers)
+        except ValueError as e:
+            ap.error(f"--{e}")
     model = fullsize.random_model(args, torch.device("cuda" if cuda else "cpu"), 1, T, fp8=a.fp8)
     tokens = torch.randint(0, args.vocab_size, (1, T), device=model.lm_head.weight.device)
     prefill = lambda: model(tokens, start_pos=0, last_only=True)      # noqa: E731
@@ -43,7 +50,8 @@ def main(argv):
         else:
             prefill()
             ms = statistics.median(_host_ms(prefill) for _ in range(3))
-        line = f"{'FP8 ' if a.fp8 else ''}prefill B=1 T={T}: {T / ms * 1e3:,.0f} tokens/s"
+        line = (f"{'FP8 ' if a.fp8 else ''}prefill B=1 T={T}, {args.num_hidden_layers} layers: "
+                f"{T / ms * 1e3:,.0f} tokens/s")
         if cuda:                    # (ceilings prints the rates it measures on a line of its own)
             rates = fullsize.ceilings(model.lm_head.weight.device)
             rate = rates.fp8_matmul_flop_per_s if a.fp8 else rates.matmul_flop_per_s
