@@ -16,8 +16,10 @@ Importing this package chooses Triton's CPU interpreter where there is no GPU. I
 Triton's own first import, which builds tl.sum and the other library functions for the compiler or
 for the interpreter once and for all: every file in fast/ runs this first, as its package, and
 kda_triton.py imports it before triton. What the fast paths share is here too: round_to (a bf16
-rounding the interpreter gets right) and stack_linears (weights stacked, the layers' views of them).
+rounding the interpreter gets right), stack_linears (weights stacked, the layers' views of them)
+and sm_count.
 """
+import functools
 import os
 import sys
 
@@ -34,6 +36,15 @@ import triton.language as tl  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _BITS = tl.constexpr(INTERPRET)        # (globals read in @triton.jit must be constexpr)
+
+
+@functools.cache
+def sm_count(device):
+    """The GPU's streaming multiprocessors; 132 (an H100's) off the GPU, so that the interpreter's
+    tests take the paths a GPU takes at the same sizes."""
+    if torch.device(device).type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit

@@ -20,6 +20,12 @@ It equals, per row and head h (channels c = h*K .. h*K + K-1):
     6. o = GatedRMSNorm(o, g_b_proj(g_a)): fp32, one final rounding      (kimi.GatedRMSNorm)
 conv_state and S are updated in place, as the module updates its caches.
 
+At small B the B*H programs leave most SMs idle, each moving its head's whole [K, V] state alone;
+then `splits` programs share a head, each over V / splits state columns (q, k and the forget gate,
+over K, computed by each). The gated norm needs all V of the head and q's and k's conv states may be
+shifted only once every program has read them: the last program of a head to finish (a counter)
+does both.
+
 Glossary (48B sizes): B rows (one token each), H = 32 heads, K = V = 128 head dims, P = H*K = 4096,
 W = 4 short-conv taps. Inputs: q, k, v [B, P]; f_a, g_a [B, K]; b [B, H] (column slices of one
 fused projection: unit column stride, any row stride); conv_state [3, B, P, W-1] (q, k, v; oldest
@@ -31,10 +37,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fast import round_to, softplus
+from fast import round_to, sm_count, softplus
 from kda_ref import kda_gate, l2norm, recurrent_kda
 
 WARPS = 8           # the [128, 128] fp32 state tile over 256 threads: 64 registers each
+SPLITS = 4          # at most this many programs a head (V / 4 = 32 state columns each)
+SPLIT_WARPS = 4     # their warps: a [128, 32] tile
 MV = 32             # input columns per step of the two low-rank matvecs (bounds their registers)
 L2_EPS = tl.constexpr(1e-6)         # kda_ref.l2norm's eps (globals in @triton.jit: constexpr)
 
@@ -66,60 +74,79 @@ def kda_decode_ref(q, k, v, f_a, g_a, b, conv_state, conv_w, f_b_w, g_b_w, A_log
 
 
 @triton.jit
-def _conv(x, s_x, st, w, row, c, K: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
-    """Short conv + SiLU of channels c [K] of one row; shifts that row's state [K, W-1] in place.
-    Returns the output rounded to the model dtype, as fp32 [K]."""
+def _conv(x, s_x, st, w, row, c, W: tl.constexpr, WP: tl.constexpr):
+    """Short conv + SiLU of channels c of one row, its state st [P, W-1] (row's) read, not shifted.
+    Returns the output rounded to the model dtype, as fp32."""
     cw = tl.arange(0, WP)[None, :]                      # taps, padded to a power of two [1, WP]
-    new = tl.load(x + row * s_x + c)[:, None]                                   # [K, 1]
-    old = tl.load(st + c[:, None] * (W - 1) + cw, mask=cw < W - 1, other=0.)    # [K, WP]
+    new = tl.load(x + row * s_x + c)[:, None]                                   # [C, 1]
+    old = tl.load(st + c[:, None] * (W - 1) + cw, mask=cw < W - 1, other=0.)    # [C, WP]
     xs = tl.where(cw == W - 1, new, old)                # [state..., new, 0...]
-    wt = tl.load(w + c[:, None] * W + cw, mask=cw < W, other=0.)                # [K, WP]
-    y = tl.sum(xs.to(tl.float32) * wt.to(tl.float32), axis=1)                  # [K] fp32
-    y = round_to(y * tl.sigmoid(y), x.dtype.element_ty)                   # SiLU, one rounding
-    # the shifted state: column j <- column j + 1 of xs, re-read rather than moved across registers
+    wt = tl.load(w + c[:, None] * W + cw, mask=cw < W, other=0.)                # [C, WP]
+    y = tl.sum(xs.to(tl.float32) * wt.to(tl.float32), axis=1)                  # [C] fp32
+    return round_to(y * tl.sigmoid(y), x.dtype.element_ty)                # SiLU, one rounding
+
+
+@triton.jit
+def _shift(x, s_x, st, row, c, W: tl.constexpr, WP: tl.constexpr):
+    """Channels c's conv state shifted in place: the oldest input out, the new PRE-conv one in."""
+    cw = tl.arange(0, WP)[None, :]
+    new = tl.load(x + row * s_x + c)[:, None]                                   # [C, 1]
+    # column j <- column j + 1, re-read rather than moved across registers
     nxt = tl.load(st + c[:, None] * (W - 1) + cw + 1, mask=cw + 1 < W - 1, other=0.)
-    nxt = tl.where(cw == W - 2, new, nxt)                                       # [K, WP]
+    nxt = tl.where(cw == W - 2, new, nxt)                                       # [C, WP]
     # Threads holding copies of one element load it independently; without this barrier a fast
     # warp could overwrite state that a slow warp has still to read.
     tl.debug_barrier()
     tl.store(st + c[:, None] * (W - 1) + cw, nxt, mask=cw < W - 1)
-    return y
 
 
 @triton.jit
-def _lowrank(w, x, s_x, row, h, K: tl.constexpr, MV: tl.constexpr):
-    """Head h's K outputs of w [P, K] @ x[row] [K], fp32 sums rounded as nn.Linear rounds; fp32."""
-    co = h * K + tl.arange(0, K)                        # output channels [K]
-    acc = tl.zeros([K], dtype=tl.float32)
-    for i0 in tl.static_range(0, K, MV):                # [K, MV] tiles: 16 registers a thread each
+def _lowrank(w, x, s_x, row, co, K: tl.constexpr, MV: tl.constexpr):
+    """Outputs co of w [P, K] @ x[row] [K], fp32 sums rounded as nn.Linear rounds; fp32."""
+    acc = tl.zeros(co.shape, dtype=tl.float32)
+    for i0 in tl.static_range(0, K, MV):                # [C, MV] tiles: 16 registers a thread each
         ci = i0 + tl.arange(0, MV)
         xi = tl.load(x + row * s_x + ci).to(tl.float32)                         # [MV]
-        wi = tl.load(w + co[:, None] * K + ci[None, :]).to(tl.float32)          # [K, MV]
+        wi = tl.load(w + co[:, None] * K + ci[None, :]).to(tl.float32)          # [C, MV]
         acc += tl.sum(wi * xi[None, :], axis=1)
     return round_to(acc, x.dtype.element_ty)
+
+
+@triton.jit
+def _gated_norm(oc, gate, o_norm_w, o, eps, K: tl.constexpr):
+    """6. GatedRMSNorm of one head's V values oc, fp32, stored with one final rounding at o."""
+    oc = oc * tl.rsqrt(tl.sum(oc * oc, axis=0) / K + eps)
+    oc = oc * tl.load(o_norm_w + tl.arange(0, K)).to(tl.float32) * tl.sigmoid(gate)
+    oc = round_to(oc, o.dtype.element_ty)                 # then the cast below is exact
+    tl.store(o + tl.arange(0, K), oc.to(o.dtype.element_ty))
 
 
 @triton.jit
 def _kda_decode_kernel(
         # pointers
         q, k, v, f_a, g_a, b, conv, wq, wk, wv, f_b_w, g_b_w, A_log, dt_bias, o_norm_w, S, o,
+        gates, done,
         # sizes, strides
         H, scale, eps, s_qkv, s_a, s_b, s_c0, s_c1,
         # meta
-        K: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, MV: tl.constexpr):
-    """One program per (row, head): the whole step for that head's K channels."""
+        K: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, MV: tl.constexpr,
+        SPLITS: tl.constexpr):
+    """Program (row * H + head, j): the step for that head, state columns j*BV .. j*BV + BV-1."""
     bh = tl.program_id(0).to(tl.int64)                  # int64: B*H*K*K offsets grow past 2^31
     row, h = bh // H, bh % H
+    BV: tl.constexpr = K // SPLITS
     ck = tl.arange(0, K)                                # channel within the head (S's rows)
-    c = h * K + ck                                      # channel within P
+    cv = tl.program_id(1) * BV + tl.arange(0, BV)       # this program's V columns
+    c = h * K + ck                                      # channels within P
     # 3. and 6. the two low-rank products first, before S takes its registers
-    f = _lowrank(f_b_w, f_a, s_a, row, h, K, MV)                                 # [K]
-    gate = _lowrank(g_b_w, g_a, s_a, row, h, K, MV)                              # [V]
+    f = _lowrank(f_b_w, f_a, s_a, row, c, K, MV)                                 # [K]
+    gate = _lowrank(g_b_w, g_a, s_a, row, h * K + cv, K, MV)                     # [BV]
     # 1. convs; state rows at conv + i*s_c0 + row*s_c1 + c*(W-1) + tap, for i = q, k, v
     st = conv + row * s_c1
-    qc = _conv(q, s_qkv, st, wq, row, c, K, W, WP)
-    kc = _conv(k, s_qkv, st + s_c0, wk, row, c, K, W, WP)
-    vc = _conv(v, s_qkv, st + 2 * s_c0, wv, row, c, K, W, WP)
+    qc = _conv(q, s_qkv, st, wq, row, c, W, WP)
+    kc = _conv(k, s_qkv, st + s_c0, wk, row, c, W, WP)
+    vc = _conv(v, s_qkv, st + 2 * s_c0, wv, row, h * K + cv, W, WP)
+    _shift(v, s_qkv, st + 2 * s_c0, row, h * K + cv, W, WP)     # v's channels: this program's
     # 2. l2norm, eps on the sum of squares (an rms eps would be K times too small: trap 6)
     qc = qc * tl.rsqrt(tl.sum(qc * qc, axis=0) + L2_EPS) * scale     # and q's 1/sqrt(K)
     kc = kc * tl.rsqrt(tl.sum(kc * kc, axis=0) + L2_EPS)
@@ -127,42 +154,75 @@ def _kda_decode_kernel(
     z = f + tl.load(dt_bias + c).to(tl.float32)
     g = -tl.exp(tl.load(A_log + h).to(tl.float32)) * softplus(z)               # [K], <= 0
     beta = tl.sigmoid(tl.load(b + row * s_b + h).to(tl.float32))              # 4.
-    # 5. the recurrence on the [K, V] fp32 tile, read once and written once. exp(g): g <= 0, so no
+    # 5. the recurrence on the [K, BV] fp32 tile, read once and written once. exp(g): g <= 0, so no
     # overflow; g = -inf (a huge gate) gives 0, a full reset, as torch does
     # an int64 base plus int32 offsets within the head: int64 [K, V] addresses would hold 128
     # more registers a thread until the store
     S += bh * K * K
-    state = ck[:, None] * K + ck[None, :]                                       # [K, V] int32
+    state = ck[:, None] * K + cv[None, :]                                       # [K, BV] int32
     s = tl.load(S + state) * tl.exp(g)[:, None]
-    delta = beta * (vc - tl.sum(kc[:, None] * s, axis=0))                      # [V]
+    delta = beta * (vc - tl.sum(kc[:, None] * s, axis=0))                      # [BV]
     s += kc[:, None] * delta[None, :]
     tl.store(S + state, s)
-    oc = tl.sum(qc[:, None] * s, axis=0)                                        # [V]
+    oc = tl.sum(qc[:, None] * s, axis=0)                                        # [BV]
     oc = round_to(oc, v.dtype.element_ty)                # the recurrence returns o in v's dtype
-    # 6. gated RMSNorm over the head's V values, fp32, one final rounding
-    oc = oc * tl.rsqrt(tl.sum(oc * oc, axis=0) / K + eps)
-    oc = oc * tl.load(o_norm_w + ck).to(tl.float32) * tl.sigmoid(gate)
-    oc = round_to(oc, o.dtype.element_ty)                 # then the cast below is exact
-    tl.store(o + row * H * K + c, oc.to(o.dtype.element_ty))
+    o += row * H * K + h * K                            # this head's outputs [V]
+    if SPLITS == 1:
+        _shift(q, s_qkv, st, row, c, W, WP)
+        _shift(k, s_qkv, st + s_c0, row, c, W, WP)
+        _gated_norm(oc, gate, o_norm_w, o, eps, K)
+    else:
+        # leave this program's part (exact in these dtypes: both are rounded to them) ...
+        tl.store(o + cv, oc.to(o.dtype.element_ty))
+        tl.store(gates + row * H * K + h * K + cv, gate.to(gates.dtype.element_ty))
+        tl.debug_barrier()          # every warp's loads of the conv states and stores above done
+        # ... and count it: release (the part, the reads) and acquire (the others' parts)
+        if tl.atomic_add(done + bh, 1, sem="acq_rel") == SPLITS - 1:    # the head's last program
+            tl.store(done + bh, 0)                      # ready for the next step
+            _shift(q, s_qkv, st, row, c, W, WP)
+            _shift(k, s_qkv, st + s_c0, row, c, W, WP)
+            # .cg: from L2, where the other programs' stores are, past this SM's L1
+            o_all = tl.load(o + ck, cache_modifier=".cg").to(tl.float32)             # [V]
+            gate_all = tl.load(gates + row * H * K + c, cache_modifier=".cg").to(tl.float32)
+            _gated_norm(o_all, gate_all, o_norm_w, o, eps, K)
+
+
+_done = {}                  # device -> int32 counters, a program's count of its head's finished ones
+
+
+def num_splits(B, H, device):
+    """Programs a head: doubled up to SPLITS while B*H*splits still fits the SMs."""
+    n = 1
+    while n < SPLITS and 2 * n * B * H <= sm_count(device):
+        n *= 2
+    return n
 
 
 def kda_decode(q, k, v, f_a, g_a, b, conv_state, conv_w, f_b_w, g_b_w, A_log, dt_bias,
-               o_norm_w, eps, S):
-    """= kda_decode_ref, in one launch (grid B*H). Graph safe: no sync, sizes from shapes only."""
+               o_norm_w, eps, S, splits=None):
+    """= kda_decode_ref, in one launch (grid B*H x splits; None: num_splits). Graph safe: no sync,
+    sizes from shapes only; the counters are zero again when the kernel ends."""
     (B, P), H, W = q.shape, b.shape[1], conv_w[0].shape[-1]
     K = P // H
+    splits = splits or num_splits(B, H, q.device)
     assert K * H == P and K & (K - 1) == 0, f"K = {K}: a power of two (tl.arange's sizes)"
+    assert splits & (splits - 1) == 0 and K // splits >= 1, f"splits = {splits}: 2^n <= K"
     assert k.stride() == v.stride() == q.stride() and q.stride(1) == 1, "q, k, v: one layout"
     assert f_a.stride() == g_a.stride() and f_a.stride(1) == 1 and b.stride(1) == 1
     assert conv_state.shape == (3, B, P, W - 1) and conv_state.stride()[2:] == (W - 1, 1)
     assert S.is_contiguous() and S.dtype == torch.float32 and S.shape == (B, H, K, K)
     assert all(w.is_contiguous() for w in (*conv_w, f_b_w, g_b_w, A_log, dt_bias, o_norm_w))
     o = q.new_empty(B, P)
-    _kda_decode_kernel[(B * H,)](
+    gates = g_a.new_empty(B, P) if splits > 1 else o                # the head's gate, in parts
+    done = _done.get(q.device)
+    if done is None or len(done) < B * H:       # made outside a graph: cuda_graph_decoder warms up
+        done = _done[q.device] = torch.zeros(B * H, dtype=torch.int32, device=q.device)
+    _kda_decode_kernel[(B * H, splits)](
         q, k, v, f_a, g_a, b, conv_state, *conv_w, f_b_w, g_b_w, A_log, dt_bias, o_norm_w, S, o,
+        gates, done,
         H, K ** -0.5, eps, q.stride(0), f_a.stride(0), b.stride(0), conv_state.stride(0),
-        conv_state.stride(1),
-        K=K, W=W, WP=triton.next_power_of_2(W), MV=min(MV, K), num_warps=WARPS)
+        conv_state.stride(1), K=K, W=W, WP=triton.next_power_of_2(W), MV=min(MV, K),
+        SPLITS=splits, num_warps=WARPS if splits == 1 else SPLIT_WARPS)
     return o
 
 

@@ -19,13 +19,11 @@ Shapes: B batch, H heads, R latent rank (kv_lora_rank: 512, tiny 32), PE shared 
 tiny 8), L cache length, S = NUM_SPLITS. q [B, H, R + PE]; kv_cache [B, L, R + PE] (= [c | k_pe]
 per position); pad [B] int64; o_lat [B, H, R].
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from fast import INTERPRET
+from fast import INTERPRET, sm_count
 
 LOG2E = 1.4426950408889634          # exp(x) = 2^(x log2 e): folded into the scale once
 # The split kernel's configuration, fixed (autotune breaks the interpreter) and not tuned:
@@ -44,16 +42,10 @@ WAVES = 1                               # B * NUM_SPLITS ~ WAVES * SMs: one prog
 BLOCK_S, BLOCK_R = 16, 64               # combine: splits per step, latent columns per program
 
 
-@functools.cache
-def _sm_count(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def num_splits(L, B, device):
     """NUM_SPLITS = max(1, min(ceil(L / MIN_SPLIT), ceil(WAVES * SMs / B))): a program per SM
     when L is large, no split under MIN_SPLIT keys when it is short (SMs: 132 off the GPU)."""
-    sms = _sm_count(device) if device.type == "cuda" else 132
-    return max(1, min(triton.cdiv(L, MIN_SPLIT), triton.cdiv(WAVES * sms, B)))
+    return max(1, min(triton.cdiv(L, MIN_SPLIT), triton.cdiv(WAVES * sm_count(device), B)))
 
 
 @triton.jit(do_not_specialize=["pos", "L", "S"])   # pos, L == 1: no recompiles

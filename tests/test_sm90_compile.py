@@ -120,10 +120,13 @@ for parts, J, weighted in ((BF, 9, True), (F32, 4, False)):   # the MoE's slots,
     build(decode._add_rmsnorm_kernel, dict(h_ptr=BF, parts_ptr=parts, wts_ptr=F32, w_ptr=BF,
                                            h_out=BF, n_out=BF, eps=SCALAR),
           dict(HAS_DELTA=True, J=J, WEIGHTED=weighted, BD=4096), 8)
-build(kda_decode._kda_decode_kernel,
-      dict(q=BF, k=BF, v=BF, f_a=BF, g_a=BF, b=BF, conv=BF, wq=BF, wk=BF, wv=BF, f_b_w=BF,
-           g_b_w=BF, A_log=F32, dt_bias=F32, o_norm_w=BF, S=F32, o=BF, scale=SCALAR, eps=SCALAR),
-      dict(K=128, W=4, WP=4, MV=kda_decode.MV), kda_decode.WARPS)
+for splits in (1, kda_decode.SPLITS):      # a head's program alone; programs sharing a head
+    build(kda_decode._kda_decode_kernel,
+          dict(q=BF, k=BF, v=BF, f_a=BF, g_a=BF, b=BF, conv=BF, wq=BF, wk=BF, wv=BF, f_b_w=BF,
+               g_b_w=BF, A_log=F32, dt_bias=F32, o_norm_w=BF, S=F32, o=BF, gates=BF,
+               done="*i32", scale=SCALAR, eps=SCALAR),
+          dict(K=128, W=4, WP=4, MV=kda_decode.MV, SPLITS=splits),
+          kda_decode.WARPS if splits == 1 else kda_decode.SPLIT_WARPS)
 # FP8: the prefill's activation quantisation, the decode product (one weight, and grouped)
 build(fp8._quantize_kernel, dict(x_ptr=BF, q_ptr=F8, s_ptr=F32), dict(BK=fp8.QUANT_BK), 4)
 rows = {n: v for n, v in fp8.ROWS.items() if not n.startswith("num_")}
