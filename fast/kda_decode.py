@@ -41,8 +41,8 @@ from fast import round_to, sm_count, softplus
 from kda_ref import kda_gate, l2norm, recurrent_kda
 
 WARPS = 8           # the [128, 128] fp32 state tile over 256 threads: 64 registers each
-SPLITS = 4          # at most this many programs a head (V / 4 = 32 state columns each)
-SPLIT_WARPS = 4     # their warps: a [128, 32] tile
+SPLITS = 2          # at most this many programs a head (timed against 4: docs/kernels_h100.md)
+SPLIT_WARPS = 4     # their warps: a [128, 64] tile
 MV = 32             # input columns per step of the two low-rank matvecs (bounds their registers)
 L2_EPS = tl.constexpr(1e-6)         # kda_ref.l2norm's eps (globals in @triton.jit: constexpr)
 

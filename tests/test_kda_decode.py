@@ -92,11 +92,11 @@ def test_kernel_equals_reference(K, dtype, splits):
     """splits > 1: programs share a head, the last to finish norms it and shifts q's, k's states."""
     args = random_step(3, 2, K, 4, dtype, DEV, seed=K)
     check(*kernel_vs_ref(args, dtype, splits), dtype)
-    assert not kda_decode._done[torch.device(DEV)].any()     # the counters ready for the next step
+    assert not kda_decode._done[args[0].device].any()        # the counters ready for the next step
 
 
 def test_num_splits_fill_the_sms_at_small_batches():
-    assert [kda_decode.num_splits(B, 32, "cpu") for B in (1, 2, 3, 4, 16)] == [4, 2, 1, 1, 1]
+    assert [kda_decode.num_splits(B, 32, "cpu") for B in (1, 2, 3, 16)] == [2, 2, 1, 1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -123,7 +123,7 @@ def test_kernel_on_module():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU: the 48B sizes in bf16 on Triton's compiler")
-@pytest.mark.parametrize("B", [1, 2, 16])         # 4, 2 and 1 programs a head on 132 SMs
+@pytest.mark.parametrize("B", [1, 16])            # 2 programs a head, and 1, on 132 SMs
 def test_kernel_gpu_48b(B):
     args = random_step(B, 32, 128, 4, torch.bfloat16, "cuda", Bmax=64, seed=B)
     for _ in range(3):                      # a few steps: the caches written by one are read next
@@ -131,4 +131,4 @@ def test_kernel_gpu_48b(B):
         check(ref, got, torch.bfloat16)
         args = list(args)
         args[6], args[14] = got[1], got[2]
-    assert not kda_decode._done[torch.device("cuda", torch.cuda.current_device())].any()
+    assert not kda_decode._done[args[0].device].any()
