@@ -187,7 +187,7 @@ def _kda_decode_kernel(
             _gated_norm(o_all, gate_all, o_norm_w, o, eps, K)
 
 
-_done = {}                  # device -> int32 counters, a program's count of its head's finished ones
+_done = {}          # device -> int32 [B*H]: programs of each head finished (0 between launches)
 
 
 def num_splits(B, H, device):
