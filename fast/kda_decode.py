@@ -32,6 +32,8 @@ fused projection: unit column stride, any row stride); conv_state [3, B, P, W-1]
 first); conv_w = (wq, wk, wv) [P, 1, W] each; f_b_w, g_b_w [P, K]; A_log [H] values fp32;
 dt_bias [P] fp32; o_norm_w [V]; S [B, H, K, V] fp32 contiguous.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -187,7 +189,12 @@ def _kda_decode_kernel(
             _gated_norm(o_all, gate_all, o_norm_w, o, eps, K)
 
 
-_done = {}          # device -> int32 [B*H]: programs of each head finished (0 between launches)
+@functools.cache
+def counters(device):
+    """int32, one per head of a launch that splits: how many of its programs have finished, 0
+    between launches. Made once per device and kept: a CUDA graph holds its address (splitting
+    needs B*H*2 <= SMs, so SMs of them are enough)."""
+    return torch.zeros(sm_count(device), dtype=torch.int32, device=device)
 
 
 def num_splits(B, H, device):
@@ -213,10 +220,11 @@ def kda_decode(q, k, v, f_a, g_a, b, conv_state, conv_w, f_b_w, g_b_w, A_log, dt
     assert S.is_contiguous() and S.dtype == torch.float32 and S.shape == (B, H, K, K)
     assert all(w.is_contiguous() for w in (*conv_w, f_b_w, g_b_w, A_log, dt_bias, o_norm_w))
     o = q.new_empty(B, P)
+    done = counters(q.device)
+    if splits > 1 and B * H > len(done):
+        raise ValueError(f"kda_decode: {splits} programs a head need B*H <= {len(done)}, not "
+                         f"{B * H}")
     gates = g_a.new_empty(B, P) if splits > 1 else o                # the head's gate, in parts
-    done = _done.get(q.device)
-    if done is None or len(done) < B * H:       # made outside a graph: cuda_graph_decoder warms up
-        done = _done[q.device] = torch.zeros(B * H, dtype=torch.int32, device=q.device)
     _kda_decode_kernel[(B * H, splits)](
         q, k, v, f_a, g_a, b, conv_state, *conv_w, f_b_w, g_b_w, A_log, dt_bias, o_norm_w, S, o,
         gates, done,

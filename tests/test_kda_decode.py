@@ -92,11 +92,26 @@ def test_kernel_equals_reference(K, dtype, splits):
     """splits > 1: programs share a head, the last to finish norms it and shifts q's, k's states."""
     args = random_step(3, 2, K, 4, dtype, DEV, seed=K)
     check(*kernel_vs_ref(args, dtype, splits), dtype)
-    assert not kda_decode._done[args[0].device].any()        # the counters ready for the next step
+    assert not kda_decode.counters(args[0].device).any()     # the counters ready for the next step
 
 
 def test_num_splits_fill_the_sms_at_small_batches():
     assert [kda_decode.num_splits(B, 32, "cpu") for B in (1, 2, 3, 16)] == [2, 2, 1, 1]
+
+
+def test_counters_outlive_each_batch_size():
+    """A CUDA graph keeps the counters' address: one tensor a device, whatever B comes next."""
+    args = random_step(2, 2, 16, 4, torch.float32, DEV)
+    first = kda_decode.counters(args[0].device)
+    kda_decode.kda_decode(*args, splits=2)
+    kda_decode.kda_decode(*random_step(16, 2, 16, 4, torch.float32, DEV), splits=2)
+    assert kda_decode.counters(args[0].device) is first
+
+
+def test_too_many_heads_for_the_counters_is_one_line():
+    args = random_step(67, 2, 16, 4, torch.float32, DEV)                # 134 heads > 132
+    with pytest.raises(ValueError, match=r"^kda_decode: 2 programs a head need B\*H <= 132"):
+        kda_decode.kda_decode(*args, splits=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -131,4 +146,4 @@ def test_kernel_gpu_48b(B):
         check(ref, got, torch.bfloat16)
         args = list(args)
         args[6], args[14] = got[1], got[2]
-    assert not kda_decode._done[args[0].device].any()
+    assert not kda_decode.counters(args[0].device).any()
