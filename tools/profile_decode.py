@@ -79,9 +79,9 @@ def main(argv):
         group = next((g for frag, g in GROUPS if frag in name), "other (elementwise, copies)")
         groups[group] += us
     total = sum(per_kernel.values())
-    print(f"B={B} context {L}{' FP8' if a.fp8 else ''}, {args.num_hidden_layers} layers: graph step "
-          f"{graph_ms * 1e3:.0f} us; kernels {total:.0f} us in {sum(calls.values()):.0f} "
-          "launches a step")
+    print(f"B={B} context {L}{' FP8' if a.fp8 else ''}, {args.num_hidden_layers} layers: "
+          f"graph step {graph_ms * 1e3:.0f} us; kernels {total:.0f} us in "
+          f"{sum(calls.values()):.0f} launches a step")
     for group, us in groups.most_common():
         print(f"  {group:30} {us:8.1f} us  {us / total:6.1%}")
     print("largest kernels:")
