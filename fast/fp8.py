@@ -14,8 +14,8 @@ Compute, by where and how many rows (fp8_linear, fp8_experts):
   - a GPU with FP8 (compute capability >= 8.9), more than DECODE_ROWS rows (prefill): activations
     are quantised per token (a Triton kernel; once per tensor, quantize_once) and multiplied on
     FP8 tensor cores with row-wise scales (F.scaled_mm; the routed experts through
-    F.scaled_grouped_mm, rows sorted by expert as fast.moe sorts them, SiLU(gate) * up in
-    fast.moe.silu_mul, the weighted sum where the rows lie in fast.moe.combine:
+    F.scaled_grouped_mm, rows sorted by expert as fast.moe sorts them, SiLU(gate) * up in the
+    kernel that quantises it for w2, the weighted sum where the rows lie in fast.moe.combine:
     fp8_sorted_experts, then fast.quantize.Fp8MoE)
   - the same GPU, at most DECODE_ROWS rows (decode): _rows_kernel reads each FP8 weight once,
     converts it to bf16 in registers (exact) and accumulates in fp32, one program per BN outputs
@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from fast import INTERPRET, operand
-from fast.moe import silu_mul, sort_by_expert
+from fast.moe import silu_mul, silu_times, sort_by_expert
 
 FP8 = torch.float8_e4m3fn
 DECODE_ROWS = 16                        # at most this many rows (tokens): _rows_kernel, not a GEMM
@@ -86,13 +86,15 @@ def _quantize_kernel(
         # sizes, strides
         K, stride_x,
         # meta
-        BK: tl.constexpr):
-    """= quantize_rows for one row of x per program: the row max, its power-of-two scale, q."""
+        BK: tl.constexpr, SILU_MUL: tl.constexpr):
+    """= quantize_rows for one row of x per program: the row max, its power-of-two scale, q.
+    SILU_MUL: the row is silu_mul's, SiLU(gate) * up of x's halves [gate | up] (K each), computed
+    here (twice, once a pass) rather than written by silu_mul and read back."""
     row = tl.program_id(0).to(tl.int64)
     amax = tl.zeros((BK,), dtype=tl.float32)
     for k0 in range(0, K, BK):                          # 1. the row's largest |x|
         k = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + row * stride_x + k, mask=k < K, other=0.0).to(tl.float32)
+        x = _load_row(x_ptr + row * stride_x, k, K, SILU_MUL)
         amax = tl.maximum(amax, tl.abs(x))
     amax = tl.maximum(tl.max(amax, axis=0), 2.0 ** -100)
     # 2. pow2_scale from the bits: amax = 1.f 2^E -> s = 2^(E - 8), doubled when 1.f > 1.75
@@ -103,18 +105,30 @@ def _quantize_kernel(
     inverse = ((127 - e) << 23).to(tl.float32, bitcast=True)          # 2^-e, from the bits too
     for k0 in range(0, K, BK):                          # 3. q = x / scale (exact), rounded to e4m3
         k = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + row * stride_x + k, mask=k < K, other=0.0).to(tl.float32)
+        x = _load_row(x_ptr + row * stride_x, k, K, SILU_MUL)
         tl.store(q_ptr + row * K + k, (x * inverse).to(tl.float8e4nv), mask=k < K)
 
 
-def quantize_rows_triton(x):
-    """= quantize_rows(x) for x [M, K], bit for bit, in one kernel: x read twice, q written once."""
+@triton.jit
+def _load_row(x_ptr, k, K, SILU_MUL: tl.constexpr):
+    """Values k (< K) of the row at x_ptr in fp32; SILU_MUL: silu_times of its two halves."""
+    x = tl.load(x_ptr + k, mask=k < K, other=0.0)
+    if SILU_MUL:
+        up = tl.load(x_ptr + K + k, mask=k < K, other=0.0)
+        return silu_times(x, up, x_ptr.dtype.element_ty)
+    return x.to(tl.float32)
+
+
+def quantize_rows_triton(x, gated=False):
+    """= quantize_rows(x) for x [M, K], bit for bit, in one kernel: x read twice, q written once.
+    gated: = quantize_rows(silu_mul(x)) for x [M, 2K] (SiLU(gate) * up in x's dtype, then q)."""
     M, K = x.shape
     if x.stride(-1) != 1:           # MLA's output arrives with its columns strided (a transpose)
         x = x.contiguous()
+    K = K // 2 if gated else K
     q = torch.empty(M, K, dtype=FP8, device=x.device)
     scale = torch.empty(M, 1, dtype=torch.float32, device=x.device)
-    _quantize_kernel[(M,)](x, q, scale, K, x.stride(0), BK=QUANT_BK)
+    _quantize_kernel[(M,)](x, q, scale, K, x.stride(0), BK=QUANT_BK, SILU_MUL=gated)
     return q, scale
 
 
@@ -277,11 +291,12 @@ def fp8_sorted_experts(x, ids, moe):
         # (per-token scales: the same bits as quantising the gathered rows); e4m3 as bytes
         xq, xs = quantize_once(x)                                               # [N, D], [N, 1]
         xq = xq.view(torch.uint8)[token].view(FP8)      # [N*k, D], expert e's rows contiguous
-        h = silu_mul(_grouped(xq, xs[token], moe.w13, moe.s13, ends))          # [N*k, F]
+        gu = _grouped(xq, xs[token], moe.w13, moe.s13, ends)                   # [N*k, 2F]
+        hq, hs = quantize_rows_triton(gu, gated=True)   # SiLU(gate) * up, quantised [N*k, F]
         # w2 with the tensor cores' own sums (fast accumulation): CUTLASS's kernel at K = F
         # promoting to fp32 ran at a third of the rate, and the extra error is a small fraction
         # of e4m3's (docs/kernels_h100.md); w13's promoting kernel is as fast as its fast one
-        out = _grouped(*quantize_rows_triton(h), moe.w2, moe.s2, ends, fast=True)   # [N*k, D]
+        out = _grouped(hq, hs, moe.w2, moe.s2, ends, fast=True)                  # [N*k, D]
     return out, pos
 
 

@@ -149,18 +149,25 @@ def combine(out, pos, w, BM=TILE["BM"], BN=TILE["BN"], num_warps=TILE["num_warps
 
 
 @triton.jit
+def silu_times(gate, up, dt: tl.constexpr):
+    """silu(gate) * up in fp32, rounded as torch rounds F.silu(gate) * up in dtype dt: F.silu's
+    fp32 result to dt, then the product (silu_mul; fast.fp8's quantisation of w2's input)."""
+    gate = gate.to(tl.float32)
+    s = round_to(gate / (1.0 + tl.exp(-gate)), dt)
+    return round_to(s * up.to(tl.float32), dt)
+
+
+@triton.jit
 def _silu_mul_kernel(gu_ptr, h_ptr, M, F, BM: tl.constexpr, BN: tl.constexpr):
     """h[m, f] = silu(gate[m, f]) * up[m, f] for BM rows and BN columns, gate and up the halves
     of gu [M, 2F]."""
     m = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)[:, None]    # [BM, 1] rows
     f = tl.program_id(1) * BN + tl.arange(0, BN)[None, :]                   # [1, BN] columns
     mask = (m < M) & (f < F)
-    gate = tl.load(gu_ptr + m * 2 * F + f, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gu_ptr + m * 2 * F + F + f, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gu_ptr + m * 2 * F + f, mask=mask, other=0.0)
+    up = tl.load(gu_ptr + m * 2 * F + F + f, mask=mask, other=0.0)
     dt: tl.constexpr = h_ptr.dtype.element_ty
-    # torch rounds twice: F.silu's fp32 result to the dtype, then the product
-    s = round_to(gate / (1.0 + tl.exp(-gate)), dt)
-    tl.store(h_ptr + m * F + f, round_to(s * up, dt).to(dt), mask=mask)
+    tl.store(h_ptr + m * F + f, silu_times(gate, up, dt).to(dt), mask=mask)
 
 
 def silu_mul(gu, BM=SILU_TILE["BM"], BN=SILU_TILE["BN"], num_warps=SILU_TILE["num_warps"]):

@@ -190,6 +190,23 @@ def test_quantize_kernel_equals_quantize_rows():
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
+@pytest.mark.skipif(CUDA and not FP8_GPU, reason=NEEDS_FP8_GPU + " (or no GPU: the interpreter)")
+def test_quantize_kernel_fuses_silu_mul():
+    """gated: quantize_rows_triton(silu_mul(gu)) in one kernel, bit for bit, and on an FP8 GPU
+    quantize_rows(silu_mul(gu)) (silu_mul's rounding is checked against torch in
+    tests/test_moe.py). The interpreter's e4m3 rounding is its own (the skip reason above, and
+    ties away from zero), the same in both kernels, so there the comparison is kernel to kernel."""
+    gu = with_outliers((70, 2 * 1024), OUTLIERS, 100.0, seed=6)                 # [M, 2F]
+    gu[3] = 0
+    gu = gu.cuda() if FP8_GPU else gu
+    h = fast_moe.silu_mul(gu)                                                   # [M, F]
+    q, scale = quantize_rows_triton(gu, gated=True)
+    refs = [quantize_rows_triton(h)] + ([quantize_rows(h)] if FP8_GPU else [])
+    for q_ref, scale_ref in refs:
+        assert torch.equal(scale, scale_ref)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
 def test_quantize_once_reuses_its_result_while_the_input_lives_unchanged():
     x = torch.randn(2, 5, 64)                                        # [B, T, K]
     q, scale = quantize_once(x)

@@ -128,7 +128,9 @@ for splits in (1, kda_decode.SPLITS):      # a head's program alone; programs sh
           dict(K=128, W=4, WP=4, MV=kda_decode.MV, SPLITS=splits),
           kda_decode.WARPS if splits == 1 else kda_decode.SPLIT_WARPS)
 # FP8: the prefill's activation quantisation, the decode product (one weight, and grouped)
-build(fp8._quantize_kernel, dict(x_ptr=BF, q_ptr=F8, s_ptr=F32), dict(BK=fp8.QUANT_BK), 4)
+for gated in (False, True):                      # a row as it is, SiLU(gate) * up of its halves
+    build(fp8._quantize_kernel, dict(x_ptr=BF, q_ptr=F8, s_ptr=F32),
+          dict(BK=fp8.QUANT_BK, SILU_MUL=gated), 4)
 rows = {n: v for n, v in fp8.ROWS.items() if not n.startswith("num_")}
 for grouped, out in ((False, F32), (True, BF)):     # split o_proj's fp32 parts, the experts
     build(fp8._rows_kernel, dict(x_ptr=BF, w_ptr=F8, s_ptr=F32, out_ptr=out, expert_ptr=I64,
