@@ -16,8 +16,8 @@ Importing this package chooses Triton's CPU interpreter where there is no GPU. I
 Triton's own first import, which builds tl.sum and the other library functions for the compiler or
 for the interpreter once and for all: every file in fast/ runs this first, as its package, and
 kda_triton.py imports it before triton. What the fast paths share is here too: round_to (a bf16
-rounding the interpreter gets right), stack_linears (weights stacked, the layers' views of them)
-and sm_count.
+rounding the interpreter gets right), e4m3_scale (FP8's per-row scale), stack_linears (weights
+stacked, the layers' views of them) and sm_count.
 """
 import functools
 import os
@@ -61,6 +61,17 @@ def round_to(x, DT: tl.constexpr):
         return u.to(tl.float32, bitcast=True)
     else:
         return x.to(DT).to(tl.float32)
+
+
+@triton.jit
+def e4m3_scale(amax):
+    """fast.fp8.pow2_scale of a row's largest |x| (fp32, > 0) from its bits, and its inverse:
+    amax = 1.f 2^E -> scale 2^(E - 8), doubled when 1.f > 1.75; both exact powers of two."""
+    bits = amax.to(tl.int32, bitcast=True)
+    E = ((bits >> 23) & 255) - 127
+    e = E - 8 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+    return ((e + 127) << 23).to(tl.float32, bitcast=True), ((127 - e) << 23).to(tl.float32,
+                                                                                bitcast=True)
 
 
 @triton.jit

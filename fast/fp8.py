@@ -12,7 +12,8 @@ below the normal range), and rows map to FP8 GEMMs with row-wise scales (measure
 
 Compute, by where and how many rows (fp8_linear, fp8_experts):
   - a GPU with FP8 (compute capability >= 8.9), more than DECODE_ROWS rows (prefill): activations
-    are quantised per token (a Triton kernel; once per tensor, quantize_once) and multiplied on
+    are quantised per token (a Triton kernel; once per tensor, quantize_once, unless the kernel
+    that made them quantised them too: the norms of fast.quantize, remember) and multiplied on
     FP8 tensor cores with row-wise scales (F.scaled_mm; the routed experts through
     F.scaled_grouped_mm, rows sorted by expert as fast.moe sorts them, SiLU(gate) * up in the
     kernel that quantises it for w2, the weighted sum where the rows lie in fast.moe.combine:
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fast import INTERPRET, operand
+from fast import INTERPRET, e4m3_scale, operand
 from fast.moe import silu_mul, silu_times, sort_by_expert
 
 FP8 = torch.float8_e4m3fn
@@ -96,13 +97,8 @@ def _quantize_kernel(
         k = k0 + tl.arange(0, BK)
         x = _load_row(x_ptr + row * stride_x, k, K, SILU_MUL)
         amax = tl.maximum(amax, tl.abs(x))
-    amax = tl.maximum(tl.max(amax, axis=0), 2.0 ** -100)
-    # 2. pow2_scale from the bits: amax = 1.f 2^E -> s = 2^(E - 8), doubled when 1.f > 1.75
-    bits = amax.to(tl.int32, bitcast=True)
-    E = ((bits >> 23) & 255) - 127
-    e = E - 8 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
-    tl.store(s_ptr + row, ((e + 127) << 23).to(tl.float32, bitcast=True))
-    inverse = ((127 - e) << 23).to(tl.float32, bitcast=True)          # 2^-e, from the bits too
+    scale, inverse = e4m3_scale(tl.maximum(tl.max(amax, axis=0), 2.0 ** -100))   # 2. pow2_scale
+    tl.store(s_ptr + row, scale)
     for k0 in range(0, K, BK):                          # 3. q = x / scale (exact), rounded to e4m3
         k = k0 + tl.arange(0, BK)
         x = _load_row(x_ptr + row * stride_x, k, K, SILU_MUL)
@@ -138,21 +134,34 @@ _quantised = {}         # id(x) -> (weakref to x, x's version, q, scale): quanti
 def quantize_once(x):
     """= quantize_rows(x.reshape(-1, K)) for x [..., K] (on a GPU by quantize_rows_triton), once
     per input tensor: KDA's six projections read the same x, as do MLA's two and the MoE's routed
-    and shared experts, so a layer quantises each input once. An entry lives as long as x does
+    and shared experts, so a layer quantises each input once; a norm kernel that quantised its
+    output (fast.quantize) left its result here already (remember). A view of a whole contiguous
+    tensor (the MoE's flattened input) counts as that tensor. An entry lives as long as x does
     (the weakref's callback drops it) and is recomputed if x was written in place since (its
     version counter); identity, not the id alone, decides: an id is reused once x is freed."""
     rows = x.reshape(-1, x.shape[-1])                                   # [M, K]
     quantize = quantize_rows_triton if x.is_cuda else quantize_rows
     if torch.compiler.is_compiling():                   # no weakrefs in a traced graph
         return quantize(rows)
-    key = id(x)
-    entry = _quantised.get(key)
-    if entry is not None and entry[0]() is x and entry[1] == x._version:
+    base = x._base
+    if base is not None and x.is_contiguous() and base.is_contiguous() and (
+            x.data_ptr(), x.numel()) == (base.data_ptr(), base.numel()):
+        x = base                                        # the same rows, if K is the same
+    entry = _quantised.get(id(x))
+    if (entry is not None and entry[0]() is x and entry[1] == x._version
+            and entry[2].shape == rows.shape):
         return entry[2], entry[3]
     q, scale = quantize(rows)
-    drop = lambda _, key=key: _quantised.pop(key, None)                 # noqa: E731
-    _quantised[key] = (weakref.ref(x, drop), x._version, q, scale)
+    remember(x, q, scale)
     return q, scale
+
+
+def remember(x, q, scale):
+    """Keep q, scale = quantize_rows(x.reshape(-1, K)) for quantize_once while x lives unchanged."""
+    if torch.compiler.is_compiling():
+        return
+    drop = lambda _, key=id(x): _quantised.pop(key, None)              # noqa: E731
+    _quantised[id(x)] = (weakref.ref(x, drop), x._version, q, scale)
 
 
 @triton.jit

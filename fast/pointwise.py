@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fast import round_to, softplus
+from fast import e4m3_scale, round_to, softplus
 
 TILE = 4096                 # values a program: BR = TILE // BN rows (one row when N > TILE / 2)
 GATE_BLOCK, WARPS = 1024, 4
@@ -29,12 +29,14 @@ RMS, GATED, L2 = 0, 1, 2    # _norm_kernel's KIND
 
 
 @triton.jit
-def _norm_kernel(x, gate, w, y, R, N, eps, KIND: tl.constexpr, BR: tl.constexpr,
-                 BN: tl.constexpr):
-    """Rows [BR * pid, BR * (pid + 1)) of x [R, N] -> y [R, N]; KIND: RMS, GATED or L2."""
-    r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)[:, None]     # [BR, 1] rows
+def _norm_kernel(x, gate, w, y, q, s, R, N, ROWS, eps, KIND: tl.constexpr, QUANT: tl.constexpr,
+                 BR: tl.constexpr, BN: tl.constexpr):
+    """Rows [ROWS * pid, ROWS * (pid + 1)) of x [R, N] -> y [R, N]; KIND: RMS, GATED or L2.
+    QUANT: also y's e4m3 q [R, N] and scale s, one a program (its ROWS rows are one token)."""
+    i = tl.arange(0, BR)[:, None]                                               # [BR, 1]
+    r = tl.program_id(0).to(tl.int64) * ROWS + i                                # rows
     c = tl.arange(0, BN)[None, :]                                               # [1, BN]
-    m = (r < R) & (c < N)
+    m = (i < ROWS) & (r < R) & (c < N)
     xr = tl.load(x + r * N + c, mask=m, other=0.).to(tl.float32)               # [BR, BN]
     ss = tl.sum(xr * xr, axis=1)[:, None]                                       # [BR, 1]
     if KIND == 2:           # l2norm: eps on the sum of squares, not the mean (trap 6)
@@ -48,6 +50,11 @@ def _norm_kernel(x, gate, w, y, R, N, eps, KIND: tl.constexpr, BR: tl.constexpr,
         out = out * tl.load(w + c, mask=c < N).to(tl.float32) * tl.sigmoid(z)
     out = round_to(out, y.dtype.element_ty)        # (the interpreter's cast truncates)
     tl.store(y + r * N + c, out.to(y.dtype.element_ty), mask=m)
+    if QUANT:               # = fast.fp8.quantize_rows of the token's rows as one (0 where masked)
+        amax = tl.maximum(tl.max(tl.max(tl.abs(out), axis=1), axis=0), 2.0 ** -100)
+        scale, inverse = e4m3_scale(amax)
+        tl.store(s + tl.program_id(0), scale)
+        tl.store(q + r * N + c, (out * inverse).to(tl.float8e4nv), mask=m)
 
 
 @triton.jit
@@ -61,29 +68,39 @@ def _gate_kernel(f, A_log, dt_bias, g, n, HK, K: tl.constexpr, BLOCK: tl.constex
     tl.store(g + i, -tl.exp(a) * softplus(z), mask=on)
 
 
-def _norm(x, gate, weight, eps, kind, dtype):
+def _norm(x, gate, weight, eps, kind, dtype, rows=0):
+    """rows: the rows of x [..., N] that make a token (its last dimensions), to quantise y per
+    token as well (-> y, q, scale); 0: y alone, TILE values a program."""
     N = x.shape[-1]
     x = x.contiguous()                              # free when it already is
     R = x.numel() // N
     y = torch.empty(x.shape, dtype=dtype, device=x.device)
     BN = triton.next_power_of_2(N)
-    BR = max(1, TILE // BN)
-    _norm_kernel[(triton.cdiv(R, BR),)](x, gate, weight, y, R, N, eps, KIND=kind, BR=BR, BN=BN,
-                                        num_warps=WARPS)
-    return y
+    ROWS = rows or max(1, TILE // BN)
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device) if rows else y
+    scale = torch.empty(R // ROWS, 1, device=x.device) if rows else y   # [tokens, 1] fp32
+    _norm_kernel[(triton.cdiv(R, ROWS),)](x, gate, weight, y, q, scale, R, N, ROWS, eps, KIND=kind,
+                                          QUANT=rows > 0, BR=triton.next_power_of_2(ROWS), BN=BN,
+                                          num_warps=WARPS)
+    return (y, q.view(R // ROWS, ROWS * N), scale) if rows else y
 
 
-def rms_norm(x, weight, eps):
-    """= kimi.RMSNorm(weight, eps)(x): x [..., N], weight [N] -> [..., N], the dtype of
-    x * weight (as torch promotes the product)."""
-    return _norm(x, x, weight, eps, RMS, torch.promote_types(x.dtype, weight.dtype))
+def rms_norm(x, weight, eps, quantize=False):
+    """= kimi.RMSNorm(weight, eps)(x): x [..., N], weight [N] -> y [..., N], the dtype of
+    x * weight (as torch promotes the product). quantize: -> (y, q, scale) with q, scale =
+    fast.fp8.quantize_rows(y.reshape(-1, N)), for FP8 products that read y (fast.quantize)."""
+    return _norm(x, x, weight, eps, RMS, torch.promote_types(x.dtype, weight.dtype),
+                 1 if quantize else 0)
 
 
-def gated_rms_norm(x, gate, weight, eps):
-    """= kimi.GatedRMSNorm(weight, eps)(x, gate): x, gate [..., N], weight [N] -> x's dtype."""
+def gated_rms_norm(x, gate, weight, eps, quantize=False):
+    """= kimi.GatedRMSNorm(weight, eps)(x, gate): x, gate [..., H, N], weight [N] -> y, x's
+    dtype. quantize: -> (y, q, scale), each token's H * N values quantised as one row (o_proj's
+    input): q, scale = fast.fp8.quantize_rows(y.reshape(-1, H * N))."""
     if gate.shape != x.shape:
         raise ValueError(f"gated_rms_norm: gate {tuple(gate.shape)} is not x's {tuple(x.shape)}")
-    return _norm(x, gate.contiguous(), weight, eps, GATED, x.dtype)
+    return _norm(x, gate.contiguous(), weight, eps, GATED, x.dtype,
+                 x.shape[-2] if quantize else 0)
 
 
 def l2norm(x, dtype):

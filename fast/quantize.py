@@ -23,7 +23,9 @@ import torch.nn as nn
 import checkpoint
 import kimi
 from checkpoint import CheckpointError
-from fast.fp8 import FP8, Fp8Linear, fp8_gpu, fp8_sorted_experts, quantize_rows
+from fast import pointwise
+from fast.fp8 import (DECODE_ROWS, FP8, Fp8Linear, fp8_gpu, fp8_sorted_experts, quantize_rows,
+                     remember)
 from fast.moe import combine
 
 SCALE = "weight_scale"                  # state_dict: <module>.weight beside <module>.weight_scale
@@ -56,9 +58,41 @@ class Fp8MoE(kimi.SparseMoeBlock):
         return (y + self.shared_experts(x)).view(shape)
 
 
+class Fp8RMSNorm(kimi.RMSNorm):
+    """kimi.RMSNorm whose output FP8 products read (a layer's two norms; the router reads it in
+    bf16): in prefill on an FP8 GPU its kernel also quantises each token for them, where
+    quantize_once finds it."""
+    def forward(self, x):
+        if not _quantises(x, self.weight, x.shape[-1]):
+            return super().forward(x)
+        y, q, scale = pointwise.rms_norm(x, self.weight, self.eps, quantize=True)
+        remember(y, q, scale)
+        return y
+
+
+class Fp8GatedRMSNorm(kimi.GatedRMSNorm):
+    """kimi.GatedRMSNorm before an FP8 o_proj: the same, a token's heads quantised as one row."""
+    def forward(self, x, gate):                     # x, gate [B, T, H, V]
+        if not _quantises(x, self.weight, x.shape[-2] * x.shape[-1]):
+            return super().forward(x, gate)
+        y, q, scale = pointwise.gated_rms_norm(x, gate, self.weight, self.eps, quantize=True)
+        remember(y, q, scale)       # q [B*T, H*V]: what quantize_once(y.flatten(-2)) computes
+        return y
+
+
+def _quantises(x, weight, K):
+    """Whether the FP8 GEMMs that read a norm's output, K values a token, quantise it (the paths of
+    fast.fp8.fp8_linear): its kernel, an FP8 GPU, more than DECODE_ROWS tokens (decode: bf16)."""
+    return kimi.use_kernels(x, weight) and fp8_gpu(x) and x.numel() // K > DECODE_ROWS
+
+
+NORMS = {"input_layernorm": Fp8RMSNorm, "post_attention_layernorm": Fp8RMSNorm,
+         "o_norm": Fp8GatedRMSNorm}                 # the norms whose output FP8 GEMMs read
+
+
 def _swap_linears(module, keep):
     """Replace (on the meta device) each nn.Linear below module by an Fp8Linear, each MoE block by
-    an Fp8MoE, except children named in keep."""
+    an Fp8MoE, the norms in NORMS by their quantising twins, except children named in keep."""
     for name, child in module.named_children():
         if name in keep:
             continue
@@ -66,6 +100,8 @@ def _swap_linears(module, keep):
             setattr(module, name, Fp8MoE(child.gate.args, keep))
         elif isinstance(child, nn.Linear):
             setattr(module, name, Fp8Linear(child.in_features, child.out_features))
+        elif name in NORMS and type(child) in (kimi.RMSNorm, kimi.GatedRMSNorm):
+            setattr(module, name, NORMS[name](len(child.weight), child.eps))
         else:
             _swap_linears(child, keep)
 

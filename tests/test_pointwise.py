@@ -10,8 +10,10 @@ from hypothesis import given, settings, strategies as st
 import kda_ref
 import kimi
 from fast import pointwise
+from fast.fp8 import quantize_rows, quantize_rows_triton
 
 CUDA = torch.cuda.is_available()
+FP8_GPU = CUDA and torch.cuda.get_device_capability() >= (8, 9)
 DEV = "cuda" if CUDA else "cpu"     # kernels: compiled on a GPU, else the interpreter
 # How far a kernel's output may lie from kimi's, relative to the value. Both compute the same
 # fp32 formula (four or five rounded operations) with the sum of squares added in another order.
@@ -82,6 +84,34 @@ def test_gated_rms_norm_equals_kimi(seed, T, H, K, dtype):
     with torch_code():
         ref = norm(x, gate)
     close(pointwise.gated_rms_norm(x, gate, norm.weight, norm.eps), ref)
+
+
+@pytest.mark.skipif(CUDA and not FP8_GPU, reason="e4m3 needs a GPU with FP8 (compute capability "
+                    ">= 8.9), or no GPU: the interpreter")
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), T=st.integers(1, 20), H=st.integers(1, 3),
+       N=st.sampled_from([16, 48]))
+def test_norms_quantise_their_output_as_fp8_does(seed, T, H, N):
+    """quantize=True (FP8 prefill): the same y, and q, scale equal, bit for bit, to the FP8
+    quantisation kernel's of y, a token a row (rms_norm: its N values; the gated norm: its H * N).
+    In the interpreter e4m3's rounding is its own, the same in both (test_quantize.py); on an FP8
+    GPU both equal fast.fp8.quantize_rows too."""
+    rms, gated = (norm_module(m, N, torch.bfloat16, seed)
+                  for m in (kimi.RMSNorm, kimi.GatedRMSNorm))
+    x = rand(1, T, H, N, dtype=torch.bfloat16, seed=seed, scale=3.0)
+    gate = rand(1, T, H, N, dtype=torch.bfloat16, seed=seed + 2, scale=4.0)
+    x2 = x.flatten(1, 2)                                          # [1, T * H, N]: H * T tokens
+    for (y, q, scale), ref in (
+            (pointwise.rms_norm(x2, rms.weight, rms.eps, quantize=True),
+             pointwise.rms_norm(x2, rms.weight, rms.eps)),
+            (pointwise.gated_rms_norm(x, gate, gated.weight, gated.eps, quantize=True),
+             pointwise.gated_rms_norm(x, gate, gated.weight, gated.eps))):
+        assert torch.equal(y, ref)
+        rows = ref.reshape(len(scale), -1)                        # [tokens, values a token]
+        for q_ref, scale_ref in [quantize_rows_triton(rows)] + (
+                [quantize_rows(rows)] if FP8_GPU else []):
+            assert torch.equal(scale, scale_ref)
+            assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
 @settings(max_examples=8, deadline=None)

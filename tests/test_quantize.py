@@ -223,6 +223,22 @@ def test_quantize_once_reuses_its_result_while_the_input_lives_unchanged():
     assert key not in fast_fp8._quantised
 
 
+def test_quantize_once_finds_what_a_norm_remembered_through_views():
+    """A norm kernel's quantisation (remember) serves quantize_once for its output and for a view
+    of all of it with the same rows (the MoE's flattened input); other rows are computed."""
+    y = torch.randn(2, 5, 64)                                        # [B, T, K]
+    q, scale = quantize_rows(y.reshape(-1, 64))
+    fast_fp8.remember(y, q, scale)
+    assert quantize_once(y)[0] is q and quantize_once(y.flatten(0, 1))[0] is q
+    heads = quantize_once(y.view(2, 5, 2, 32))[0]                   # rows of 32: computed
+    assert heads.shape == (20, 32)
+    assert quantize_once(y[:, :3])[0].shape == (6, 64)              # part of y: computed
+    o = torch.randn(2, 5, 4, 16)                                    # [B, T, H, V] as o_norm's
+    q, scale = quantize_rows(o.reshape(10, 64))
+    fast_fp8.remember(o, q, scale)
+    assert quantize_once(o.view(2, 5, 64))[0] is q                  # o_proj's input
+
+
 def moe_with_dequantised_twin(N, seed, device):
     """An Fp8MoE loaded from a random bf16 block through prepare's loader, and the plain block with
     the dequantised weights (exactly representable in fp32)."""
@@ -321,6 +337,26 @@ def test_fp8_model_equals_its_dequantised_twin(ckpt):
     with torch.no_grad():
         out, ref = model(tokens), twin(tokens)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_fp8_model_norms_quantise_for_the_products(ckpt):
+    """The FP8 model's layer norms and o_norm are their quantising twins (same names and weights);
+    on an FP8 GPU, with prefill's rows, they change no bit of the logits (their q is the bits
+    quantize_once would compute: tests/test_pointwise.py)."""
+    dev = "cuda" if FP8_GPU else "cpu"
+    model = quantize.from_pretrained(ckpt, dev, max_seq_len=64)
+    kinds = {type(m) for n, m in model.named_modules() if n.split(".")[-1] in quantize.NORMS}
+    assert kinds == {quantize.Fp8RMSNorm, quantize.Fp8GatedRMSNorm}
+    assert type(model.model.norm) is kimi.RMSNorm                   # lm_head stays bf16
+    if not FP8_GPU:
+        return
+    tokens = torch.randint(0, TINY.vocab_size, (2, 40), device=dev)
+    with torch.no_grad():
+        fused = model(tokens)
+        for m in model.modules():                                   # back to kimi's own
+            if isinstance(m, (quantize.Fp8RMSNorm, quantize.Fp8GatedRMSNorm)):
+                m.__class__ = m.__class__.__bases__[0]
+        assert torch.equal(model(tokens), fused)
 
 
 def greedy(model, prompt, steps):

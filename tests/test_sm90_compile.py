@@ -27,7 +27,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-BF, F32, I64 = "*bf16", "*fp32", "*i64"
+BF, F32, I64, F8 = "*bf16", "*fp32", "*i64", "*fp8e4nv"
 
 
 def build(fn, pointers, constexprs, num_warps, num_stages=3):
@@ -62,10 +62,14 @@ for has_state in (True, False):
 tile = moe.TILE
 build(moe._combine_kernel, dict(out_ptr=BF, pos_ptr=I64, w_ptr=F32, y_ptr=BF),
       dict(K=8, BM=tile["BM"], BN=tile["BN"]), tile["num_warps"])
-for kind, N in ((pointwise.RMS, 2304), (pointwise.GATED, 128), (pointwise.L2, 128)):
+for kind, N, quant in ((pointwise.RMS, 2304, False), (pointwise.GATED, 128, False),
+                       (pointwise.L2, 128, False), (pointwise.RMS, 2304, True),
+                       (pointwise.GATED, 128, True)):     # quant: FP8 prefill's q beside y
     BN = triton.next_power_of_2(N)
-    build(pointwise._norm_kernel, dict(x=BF, gate=BF, w=BF, y=BF, eps="fp32"),
-          dict(KIND=kind, BR=max(1, pointwise.TILE // BN), BN=BN), pointwise.WARPS)
+    build(pointwise._norm_kernel, dict(x=BF, gate=BF, w=BF, y=BF, q=F8 if quant else BF,
+                                       s=F32 if quant else BF, eps="fp32"),
+          dict(KIND=kind, QUANT=quant, BR=1 if kind == pointwise.RMS else 32, BN=BN),
+          pointwise.WARPS)
 build(moe._silu_mul_kernel, dict(gu_ptr=BF, h_ptr=BF),
       dict(BM=moe.SILU_TILE["BM"], BN=moe.SILU_TILE["BN"]), moe.SILU_TILE["num_warps"])
 build(pointwise._gate_kernel, dict(f=BF, A_log=F32, dt_bias=F32, g=F32),
@@ -89,7 +93,7 @@ build(kb._kda_bwd_intra_kernel, dict(q=BF, k=BF, g=F32, beta=F32, do=BF, vn=BF, 
 # The decode kernels of fast/moe_decode.py and fast/mla_decode.py, as their launchers configure
 # them at the 48B sizes: bf16 and e4m3 weights, both of SWAP's forms
 from fast import mla_decode, moe_decode
-F8, SCALAR, md = "*fp8e4nv", "fp32", moe_decode
+SCALAR, md = "fp32", moe_decode
 build(md._logits_kernel, dict(x_ptr=BF, w_ptr=BF, out_ptr=F32),
       dict(DOT=tl.bfloat16, PREC="tf32", BM=16, BE=md.LOGITS["BE"], BK=md.LOGITS["BK"]),
       md.LOGITS["num_warps"])
