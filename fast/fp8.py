@@ -309,6 +309,16 @@ def fp8_sorted_experts(x, ids, moe):
     return out, pos
 
 
+def fp8_stacked_expert(x, moe, e):
+    """Stacked expert e (prefill's shared expert: row E) on every row of x [N, D] -> [N, D], on an
+    FP8 GPU: = kimi.MLP.forward with its gate and up products in one GEMM (w13's rows are gate
+    over up) and SiLU(gate) * up in the kernel that quantises it for w2."""
+    gu = scaled_linear(x, moe.w13[e], moe.s13[e])                              # [N, 2F]
+    hq, hs = quantize_rows_triton(gu, gated=True)                               # [N, F] e4m3
+    return F.scaled_mm(hq, moe.w2[e].T, hs, F.ScalingType.RowWise, moe.s2[e].view(1, -1),
+                       F.ScalingType.RowWise, output_dtype=x.dtype)
+
+
 def _grouped(xq, xs, weight, scale, ends, fast=False):
     """Rows of x = xq * xs (e4m3 [M, K], fp32 [M, 1]; expert e's rows end at ends[e]) times their
     expert's (weight * scale).T -> [M, N] bf16. fast: the tensor cores' own sums over all of K,

@@ -24,8 +24,8 @@ import checkpoint
 import kimi
 from checkpoint import CheckpointError
 from fast import pointwise
-from fast.fp8 import (DECODE_ROWS, FP8, Fp8Linear, fp8_gpu, fp8_sorted_experts, quantize_rows,
-                     remember)
+from fast.fp8 import (DECODE_ROWS, FP8, Fp8Linear, fp8_gpu, fp8_sorted_experts, fp8_stacked_expert,
+                     quantize_rows, remember)
 from fast.moe import combine
 
 SCALE = "weight_scale"                  # state_dict: <module>.weight beside <module>.weight_scale
@@ -48,14 +48,20 @@ class Fp8MoE(kimi.SparseMoeBlock):
 
     def forward(self, x):
         """= SparseMoeBlock.forward: on an FP8 GPU the routed experts' rows in expert order
-        (fp8_sorted_experts), summed where they lie (fast.moe.combine); elsewhere the loop."""
+        (fp8_sorted_experts), summed where they lie (fast.moe.combine), and in prefill the shared
+        expert from its stacked row (fp8_stacked_expert); elsewhere the loop and the MLP."""
         shape, x = x.shape, x.flatten(0, 1)                         # [N, D]
         ids, w = self.gate(x)                                       # [N, k] each
         if fp8_gpu(x):
             y = combine(*fp8_sorted_experts(x, ids, self), w)       # fp32 sum, rounded once
         else:                                                       # each expert dequantised
             y = torch.einsum("nk,nkd->nd", w, self.run_experts(x, ids).float()).to(x.dtype)
-        return (y + self.shared_experts(x)).view(shape)
+        E = len(self.experts)
+        if fp8_gpu(x) and len(x) > DECODE_ROWS and len(self.w13) > E:     # stacked: row E
+            shared = fp8_stacked_expert(x, self, E)
+        else:
+            shared = self.shared_experts(x)
+        return (y + shared).view(shape)
 
 
 class Fp8RMSNorm(kimi.RMSNorm):

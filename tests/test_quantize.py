@@ -295,6 +295,12 @@ def test_fp8_experts_on_gpu(N):
         ref = plain.run_experts(x.bfloat16().float(), ids.cpu())
     tolerance = 8 * U_BF16 if N <= DECODE_ROWS else 2 * U
     assert ((out - ref).norm() / ref.norm()).item() < tolerance
+    if N > DECODE_ROWS:         # prefill's shared expert from its stacked row (E), the same bound
+        assert len(fp8.w13) == len(fp8.experts) + 1
+        with torch.no_grad():
+            out = fast_fp8.fp8_stacked_expert(x.cuda().bfloat16(), fp8, len(fp8.experts))
+            ref = plain.shared_experts(x.bfloat16().float())
+        assert ((out.float().cpu() - ref).norm() / ref.norm()).item() < tolerance
 
 
 # -------------------------------------------------------------------------------------------------
