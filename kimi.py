@@ -33,11 +33,12 @@ from kda_ref import chunk_kda_ref, kda_gate, l2norm, recurrent_kda
 
 try:    # the fast paths need Triton; without it (macOS, say) every layer runs its torch code
     import kda_triton
-    from fast import moe as fast_moe, pointwise as fast_pw, short_conv as fast_conv
+    from fast import moe as fast_moe, moe_decode as fast_md, pointwise as fast_pw
+    from fast import short_conv as fast_conv
 except ModuleNotFoundError as e:
     if e.name != "triton":
         raise
-    kda_triton = fast_moe = fast_pw = fast_conv = None
+    kda_triton = fast_moe = fast_md = fast_pw = fast_conv = None
 
 KERNELS = kda_triton is not None   # the one switch to the fast paths (the end); False: torch
 
@@ -390,6 +391,10 @@ class MoEGate(nn.Module):
         bf16 = use_kernels(x, self.weight) and x.dtype == self.weight.dtype == torch.bfloat16
         logits = (torch.mm(x, self.weight.T, out_dtype=torch.float32) if bf16
                   else F.linear(x.float(), self.weight.float()))
+        if use_kernels(logits):                 # all that follows in one kernel, ties to low ids
+            return fast_md.route(logits, self.e_score_correction_bias, a.num_experts_per_token,
+                                 a.moe_renormalize, a.routed_scaling_factor,
+                                 a.routing_weights_biased)
         s = torch.sigmoid(logits)                                       # [N, E], fp32
         biased = s + self.e_score_correction_bias.float()              # chooses the experts
         ids = biased.topk(a.num_experts_per_token, dim=-1, sorted=False).indices    # [N, k]
@@ -579,6 +584,7 @@ class Transformer(nn.Module):
 #   - KDA, the short convs, the norms and KDA's gate on a GPU, without gradients: kda_triton.py,
 #     fast/short_conv.py, fast/pointwise.py; with gradients, chunk_kda (and its backward)
 #   - MLA decode: attend_absorbed (part of the MLA idea) instead of attend
-#   - MoE: fast.moe.grouped_moe in place of the loop and einsum, once stack_experts has run
+#   - MoE: fast.moe.grouped_moe in place of the loop and einsum, once stack_experts has run; the
+#     router after its logits on a GPU: fast.moe_decode.route (the decode step's, any N)
 #   - transforms of a built model, never imported here: FP8 weights (fast.quantize), a decode
 #     step in ~18 kernels a layer instead of ~110, replayed from a CUDA graph (fast.decode)

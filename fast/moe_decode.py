@@ -9,7 +9,7 @@ and one-row GEMMs).
                                    too few blocks for 1.2 MB of weights)
   _route_kernel      (N,)          the slices' sum in order, sigmoid, + bias, k rounds of max /
                                    argmax, the weights; and the shared expert's slot (its id, its
-                                   weight) after the k routed
+                                   weight) after the k routed (kimi.MoEGate's on a GPU, any N)
   _gate_up_kernel    (P, F / BN)   h = silu(x @ w1^T) * (x @ w3^T), one expert per program
   _down_kernel       (P, D / BN)   out = h @ w2^T, one expert per program
   _slot_sum_kernel   (N, D / BN)   y = sum_j w[n, j] out[n, j], j in order (the decode step
