@@ -43,7 +43,7 @@ class Fp8MoE(kimi.SparseMoeBlock):
     """kimi.SparseMoeBlock with FP8 experts (routed and shared); the gate is unchanged."""
     def __init__(self, args, keep=KEEP):
         super().__init__(args)
-        _swap_linears(self, keep)
+        _swap_modules(self, keep)
         self.s13 = self.s2 = None           # stacked scales beside w13, w2 (prepare)
 
     def forward(self, x):
@@ -96,7 +96,7 @@ NORMS = {"input_layernorm": Fp8RMSNorm, "post_attention_layernorm": Fp8RMSNorm,
          "o_norm": Fp8GatedRMSNorm}                 # the norms whose output FP8 GEMMs read
 
 
-def _swap_linears(module, keep):
+def _swap_modules(module, keep):
     """Replace (on the meta device) each nn.Linear below module by an Fp8Linear, each MoE block by
     an Fp8MoE, the norms in NORMS by their quantising twins, except children named in keep."""
     for name, child in module.named_children():
@@ -109,7 +109,7 @@ def _swap_linears(module, keep):
         elif name in NORMS and type(child) in (kimi.RMSNorm, kimi.GatedRMSNorm):
             setattr(module, name, NORMS[name](len(child.weight), child.eps))
         else:
-            _swap_linears(child, keep)
+            _swap_modules(child, keep)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def prepare(model, device, stored=None):
         key = "quantization_config.not_quantized"
         keep = tuple(checkpoint.want(names, "strs", "config.json", key))
     with torch.device("meta"):
-        _swap_linears(model, keep)
+        _swap_modules(model, keep)
     slots = {}                              # expert weight name -> (its view, its scale's view)
     for prefix, moe in model.named_modules():
         if isinstance(moe, Fp8MoE):
