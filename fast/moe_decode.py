@@ -84,11 +84,11 @@ def route_ref(logits, bias, k, renormalize, scaling, biased, shared=None):
 def _logits_kernel(x_ptr, w_ptr, out_ptr, N, E, D, SLICE, bias_ptr, ids_ptr, wts_ptr, done,
                    scaling, shared_id, shared_w, DOT: tl.constexpr, PREC: tl.constexpr,
                    BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, ROUTE: tl.constexpr,
-                   K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BE_ALL: tl.constexpr,
-                   BKP: tl.constexpr, RENORMALIZE: tl.constexpr, BIASED: tl.constexpr):
+                   K: tl.constexpr, KP: tl.constexpr, BE_ALL: tl.constexpr, BKP: tl.constexpr,
+                   RENORMALIZE: tl.constexpr, BIASED: tl.constexpr):
     """out[s, n, e] = sum_{d in slice s} x[n, d] w[e, d] in fp32: BE experts e per program along
     axis 0, slice s (inputs s*SLICE..) along axis 1; the gate's rows as tl.dot's rows, tokens as
-    its columns. ROUTE: the last program to finish (the counter at done) routes all N <= BT
+    its columns. ROUTE: the last program to finish (the counter at done) routes all N <= BM
     tokens on the parts every program left in L2 (_route_rows), and zeroes the counter."""
     e = tl.program_id(0) * BE + tl.arange(0, BE)
     s = tl.program_id(1)
@@ -110,7 +110,7 @@ def _logits_kernel(x_ptr, w_ptr, out_ptr, N, E, D, SLICE, bias_ptr, ids_ptr, wts
         if tl.atomic_add(done, 1, sem="acq_rel") == programs - 1:      # the others are done
             tl.store(done, 0)                               # ready for the next launch
             _route_rows(out_ptr, bias_ptr, ids_ptr, wts_ptr, 0, N, E, tl.num_programs(1),
-                        scaling, shared_id, shared_w, K, KP, BT, BE_ALL, BKP, RENORMALIZE, BIASED)
+                        scaling, shared_id, shared_w, K, KP, BM, BE_ALL, BKP, RENORMALIZE, BIASED)
 
 
 @triton.jit
@@ -194,8 +194,7 @@ def _logits(x, weight, slices, routing=None):
         counters(x.device), float(scaling), int(shared_id), float(shared_w),
         DOT=tl.bfloat16 if low else tl.float32, PREC="tf32" if low else "ieee", BM=MAX_TOKENS,
         BE=LOGITS["BE"], BK=LOGITS["BK"], ROUTE=routing is not None, K=k, KP=KP,
-        BT=triton.next_power_of_2(N), BE_ALL=triton.next_power_of_2(E),
-        BKP=triton.next_power_of_2(KP),
+        BE_ALL=triton.next_power_of_2(E), BKP=triton.next_power_of_2(KP),
         RENORMALIZE=renormalize and k > 1, BIASED=biased, num_warps=LOGITS["num_warps"])
     return parts, ids, w
 
