@@ -17,7 +17,7 @@ Triton's own first import, which builds tl.sum and the other library functions f
 for the interpreter once and for all: every file in fast/ runs this first, as its package, and
 kda_triton.py imports it before triton. What the fast paths share is here too: round_to (a bf16
 rounding the interpreter gets right), e4m3_scale (FP8's per-row scale), stack_linears (weights
-stacked, the layers' views of them), sm_count and counters (for the programs that finish last).
+stacked, the layers' views of them) and sm_count.
 """
 import functools
 import os
@@ -45,15 +45,6 @@ def sm_count(device):
     if torch.device(device).type != "cuda":
         return 132
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@functools.cache
-def counters(device):
-    """int32 counters, zero between launches: a kernel whose programs must learn which of them
-    finishes last (an atomic add) counts here and zeroes what it used before it ends. Launches on
-    one stream never overlap, so each may use them from index 0. Made once per device and kept: a
-    CUDA graph holds their address. As many as SMs."""
-    return torch.zeros(sm_count(device), dtype=torch.int32, device=device)
 
 
 @triton.jit

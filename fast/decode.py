@@ -15,8 +15,8 @@ pieces, each with a torch reference beside its kernel (a test checks each, and s
     become views of the stacked one, as fast.moe.stack_experts does for the experts)
   - kda_decode.py: a KDA layer's short convs, norms, gates, recurrence and gated norm in one kernel
   - mla_decode.py: the absorbed latent attention, split over the cache (flash-decoding)
-  - moe_decode.py: the router, its logits and top-k in one launch (it writes the shared expert's
-    slot too), then the selected experts (the shared one stacked with them as row E) read once
+  - moe_decode.py: the router's top-k (it writes the shared expert's slot too), then the selected
+    experts (the shared one stacked with them as row E) read once
 Everything else is kimi.py's own modules. Shapes: B rows, D hidden, P = H*K KDA width, N = B.
 """
 import functools
@@ -209,20 +209,20 @@ def moe_step(moe, x, fast):
     if len(x) > moe_decode.MAX_TOKENS:      # more rows than the decode kernels' tile holds
         return moe(x[:, None])[:, 0]       # the block itself (grouped matmuls once stacked)
     gate, args = moe.gate, moe.gate.args
-    # the shared expert, stacked as row E (fast.moe.stack_experts: when it has the routed ones'
-    # width), gets its slot from the router, weight 1: y + shared(x); else its own MLP
-    stacked = len(moe.w13) > args.num_experts
-    routing = (gate.e_score_correction_bias, args.num_experts_per_token, args.moe_renormalize,
-               args.routed_scaling_factor, args.routing_weights_biased,
-               (args.num_experts, 1.0) if stacked else None)
-    if fast:        # the logits as partial sums over slices of D, then routed, in one launch
-        ids, w = moe_decode.router(x, gate.weight, *routing)
+    if fast:        # [S, N, E]: partial sums over slices of D, which route adds in order
+        logits = moe_decode.router_logits(x, gate.weight)
+    elif x.is_cuda:  # fp32 accumulation of exact bf16 products = F.linear(x.float(), W.float())
+        logits = torch.mm(x, gate.weight.T, out_dtype=torch.float32)
     else:
-        if x.is_cuda:   # fp32 accumulation of exact bf16 products = F.linear(x.float(), W.float())
-            logits = torch.mm(x, gate.weight.T, out_dtype=torch.float32)
-        else:
-            logits = F.linear(x.float(), gate.weight.float())
-        ids, w = moe_decode.route_ref(logits, *routing)
+        logits = F.linear(x.float(), gate.weight.float())
+    route = moe_decode.route if fast else moe_decode.route_ref
+    # the shared expert, stacked as row E (fast.moe.stack_experts: when it has the routed ones'
+    # width), gets its slot from the route kernel, weight 1: y + shared(x); else its own MLP
+    stacked = len(moe.w13) > args.num_experts
+    slot = (args.num_experts, 1.0) if stacked else None
+    ids, w = route(logits, gate.e_score_correction_bias, args.num_experts_per_token,
+                   args.moe_renormalize, args.routed_scaling_factor, args.routing_weights_biased,
+                   slot)
     weights = (moe.w13, moe.w2, getattr(moe, "s13", None), getattr(moe, "s2", None))
     if fast and stacked:        # the slots' weighted sum is left to the next add_rmsnorm
         return moe_decode.experts(x, ids, w, *weights, parts=True)

@@ -32,12 +32,14 @@ fused projection: unit column stride, any row stride); conv_state [3, B, P, W-1]
 first); conv_w = (wq, wk, wv) [P, 1, W] each; f_b_w, g_b_w [P, K]; A_log [H] values fp32;
 dt_bias [P] fp32; o_norm_w [V]; S [B, H, K, V] fp32 contiguous.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fast import counters, round_to, sm_count, softplus
+from fast import round_to, sm_count, softplus
 from kda_ref import kda_gate, l2norm, recurrent_kda
 
 WARPS = 8           # the [128, 128] fp32 state tile over 256 threads: 64 registers each
@@ -185,6 +187,14 @@ def _kda_decode_kernel(
             o_all = tl.load(o + ck, cache_modifier=".cg").to(tl.float32)             # [V]
             gate_all = tl.load(gates + row * H * K + c, cache_modifier=".cg").to(tl.float32)
             _gated_norm(o_all, gate_all, o_norm_w, o, eps, K)
+
+
+@functools.cache
+def counters(device):
+    """int32, one per head of a launch that splits: how many of its programs have finished, 0
+    between launches. Made once per device and kept: a CUDA graph holds its address (splitting
+    needs B*H*2 <= SMs, so SMs of them are enough)."""
+    return torch.zeros(sm_count(device), dtype=torch.int32, device=device)
 
 
 def num_splits(B, H, device):

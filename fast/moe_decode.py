@@ -1,17 +1,15 @@
 """
-The MoE of a decode step (N <= 16 tokens) in 4 Triton launches, each selected expert's weights
+The MoE of a decode step (N <= 16 tokens) in 5 Triton launches, each selected expert's weights
 (bf16, or e4m3 + scales) read once per step. Beside kimi.py:
 route = MoEGate.forward after its F.linear; experts = SparseMoeBlock.run_experts + forward's fp32
 weighted sum (as fast.moe.grouped_experts and fast.fp8.fp8_experts, which take ~35 torch kernels
 and one-row GEMMs).
   _logits_kernel     (E / BE, S)   the router's logits x @ gate.weight^T, split over D in S
                                    slices, one fp32 partial sum per slice (a cuBLAS GEMV gets
-                                   too few blocks for 1.2 MB of weights); in router, the last
-                                   program to finish then routes every token (_route_rows)
-  _route_kernel      (N,)          route alone (kimi.MoEGate's on a GPU, any N): _route_rows, the
-                                   slices' sum in order, sigmoid, + bias, k rounds of max /
+                                   too few blocks for 1.2 MB of weights)
+  _route_kernel      (N,)          the slices' sum in order, sigmoid, + bias, k rounds of max /
                                    argmax, the weights; and the shared expert's slot (its id, its
-                                   weight) after the k routed
+                                   weight) after the k routed (kimi.MoEGate's on a GPU, any N)
   _gate_up_kernel    (P, F / BN)   h = silu(x @ w1^T) * (x @ w3^T), one expert per program
   _down_kernel       (P, D / BN)   out = h @ w2^T, one expert per program
   _slot_sum_kernel   (N, D / BN)   y = sum_j w[n, j] out[n, j], j in order (the decode step
@@ -36,7 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fast import INTERPRET, counters, operand, round_to
+from fast import INTERPRET, operand, round_to
 
 MAX_TOKENS = 16                         # BM: tokens per tile (tl.dot's minimum dimension)
 # Each kernel's form: weights as tl.dot's rows (True: wgmma on Hopper) or as its columns. Chosen by
@@ -81,15 +79,11 @@ def route_ref(logits, bias, k, renormalize, scaling, biased, shared=None):
 
 
 @triton.jit
-def _logits_kernel(x_ptr, w_ptr, out_ptr, N, E, D, SLICE, bias_ptr, ids_ptr, wts_ptr, done,
-                   scaling, shared_id, shared_w, DOT: tl.constexpr, PREC: tl.constexpr,
-                   BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, ROUTE: tl.constexpr,
-                   K: tl.constexpr, KP: tl.constexpr, BE_ALL: tl.constexpr, BKP: tl.constexpr,
-                   RENORMALIZE: tl.constexpr, BIASED: tl.constexpr):
+def _logits_kernel(x_ptr, w_ptr, out_ptr, N, E, D, SLICE, DOT: tl.constexpr, PREC: tl.constexpr,
+                   BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
     """out[s, n, e] = sum_{d in slice s} x[n, d] w[e, d] in fp32: BE experts e per program along
     axis 0, slice s (inputs s*SLICE..) along axis 1; the gate's rows as tl.dot's rows, tokens as
-    its columns. ROUTE: the last program to finish (the counter at done) routes all N <= BM
-    tokens on the parts every program left in L2 (_route_rows), and zeroes the counter."""
+    its columns."""
     e = tl.program_id(0) * BE + tl.arange(0, BE)
     s = tl.program_id(1)
     t = tl.arange(0, BM)
@@ -104,99 +98,60 @@ def _logits_kernel(x_ptr, w_ptr, out_ptr, N, E, D, SLICE, bias_ptr, ids_ptr, wts
         acc = tl.dot(w.to(DOT), xT.to(DOT), acc, input_precision=PREC)
     tl.store(out_ptr + (s * N + t[None, :]) * E + e[:, None], acc,
              mask=(t[None, :] < N) & (e[:, None] < E))
-    if ROUTE:
-        tl.debug_barrier()          # every warp's stores above done before the count
-        programs = tl.num_programs(0) * tl.num_programs(1)
-        if tl.atomic_add(done, 1, sem="acq_rel") == programs - 1:      # the others are done
-            tl.store(done, 0)                               # ready for the next launch
-            _route_rows(out_ptr, bias_ptr, ids_ptr, wts_ptr, 0, N, E, tl.num_programs(1),
-                        scaling, shared_id, shared_w, K, KP, BM, BE_ALL, BKP, RENORMALIZE, BIASED)
-
-
-@triton.jit
-def _route_rows(logits_ptr, bias_ptr, ids_ptr, w_ptr, n, N, E, PARTS, scaling, shared_id,
-                shared_w, K: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr,
-                BK: tl.constexpr, RENORMALIZE: tl.constexpr, BIASED: tl.constexpr):
-    """= route_ref for tokens n .. n + BM - 1 (those < N) on the sum of the PARTS partial logits
-    [PARTS, N, E] (in order: the same bits every run; read from L2, where other programs may have
-    just written them): k rounds of (max, lowest index reaching it) a row, then (KP = K + 1) the
-    shared slot, so that no torch.cat follows."""
-    t = n + tl.arange(0, BM)[:, None]                               # [BM, 1] tokens
-    e = tl.arange(0, BE)[None, :]                                   # [1, BE] experts
-    logits = tl.zeros((BM, BE), tl.float32)
-    for p in range(PARTS):
-        logits += tl.load(logits_ptr + (p * N + t) * E + e, mask=(t < N) & (e < E), other=0.0,
-                          cache_modifier=".cg")
-    s = tl.sigmoid(logits)                                          # [BM, BE]
-    biased = s + tl.load(bias_ptr + e, mask=e < E, other=0.0).to(tl.float32)
-    mix = biased if BIASED else s
-    score = tl.where(e < E, biased, float("-inf"))                  # padding lanes never win
-    r = tl.arange(0, BK)[None, :]                                   # [1, BK] slots
-    ids, w = tl.zeros((BM, BK), tl.int32), tl.zeros((BM, BK), tl.float32)
-    for i in tl.static_range(K):
-        best = tl.max(score, axis=1)[:, None]                       # [BM, 1]
-        # lowest index on ties; a NaN score matches nothing: clamp so no later read leaves E
-        j = tl.minimum(tl.min(tl.where(score == best, e, BE), axis=1), E - 1)[:, None]
-        ids = tl.where(r == i, j, ids)
-        w = tl.where(r == i, tl.sum(tl.where(e == j, mix, 0.0), axis=1)[:, None], w)
-        score = tl.where(e == j, float("-inf"), score)              # taken: out of later rounds
-    if RENORMALIZE:
-        w = w / (tl.sum(w, axis=1)[:, None] + 1e-20)                # lanes r >= K hold 0
-    w = w * scaling
-    if KP > K:                                                      # the shared expert's slot
-        ids = tl.where(r == K, shared_id, ids)
-        w = tl.where(r == K, shared_w, w)
-    tl.store(ids_ptr + t * KP + r, ids.to(tl.int64), mask=(t < N) & (r < KP))
-    tl.store(w_ptr + t * KP + r, w, mask=(t < N) & (r < KP))
-
-
-@triton.jit
-def _route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, N, E, PARTS, scaling, shared_id,
-                  shared_w, K: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr,
-                  BK: tl.constexpr, RENORMALIZE: tl.constexpr, BIASED: tl.constexpr):
-    """= route_ref for one token per program (_route_rows)."""
-    _route_rows(logits_ptr, bias_ptr, ids_ptr, w_ptr, tl.program_id(0).to(tl.int64), N, E, PARTS,
-                scaling, shared_id, shared_w, K, KP, 1, BE, BK, RENORMALIZE, BIASED)
 
 
 def router_logits(x, weight, slices=LOGITS["SLICES"]):
     """= F.linear(x.float(), weight.float()) as partial sums: x [N <= 16, D], weight [E, D] ->
     [S, N, E] fp32 (S = slices), slice s the products of inputs s*ceil(D/S).. (route adds them
     in order)."""
-    return _logits(x, weight, slices)[0]
-
-
-def router(x, weight, bias, k, renormalize, scaling, biased, shared=None,
-           slices=LOGITS["SLICES"]):
-    """= route(router_logits(x, weight, slices), bias, k, ...) in one launch: the logits
-    kernel's last program to finish routes (an atomic counter, fast.counters; zero again when it
-    ends, so graph safe) -> (ids [N, k'] int64, w [N, k'] fp32)."""
-    return _logits(x, weight, slices, (bias, k, renormalize, scaling, biased, shared))[1:]
-
-
-def _logits(x, weight, slices, routing=None):
-    """router_logits' parts, and with routing (route's arguments after the logits) ids, w."""
     (N, D), E = x.shape, weight.shape[0]
     if N > MAX_TOKENS:
         raise ValueError(f"router_logits: {N} tokens, the decode kernels take at most {MAX_TOKENS}")
     S = slices
     parts = x.new_empty(S, N, E, dtype=torch.float32)
-    bias, k, renormalize, scaling, biased, shared = routing or (parts, 1, False, 1.0, False, None)
-    KP = k + (shared is not None)
-    shared_id, shared_w = shared if shared is not None else (0, 0.0)
-    ids = x.new_empty(N, KP, dtype=torch.int64)
-    w = x.new_empty(N, KP, dtype=torch.float32)
     # bf16 operands on a GPU (bf16 products are exact in fp32); fp32 in the interpreter, whose
     # bf16 tl.dot is silently wrong, and for fp32 x ('ieee': no TF32 rounding)
     low = x.dtype == torch.bfloat16 and not INTERPRET
     _logits_kernel[(triton.cdiv(E, LOGITS["BE"]), S)](
-        x.contiguous(), weight, parts, N, E, D, triton.cdiv(D, S), bias, ids, w,
-        counters(x.device), float(scaling), int(shared_id), float(shared_w),
+        x.contiguous(), weight, parts, N, E, D, triton.cdiv(D, S),
         DOT=tl.bfloat16 if low else tl.float32, PREC="tf32" if low else "ieee", BM=MAX_TOKENS,
-        BE=LOGITS["BE"], BK=LOGITS["BK"], ROUTE=routing is not None, K=k, KP=KP,
-        BE_ALL=triton.next_power_of_2(E), BKP=triton.next_power_of_2(KP),
-        RENORMALIZE=renormalize and k > 1, BIASED=biased, num_warps=LOGITS["num_warps"])
-    return parts, ids, w
+        BE=LOGITS["BE"], BK=LOGITS["BK"], num_warps=LOGITS["num_warps"])
+    return parts
+
+
+@triton.jit
+def _route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, N, E, PARTS, scaling, shared_id,
+                  shared_w, K: tl.constexpr, KP: tl.constexpr, BE: tl.constexpr,
+                  BK: tl.constexpr, RENORMALIZE: tl.constexpr, BIASED: tl.constexpr):
+    """= route_ref for one token per program on the sum of the PARTS partial logits (in order: the
+    same bits every run): k rounds of (max, lowest index reaching it), then (KP = K + 1) the
+    shared slot, so that no torch.cat follows."""
+    n = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BE)
+    logits = tl.zeros((BE,), tl.float32)
+    for p in range(PARTS):
+        logits += tl.load(logits_ptr + (p * N + n) * E + e, mask=e < E, other=0.0)
+    s = tl.sigmoid(logits)                                          # [BE]
+    biased = s + tl.load(bias_ptr + e, mask=e < E, other=0.0).to(tl.float32)
+    mix = biased if BIASED else s
+    score = tl.where(e < E, biased, float("-inf"))                  # padding lanes never win
+    r = tl.arange(0, BK)
+    ids, w = tl.zeros((BK,), tl.int32), tl.zeros((BK,), tl.float32)
+    for i in tl.static_range(K):
+        best = tl.max(score, axis=0)
+        # lowest index on ties; a NaN score matches nothing: clamp so no later read leaves E
+        j = tl.minimum(tl.min(tl.where(score == best, e, BE), axis=0), E - 1)
+        ids = tl.where(r == i, j, ids)
+        w = tl.where(r == i, tl.sum(tl.where(e == j, mix, 0.0), axis=0), w)
+        score = tl.where(e == j, float("-inf"), score)              # taken: out of later rounds
+    if RENORMALIZE:
+        w = w / (tl.sum(w, axis=0) + 1e-20)                         # lanes r >= K hold 0
+    w = w * scaling
+    if KP > K:                                                      # the shared expert's slot
+        ids = tl.where(r == K, shared_id, ids)
+        w = tl.where(r == K, shared_w, w)
+    tl.store(ids_ptr + n * KP + r, ids.to(tl.int64), mask=r < KP)
+    tl.store(w_ptr + n * KP + r, w, mask=r < KP)
 
 
 def route(logits, bias, k, renormalize, scaling, biased, shared=None):

@@ -4,7 +4,6 @@ the 48B sizes in bf16 on a GPU."""
 import pytest
 import torch
 
-import fast
 from fast import kda_decode
 import kimi
 from fast.kda_decode import kda_decode_ref, random_step
@@ -93,7 +92,7 @@ def test_kernel_equals_reference(K, dtype, splits):
     """splits > 1: programs share a head, the last to finish norms it and shifts q's, k's states."""
     args = random_step(3, 2, K, 4, dtype, DEV, seed=K)
     check(*kernel_vs_ref(args, dtype, splits), dtype)
-    assert not fast.counters(args[0].device).any()     # the counters ready for the next step
+    assert not kda_decode.counters(args[0].device).any()     # the counters ready for the next step
 
 
 def test_num_splits_fill_the_sms_at_small_batches():
@@ -103,10 +102,10 @@ def test_num_splits_fill_the_sms_at_small_batches():
 def test_counters_outlive_each_batch_size():
     """A CUDA graph keeps the counters' address: one tensor a device, whatever B comes next."""
     args = random_step(2, 2, 16, 4, torch.float32, DEV)
-    first = fast.counters(args[0].device)
+    first = kda_decode.counters(args[0].device)
     kda_decode.kda_decode(*args, splits=2)
     kda_decode.kda_decode(*random_step(16, 2, 16, 4, torch.float32, DEV), splits=2)
-    assert fast.counters(args[0].device) is first
+    assert kda_decode.counters(args[0].device) is first
 
 
 def test_too_many_heads_for_the_counters_is_one_line():
@@ -147,4 +146,4 @@ def test_kernel_gpu_48b(B):
         check(ref, got, torch.bfloat16)
         args = list(args)
         args[6], args[14] = got[1], got[2]
-    assert not fast.counters(args[0].device).any()
+    assert not kda_decode.counters(args[0].device).any()

@@ -154,30 +154,6 @@ def test_router_logits_equal_linear(N, E, D, slices, seed):
     torch.testing.assert_close(w, w_ref, rtol=2**-20, atol=0)      # fp32 (2^-24): a few roundings
 
 
-@settings(max_examples=6, deadline=None)
-@given(N=st.sampled_from([1, 5, 16]), renormalize=st.booleans(), biased=st.booleans(),
-       shared=st.sampled_from([None, (256, 1.0)]), seed=st.integers(0, 2**16))
-def test_router_routes_as_route_on_the_logits(N, renormalize, biased, shared, seed):
-    """router: the logits kernel whose last program routes = route_ref on router_logits' in-order
-    sum, with the counter zero again afterwards (the next launch, or graph replay, starts from
-    it)."""
-    gen = torch.Generator().manual_seed(seed)
-    D, E = 96, 256
-    x, weight = torch.randn(N, D, generator=gen), torch.randn(E, D, generator=gen) * D ** -0.5
-    x, weight = x.bfloat16().to(DEV), weight.bfloat16().to(DEV)
-    args = ((torch.randn(E, generator=gen) * 0.1).bfloat16().to(DEV), 8, renormalize, 2.446,
-            biased, shared)
-    ids, w = moe_decode.router(x, weight, *args, slices=3)
-    assert not fast.counters(x.device).any()
-    assert ids.shape == w.shape == (N, 8 + (shared is not None))
-    if shared is not None:          # stored values, copied: exact
-        assert (ids[:, 8] == shared[0]).all() and (w[:, 8] == shared[1]).all()
-    ids, w = by_id(ids, w)
-    ids_ref, w_ref = by_id(*route_ref(in_order(router_logits(x, weight, 3)), *args))
-    assert torch.equal(ids, ids_ref)
-    torch.testing.assert_close(w, w_ref, rtol=2**-20, atol=0)      # fp32 (2^-24): a few roundings
-
-
 def test_route_kernel_ties_lowest_index_first():
     zeros = torch.zeros(257, device=DEV)
     ids, _ = route(zeros[None, :256], zeros[:256], 8, True, 1.0, True)

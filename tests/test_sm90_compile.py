@@ -94,12 +94,9 @@ build(kb._kda_bwd_intra_kernel, dict(q=BF, k=BF, g=F32, beta=F32, do=BF, vn=BF, 
 # them at the 48B sizes: bf16 and e4m3 weights, both of SWAP's forms
 from fast import mla_decode, moe_decode
 SCALAR, md = "fp32", moe_decode
-for route in (False, True):                     # router_logits; router (the last program routes)
-    build(md._logits_kernel, dict(x_ptr=BF, w_ptr=BF, out_ptr=F32, bias_ptr=BF, ids_ptr=I64,
-                                  wts_ptr=F32, done="*i32", scaling=SCALAR, shared_w=SCALAR),
-          dict(DOT=tl.bfloat16, PREC="tf32", BM=16, BE=md.LOGITS["BE"], BK=md.LOGITS["BK"],
-               ROUTE=route, K=8, KP=9, BE_ALL=256, BKP=16, RENORMALIZE=True, BIASED=True),
-          md.LOGITS["num_warps"])
+build(md._logits_kernel, dict(x_ptr=BF, w_ptr=BF, out_ptr=F32),
+      dict(DOT=tl.bfloat16, PREC="tf32", BM=16, BE=md.LOGITS["BE"], BK=md.LOGITS["BK"]),
+      md.LOGITS["num_warps"])
 build(md._route_kernel, dict(logits_ptr=F32, bias_ptr=BF, ids_ptr=I64, w_ptr=F32, scaling=SCALAR,
                              shared_w=SCALAR),
       dict(K=8, KP=9, BE=256, BK=16, RENORMALIZE=True, BIASED=True), md.ROUTE_WARPS)
