@@ -181,14 +181,20 @@ def kda_step(attn, x, fast):
 
 
 def mla_step(attn, x, pos, pad, fast):
-    """= MLAAttention.forward for one token per row at position pos: x [B, D] -> [B, D], its
-    attend_absorbed with the split-K kernel (fast) or kimi.latent_attention inside."""
+    """= MLAAttention.forward for one token per row at position pos: x [B, D] -> [B, D]: its
+    attend_absorbed itself, or (fast) mla_decode.absorbed_attention, which equals it."""
     B, H, R = x.shape[0], attn.H, attn.R
     q, c, k_pe = linear(x, *attn.stacked).split([H * (attn.nope + attn.pe), R, attn.pe], dim=-1)
     norm = add_rmsnorm if fast else add_rmsnorm_ref    # one kernel for RMSNorm's several
     ckv = torch.cat([norm(c, None, attn.kv_a_layernorm)[1], k_pe], dim=-1)   # [B, R + pe]
-    attention = mla_decode.mla_decode if fast else kimi.latent_attention
-    o = attn.attend_absorbed(q.view(B, H, -1), ckv[:, None], pos, pad, attention)  # [B, 1, H, V]
+    q = q.view(B, H, -1)                                    # [B, H, nope + pe]
+    if not fast:
+        o = attn.attend_absorbed(q, ckv[:, None], pos, pad, kimi.latent_attention)
+    else:                       # attend_absorbed's cache write, then its math in four kernels
+        attn.kv_cache[:B].index_copy_(1, torch.as_tensor(pos, device=x.device).view(1),
+                                      ckv[:, None])
+        o = mla_decode.absorbed_attention(q, attn.kv_b_proj.weight, attn.kv_cache[:B], pos,
+                                          attn.scale, pad, v_head_dim=attn.v)   # [B, H, V]
     return o_proj(attn.o_proj, o.reshape(B, H * attn.v))
 
 

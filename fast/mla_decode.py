@@ -3,7 +3,8 @@ Flash-decoding (split-K) latent attention for MLA decode, in two Triton launches
 It equals kimi.latent_attention, the middle of MLAAttention.attend_absorbed: from the query
 rows [q_lat | q_pe] to o_lat, before W_uv. Every head's query is one row of a single attention
 over the cached latents, so one program holds all H rows of its batch row and reads each cache
-tile once.
+tile once. absorbed_attention adds attend_absorbed's two per-head products on either side
+(_heads_matmul_kernel: q_lat = q_nope W_uk, o = o_lat W_uv^T), the whole of it in four launches.
 
   kernel 1, _mla_split_kernel, grid (B, NUM_SPLITS): row b's visible keys [pad[b], pos] are cut
     into NUM_SPLITS ranges of whole tiles; a program walks its range BL keys at a time:
@@ -23,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fast import INTERPRET, sm_count
+from fast import INTERPRET, round_to, sm_count
 
 LOG2E = 1.4426950408889634          # exp(x) = 2^(x log2 e): folded into the scale once
 # The split kernel's configuration, fixed (autotune breaks the interpreter) and not tuned:
@@ -40,6 +41,8 @@ SPLIT = dict(BL=16 if INTERPRET else 64, HEADS=16, num_warps=8, num_stages=3)   
 MIN_SPLIT = 32 if INTERPRET else 128
 WAVES = 1                               # B * NUM_SPLITS ~ WAVES * SMs: one program per SM
 BLOCK_S, BLOCK_R = 16, 64               # combine: splits per step, latent columns per program
+HEADS_BK, HEADS_BN = 128, 32            # heads_matmul's tile: H = 32 heads' W_uk in 512 programs,
+#                                         W_uv in 128; a head's rows in one [16, BK] tile
 
 
 def num_splits(L, B, device):
@@ -51,9 +54,9 @@ def num_splits(L, B, device):
 @triton.jit(do_not_specialize=["pos", "L", "S"])   # pos, L == 1: no recompiles
 def _mla_split_kernel(
         # pointers
-        q, cache, pos, pad, m_part, l_part, acc_part,
-        # sizes, strides (the last dims of q and cache are contiguous)
-        L, S, scale_log2, stride_qb, stride_qh, stride_cb, stride_cl,
+        q_lat_ptr, q_pe_ptr, cache, pos, pad, m_part, l_part, acc_part,
+        # sizes, strides (the last dims of the queries and cache are contiguous)
+        L, S, scale_log2, stride_qb, stride_qh, stride_pb, stride_ph, stride_cb, stride_cl,
         # meta
         H: tl.constexpr, R: tl.constexpr, PE: tl.constexpr, HP: tl.constexpr, RP: tl.constexpr,
         PEP: tl.constexpr, BL: tl.constexpr, MIN_SPLIT: tl.constexpr, POS_TENSOR: tl.constexpr,
@@ -77,9 +80,10 @@ def _mla_split_kernel(
     #                                                     padding rows' q = 0: finite, never stored
     r = tl.arange(0, RP)
     e = tl.arange(0, PEP)                               # PE = 8 padded to 16 likewise
-    q_row = q + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh
-    q_lat = tl.load(q_row + r[None, :], mask=(h[:, None] < H) & (r[None, :] < R), other=0.)
-    q_pe = tl.load(q_row + R + e[None, :], mask=(h[:, None] < H) & (e[None, :] < PE), other=0.)
+    q_lat = tl.load(q_lat_ptr + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + r[None, :],
+                    mask=(h[:, None] < H) & (r[None, :] < R), other=0.)
+    q_pe = tl.load(q_pe_ptr + b.to(tl.int64) * stride_pb + h[:, None] * stride_ph + e[None, :],
+                   mask=(h[:, None] < H) & (e[None, :] < PE), other=0.)
     # DOT: bf16 operands on a GPU; fp32 in the interpreter, whose bf16 tl.dot is silently wrong
     q_lat, q_pe = q_lat.to(DOT), q_pe.to(DOT)          # [HP, RP], [HP, PEP]; padded rows are 0
     m = tl.full([HP], float("-inf"), tl.float32)        # running max of s (log2 units)
@@ -144,27 +148,94 @@ def _mla_combine_kernel(
              mask=r < R)
 
 
+@triton.jit
+def _heads_matmul_kernel(x, w, y, B, K, N, stride_xb, stride_xh, stride_wh, stride_wk, stride_wn,
+                         stride_yb, stride_yh, BB: tl.constexpr, BK: tl.constexpr,
+                         BN: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """y[b, h, n] = sum_k x[b, h, k] w[h, k, n] for head h = program 0, BN columns n, every row b:
+    fp32 sums, one rounding to y's dtype (as a bf16 einsum on a GPU rounds)."""
+    h = tl.program_id(0)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    for b0 in range(0, B, BB):                          # decode: one block of rows (B <= BB)
+        b = b0 + tl.arange(0, BB)
+        acc = tl.zeros([BB, BN], tl.float32)
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            xt = tl.load(x + b[:, None].to(tl.int64) * stride_xb + h * stride_xh + k[None, :],
+                         mask=(b[:, None] < B) & (k[None, :] < K), other=0.)      # [BB, BK]
+            wt = tl.load(w + h * stride_wh + k[:, None] * stride_wk + n[None, :] * stride_wn,
+                         mask=(k[:, None] < K) & (n[None, :] < N), other=0.)      # [BK, BN]
+            acc = tl.dot(xt.to(DOT), wt.to(DOT), acc, input_precision=PREC)
+        out = round_to(acc, y.dtype.element_ty)        # (the interpreter's cast truncates)
+        tl.store(y + b[:, None].to(tl.int64) * stride_yb + h * stride_yh + n[None, :],
+                 out.to(y.dtype.element_ty), mask=(b[:, None] < B) & (n[None, :] < N))
+
+
+def heads_matmul(x, w):
+    """x [B, H, K] (last dim contiguous), w [H, K, N] (any strides: a view of kv_b_proj's weight)
+    -> y [B, H, N] = torch.einsum("bhk,hkn->bhn", x, w) in x's dtype, one launch."""
+    B, H, K = x.shape
+    N = w.shape[2]
+    _check(w.shape[:2] == (H, K) and x.stride(-1) == 1, f"x {tuple(x.shape)}, w {tuple(w.shape)}")
+    y = x.new_empty(B, H, N)
+    low = x.dtype in (torch.bfloat16, torch.float16) and not INTERPRET
+    dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[x.dtype] if low else tl.float32
+    BN = min(HEADS_BN, triton.next_power_of_2(N))
+    _heads_matmul_kernel[(H, triton.cdiv(N, BN))](
+        x, w, y, B, K, N, x.stride(0), x.stride(1), *w.stride(), y.stride(0), y.stride(1),
+        BB=16, BK=min(HEADS_BK, max(16, triton.next_power_of_2(K))), BN=BN, DOT=dot,
+        PREC="tf32" if low else "ieee")                 # fp32: no TF32
+    return y
+
+
+def absorbed_attention(q, kv_b, kv_cache, pos, scale, pad=None, *, v_head_dim):
+    """= MLAAttention.attend_absorbed after its cache write, in four launches: q [B, H, nope + PE]
+    (q_nope | q_pe), kv_b = kv_b_proj.weight [H (nope + v), R], kv_cache [B, Lmax, R + PE] holding
+    this step's entry -> o [B, H, v]. q_lat = q_nope W_uk, the split and combine kernels (q_pe read
+    where q holds it: no [q_lat | q_pe] copy), then o = o_lat W_uv^T."""
+    B, H, _ = q.shape
+    R, V = kv_b.shape[1], v_head_dim
+    nope = kv_b.shape[0] // H - V
+    w = kv_b.view(H, nope + V, R)
+    q_lat = heads_matmul(q[..., :nope], w[:, :nope])                        # [B, H, R]
+    o_lat = _attend(q_lat, q[..., nope:], kv_cache, pos, scale, pad)        # [B, H, R]
+    return heads_matmul(o_lat, w[:, nope:].transpose(1, 2))                 # [B, H, V]
+
+
 def mla_decode(q, kv_cache, pos, scale, pad=None, *, kv_lora_rank):
     """= kimi.latent_attention, reading the cache once: two launches, no host sync (graph safe).
     pos: an int (keys after it are never read), or a 0-d int64 tensor on q's device (a graph's
     step: NUM_SPLITS comes from the whole buffer and the kernel reads pos)."""
     B, H, D = q.shape
-    R, PE = kv_lora_rank, D - kv_lora_rank
+    R = kv_lora_rank
     _check(kv_cache.shape[0] == B and kv_cache.shape[2] == D and 0 < R < D,
            f"q {tuple(q.shape)}, kv_cache {tuple(kv_cache.shape)}, kv_lora_rank {R}")
-    _check(q.stride(-1) == 1 and kv_cache.stride(-1) == 1, "q and kv_cache need stride 1 last")
+    return _attend(q[..., :R], q[..., R:], kv_cache, pos, scale, pad)
+
+
+def _attend(q_lat, q_pe, kv_cache, pos, scale, pad):
+    """The two launches: query rows q_lat [B, H, R], q_pe [B, H, PE] -> o_lat [B, H, R]."""
+    B, H, R = q_lat.shape
+    PE = q_pe.shape[2]
+    _check(kv_cache.shape[0] == B and kv_cache.shape[2] == R + PE and q_pe.shape[:2] == (B, H),
+           f"q_lat {tuple(q_lat.shape)}, q_pe {tuple(q_pe.shape)}, kv_cache "
+           f"{tuple(kv_cache.shape)}")
+    _check(q_lat.stride(-1) == 1 and q_pe.stride(-1) == 1 and kv_cache.stride(-1) == 1,
+           "queries and kv_cache need stride 1 last")
     L = kv_cache.shape[1]
     pos_tensor = torch.is_tensor(pos)
-    S = num_splits(L if pos_tensor else min(pos + 1, L), B, q.device)
-    m_part = torch.empty(B, S, H, dtype=torch.float32, device=q.device)
+    S = num_splits(L if pos_tensor else min(pos + 1, L), B, q_lat.device)
+    m_part = torch.empty(B, S, H, dtype=torch.float32, device=q_lat.device)
     l_part = torch.empty_like(m_part)
-    acc_part = torch.empty(B, S, H, R, dtype=torch.float32, device=q.device)
-    o = torch.empty(B, H, R, dtype=q.dtype, device=q.device)
-    low = q.dtype in (torch.bfloat16, torch.float16) and not INTERPRET
-    dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[q.dtype] if low else tl.float32
+    acc_part = torch.empty(B, S, H, R, dtype=torch.float32, device=q_lat.device)
+    o = q_lat.new_empty(B, H, R)
+    low = q_lat.dtype in (torch.bfloat16, torch.float16) and not INTERPRET
+    dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[q_lat.dtype] if low else \
+        tl.float32
     _mla_split_kernel[(B, S)](
-        q, kv_cache, pos, q if pad is None else pad.to(torch.int64), m_part, l_part, acc_part,
-        L, S, scale * LOG2E, q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1),
+        q_lat, q_pe, kv_cache, pos, q_lat if pad is None else pad.to(torch.int64), m_part, l_part,
+        acc_part, L, S, scale * LOG2E, q_lat.stride(0), q_lat.stride(1), q_pe.stride(0),
+        q_pe.stride(1), kv_cache.stride(0), kv_cache.stride(1),
         H=H, R=R, PE=PE, HP=max(SPLIT["HEADS"], 16, triton.next_power_of_2(H)),
         RP=triton.next_power_of_2(R), PEP=max(16, triton.next_power_of_2(PE)),
         BL=SPLIT["BL"] if low else 16, MIN_SPLIT=MIN_SPLIT, POS_TENSOR=pos_tensor,

@@ -50,9 +50,47 @@ def test_reference_equals_attend_absorbed(pos_tensor, with_pad):
         o_lat = latent_attention(torch.cat([q_lat, q_pe], -1), attn.kv_cache[:B], pos, attn.scale,
                                pad, kv_lora_rank=R)
         got = torch.einsum("bhr,hdr->bhd", o_lat, w_uv)[:, None]
-    # fp32, the same operations up to a buffer that ends at pos vs one masked after it:
-    # a few fp32 roundings of O(1) values
+        fused = mla_decode.absorbed_attention(q, attn.kv_b_proj.weight, attn.kv_cache[:B], pos,
+                                              attn.scale, pad, v_head_dim=attn.v)  # kernels
+    # fp32, the same operations up to a buffer that ends at pos vs one masked after it (and the
+    # kernels' sums in another order): a few fp32 roundings of O(1) values
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused[:, None], want, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=12, deadline=None)
+@given(B=st.sampled_from([1, 3, 17]), H=st.integers(1, 3), K=st.integers(1, 150),
+       N=st.integers(1, 70), transposed=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_heads_matmul_matches_einsum(B, H, K, N, transposed, seed):
+    """fp32 in the interpreter: ragged K and N, more rows than one 16-row block (B = 17), and the
+    weight as a transposed view (W_uv's [H, R, V] from kv_b_proj's [H, V, R] rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, H, K, generator=gen).to(DEV)
+    w = torch.randn(H, N, K, generator=gen).to(DEV).transpose(1, 2) if transposed else \
+        torch.randn(H, K, N, generator=gen).to(DEV)
+    want = torch.einsum("bhk,hkn->bhn", x, w)
+    # fp32 both: sums of <= 150 O(1) products in another order, ~sqrt(K) 2^-24 relative each
+    torch.testing.assert_close(mla_decode.heads_matmul(x, w), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the 48B sizes in bf16)")
+@pytest.mark.parametrize("B", [1, 16])
+def test_heads_matmul_gpu_48b_bf16(B):
+    """W_uk (x [B, 32, 128] times [32, 128, 512]) and W_uv (o_lat [B, 32, 512] times kv_b_proj's
+    rows transposed) as absorbed_attention views them, against the fp64 product of the same bf16
+    operands: the kernel sums in fp32 and rounds once to bf16."""
+    H, nope, V, R = 32, 128, 128, 512
+    gen = torch.Generator().manual_seed(B)
+    kv_b = (torch.randn(H * (nope + V), R, generator=gen) * R ** -0.5).to("cuda", torch.bfloat16)
+    w = kv_b.view(H, nope + V, R)
+    for K, weight in ((nope, w[:, :nope]), (R, w[:, nope:].transpose(1, 2))):
+        x = torch.randn(B, H, K, generator=gen).to("cuda", torch.bfloat16)
+        got = mla_decode.heads_matmul(x, weight).double()
+        exact = torch.einsum("bhk,hkn->bhn", x.double(), weight.double())
+        mags = torch.einsum("bhk,hkn->bhn", x.double().abs(), weight.double().abs())
+        # one rounding to bf16 (2^-8 relative) after fp32 sums (K 2^-24 of the magnitudes)
+        bound = U_BF16 * exact.abs() + K * 2.0 ** -24 * mags
+        assert ((got - exact).abs() <= bound).all(), f"K = {K}: beyond one bf16 rounding"
 
 
 @settings(max_examples=25, deadline=None)

@@ -111,11 +111,14 @@ for W, scaled in ((BF, False), (F8, True)):
               down["num_stages"])
 build(md._slot_sum_kernel, dict(out_ptr=BF, wts_ptr=F32, y_ptr=BF), dict(BN=md.SLOT_SUM), 4)
 for config in (mla_decode.SPLIT, dict(BL=32, HEADS=64, num_warps=8, num_stages=3)):
-    build(mla_decode._mla_split_kernel, dict(q=BF, cache=BF, pos=I64, pad=I64, m_part=F32,
-                                             l_part=F32, acc_part=F32, scale_log2=SCALAR),
+    build(mla_decode._mla_split_kernel, dict(q_lat_ptr=BF, q_pe_ptr=BF, cache=BF, pos=I64,
+                                             pad=I64, m_part=F32, l_part=F32, acc_part=F32,
+                                             scale_log2=SCALAR),
           dict(H=32, R=512, PE=64, HP=max(config["HEADS"], 32), RP=512, PEP=64, BL=config["BL"],
                MIN_SPLIT=mla_decode.MIN_SPLIT, POS_TENSOR=True, HAS_PAD=True, DOT=tl.bfloat16,
                PREC="tf32"), config["num_warps"], config["num_stages"])
+build(mla_decode._heads_matmul_kernel, dict(x=BF, w=BF, y=BF),
+      dict(BB=16, BK=mla_decode.HEADS_BK, BN=mla_decode.HEADS_BN, DOT=tl.bfloat16, PREC="tf32"), 4)
 build(mla_decode._mla_combine_kernel, dict(m_part=F32, l_part=F32, acc_part=F32, o=BF),
       dict(H=32, R=512, BS=mla_decode.BLOCK_S, BR=mla_decode.BLOCK_R), 4)
 # The rest of fast.decode's step: the residual add + RMSNorm, the KDA layer's step
