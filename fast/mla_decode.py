@@ -178,13 +178,10 @@ def heads_matmul(x, w):
     N = w.shape[2]
     _check(w.shape[:2] == (H, K) and x.stride(-1) == 1, f"x {tuple(x.shape)}, w {tuple(w.shape)}")
     y = x.new_empty(B, H, N)
-    low = x.dtype in (torch.bfloat16, torch.float16) and not INTERPRET
-    dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[x.dtype] if low else tl.float32
     BN = min(HEADS_BN, triton.next_power_of_2(N))
     _heads_matmul_kernel[(H, triton.cdiv(N, BN))](
         x, w, y, B, K, N, x.stride(0), x.stride(1), *w.stride(), y.stride(0), y.stride(1),
-        BB=16, BK=min(HEADS_BK, max(16, triton.next_power_of_2(K))), BN=BN, DOT=dot,
-        PREC="tf32" if low else "ieee")                 # fp32: no TF32
+        BB=16, BK=min(HEADS_BK, max(16, triton.next_power_of_2(K))), BN=BN, **_dot(x.dtype))
     return y
 
 
@@ -229,22 +226,28 @@ def _attend(q_lat, q_pe, kv_cache, pos, scale, pad):
     l_part = torch.empty_like(m_part)
     acc_part = torch.empty(B, S, H, R, dtype=torch.float32, device=q_lat.device)
     o = q_lat.new_empty(B, H, R)
-    low = q_lat.dtype in (torch.bfloat16, torch.float16) and not INTERPRET
-    dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[q_lat.dtype] if low else \
-        tl.float32
+    dot = _dot(q_lat.dtype)
     _mla_split_kernel[(B, S)](
         q_lat, q_pe, kv_cache, pos, q_lat if pad is None else pad.to(torch.int64), m_part, l_part,
         acc_part, L, S, scale * LOG2E, q_lat.stride(0), q_lat.stride(1), q_pe.stride(0),
         q_pe.stride(1), kv_cache.stride(0), kv_cache.stride(1),
         H=H, R=R, PE=PE, HP=max(SPLIT["HEADS"], 16, triton.next_power_of_2(H)),
         RP=triton.next_power_of_2(R), PEP=max(16, triton.next_power_of_2(PE)),
-        BL=SPLIT["BL"] if low else 16, MIN_SPLIT=MIN_SPLIT, POS_TENSOR=pos_tensor,
-        HAS_PAD=pad is not None, DOT=dot, PREC="tf32" if low else "ieee",   # fp32: no TF32
+        BL=SPLIT["BL"] if dot["DOT"] != tl.float32 else 16, MIN_SPLIT=MIN_SPLIT,
+        POS_TENSOR=pos_tensor, HAS_PAD=pad is not None, **dot,
         num_warps=SPLIT["num_warps"], num_stages=SPLIT["num_stages"])
     BR = min(BLOCK_R, triton.next_power_of_2(R))
     _mla_combine_kernel[(B, H, triton.cdiv(R, BR))](
         m_part, l_part, acc_part, o, S, o.stride(0), o.stride(1), H=H, R=R, BS=BLOCK_S, BR=BR)
     return o
+
+
+def _dot(dtype):
+    """The kernels' DOT and PREC: bf16 / fp16 operands on a GPU; fp32 in the interpreter (whose
+    bf16 tl.dot is silently wrong) and for fp32 inputs, without TF32."""
+    if dtype in (torch.bfloat16, torch.float16) and not INTERPRET:
+        return dict(DOT=tl.bfloat16 if dtype == torch.bfloat16 else tl.float16, PREC="tf32")
+    return dict(DOT=tl.float32, PREC="ieee")
 
 
 def _check(ok, message):
