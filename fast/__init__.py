@@ -16,8 +16,8 @@ Importing this package chooses Triton's CPU interpreter where there is no GPU. I
 Triton's own first import, which builds tl.sum and the other library functions for the compiler or
 for the interpreter once and for all: every file in fast/ runs this first, as its package, and
 kda_triton.py imports it before triton. What the fast paths share is here too: round_to (a bf16
-rounding the interpreter gets right), e4m3_scale (FP8's per-row scale), stack_linears (weights
-stacked, the layers' views of them) and sm_count.
+rounding the interpreter gets right), rms_norm_row (a row of kimi.RMSNorm), e4m3_scale (FP8's
+per-row scale), stack_linears (weights stacked, the layers' views of them) and sm_count.
 """
 import functools
 import os
@@ -61,6 +61,14 @@ def round_to(x, DT: tl.constexpr):
         return u.to(tl.float32, bitcast=True)
     else:
         return x.to(DT).to(tl.float32)
+
+
+@triton.jit
+def rms_norm_row(x, w, N, eps, DT: tl.constexpr, OUT: tl.constexpr):
+    """kimi.RMSNorm of one row: x [BN] and its weight w [BN] in fp32 (0 past N) -> fp32 values of
+    OUT. x r is rounded to DT (x's dtype) *before* the weight (trap 10), the product to OUT."""
+    n = x * tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+    return round_to(round_to(n, DT) * w, OUT)
 
 
 @triton.jit

@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 import kimi
-from fast import fp8, kda_decode, mla_decode, moe_decode, round_to, stack_linears
+from fast import (fp8, kda_decode, mla_decode, moe_decode, rms_norm_row, round_to,
+                  stack_linears)
 from fast import moe as fast_moe
 
 
@@ -54,11 +55,8 @@ def _add_rmsnorm_kernel(h_ptr, parts_ptr, wts_ptr, w_ptr, h_out, n_out, D, strid
         delta = round_to(delta, h_out.dtype.element_ty)     # the layer's output, as kimi's
         h = round_to(h.to(tl.float32) + delta, h_out.dtype.element_ty)             # bf16 add
         tl.store(h_out + row * D + d, h.to(h_out.dtype.element_ty), mask=d < D)
-    h32 = h.to(tl.float32)
-    n = h32 * tl.rsqrt(tl.sum(h32 * h32, axis=0) / D + eps)
-    n = round_to(n, h_out.dtype.element_ty)             # cast back *before* the weight (trap 10)
     w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
-    n = round_to(n * w, n_out.dtype.element_ty)
+    n = rms_norm_row(h.to(tl.float32), w, D, eps, h_out.dtype.element_ty, n_out.dtype.element_ty)
     tl.store(n_out + row * D + d, n.to(n_out.dtype.element_ty), mask=d < D)
 
 
@@ -185,14 +183,13 @@ def mla_step(attn, x, pos, pad, fast):
     attend_absorbed itself, or (fast) mla_decode.absorbed_attention, which equals it."""
     B, H, R = x.shape[0], attn.H, attn.R
     q, c, k_pe = linear(x, *attn.stacked).split([H * (attn.nope + attn.pe), R, attn.pe], dim=-1)
-    norm = add_rmsnorm if fast else add_rmsnorm_ref    # one kernel for RMSNorm's several
-    ckv = torch.cat([norm(c, None, attn.kv_a_layernorm)[1], k_pe], dim=-1)   # [B, R + pe]
     q = q.view(B, H, -1)                                    # [B, H, nope + pe]
     if not fast:
+        ckv = torch.cat([attn.kv_a_layernorm(c), k_pe], dim=-1)             # [B, R + pe]
         o = attn.attend_absorbed(q, ckv[:, None], pos, pad, kimi.latent_attention)
-    else:                       # attend_absorbed's cache write, then its math in four kernels
-        attn.kv_cache[:B].index_copy_(1, torch.as_tensor(pos, device=x.device).view(1),
-                                      ckv[:, None])
+    else:                       # attend_absorbed's cache write, then its math, in five kernels
+        norm = attn.kv_a_layernorm
+        mla_decode.write_latent(c, k_pe, norm.weight, norm.eps, attn.kv_cache[:B], pos)
         o = mla_decode.absorbed_attention(q, attn.kv_b_proj.weight, attn.kv_cache[:B], pos,
                                           attn.scale, pad, v_head_dim=attn.v)   # [B, H, V]
     return o_proj(attn.o_proj, o.reshape(B, H * attn.v))

@@ -4,7 +4,8 @@ It equals kimi.latent_attention, the middle of MLAAttention.attend_absorbed: fro
 rows [q_lat | q_pe] to o_lat, before W_uv. Every head's query is one row of a single attention
 over the cached latents, so one program holds all H rows of its batch row and reads each cache
 tile once. absorbed_attention adds attend_absorbed's two per-head products on either side
-(_heads_matmul_kernel: q_lat = q_nope W_uk, o = o_lat W_uv^T), the whole of it in four launches.
+(_heads_matmul_kernel: q_lat = q_nope W_uk, o = o_lat W_uv^T), the whole of it in four launches;
+write_latent writes the step's cache entry [RMSNorm(c) | k_pe] in one.
 
   kernel 1, _mla_split_kernel, grid (B, NUM_SPLITS): row b's visible keys [pad[b], pos] are cut
     into NUM_SPLITS ranges of whole tiles; a program walks its range BL keys at a time:
@@ -24,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fast import INTERPRET, round_to, sm_count
+from fast import INTERPRET, rms_norm_row, round_to, sm_count
 
 LOG2E = 1.4426950408889634          # exp(x) = 2^(x log2 e): folded into the scale once
 # The split kernel's configuration, fixed (autotune breaks the interpreter) and not tuned:
@@ -146,6 +147,44 @@ def _mla_combine_kernel(
     out = num / tl.sum(den, axis=0)                     # den >= 1: the split holding M adds l >= 1
     tl.store(o + b.to(tl.int64) * stride_ob + h * stride_oh + r, out.to(o.dtype.element_ty),
              mask=r < R)
+
+
+@triton.jit(do_not_specialize=["pos"])
+def _latent_write_kernel(c, k_pe, w, cache, pos, eps, stride_c, stride_k, stride_cb, stride_cl,
+                         R: tl.constexpr, PE: tl.constexpr, RP: tl.constexpr, PEP: tl.constexpr,
+                         POS_TENSOR: tl.constexpr):
+    """cache[b, pos] = [RMSNorm(c[b]) | k_pe[b]] for row b = program 0: the step's cache entry,
+    kv_a_layernorm with kimi's roundings."""
+    b = tl.program_id(0).to(tl.int64)
+    if POS_TENSOR:                                      # a CUDA graph's step: read it on device
+        p = tl.load(pos)
+    else:
+        p = pos
+    entry = cache + b * stride_cb + p.to(tl.int64) * stride_cl
+    r = tl.arange(0, RP)
+    x = tl.load(c + b * stride_c + r, mask=r < R, other=0.).to(tl.float32)
+    wr = tl.load(w + r, mask=r < R, other=0.).to(tl.float32)
+    n = rms_norm_row(x, wr, R, eps, c.dtype.element_ty, cache.dtype.element_ty)
+    tl.store(entry + r, n.to(cache.dtype.element_ty), mask=r < R)
+    e = tl.arange(0, PEP)
+    tl.store(entry + R + e, tl.load(k_pe + b * stride_k + e, mask=e < PE), mask=e < PE)
+
+
+def write_latent(c, k_pe, weight, eps, kv_cache, pos):
+    """kv_cache[:, pos] = cat([RMSNorm(c), k_pe], -1) in one launch: c [B, R], k_pe [B, PE] (column
+    slices of the projection's output), RMSNorm's weight [R] and eps, kv_cache [B, Lmax, R + PE];
+    pos an int or a 0-d int64 tensor on the device (= MLAAttention.attend_absorbed's cache write
+    of kv_a_layernorm's output)."""
+    B, R = c.shape
+    PE = k_pe.shape[1]
+    _check(kv_cache.shape[0] == B and kv_cache.shape[2] == R + PE and len(k_pe) == B,
+           f"c {tuple(c.shape)}, k_pe {tuple(k_pe.shape)}, kv_cache {tuple(kv_cache.shape)}")
+    _check(c.stride(-1) == 1 and k_pe.stride(-1) == 1 and kv_cache.stride(-1) == 1,
+           "c, k_pe and kv_cache need stride 1 last")
+    _latent_write_kernel[(B,)](
+        c, k_pe, weight, kv_cache, pos, eps, c.stride(0), k_pe.stride(0), kv_cache.stride(0),
+        kv_cache.stride(1), R=R, PE=PE, RP=triton.next_power_of_2(R),
+        PEP=triton.next_power_of_2(PE), POS_TENSOR=torch.is_tensor(pos))
 
 
 @triton.jit

@@ -58,6 +58,40 @@ def test_reference_equals_attend_absorbed(pos_tensor, with_pad):
     torch.testing.assert_close(fused[:, None], want, rtol=1e-5, atol=1e-5)
 
 
+@settings(max_examples=10, deadline=None)
+@given(B=st.integers(1, 3), sizes=st.sampled_from([(32, 8), (512, 64)]), pos_tensor=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2 ** 16))
+def test_write_latent_equals_the_cache_write(B, sizes, pos_tensor, dtype, seed):
+    """write_latent = attend_absorbed's write of cat([kv_a_layernorm(c), k_pe]) at pos, c and k_pe
+    column slices of one projection output (as the step has them); nothing else written. The tiny
+    and the 48B sizes, compiled on a GPU, in the interpreter on a CPU."""
+    R, PE = sizes
+    gen = torch.Generator().manual_seed(seed)
+    norm = kimi.RMSNorm(R, eps=1e-6)
+    norm.weight.data = torch.rand(R, generator=gen) + 0.5
+    norm = norm.to(dtype)
+    kv = torch.randn(B, 7 + R + PE, generator=gen).to(dtype)              # [.. | c | k_pe]
+    c, k_pe = kv[:, 7:7 + R], kv[:, 7 + R:]
+    cache = torch.randn(B, 20, R + PE, generator=gen).to(dtype)
+    with torch.no_grad():
+        want = torch.cat([norm(c), k_pe], dim=-1)                       # kimi's torch path (CPU)
+    pos = 11
+    got = cache.to(DEV)
+    mla_decode.write_latent(c.to(DEV), k_pe.to(DEV), norm.weight.data.to(DEV), norm.eps, got,
+                            torch.tensor(pos, device=DEV) if pos_tensor else pos)
+    got = got.cpu()
+    others = torch.ones(20, dtype=torch.bool)
+    others[pos] = False
+    assert torch.equal(got[:, others], cache[:, others])                # stored bytes: untouched
+    assert torch.equal(got[:, pos, R:], k_pe)                           # copied
+    # fp32 arithmetic in another order: the sum of R squares (at most R 2^-24 relative, halved by
+    # the square root), rsqrt and the two products on either side (a few 2^-24 each); in bf16 each
+    # of the two roundings to bf16 may then tip one unit (2^-8 relative)
+    fp32 = (R / 2 + 6) * 2.0 ** -24
+    rtol = fp32 if dtype == torch.float32 else fp32 + 2 * U_BF16
+    torch.testing.assert_close(got[:, pos, :R].float(), want[:, :R].float(), rtol=rtol, atol=0)
+
+
 @settings(max_examples=12, deadline=None)
 @given(B=st.sampled_from([1, 3, 17]), H=st.integers(1, 3), K=st.integers(1, 150),
        N=st.integers(1, 70), transposed=st.booleans(), seed=st.integers(0, 2 ** 16))
