@@ -24,7 +24,8 @@ from tools import fullsize
 from tools.timing import cuda_time
 
 GROUPS = (                                  # kernel-name fragment -> what it does (first match)
-    ("_mla_", "MLA attention"), ("_gate_up_kernel", "experts: w13 + SiLU"),
+    ("_mla_", "MLA attention"), ("_heads_matmul", "MLA: W_uk, W_uv"),
+    ("_latent_write", "MLA: cache write"), ("_gate_up_kernel", "experts: w13 + SiLU"),
     ("_down_kernel", "experts: w2"), ("_route_kernel", "router top-k"),
     ("_logits_kernel", "router logits"), ("_kda_decode_kernel", "KDA step"),
     ("_add_rmsnorm", "add + RMSNorm"), ("_rows_kernel", "FP8 projections"),
