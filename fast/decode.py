@@ -36,14 +36,14 @@ from fast import moe as fast_moe
 # The residual add and RMSNorm, fused
 
 @triton.jit
-def _add_rmsnorm_kernel(h_ptr, parts_ptr, wts_ptr, w_ptr, h_out, n_out, D, stride, eps,
+def _add_rmsnorm_kernel(h_ptr, parts_ptr, wts_ptr, w_ptr, h_out, n_out, D, eps,
                         HAS_DELTA: tl.constexpr, J: tl.constexpr, WEIGHTED: tl.constexpr,
                         BD: tl.constexpr):
     """One row per program: delta = sum_j w_j parts[row, j] (fp32, j in order, one rounding),
     h = h + delta (rounded), n = RMSNorm(h) with kimi's rounding points."""
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BD)
-    h = tl.load(h_ptr + row * stride + d, mask=d < D, other=0.0)
+    h = tl.load(h_ptr + row * D + d, mask=d < D, other=0.0)
     if HAS_DELTA:
         delta = tl.zeros((BD,), tl.float32)
         for j in tl.static_range(J):        # unrolled: no load waits for the one before
@@ -83,19 +83,16 @@ def add_rmsnorm_ref(h, delta, norm):
 
 def add_rmsnorm(h, delta, norm):
     """= add_rmsnorm_ref in one kernel (norm: a kimi.RMSNorm): the sum of the parts, the residual
-    add and the norm, where a separate kernel would sum the parts first. Without delta, h may be a
-    column slice (rows apart by its stride): MLA's latent, normed where the projection left it."""
+    add and the norm, where a separate kernel would sum the parts first."""
     parts, weights = delta if isinstance(delta, tuple) else (delta, None)
-    if parts is not None or h.stride(-1) != 1:
-        h = h.contiguous()                              # rows D apart, as h_out's and n_out's
+    h = h.contiguous()                                  # rows D apart, as h_out's and n_out's
     B, D = h.shape
     if parts is not None:
         parts = parts.reshape(B, -1, D).contiguous()                            # [B, J, D]
         weights = weights.float().contiguous() if weights is not None else None  # [B, J]
     h_out = torch.empty_like(h) if parts is not None else h
     n_out = h.new_empty(B, D)
-    _add_rmsnorm_kernel[(B,)](h, parts, weights, norm.weight, h_out, n_out, D, h.stride(0),
-                              norm.eps, HAS_DELTA=parts is not None,
+    _add_rmsnorm_kernel[(B,)](h, parts, weights, norm.weight, h_out, n_out, D, norm.eps, HAS_DELTA=parts is not None,
                               J=1 if parts is None else parts.shape[1],
                               WEIGHTED=weights is not None, BD=triton.next_power_of_2(D),
                               num_warps=8)
