@@ -117,8 +117,10 @@ for config in (mla_decode.SPLIT, dict(BL=32, HEADS=64, num_warps=8, num_stages=3
           dict(H=32, R=512, PE=64, HP=max(config["HEADS"], 32), RP=512, PEP=64, BL=config["BL"],
                MIN_SPLIT=mla_decode.MIN_SPLIT, POS_TENSOR=True, HAS_PAD=True, DOT=tl.bfloat16,
                PREC="tf32"), config["num_warps"], config["num_stages"])
-build(mla_decode._latent_write_kernel, dict(c=BF, k_pe=BF, w=BF, cache=BF, pos=I64, eps=SCALAR),
-      dict(R=512, PE=64, RP=512, PEP=64, POS_TENSOR=True), 4)
+for pos_tensor in (True, False):         # pos in device memory (a graph's step), or an int
+    build(mla_decode._latent_write_kernel, dict(c=BF, k_pe=BF, w=BF, cache=BF, eps=SCALAR,
+                                                pos=I64 if pos_tensor else "i32"),
+          dict(R=512, PE=64, RP=512, PEP=64, POS_TENSOR=pos_tensor), 4)
 build(mla_decode._heads_matmul_kernel, dict(x=BF, w=BF, y=BF),
       dict(BB=16, BK=mla_decode.HEADS_BK, BN=mla_decode.HEADS_BN, DOT=tl.bfloat16, PREC="tf32"), 4)
 build(mla_decode._mla_combine_kernel, dict(m_part=F32, l_part=F32, acc_part=F32, o=BF),
