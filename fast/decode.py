@@ -92,8 +92,8 @@ def add_rmsnorm(h, delta, norm):
         weights = weights.float().contiguous() if weights is not None else None  # [B, J]
     h_out = torch.empty_like(h) if parts is not None else h
     n_out = h.new_empty(B, D)
-    _add_rmsnorm_kernel[(B,)](h, parts, weights, norm.weight, h_out, n_out, D, norm.eps, HAS_DELTA=parts is not None,
-                              J=1 if parts is None else parts.shape[1],
+    _add_rmsnorm_kernel[(B,)](h, parts, weights, norm.weight, h_out, n_out, D, norm.eps,
+                              HAS_DELTA=parts is not None, J=1 if parts is None else parts.shape[1],
                               WEIGHTED=weights is not None, BD=triton.next_power_of_2(D),
                               num_warps=8)
     return h_out, n_out
