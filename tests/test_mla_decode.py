@@ -50,8 +50,10 @@ def test_reference_equals_attend_absorbed(pos_tensor, with_pad):
         o_lat = latent_attention(torch.cat([q_lat, q_pe], -1), attn.kv_cache[:B], pos, attn.scale,
                                pad, kv_lora_rank=R)
         got = torch.einsum("bhr,hdr->bhd", o_lat, w_uv)[:, None]
-        fused = mla_decode.absorbed_attention(q, attn.kv_b_proj.weight, attn.kv_cache[:B], pos,
-                                              attn.scale, pad, v_head_dim=attn.v)  # kernels
+        on = lambda t: t if t is None or not torch.is_tensor(t) else t.to(DEV)   # noqa: E731
+        fused = mla_decode.absorbed_attention(on(q), on(attn.kv_b_proj.weight),
+                                              on(attn.kv_cache[:B]), on(pos), attn.scale, on(pad),
+                                              v_head_dim=attn.v).cpu()               # kernels
     # fp32, the same operations up to a buffer that ends at pos vs one masked after it (and the
     # kernels' sums in another order): a few fp32 roundings of O(1) values
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
