@@ -1,6 +1,8 @@
-"""Tests for mla_decode.py: the reference against kimi.MLAAttention.attend_absorbed (a tiny module,
-fp32), the split-K kernel against the reference in Triton's CPU interpreter (tiny sizes, int and
-tensor pos, left padding, empty splits), and on a GPU at the 48B sizes in bf16, in a CUDA graph."""
+"""Tests for mla_decode.py: the reference and absorbed_attention against
+kimi.MLAAttention.attend_absorbed (a tiny module, fp32), the cache write and the per-head products
+against kimi's torch code, the split-K kernel against the reference in Triton's CPU interpreter
+(tiny sizes, int and tensor pos, left padding, empty splits), and on a GPU at the 48B sizes in
+bf16, in a CUDA graph."""
 import pytest
 import torch
 from hypothesis import example, given, settings, strategies as st
@@ -50,7 +52,7 @@ def test_reference_equals_attend_absorbed(pos_tensor, with_pad):
         o_lat = latent_attention(torch.cat([q_lat, q_pe], -1), attn.kv_cache[:B], pos, attn.scale,
                                pad, kv_lora_rank=R)
         got = torch.einsum("bhr,hdr->bhd", o_lat, w_uv)[:, None]
-        on = lambda t: t if t is None or not torch.is_tensor(t) else t.to(DEV)   # noqa: E731
+        on = lambda t: t.to(DEV) if torch.is_tensor(t) else t                   # noqa: E731
         fused = mla_decode.absorbed_attention(on(q), on(attn.kv_b_proj.weight),
                                               on(attn.kv_cache[:B]), on(pos), attn.scale, on(pad),
                                               v_head_dim=attn.v).cpu()               # kernels
