@@ -181,6 +181,8 @@ def write_latent(c, k_pe, weight, eps, kv_cache, pos):
            f"c {tuple(c.shape)}, k_pe {tuple(k_pe.shape)}, kv_cache {tuple(kv_cache.shape)}")
     _check(c.stride(-1) == 1 and k_pe.stride(-1) == 1 and kv_cache.stride(-1) == 1,
            "c, k_pe and kv_cache need stride 1 last")
+    _check(torch.is_tensor(pos) or 0 <= pos < kv_cache.shape[1],    # (a kernel writes anywhere)
+           f"position {pos} outside the cache's {kv_cache.shape[1]}")
     _latent_write_kernel[(B,)](
         c, k_pe, weight, kv_cache, pos, eps, c.stride(0), k_pe.stride(0), kv_cache.stride(0),
         kv_cache.stride(1), R=R, PE=PE, RP=triton.next_power_of_2(R),

@@ -94,6 +94,9 @@ def test_write_latent_equals_the_cache_write(B, sizes, pos_tensor, dtype, seed):
     fp32 = (R / 2 + 6) * 2.0 ** -24
     rtol = fp32 if dtype == torch.float32 else fp32 + 2 * U_BF16
     torch.testing.assert_close(got[:, pos, :R].float(), want[:, :R].float(), rtol=rtol, atol=0)
+    with pytest.raises(ValueError, match="position 20 outside the cache's 20"):
+        mla_decode.write_latent(c.to(DEV), k_pe.to(DEV), norm.weight.data.to(DEV), norm.eps,
+                                cache.to(DEV), 20)
 
 
 @settings(max_examples=12, deadline=None)
