@@ -185,10 +185,10 @@ def mla_step(attn, x, pos, pad, fast):
         ckv = torch.cat([attn.kv_a_layernorm(c), k_pe], dim=-1)             # [B, R + pe]
         o = attn.attend_absorbed(q, ckv[:, None], pos, pad, kimi.latent_attention)
     else:                       # attend_absorbed's cache write, then its math, in five kernels
-        norm = attn.kv_a_layernorm
-        mla_decode.write_latent(c, k_pe, norm.weight, norm.eps, attn.kv_cache[:B], pos)
-        o = mla_decode.absorbed_attention(q, attn.kv_b_proj.weight, attn.kv_cache[:B], pos,
-                                          attn.scale, pad, v_head_dim=attn.v)   # [B, H, V]
+        norm, cache = attn.kv_a_layernorm, attn.kv_cache[:B]
+        mla_decode.write_latent(c, k_pe, norm.weight, norm.eps, cache, pos)
+        o = mla_decode.absorbed_attention(q, attn.kv_b_proj.weight, cache, pos, attn.scale, pad,
+                                          v_head_dim=attn.v)                    # [B, H, V]
     return o_proj(attn.o_proj, o.reshape(B, H * attn.v))
 
 

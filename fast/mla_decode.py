@@ -244,10 +244,8 @@ def mla_decode(q, kv_cache, pos, scale, pad=None, *, kv_lora_rank):
     """= kimi.latent_attention, reading the cache once: two launches, no host sync (graph safe).
     pos: an int (keys after it are never read), or a 0-d int64 tensor on q's device (a graph's
     step: NUM_SPLITS comes from the whole buffer and the kernel reads pos)."""
-    B, H, D = q.shape
     R = kv_lora_rank
-    _check(kv_cache.shape[0] == B and kv_cache.shape[2] == D and 0 < R < D,
-           f"q {tuple(q.shape)}, kv_cache {tuple(kv_cache.shape)}, kv_lora_rank {R}")
+    _check(0 < R < q.shape[2], f"q {tuple(q.shape)}, kv_lora_rank {R}")  # _attend checks the rest
     return _attend(q[..., :R], q[..., R:], kv_cache, pos, scale, pad)
 
 
