@@ -17,7 +17,8 @@ Triton's own first import, which builds tl.sum and the other library functions f
 for the interpreter once and for all: every file in fast/ runs this first, as its package, and
 kda_triton.py imports it before triton. What the fast paths share is here too: round_to (a bf16
 rounding the interpreter gets right), rms_norm_row (a row of kimi.RMSNorm), e4m3_scale (FP8's
-per-row scale), stack_linears (weights stacked, the layers' views of them) and sm_count.
+per-row scale), dot_args (tl.dot's operand type), stack_linears (weights stacked, the layers'
+views of them) and sm_count.
 """
 import functools
 import os
@@ -45,6 +46,16 @@ def sm_count(device):
     if torch.device(device).type != "cuda":
         return 132
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def dot_args(dtype):
+    """The DOT and PREC arguments of the kernels that multiply inputs of this dtype by tl.dot: bf16
+    or fp16 operands on a GPU (their products are exact in the fp32 sums; e4m3 weights convert to
+    either exactly); fp32 in the interpreter, whose bf16 tl.dot is silently wrong, and for fp32
+    inputs, 'ieee' (no TF32 rounding of them)."""
+    if dtype in (torch.bfloat16, torch.float16) and not INTERPRET:
+        return dict(DOT=tl.bfloat16 if dtype == torch.bfloat16 else tl.float16, PREC="tf32")
+    return dict(DOT=tl.float32, PREC="ieee")
 
 
 @triton.jit

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fast import INTERPRET, e4m3_scale, operand
+from fast import dot_args, e4m3_scale, operand
 from fast.moe import silu_mul, silu_times, sort_by_expert
 
 FP8 = torch.float8_e4m3fn
@@ -227,14 +227,10 @@ def fp8_rows(x, weight, scale, experts=None, split=1):
     out = torch.empty(M, split, N, dtype=x.dtype if split == 1 else torch.float32,
                       device=x.device)
     ends = torch.searchsorted(experts, experts, right=True) if grouped else None
-    # bf16 operands on a GPU (exact for e4m3 and bf16 x); fp32 in the interpreter, whose bf16
-    # tl.dot is silently wrong, and for fp32 x ('ieee': no TF32 rounding of x)
-    low = x.dtype == torch.bfloat16 and not INTERPRET
     KS = ROWS["BK"] * triton.cdiv(K, split * ROWS["BK"])          # inputs per split
     grid = (M if grouped else 1, triton.cdiv(N, ROWS["BN"]), split)
     _rows_kernel[grid](x, weight, scale, out, experts, ends, M, N, K, x.stride(0), out.stride(0),
-                       KS, GROUPED=grouped, DOT=tl.bfloat16 if low else tl.float32,
-                       PREC="tf32" if low else "ieee", **ROWS)
+                       KS, GROUPED=grouped, **dot_args(x.dtype), **ROWS)
     return out[:, 0] if split == 1 else out
 
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fast import INTERPRET, rms_norm_row, round_to, sm_count
+from fast import INTERPRET, dot_args, rms_norm_row, round_to, sm_count
 
 LOG2E = 1.4426950408889634          # exp(x) = 2^(x log2 e): folded into the scale once
 # The split kernel's configuration, fixed (autotune breaks the interpreter) and not tuned:
@@ -222,7 +222,7 @@ def heads_matmul(x, w):
     BN = min(HEADS_BN, triton.next_power_of_2(N))
     _heads_matmul_kernel[(H, triton.cdiv(N, BN))](
         x, w, y, B, K, N, x.stride(0), x.stride(1), *w.stride(), y.stride(0), y.stride(1),
-        BB=16, BK=min(HEADS_BK, max(16, triton.next_power_of_2(K))), BN=BN, **_dot(x.dtype))
+        BB=16, BK=min(HEADS_BK, max(16, triton.next_power_of_2(K))), BN=BN, **dot_args(x.dtype))
     return y
 
 
@@ -265,7 +265,7 @@ def _attend(q_lat, q_pe, kv_cache, pos, scale, pad):
     l_part = torch.empty_like(m_part)
     acc_part = torch.empty(B, S, H, R, dtype=torch.float32, device=q_lat.device)
     o = q_lat.new_empty(B, H, R)
-    dot = _dot(q_lat.dtype)
+    dot = dot_args(q_lat.dtype)
     _mla_split_kernel[(B, S)](
         q_lat, q_pe, kv_cache, pos, q_lat if pad is None else pad.to(torch.int64), m_part, l_part,
         acc_part, L, S, scale * LOG2E, q_lat.stride(0), q_lat.stride(1), q_pe.stride(0),
@@ -279,14 +279,6 @@ def _attend(q_lat, q_pe, kv_cache, pos, scale, pad):
     _mla_combine_kernel[(B, H, triton.cdiv(R, BR))](
         m_part, l_part, acc_part, o, S, o.stride(0), o.stride(1), H=H, R=R, BS=BLOCK_S, BR=BR)
     return o
-
-
-def _dot(dtype):
-    """The kernels' DOT and PREC: bf16 / fp16 operands on a GPU; fp32 in the interpreter (whose
-    bf16 tl.dot is silently wrong) and for fp32 inputs, without TF32."""
-    if dtype in (torch.bfloat16, torch.float16) and not INTERPRET:
-        return dict(DOT=tl.bfloat16 if dtype == torch.bfloat16 else tl.float16, PREC="tf32")
-    return dict(DOT=tl.float32, PREC="ieee")
 
 
 def _check(ok, message):

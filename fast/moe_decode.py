@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fast import INTERPRET, operand, round_to
+from fast import dot_args, operand, round_to
 
 MAX_TOKENS = 16                         # BM: tokens per tile (tl.dot's minimum dimension)
 # Each kernel's form: weights as tl.dot's rows (True: wgmma on Hopper) or as its columns. Chosen by
@@ -109,13 +109,9 @@ def router_logits(x, weight, slices=LOGITS["SLICES"]):
         raise ValueError(f"router_logits: {N} tokens, the decode kernels take at most {MAX_TOKENS}")
     S = slices
     parts = x.new_empty(S, N, E, dtype=torch.float32)
-    # bf16 operands on a GPU (bf16 products are exact in fp32); fp32 in the interpreter, whose
-    # bf16 tl.dot is silently wrong, and for fp32 x ('ieee': no TF32 rounding)
-    low = x.dtype == torch.bfloat16 and not INTERPRET
     _logits_kernel[(triton.cdiv(E, LOGITS["BE"]), S)](
-        x.contiguous(), weight, parts, N, E, D, triton.cdiv(D, S),
-        DOT=tl.bfloat16 if low else tl.float32, PREC="tf32" if low else "ieee", BM=MAX_TOKENS,
-        BE=LOGITS["BE"], BK=LOGITS["BK"], num_warps=LOGITS["num_warps"])
+        x.contiguous(), weight, parts, N, E, D, triton.cdiv(D, S), **dot_args(x.dtype),
+        BM=MAX_TOKENS, BE=LOGITS["BE"], BK=LOGITS["BK"], num_warps=LOGITS["num_warps"])
     return parts
 
 
@@ -314,11 +310,7 @@ def experts(x, ids, w, w13, w2, s13=None, s2=None, parts=False):
     if N > MAX_TOKENS:
         raise ValueError(f"experts: {N} tokens, the decode kernels take at most {MAX_TOKENS}")
     x, ids, w, scaled = x.contiguous(), ids.contiguous(), w.float().contiguous(), s13 is not None
-    # bf16 operands on a GPU (e4m3 -> bf16 is exact); fp32 in the interpreter, whose bf16 tl.dot
-    # is silently wrong, and for fp32 x ('ieee': no TF32 rounding of x)
-    low = x.dtype == torch.bfloat16 and not INTERPRET
-    meta = dict(SCALED=scaled, DOT=tl.bfloat16 if low else tl.float32,
-                PREC="tf32" if low else "ieee", BM=MAX_TOKENS, BJ=triton.next_power_of_2(KP))
+    meta = dict(SCALED=scaled, **dot_args(x.dtype), BM=MAX_TOKENS, BJ=triton.next_power_of_2(KP))
     up = UP_SWAP if SWAP["gate_up"] else UP
     down = DOWN_SWAP if SWAP["down"] else DOWN
     h = x.new_empty(N * KP, Fw)                                     # [P, F]
