@@ -28,15 +28,15 @@ import triton.language as tl
 from fast import INTERPRET, dot_args, rms_norm_row, round_to, sm_count
 
 LOG2E = 1.4426950408889634          # exp(x) = 2^(x log2 e): folded into the scale once
-# The split kernel's configuration, fixed (autotune breaks the interpreter) and not tuned:
-# `python -m tools.kernels mla_decode` times it beside a few others (its MLA_CONFIGS) at 4K to 1M
-# keys. BL keys per step (BL = 64: 72 KB a tile, fp32 takes 16: 64 would spill); HEADS: the H
+# The split kernel's configuration, fixed (autotune breaks the interpreter): the fastest of the
+# few that `python -m tools.kernels mla_decode` times at 4K to 1M keys (its MLA_CONFIGS; the H100
+# run is in docs/kernels_h100.md). BL keys per step (BL = 64: 72 KB a tile, fp32 takes 16: 64 would spill); HEADS: the H
 # query rows padded to at least this many (16: tl.dot's minimum; 64 runs both products as
 # Hopper's warpgroup MMA, asynchronous and reading shared memory itself, for twice the
 # multiply-adds at H = 32); stages: tiles in flight + 1. At H = 32 one program fills an SM's
 # registers, so a program per SM (WAVES = 1). The interpreter takes small tiles so that its tests
 # cross many tiles and splits.
-SPLIT = dict(BL=16 if INTERPRET else 64, HEADS=16, num_warps=8, num_stages=3)   # timed best
+SPLIT = dict(BL=16 if INTERPRET else 64, HEADS=16, num_warps=8, num_stages=3)
 # fewest keys per split: a partial costs 8 H R bytes, but a short context cut in few splits leaves
 # SMs idle (at 4K keys and B = 1, 36 splits of 128 beat 18 of 256: docs/kernels_h100.md)
 MIN_SPLIT = 32 if INTERPRET else 128

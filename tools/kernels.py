@@ -238,8 +238,8 @@ def kda_decode(W=4):
 # (sm_90 compiles: about 112, 184, 146, 180 and 216 KB): more tiles in flight, or the query rows
 # padded to 64 so that both products run as the warpgroup MMA
 MLA_CONFIGS = {
-    "64 keys, 2 stages": dict(BL=64, HEADS=16, num_warps=8, num_stages=2),
     "64 keys, 3 stages": dict(BL=64, HEADS=16, num_warps=8, num_stages=3),
+    "64 keys, 2 stages": dict(BL=64, HEADS=16, num_warps=8, num_stages=2),
     "32 keys, 4 stages": dict(BL=32, HEADS=16, num_warps=8, num_stages=4),
     "64 heads, 32 keys, 3 stages": dict(BL=32, HEADS=64, num_warps=8, num_stages=3),
     "64 heads, 64 keys, 2 stages": dict(BL=64, HEADS=64, num_warps=8, num_stages=2),
