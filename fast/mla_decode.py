@@ -28,11 +28,11 @@ import triton.language as tl
 from fast import INTERPRET, dot_args, rms_norm_row, round_to, sm_count
 
 LOG2E = 1.4426950408889634          # exp(x) = 2^(x log2 e): folded into the scale once
-# The split kernel's configuration, fixed (autotune breaks the interpreter): the fastest of the
-# few that `python -m tools.kernels mla_decode` times at 4K to 1M keys (its MLA_CONFIGS; the H100
-# run is in docs/kernels_h100.md). BL keys per step (BL = 64: 72 KB a tile, fp32 takes 16: 64 would spill); HEADS: the H
-# query rows padded to at least this many (16: tl.dot's minimum; 64 runs both products as
-# Hopper's warpgroup MMA, asynchronous and reading shared memory itself, for twice the
+# The split kernel's configuration, fixed (autotune breaks the interpreter): the fastest of the few
+# that `python -m tools.kernels mla_decode` times at 4K to 1M keys (its MLA_CONFIGS; the H100 run
+# is in docs/kernels_h100.md). BL keys per step (BL = 64: 72 KB a tile, fp32 takes 16: 64 would
+# spill); HEADS: the H query rows padded to at least this many (16: tl.dot's minimum; 64 runs both
+# products as Hopper's warpgroup MMA, asynchronous and reading shared memory itself, for twice the
 # multiply-adds at H = 32); stages: tiles in flight + 1. At H = 32 one program fills an SM's
 # registers, so a program per SM (WAVES = 1). The interpreter takes small tiles so that its tests
 # cross many tiles and splits.

@@ -41,13 +41,13 @@ MAX_TOKENS = 16                         # BM: tokens per tile (tl.dot's minimum 
 # the GPU A/B of docs/kernels_h100.md: w13 as the columns (an e4m3 tile comes back from shared
 # memory 8 bytes a load; as wgmma's register operand, 2 bytes), w2 as the rows.
 SWAP = dict(gate_up=False, down=True)
-# Fixed tiles (autotune breaks the interpreter). UP won a timed sweep over BN, BK, warps and
-# stages at N = 1 on an H200, bf16 and FP8 experts, in the row form; DOWN is the tile that won it
-# for an earlier w2 step (one program summing every slot); a sweep of the SWAP tiles on an H100
-# kept them (docs/kernels_h100.md, "Tried and left out"). fp32 x
-# (twice the bytes a stage) gets 2 stages: 4 need more shared memory than a Hopper GPU's block has.
-# SWAP's gate_up tile is [2 BN, BK]: BN rows of w1 over the same rows of w3, 64 rows for wgmma;
-# 3 stages (60 KB) let 3 programs share an SM, so N = 1's 288 fit at once.
+# Fixed tiles (autotune breaks the interpreter). UP won a timed sweep over BN, BK, warps and stages
+# at N = 1 on an H200, bf16 and FP8 experts, in the row form; DOWN is the tile that won it for an
+# earlier w2 step (one program summing every slot); a sweep of the SWAP tiles on an H100 kept them
+# (docs/kernels_h100.md, "Tried and left out"). fp32 x (twice the bytes a stage) gets 2 stages: 4
+# need more shared memory than a Hopper GPU's block has. SWAP's gate_up tile is [2 BN, BK]: BN rows
+# of w1 over the same rows of w3, 64 rows for wgmma; 3 stages (60 KB) let 3 programs share an SM,
+# so N = 1's 288 fit at once.
 UP = dict(BN=32, BK=128, num_warps=4, num_stages=3)
 UP_SWAP = dict(BN=32, BK=128, num_warps=4, num_stages=3)
 DOWN = dict(BN=32, BK=256, num_warps=4, num_stages=4)

@@ -235,7 +235,7 @@ def kda_decode(W=4):
 
 
 # fast.mla_decode.SPLIT candidates, each within an H100 / H200 block's 227 KB of shared memory
-# (sm_90 compiles: about 112, 184, 146, 180 and 216 KB): more tiles in flight, or the query rows
+# (sm_90 compiles: about 184, 112, 146, 180 and 216 KB): more tiles in flight, or the query rows
 # padded to 64 so that both products run as the warpgroup MMA
 MLA_CONFIGS = {
     "64 keys, 3 stages": dict(BL=64, HEADS=16, num_warps=8, num_stages=3),
